@@ -1,0 +1,124 @@
+"""XEP-0114 component connections (``jabber:component:accept``).
+
+States: waiting for the header, then for ``<handshake/>``, then bound.  The
+handshake is SHA-1 of stream id + the domain's own secret, compared in
+constant time.  A second connection for a domain that is already bound is
+refused with ``conflict`` and the first keeps the domain.  Every stanza from
+the component must come from its own domain (XEP-0114 section 3).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+from twisted.logger import Logger
+from twisted.words.xish import domish
+
+from fedgate.domain import InvalidDomain, domain_of, normalize_domain
+from fedgate.stream import namespaces as ns
+from fedgate.stream.errors import StanzaFailure, StreamFailure, is_bounceable, make_error_reply
+from fedgate.stream.protocol import new_stream_id
+from fedgate.stream.serialize import serialize
+
+log = Logger(namespace="fedgate.component")
+
+
+def handshake_digest(stream_id: str, secret: str) -> str:
+    return hashlib.sha1((stream_id + secret).encode("utf-8")).hexdigest()
+
+
+class ComponentAccept:
+    """The handler of one XEP-0114 component connection."""
+
+    def __init__(self, secrets: dict, router, clock, auth_timeout: float = 30.0):
+        self.secrets = secrets
+        self.router = router
+        self.clock = clock
+        self.auth_timeout = auth_timeout
+        self.io = None
+        self.domain: str | None = None
+        self.stream_id: str | None = None
+        self.bound = False
+        self.stanzas_in = self.stanzas_out = 0
+        self._timer = None
+
+    def connected(self, io) -> None:
+        self.io = io
+        self._timer = self.clock.callLater(self.auth_timeout, self._auth_timeout)
+
+    def error_header(self) -> dict:
+        return {"id": self.stream_id or new_stream_id(), "from": self.domain}
+
+    def header_received(self, header) -> None:
+        if header.default_ns != ns.COMPONENT_ACCEPT:
+            raise StreamFailure("invalid-namespace", "components use jabber:component:accept")
+        try:
+            domain = normalize_domain(header.get("to") or "")
+        except InvalidDomain:
+            raise StreamFailure("host-unknown", "missing or malformed 'to'") from None
+        if domain not in self.secrets:
+            raise StreamFailure("host-unknown", f"{domain} is not a configured component")
+        self.domain = domain
+        self.stream_id = new_stream_id()
+        self.io.open_stream({"id": self.stream_id, "from": domain})
+
+    def element_received(self, element: domish.Element) -> None:
+        if not self.bound:
+            if element.name == "handshake" and element.uri == ns.COMPONENT_ACCEPT:
+                self._handshake(str(element))
+                return
+            raise StreamFailure("not-authorized", "handshake first")
+        if element.uri != ns.COMPONENT_ACCEPT or element.name not in ns.STANZA_NAMES:
+            raise StreamFailure("unsupported-stanza-type", f"unexpected element {element.name}")
+        sender = element.getAttribute("from")
+        if not sender:
+            raise StreamFailure("improper-addressing", "stanza without 'from'")
+        try:
+            from_domain = domain_of(sender)
+        except InvalidDomain:
+            raise StreamFailure("improper-addressing", "malformed 'from'") from None
+        if from_domain != self.domain:
+            raise StreamFailure("invalid-from", f"'from' must be at {self.domain}")
+        if not element.getAttribute("to"):
+            raise StanzaFailure("bad-request", "stanza without 'to'")
+        self.stanzas_in += 1
+        self.router.route(element)
+
+    def _handshake(self, presented: str) -> None:
+        expected = handshake_digest(self.stream_id, self.secrets[self.domain])
+        if not hmac.compare_digest(expected.encode(), presented.strip().lower().encode("utf-8", "replace")):
+            log.info("Bad handshake for component {domain} from {peer}", domain=self.domain, peer=self.io.peer)
+            raise StreamFailure("not-authorized", "bad handshake")
+        if not self.router.bind(self.domain, self):
+            raise StreamFailure("conflict", f"{self.domain} is already connected")
+        self.bound = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        log.info("Component {domain} connected from {peer}", domain=self.domain, peer=self.io.peer)
+        self.io.write("<handshake/>")
+
+    def deliver(self, stanza: domish.Element) -> None:
+        self.stanzas_out += 1
+        self.io.write(serialize(stanza, ns.COMPONENT_ACCEPT))
+
+    def reject_stanza(self, stanza: domish.Element, failure: StanzaFailure) -> None:
+        if is_bounceable(stanza):
+            self.io.send(make_error_reply(stanza, failure.condition, failure.text))
+
+    def _auth_timeout(self) -> None:
+        self._timer = None
+        if not self.bound:
+            self.io.fail("connection-timeout", "no handshake in time")
+
+    def disconnect(self, condition: str = "policy-violation", text: str | None = None) -> None:
+        self.io.fail(condition, text)
+
+    def disconnected(self, reason) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        if self.bound:
+            self.router.unbind(self.domain, self)
+            self.bound = False
+            log.info("Component {domain} disconnected", domain=self.domain)

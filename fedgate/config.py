@@ -1,0 +1,282 @@
+"""TOML configuration -> frozen dataclasses.
+
+Every error names the file and the key, and unknown keys are errors rather
+than silently ignored: a typo in a security setting must not pass unnoticed.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from twisted.internet.endpoints import _parseServer  # validation only
+
+from fedgate.domain import InvalidDomain, normalize_domain
+
+
+class ConfigError(Exception):
+    """A configuration problem, phrased for the operator."""
+
+    def __init__(self, path, key: str | None, message: str):
+        where = f"{path}" if key is None else f"{path}: {key}"
+        super().__init__(f"{where}: {message}")
+        self.path = path
+        self.key = key
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    """Static settings for one remote domain."""
+
+    domain: str
+    addresses: tuple[tuple[str, int], ...] = ()
+
+
+@dataclass(frozen=True)
+class ComponentConfig:
+    domain: str
+    secret: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class S2SConfig:
+    listen: tuple[str, ...] = ("tcp:5269:interface=127.0.0.1",)
+    dialback_secret: str | None = field(default=None, repr=False)
+    dns_servers: tuple[tuple[str, int], ...] = ()
+    connect_timeout: float = 20.0
+    auth_timeout: float = 90.0
+    queue_max_stanzas: int = 1000
+    queue_max_bytes: int = 4 * 1024 * 1024
+    queue_max_wait: float = 60.0
+    backoff_initial: float = 2.0
+    backoff_max: float = 600.0
+    max_pending_verifications_per_stream: int = 10
+    max_pending_verifications: int = 1000
+    peers: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ComponentsConfig:
+    listen: tuple[str, ...] = ("tcp:5347:interface=127.0.0.1",)
+    auth_timeout: float = 30.0
+    domains: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_stanza_bytes: int = 512 * 1024
+    max_depth: int = 32
+    max_elements: int = 2000
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    xml_traffic: bool = False
+    xml_bodies: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    state_dir: str
+    domains: tuple[str, ...]
+    s2s: S2SConfig
+    components: ComponentsConfig
+    limits: LimitsConfig
+    logging: LoggingConfig
+
+    @property
+    def local_domains(self) -> frozenset:
+        """Every domain this gateway answers for: its own and its components'."""
+        return frozenset(self.domains) | frozenset(self.components.domains)
+
+
+class _Reader:
+    """Reads one TOML table, tracking which keys were used."""
+
+    def __init__(self, path, table: dict, prefix: str):
+        self.path, self.table, self.prefix = path, table, prefix
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}{name}"
+
+    def error(self, name: str, message: str) -> ConfigError:
+        return ConfigError(self.path, self.key(name), message)
+
+    def get(self, name: str, kind, default):
+        self.used.add(name)
+        if name not in self.table:
+            return default
+        value = self.table[name]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if kind is float:
+            kinds = (int, float)
+        if isinstance(value, bool) and bool not in kinds:
+            raise self.error(name, f"expected {kind.__name__ if not isinstance(kind, tuple) else kind[0].__name__}, got a boolean")
+        if not isinstance(value, kinds):
+            raise self.error(name, f"expected {'a number' if kind is float else kinds[0].__name__}, got {type(value).__name__}")
+        return float(value) if kind is float else value
+
+    def positive(self, name: str, kind, default):
+        value = self.get(name, kind, default)
+        if value <= 0:
+            raise self.error(name, "must be greater than zero")
+        return value
+
+    def table_of(self, name: str) -> dict:
+        return self.get(name, dict, {})
+
+    def done(self) -> None:
+        unknown = sorted(set(self.table) - self.used)
+        if unknown:
+            raise self.error(unknown[0], "unknown key")
+
+
+def _domain(reader: _Reader, name: str, value) -> str:
+    try:
+        return normalize_domain(value)
+    except (InvalidDomain, TypeError) as exc:
+        raise reader.error(name, str(exc)) from None
+
+
+def _endpoints(reader: _Reader, name: str, default: tuple) -> tuple[str, ...]:
+    value = reader.get(name, list, list(default))
+    for item in value:
+        if not isinstance(item, str):
+            raise reader.error(name, "expected a list of endpoint strings")
+        try:
+            _parseServer(item, None)
+        except Exception as exc:
+            raise reader.error(name, f"bad endpoint {item!r}: {exc}") from None
+    return tuple(value)
+
+
+def _hostport(reader: _Reader, name: str, item, default_port: int) -> tuple[str, int]:
+    if not isinstance(item, str) or not item:
+        raise reader.error(name, "expected 'host:port' strings")
+    host, sep, port = item.rpartition(":")
+    if not sep:
+        host, port = item, str(default_port)
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise reader.error(name, f"bad address {item!r}, expected 'host:port'")
+    return host, int(port)
+
+
+def load_config(path: str | os.PathLike) -> Config:
+    """Read and validate a configuration file."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(path, None, "file not found") from None
+    except OSError as exc:
+        raise ConfigError(path, None, f"cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, None, f"not valid TOML: {exc}") from None
+    return parse_config(data, path)
+
+
+def parse_config(data: dict, path="<config>") -> Config:
+    top = _Reader(path, data, "")
+    state_dir = top.get("state_dir", str, None)
+    if not state_dir:
+        raise top.error("state_dir", "required")
+    domains = tuple(_domain(top, "domains", d) for d in top.get("domains", list, []))
+    if not domains:
+        raise top.error("domains", "at least one domain is required")
+
+    s = _Reader(path, top.table_of("s2s"), "s2s.")
+    peers = {}
+    peer_tables = s.table_of("peers")
+    for raw, table in peer_tables.items():
+        if not isinstance(table, dict):
+            raise s.error(f"peers.{raw}", "expected a table")
+        pr = _Reader(path, table, f"s2s.peers.{raw}.")
+        domain = _domain(s, f"peers.{raw}", raw)
+        addresses = tuple(_hostport(pr, "addresses", a, 5269) for a in pr.get("addresses", list, []))
+        pr.done()
+        peers[domain] = PeerConfig(domain, addresses)
+    s2s = S2SConfig(
+        listen=_endpoints(s, "listen", S2SConfig.listen),
+        dialback_secret=s.get("dialback_secret", str, None) or None,
+        dns_servers=tuple(_hostport(s, "dns_servers", a, 53) for a in s.get("dns_servers", list, [])),
+        connect_timeout=s.positive("connect_timeout", float, S2SConfig.connect_timeout),
+        auth_timeout=s.positive("auth_timeout", float, S2SConfig.auth_timeout),
+        queue_max_stanzas=s.positive("queue_max_stanzas", int, S2SConfig.queue_max_stanzas),
+        queue_max_bytes=s.positive("queue_max_bytes", int, S2SConfig.queue_max_bytes),
+        queue_max_wait=s.positive("queue_max_wait", float, S2SConfig.queue_max_wait),
+        backoff_initial=s.positive("backoff_initial", float, S2SConfig.backoff_initial),
+        backoff_max=s.positive("backoff_max", float, S2SConfig.backoff_max),
+        max_pending_verifications_per_stream=s.positive(
+            "max_pending_verifications_per_stream", int, S2SConfig.max_pending_verifications_per_stream),
+        max_pending_verifications=s.positive(
+            "max_pending_verifications", int, S2SConfig.max_pending_verifications),
+        peers=peers,
+    )
+    s.done()
+
+    c = _Reader(path, top.table_of("components"), "components.")
+    comps = {}
+    for raw, table in c.table_of("domains").items():
+        if not isinstance(table, dict):
+            raise c.error(f"domains.{raw}", "expected a table")
+        cr = _Reader(path, table, f"components.domains.{raw}.")
+        domain = _domain(c, f"domains.{raw}", raw)
+        secret = cr.get("secret", str, None)
+        if not secret:
+            raise cr.error("secret", "required")
+        cr.done()
+        if domain in domains:
+            raise c.error(f"domains.{raw}", "is also one of the gateway's own domains")
+        comps[domain] = ComponentConfig(domain, secret)
+    components = ComponentsConfig(
+        listen=_endpoints(c, "listen", ComponentsConfig.listen),
+        auth_timeout=c.positive("auth_timeout", float, ComponentsConfig.auth_timeout),
+        domains=comps,
+    )
+    c.done()
+
+    lr = _Reader(path, top.table_of("limits"), "limits.")
+    limits = LimitsConfig(
+        max_stanza_bytes=lr.positive("max_stanza_bytes", int, LimitsConfig.max_stanza_bytes),
+        max_depth=lr.positive("max_depth", int, LimitsConfig.max_depth),
+        max_elements=lr.positive("max_elements", int, LimitsConfig.max_elements),
+    )
+    lr.done()
+
+    gr = _Reader(path, top.table_of("logging"), "logging.")
+    logging = LoggingConfig(
+        xml_traffic=gr.get("xml_traffic", bool, False),
+        xml_bodies=gr.get("xml_bodies", bool, False),
+    )
+    gr.done()
+    top.done()
+    return Config(path=str(path), state_dir=state_dir, domains=domains, s2s=s2s,
+                  components=components, limits=limits, logging=logging)
+
+
+def dialback_secret(config: Config) -> str:
+    """The configured dialback secret, or one generated once and kept in the
+    state directory (mode 0600) so keys stay valid across restarts."""
+    if config.s2s.dialback_secret:
+        return config.s2s.dialback_secret
+    state = Path(config.state_dir)
+    state.mkdir(parents=True, exist_ok=True)
+    secret_path = state / "dialback.secret"
+    try:
+        existing = secret_path.read_text().strip()
+        if existing:
+            return existing
+    except FileNotFoundError:
+        pass
+    secret = secrets.token_hex(32)
+    fd = os.open(secret_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(secret + "\n")
+    return secret

@@ -1,0 +1,86 @@
+"""The router joins the two sides of the gateway.
+
+A stanza for a domain served by a connected component goes to that
+component; one for the gateway's own domains goes to the local handler
+(ping, disco); one for a configured component domain whose component is
+offline bounces with ``service-unavailable``; everything else is for a remote
+domain and goes to the per-destination S2S sender.  Sources check addressing
+before they hand a stanza over, so the router trusts ``from`` and ``to``.
+"""
+
+from __future__ import annotations
+
+from twisted.logger import Logger
+from twisted.words.xish import domish
+
+from fedgate.domain import InvalidDomain, domain_of
+from fedgate.stream.errors import is_bounceable, make_error_reply
+
+log = Logger(namespace="fedgate.router")
+
+
+class Router:
+    def __init__(self, own_domains, component_domains, local_handler=None, sender=None):
+        self.own_domains = frozenset(own_domains)
+        self.component_domains = set(component_domains)
+        self.local_handler = local_handler
+        self.sender = sender
+        self.components: dict[str, object] = {}
+        self.dropped_errors = 0
+
+    @property
+    def local_domains(self) -> frozenset:
+        return self.own_domains | frozenset(self.component_domains)
+
+    # -- component routes ---------------------------------------------------
+    def bind(self, domain: str, session) -> bool:
+        """Route ``domain`` to ``session``; False if another session has it."""
+        current = self.components.get(domain)
+        if current is not None and current is not session:
+            return False
+        self.components[domain] = session
+        return True
+
+    def unbind(self, domain: str, session) -> None:
+        if self.components.get(domain) is session:
+            del self.components[domain]
+
+    # -- routing ------------------------------------------------------------
+    def route(self, stanza: domish.Element) -> None:
+        try:
+            to_domain = domain_of(stanza.getAttribute("to") or "")
+        except InvalidDomain:
+            self.bounce(stanza, "jid-malformed", "malformed 'to' address")
+            return
+        session = self.components.get(to_domain)
+        if session is not None:
+            session.deliver(stanza)
+        elif to_domain in self.own_domains:
+            self.local_handler.handle(stanza)
+        elif to_domain in self.component_domains:
+            self.bounce(stanza, "service-unavailable", f"{to_domain} is not connected")
+        else:
+            try:
+                from_domain = domain_of(stanza.getAttribute("from") or "")
+            except InvalidDomain:
+                self.bounce(stanza, "jid-malformed", "malformed 'from' address")
+                return
+            if from_domain not in self.own_domains and from_domain not in self.component_domains:
+                # Never relay between two remote domains.
+                self.bounce(stanza, "not-allowed", "this gateway does not relay between remote domains")
+                return
+            self.sender.send(from_domain, to_domain, stanza)
+
+    def bounce(self, stanza: domish.Element, condition: str, text: str | None = None) -> None:
+        """Answer ``stanza`` with a stanza error, or log it if it is itself
+        an error or an iq result (those are never answered)."""
+        if not is_bounceable(stanza):
+            self.dropped_errors += 1
+            log.info("Not bouncing {name} type={type} from {sender}: {condition}",
+                     name=stanza.name, type=stanza.getAttribute("type"),
+                     sender=stanza.getAttribute("from"), condition=condition)
+            return
+        if not stanza.getAttribute("from"):
+            log.info("Cannot bounce a stanza without 'from': {condition}", condition=condition)
+            return
+        self.route(make_error_reply(stanza, condition, text))

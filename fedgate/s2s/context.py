@@ -1,0 +1,52 @@
+"""What every S2S stream needs from the rest of the gateway, in one bundle.
+
+Passing one frozen bundle keeps the stream roles free of globals: tests build
+a context with fakes, the service builds it with the real parts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from fedgate.s2s.pairs import ConnectionTable
+from fedgate.stream.parser import Limits
+
+
+class VerificationBudget:
+    """Caps dialback verifications in flight across all streams: each one
+    makes us open a connection, so an unbounded number is an amplifier."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.in_use = 0
+
+    def acquire(self) -> bool:
+        if self.in_use >= self.limit:
+            return False
+        self.in_use += 1
+        return True
+
+    def release(self) -> None:
+        self.in_use = max(0, self.in_use - 1)
+
+
+def never_blocked(remote: str) -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class S2SContext:
+    clock: object
+    local_domains: frozenset
+    secret: str = field(repr=False)
+    table: ConnectionTable
+    router: object
+    verifier: object
+    budget: VerificationBudget
+    limits: Limits = Limits()
+    auth_timeout: float = 90.0
+    max_pending_per_stream: int = 10
+    is_blocked: Callable[[str], bool] = never_blocked
+    log_traffic: bool = False
+    log_bodies: bool = False

@@ -1,0 +1,137 @@
+"""The gateway as one Twisted service: builds the object graph and runs the
+listeners.
+
+Start order: storage-free for now, so listeners come up after the graph is
+built.  Stop order: stop accepting, close every stream with
+``system-shutdown``, bounce what is still queued, then let the reactor go.
+"""
+
+from __future__ import annotations
+
+import random
+import weakref
+
+from twisted.application import service
+from twisted.internet import defer, protocol
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+
+from fedgate.component.accept import ComponentAccept
+from fedgate.config import Config, dialback_secret
+from fedgate.local import LocalHandler
+from fedgate.router import Router
+from fedgate.s2s.connect import DomainConnector
+from fedgate.s2s.context import S2SContext, VerificationBudget
+from fedgate.s2s.inbound import InboundS2S
+from fedgate.s2s.pairs import ConnectionTable
+from fedgate.s2s.resolver import S2SResolver
+from fedgate.s2s.sender import S2SSender, SenderSettings
+from fedgate.s2s.verifier import DialbackVerifier
+from fedgate.stream import namespaces as ns
+from fedgate.stream.parser import Limits
+from fedgate.stream.protocol import XmppStream
+
+log = Logger(namespace="fedgate.service")
+
+
+class _StreamFactory(protocol.Factory):
+    noisy = False
+
+    def __init__(self, gateway: "Gateway", make_handler, stream_ns: str):
+        self.gateway = gateway
+        self.make_handler = make_handler
+        self.stream_ns = stream_ns
+
+    def buildProtocol(self, addr):
+        return self.gateway.make_stream(self.make_handler(), self.stream_ns)
+
+
+class Gateway(service.Service):
+    """All of fedgate: S2S in and out, components, the router."""
+
+    def __init__(self, config: Config, reactor, dns_resolver, rng: random.Random | None = None):
+        self.config = config
+        self.reactor = reactor
+        self.rng = rng or random.Random()
+        s2s = config.s2s
+        self.limits = Limits(max_stanza_bytes=config.limits.max_stanza_bytes,
+                             max_depth=config.limits.max_depth,
+                             max_elements=config.limits.max_elements)
+        self.streams: weakref.WeakSet = weakref.WeakSet()
+        self.table = ConnectionTable()
+        self.router = Router(config.domains, config.components.domains)
+        self.router.local_handler = LocalHandler(self.router)
+        static = {domain: peer.addresses for domain, peer in s2s.peers.items() if peer.addresses}
+        self.resolver = S2SResolver(dns_resolver, static_addresses=static, rng=self.rng)
+        self.connector = DomainConnector(reactor, self.resolver, timeout=s2s.connect_timeout)
+        self.verifier = DialbackVerifier(self.connector, reactor, self.make_stream,
+                                         timeout=s2s.connect_timeout + s2s.auth_timeout)
+        self.ctx = S2SContext(
+            clock=reactor,
+            local_domains=self.router.local_domains,
+            secret=dialback_secret(config),
+            table=self.table,
+            router=self.router,
+            verifier=self.verifier,
+            budget=VerificationBudget(s2s.max_pending_verifications),
+            limits=self.limits,
+            auth_timeout=s2s.auth_timeout,
+            max_pending_per_stream=s2s.max_pending_verifications_per_stream,
+            log_traffic=config.logging.xml_traffic,
+            log_bodies=config.logging.xml_bodies,
+        )
+        self.sender = S2SSender(self.ctx, self.connector, self.make_stream, SenderSettings(
+            max_stanzas=s2s.queue_max_stanzas, max_bytes=s2s.queue_max_bytes,
+            max_wait=s2s.queue_max_wait, backoff_initial=s2s.backoff_initial,
+            backoff_max=s2s.backoff_max), rng=self.rng)
+        self.router.sender = self.sender
+        self.component_secrets = {d: c.secret for d, c in config.components.domains.items()}
+        self.ports: dict[str, list] = {"s2s": [], "components": []}
+
+    def make_stream(self, handler, stream_ns: str = ns.SERVER) -> XmppStream:
+        stream = XmppStream(handler, self.reactor, self.limits,
+                            log_traffic=self.config.logging.xml_traffic,
+                            log_bodies=self.config.logging.xml_bodies, stream_ns=stream_ns)
+        self.streams.add(stream)
+        return stream
+
+    def _inbound(self) -> InboundS2S:
+        return InboundS2S(self.ctx)
+
+    def _component(self) -> ComponentAccept:
+        return ComponentAccept(self.component_secrets, self.router, self.reactor,
+                               self.config.components.auth_timeout)
+
+    @defer.inlineCallbacks
+    def startService(self):
+        super().startService()
+        listeners = [("s2s", d, _StreamFactory(self, self._inbound, ns.SERVER))
+                     for d in self.config.s2s.listen]
+        listeners += [("components", d, _StreamFactory(self, self._component, ns.COMPONENT_ACCEPT))
+                      for d in self.config.components.listen]
+        for kind, description, factory in listeners:
+            port = yield serverFromString(self.reactor, description).listen(factory)
+            self.ports[kind].append(port)
+            address = port.getHost()
+            log.info("Listening for {kind} on {host}:{port} ({description})", kind=kind,
+                     host=address.host, port=address.port, description=description)
+        log.info("fedgate serving {domains}; components {components}",
+                 domains=", ".join(self.config.domains),
+                 components=", ".join(sorted(self.config.components.domains)) or "none")
+
+    def port_of(self, kind: str, index: int = 0) -> int:
+        return self.ports[kind][index].getHost().port
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        super().stopService()
+        ports = [p for group in self.ports.values() for p in group]
+        yield defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports])
+        for group in self.ports.values():
+            group.clear()
+        self.sender.stop()
+        for stream in list(self.streams):
+            stream.fail("system-shutdown", "the gateway is stopping")
+        for stream in list(self.streams):
+            if not stream.closed:
+                stream.transport.abortConnection()

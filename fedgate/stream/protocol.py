@@ -1,0 +1,222 @@
+"""The thin protocol shim under every XMPP stream fedgate runs.
+
+Bytes go into a :class:`StreamParser`; the header, elements and end go to a
+role handler (inbound S2S, outbound S2S, component).  The handler talks back
+through the small interface below (``open_stream``, ``send``, ``fail``,
+``restart``, ``close``), so the handlers hold the protocol logic and can be
+driven in tests without a transport.
+
+Errors are values here: a :class:`StreamFailure` raised anywhere while
+handling input becomes a ``<stream:error/>`` and a close (with our own header
+first when we have not sent one yet, RFC 6120 4.9.1.2); any other exception
+while handling a stanza becomes an ``internal-server-error`` reply to that
+stanza, and anywhere else an ``internal-server-error`` stream error.  A link is
+never left half dead.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from typing import Protocol as TypingProtocol
+
+from twisted.internet import protocol
+from twisted.logger import Logger
+from twisted.words.xish import domish
+
+from fedgate.stream import namespaces as ns
+from fedgate.stream.errors import StreamFailure, StanzaFailure, stream_error_element
+from fedgate.stream.parser import Limits, StreamHeader, StreamParser
+from fedgate.stream.serialize import escape_attr, serialize
+
+log = Logger(namespace="fedgate.stream")
+
+CLOSE_GRACE = 10.0  # seconds we wait for the peer's </stream:stream>
+
+
+class _Restart(Exception):
+    """Raised inside the parser to drop the rest of a chunk after a restart."""
+
+
+class StreamHandler(TypingProtocol):
+    """What a role (inbound, outbound, component) implements."""
+
+    def connected(self, stream: "XmppStream") -> None: ...
+    def header_received(self, header: StreamHeader) -> None: ...
+    def element_received(self, element: domish.Element) -> None: ...
+    def reject_stanza(self, stanza: domish.Element, failure: StanzaFailure) -> None: ...
+    def error_header(self) -> dict: ...
+    def disconnected(self, reason) -> None: ...
+
+
+def new_stream_id() -> str:
+    """A unique, unpredictable stream id (RFC 6120 4.7.3)."""
+    return secrets.token_urlsafe(18)
+
+
+_BODY = re.compile(r"(<body\b[^>]*>).*?(</body>)", re.S)
+
+
+class XmppStream(protocol.Protocol):
+    """One TCP connection carrying one XMPP stream (restarted as needed)."""
+
+    def __init__(self, handler: StreamHandler, clock, limits: Limits = Limits(),
+                 log_traffic: bool = False, log_bodies: bool = False,
+                 stream_ns: str = ns.SERVER):
+        self.handler = handler
+        self.clock = clock
+        self.limits = limits
+        self.stream_ns = stream_ns
+        self.log_traffic = log_traffic
+        self.log_bodies = log_bodies
+        self.header_sent = False
+        self.closing = False
+        self.closed = False
+        self.peer = "?"
+        self._parser: StreamParser | None = None
+        self._parsing = False
+        self._restart_pending = False
+        self._close_timer = None
+
+    # -- Twisted protocol -------------------------------------------------
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        self.peer = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
+        self._new_parser()
+        self._guard(self.handler.connected, self)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.closing or self.closed:
+            return
+        if self.log_traffic:
+            self._log_xml("in", data)
+        self._parsing = True
+        try:
+            self._parser.feed(data)
+        except _Restart:
+            pass  # the rest of this chunk belongs to the old stream: dropped
+        except StreamFailure as failure:
+            self.fail(failure.condition, failure.text)
+        except Exception:
+            log.failure("Unexpected error handling input from {peer}", peer=self.peer)
+            self.fail("internal-server-error")
+        finally:
+            self._parsing = False
+
+    def connectionLost(self, reason) -> None:
+        self.closed = True
+        if self._close_timer is not None and self._close_timer.active():
+            self._close_timer.cancel()
+        self._close_timer = None
+        try:
+            self.handler.disconnected(reason)
+        except Exception:
+            log.failure("Error in disconnect handling for {peer}", peer=self.peer)
+
+    # -- the handler's interface ------------------------------------------
+    def open_stream(self, attributes: dict, features: domish.Element | None = None) -> None:
+        """Send our stream header (with jabber:server:dialback declared)."""
+        parts = [f"<?xml version='1.0'?><stream:stream xmlns='{self.stream_ns}'"
+                 f" xmlns:stream='{ns.STREAMS}'"]
+        if self.stream_ns == ns.SERVER:
+            parts.append(f" xmlns:db='{ns.DIALBACK}'")
+        for key, value in attributes.items():
+            if value is not None:
+                parts.append(f" {key}='{escape_attr(value)}'")
+        parts.append(">")
+        self.header_sent = True
+        self.write("".join(parts))
+        if features is not None:
+            self.send(features)
+
+    def send(self, element) -> None:
+        if self.closing or self.closed:
+            return
+        if isinstance(element, domish.Element):
+            element = serialize(element, self.stream_ns)
+        self.write(element)
+
+    def write(self, text: str) -> None:
+        if self.log_traffic:
+            self._log_xml("out", text)
+        self.transport.write(text.encode("utf-8"))
+
+    def restart(self) -> None:
+        """Expect a new stream header; drop any bytes already received."""
+        self._new_parser()
+        if self._parsing:
+            raise _Restart()
+
+    def fail(self, condition: str, text: str | None = None) -> None:
+        """Send a stream error and close (RFC 6120 4.9)."""
+        if self.closing or self.closed:
+            return
+        log.info("Stream error {condition} to {peer}: {text}", condition=condition,
+                 peer=self.peer, text=text or "")
+        if not self.header_sent:
+            try:
+                attrs = self.handler.error_header()
+            except Exception:
+                attrs = {}
+            self.open_stream(attrs)
+        self.send(stream_error_element(condition, text))
+        self.close()
+
+    def close(self) -> None:
+        """Close our stream and the connection, waiting briefly for the peer."""
+        if self.closing or self.closed:
+            return
+        if self.header_sent:
+            self.write("</stream:stream>")
+        self.closing = True
+        self.transport.loseConnection()
+        self._close_timer = self.clock.callLater(CLOSE_GRACE, self._abort)
+
+    def _abort(self) -> None:
+        self._close_timer = None
+        if not self.closed:
+            self.transport.abortConnection()
+
+    # -- parser callbacks -------------------------------------------------
+    def _new_parser(self) -> None:
+        self._parser = StreamParser(self._on_header, self._on_element, self._on_end, self.limits)
+
+    def _on_header(self, header: StreamHeader) -> None:
+        if self.closing:
+            raise _Restart()
+        self.handler.header_received(header)
+
+    def _on_element(self, element: domish.Element) -> None:
+        if self.closing:
+            raise _Restart()  # nothing after a stream error is processed
+        try:
+            self.handler.element_received(element)
+        except (StreamFailure, _Restart):
+            raise
+        except StanzaFailure as failure:
+            self.handler.reject_stanza(element, failure)
+        except Exception:
+            if element.name in ns.STANZA_NAMES and element.uri in ns.STANZA_NAMESPACES:
+                log.failure("Error handling a stanza from {peer}", peer=self.peer)
+                self.handler.reject_stanza(element, StanzaFailure("internal-server-error"))
+            else:
+                raise
+
+    def _on_end(self) -> None:
+        log.debug("Peer {peer} closed its stream", peer=self.peer)
+        self.close()
+
+    def _guard(self, fn, *args) -> None:
+        try:
+            fn(*args)
+        except StreamFailure as failure:
+            self.fail(failure.condition, failure.text)
+        except Exception:
+            log.failure("Unexpected error in stream setup for {peer}", peer=self.peer)
+            self.fail("internal-server-error")
+
+    def _log_xml(self, direction: str, data) -> None:
+        text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
+        if not self.log_bodies:
+            text = _BODY.sub(r"\1[redacted]\2", text)
+        log.info("XML {direction} {peer}: {xml}", direction=direction, peer=self.peer, xml=text)

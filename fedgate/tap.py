@@ -1,0 +1,38 @@
+"""twistd plugin options and service construction.
+
+The only module that touches the global reactor and the system resolver.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from twisted.python import usage
+
+from fedgate.config import ConfigError, load_config
+
+
+class Options(usage.Options):
+    synopsis = "--config PATH"
+    longdesc = ("Run fedgate, an XMPP federation gateway: S2S with Server Dialback "
+                "on one side, XEP-0114 components on the other.  Every setting lives "
+                "in the TOML file given with --config; see etc/fedgate.toml.")
+    optParameters = [
+        ["config", "c", "/etc/fedgate/fedgate.toml", "Path to the TOML configuration file."],
+    ]
+
+
+def makeService(options):
+    from twisted.internet import reactor
+    from twisted.names import client
+
+    from fedgate.service import Gateway
+
+    try:
+        config = load_config(options["config"])
+    except ConfigError as exc:
+        sys.stderr.write(f"fedgate: configuration error: {exc}\n")
+        sys.exit(78)  # EX_CONFIG
+    servers = list(config.s2s.dns_servers) or None
+    resolver = client.createResolver(servers=servers) if servers else client.createResolver()
+    return Gateway(config, reactor, resolver)
