@@ -1,0 +1,45 @@
+"""Run real fedgate gateways on loopback for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+
+from twisted.internet import defer
+
+from fedgate.config import parse_config
+from fedgate.service import Gateway
+from tests.support.dnsserver import make_client_resolver
+
+
+def gateway_config(state_dir: str, domains, components: dict, **s2s) -> dict:
+    """A config dict for a gateway listening on ephemeral loopback ports."""
+    s2s_table = {"listen": ["tcp:0:interface=127.0.0.1"]}
+    s2s_table.update(s2s)
+    return {
+        "state_dir": state_dir,
+        "domains": list(domains),
+        "s2s": s2s_table,
+        "logging": {"xml_traffic": bool(os.environ.get("FEDGATE_TEST_LOG"))},
+        "components": {
+            "listen": ["tcp:0:interface=127.0.0.1"],
+            "domains": {d: {"secret": secret} for d, secret in components.items()},
+        },
+    }
+
+
+@defer.inlineCallbacks
+def start_gateway(reactor, config_dict: dict, dns_port: int, testcase=None):
+    """Start a Gateway whose DNS questions go to the test DNS server."""
+    config = parse_config(config_dict, "<test>")
+    gateway = Gateway(config, reactor, make_client_resolver(reactor, dns_port))
+    yield gateway.startService()
+    if testcase is not None:
+        testcase.addCleanup(gateway.stopService)
+    return gateway
+
+
+def publish(dns, gateway, domains, host: str) -> None:
+    """Point the _xmpp-server SRV records of ``domains`` at ``gateway``."""
+    dns.add_a(host, "127.0.0.1")
+    for domain in domains:
+        dns.add_srv(f"_xmpp-server._tcp.{domain}", 0, 0, gateway.port_of("s2s"), host)

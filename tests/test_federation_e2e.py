@@ -1,0 +1,99 @@
+"""Two real fedgate gateways federating over loopback through dialback.
+
+DNS is real too: a twisted.names server on loopback serves the SRV records,
+so the gateways take the same resolution path as in production.
+"""
+
+from __future__ import annotations
+
+from twisted.internet import defer, reactor
+from twisted.trial import unittest
+
+from fedgate.s2s.pairs import INBOUND, OUTBOUND, VALID
+from tests.support.component_client import connect_component
+from tests.support.dnsserver import TestDNSServer
+from tests.support.gateway import gateway_config, publish, start_gateway
+
+TIMEOUT = 15
+
+
+class TwoGateways(unittest.TestCase):
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.dns = TestDNSServer(reactor)
+        dns_port = self.dns.start()
+        self.addCleanup(self.dns.stop)
+        self.a = yield start_gateway(reactor, gateway_config(
+            self.mktemp(), ["a.example"], {"chat.a.example": "secret-a"}), dns_port, self)
+        self.b = yield start_gateway(reactor, gateway_config(
+            self.mktemp(), ["b.example"], {"chat.b.example": "secret-b"}), dns_port, self)
+        publish(self.dns, self.a, ["a.example", "chat.a.example"], "gw-a.example")
+        publish(self.dns, self.b, ["b.example", "chat.b.example"], "gw-b.example")
+        self.ca = yield connect_component(reactor, "127.0.0.1", self.a.port_of("components"),
+                                          "chat.a.example", "secret-a")
+        self.addCleanup(self.ca.close)
+        self.cb = yield connect_component(reactor, "127.0.0.1", self.b.port_of("components"),
+                                          "chat.b.example", "secret-b")
+        self.addCleanup(self.cb.close)
+
+    @defer.inlineCallbacks
+    def test_messages_both_ways(self):
+        self.ca.send("<message from='alice@chat.a.example/r' to='bob@chat.b.example' "
+                     "type='chat' id='m1'><body>hello &amp; welcome</body></message>")
+        got = yield self.cb.next_element(timeout=TIMEOUT)
+        self.assertEqual((got.name, got["from"], got["to"], got["id"]),
+                         ("message", "alice@chat.a.example/r", "bob@chat.b.example", "m1"))
+        self.assertEqual(str(got.body), "hello & welcome")
+        self.assertEqual(got.uri, "jabber:component:accept")
+
+        self.cb.send("<message from='bob@chat.b.example' to='alice@chat.a.example/r' "
+                     "type='chat' id='m2'><body>hi back</body></message>")
+        got = yield self.ca.next_element(timeout=TIMEOUT)
+        self.assertEqual((got["from"], got["to"], str(got.body)),
+                         ("bob@chat.b.example", "alice@chat.a.example/r", "hi back"))
+
+        # Each side now has an outbound stream with a valid dialback pair,
+        # and the other side sees the same pair inbound.
+        out_a = [r for r in self.a.table if r.direction == OUTBOUND]
+        self.assertEqual(len(out_a), 1)
+        self.assertEqual(out_a[0].state_of("chat.a.example", "chat.b.example"), VALID)
+        in_b = [r for r in self.b.table if r.direction == INBOUND and r.authenticated]
+        self.assertEqual([(p.local, p.remote, p.method) for r in in_b for p in r.valid_pairs()],
+                         [("chat.b.example", "chat.a.example", "dialback")])
+
+    @defer.inlineCallbacks
+    def test_iq_round_trip_and_piggyback(self):
+        self.ca.send("<iq from='svc@chat.a.example' to='chat.b.example' type='get' id='q1'>"
+                     "<query xmlns='urn:example:q'/></iq>")
+        got = yield self.cb.next_element(timeout=TIMEOUT)
+        self.assertEqual((got.name, got["type"], got["id"]), ("iq", "get", "q1"))
+        self.assertEqual(got.query.uri, "urn:example:q")
+        self.cb.send("<iq from='chat.b.example' to='svc@chat.a.example' type='result' id='q1'>"
+                     "<query xmlns='urn:example:q'><item/></query></iq>")
+        got = yield self.ca.next_element(timeout=TIMEOUT)
+        self.assertEqual((got["type"], got["id"], got["from"]), ("result", "q1", "chat.b.example"))
+
+        # The gateway's own domain answers ping across federation; its answer
+        # comes from a second local domain of B (b.example) and piggybacks on
+        # B's existing outbound stream to chat.a.example.
+        self.ca.send("<iq from='svc@chat.a.example' to='b.example' type='get' id='p1'>"
+                     "<ping xmlns='urn:xmpp:ping'/></iq>")
+        got = yield self.ca.next_element(timeout=TIMEOUT)
+        self.assertEqual((got["type"], got["id"], got["from"]), ("result", "p1", "b.example"))
+        out_b = [r for r in self.b.table if r.direction == OUTBOUND]
+        self.assertEqual([r.remote_domain for r in out_b], ["chat.a.example"],
+                         "one outbound stream per remote domain")
+        self.assertEqual(sorted(p.local for p in out_b[0].valid_pairs()),
+                         ["b.example", "chat.b.example"])
+
+    @defer.inlineCallbacks
+    def test_unknown_remote_bounces(self):
+        # No SRV and no A record: remote-server-not-found comes back.
+        self.ca.send("<message from='alice@chat.a.example' to='x@nowhere.example' id='m3'>"
+                     "<body>anyone?</body></message>")
+        got = yield self.ca.next_element(timeout=TIMEOUT)
+        self.assertEqual((got["type"], got["id"], got["from"]), ("error", "m3", "x@nowhere.example"))
+        self.assertEqual(got.error.firstChildElement().name, "remote-server-not-found")
+        self.assertEqual(self.a.sender.accepted, self.a.sender.delivered + self.a.sender.bounced)
