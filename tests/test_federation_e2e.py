@@ -12,7 +12,7 @@ from twisted.trial import unittest
 from fedgate.s2s.pairs import INBOUND, OUTBOUND, VALID
 from tests.support.component_client import connect_component
 from tests.support.dnsserver import TestDNSServer
-from tests.support.gateway import gateway_config, publish, start_gateway
+from tests.support.gateway import gateway_config, publish, start_gateway, temp_dir
 
 TIMEOUT = 15
 
@@ -26,9 +26,9 @@ class TwoGateways(unittest.TestCase):
         dns_port = self.dns.start()
         self.addCleanup(self.dns.stop)
         self.a = yield start_gateway(reactor, gateway_config(
-            self.mktemp(), ["a.example"], {"chat.a.example": "secret-a"}), dns_port, self)
+            temp_dir(self), ["a.example"], {"chat.a.example": "secret-a"}), dns_port, self)
         self.b = yield start_gateway(reactor, gateway_config(
-            self.mktemp(), ["b.example"], {"chat.b.example": "secret-b"}), dns_port, self)
+            temp_dir(self), ["b.example"], {"chat.b.example": "secret-b"}), dns_port, self)
         publish(self.dns, self.a, ["a.example", "chat.a.example"], "gw-a.example")
         publish(self.dns, self.b, ["b.example", "chat.b.example"], "gw-b.example")
         self.ca = yield connect_component(reactor, "127.0.0.1", self.a.port_of("components"),

@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 from twisted.internet import defer
 
 from fedgate.config import parse_config
 from fedgate.service import Gateway
 from tests.support.dnsserver import make_client_resolver
+
+
+def temp_dir(testcase) -> str:
+    """A fresh directory removed after the test (trial's mktemp would leave
+    directories in the working directory under pytest)."""
+    path = tempfile.mkdtemp(prefix="fedgate-test-")
+    testcase.addCleanup(shutil.rmtree, path, True)
+    return path
 
 
 def gateway_config(state_dir: str, domains, components: dict, **s2s) -> dict:
