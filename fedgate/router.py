@@ -27,6 +27,7 @@ class Router:
         self.sender = sender
         self.components: dict[str, object] = {}
         self.dropped_errors = 0
+        self.refused_relays = 0
 
     @property
     def local_domains(self) -> frozenset:
@@ -66,8 +67,12 @@ class Router:
                 self.bounce(stanza, "jid-malformed", "malformed 'from' address")
                 return
             if from_domain not in self.own_domains and from_domain not in self.component_domains:
-                # Never relay between two remote domains.
-                self.bounce(stanza, "not-allowed", "this gateway does not relay between remote domains")
+                # Never relay between two remote domains.  Inbound streams
+                # refuse such stanzas with host-unknown before they get here;
+                # an error reply could not be sent either, since it would
+                # come from a domain that is not ours.
+                self.refused_relays += 1
+                log.warn("Refusing to relay {sender} -> {to}", sender=from_domain, to=to_domain)
                 return
             self.sender.send(from_domain, to_domain, stanza)
 

@@ -79,12 +79,12 @@ class InboundS2S:
         sender = self._header_domain(header.get("from"), "invalid-from")
         if self._headers > 1 and (to != self._to or sender != self._from):
             raise StreamFailure("improper-addressing", "stream addresses changed on restart")
-        self._to, self._from = to, sender
         if to is None:
             if ns.DIALBACK not in header.namespaces.values():
                 raise StreamFailure("host-unknown", "no 'to' on the stream header")
         elif to not in self.ctx.local_domains:
             raise StreamFailure("host-unknown", f"{to} is not served here")
+        self._to, self._from = to, sender
         if sender is not None and self.ctx.is_blocked(sender):
             raise StreamFailure("policy-violation", f"federation with {sender} is not allowed")
         self.stream_id = new_stream_id()

@@ -1,0 +1,271 @@
+"""The inbound S2S roles (Receiving and Authoritative Server) in memory."""
+
+from __future__ import annotations
+
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.trial import unittest
+
+from fedgate.s2s import dialback
+from fedgate.s2s.context import S2SContext, VerificationBudget
+from fedgate.s2s.inbound import InboundS2S
+from fedgate.s2s.pairs import INVALID, PENDING, VALID, ConnectionTable
+from fedgate.s2s.verifier import DialbackError
+from fedgate.stream import namespaces as ns
+from fedgate.stream.errors import error_condition
+from tests.support.memory import MemoryStream, RecordingRouter, server_header
+
+SECRET = "authoritative secret"
+LOCAL = frozenset({"gw.example", "chat.gw.example"})
+
+
+class FakeVerifier:
+    def __init__(self):
+        self.calls: list = []
+
+    def verify(self, receiving, originating, stream_id, key):
+        d = defer.Deferred()
+        self.calls.append(((receiving, originating, stream_id, key), d))
+        return d
+
+
+class InboundCase(unittest.TestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.table = ConnectionTable()
+        self.router = RecordingRouter()
+        self.verifier = FakeVerifier()
+        self.budget = VerificationBudget(100)
+
+    def open(self, per_stream=10, blocked=(), **header) -> MemoryStream:
+        ctx = S2SContext(clock=self.clock, local_domains=LOCAL, secret=SECRET, table=self.table,
+                         router=self.router, verifier=self.verifier, budget=self.budget,
+                         auth_timeout=90.0, max_pending_per_stream=per_stream,
+                         is_blocked=lambda d: d in blocked)
+        self.handler = InboundS2S(ctx)
+        stream = MemoryStream(self.handler, self.clock)
+        attrs = {"to": "gw.example", "from": "remote.example", "version": "1.0"}
+        attrs.update(header)
+        stream.feed(server_header(**{k: v for k, v in attrs.items() if v is not None}))
+        return stream
+
+    def authenticate(self, stream, local="chat.gw.example", remote="remote.example"):
+        stream.feed(f"<db:result from='{remote}' to='{local}'>abc</db:result>")
+        _, d = self.verifier.calls[-1]
+        d.callback(True)
+        return stream.take()
+
+
+class HeaderTests(InboundCase):
+    def test_answers_with_features_and_fresh_id(self):
+        one = self.open()
+        self.assertEqual(one.header.get("version"), "1.0")
+        self.assertEqual(one.header.get("from"), "gw.example")
+        [features] = one.take()
+        self.assertEqual(features.name, "features")
+        dialback_feature = features.firstChildElement()
+        self.assertEqual((dialback_feature.uri, dialback_feature.name),
+                         (ns.DIALBACK_FEATURE, "dialback"))
+        self.assertEqual(dialback_feature.firstChildElement().name, "errors")
+        two = self.open()
+        self.assertNotEqual(one.header.get("id"), two.header.get("id"))
+        self.assertGreaterEqual(len(one.header.get("id")), 16)
+
+    def test_version_1_x_is_answered_with_1_0(self):
+        stream = self.open(version="1.5")
+        self.assertEqual(stream.header.get("version"), "1.0")
+        self.assertIsNone(stream.stream_error())
+
+    def test_other_major_version(self):
+        stream = self.open(version="2.0")
+        self.assertEqual(stream.stream_error(), "unsupported-version")
+        self.assertTrue(stream.disconnecting)
+
+    def test_pre_1_0_stream_gets_no_features(self):
+        stream = self.open(version=None)
+        self.assertIsNone(stream.header.get("version"))
+        self.assertEqual(stream.take(), [])
+
+    def test_unknown_to(self):
+        stream = self.open(to="elsewhere.example")
+        self.assertEqual(stream.stream_error(), "host-unknown")
+        # Our header came first, naming no domain we do not serve.
+        self.assertIsNotNone(stream.header)
+        self.assertIsNone(stream.header.get("from"))
+
+    def test_missing_to_is_tolerated_on_dialback_streams(self):
+        stream = self.open(to=None)
+        self.assertIsNone(stream.stream_error())
+        self.assertIsNotNone(stream.header.get("id"))
+
+    def test_blocked_peer(self):
+        stream = self.open(blocked={"remote.example"})
+        self.assertEqual(stream.stream_error(), "policy-violation")
+
+
+class ReceivingServerTests(InboundCase):
+    def test_valid_key_authenticates_the_pair_and_routes(self):
+        stream = self.open()
+        stream.take()
+        stream.feed("<db:result from='remote.example' to='chat.gw.example'>k3y</db:result>")
+        [(args, d)] = self.verifier.calls
+        self.assertEqual(args, ("chat.gw.example", "remote.example", stream.header.get("id"), "k3y"))
+        record = self.handler.record
+        self.assertEqual(record.state_of("chat.gw.example", "remote.example"), PENDING)
+        d.callback(True)
+        [answer] = stream.take()
+        self.assertEqual((answer.uri, answer.name, answer["type"], answer["from"], answer["to"]),
+                         (ns.DIALBACK, "result", "valid", "chat.gw.example", "remote.example"))
+        self.assertEqual(record.state_of("chat.gw.example", "remote.example"), VALID)
+        stream.feed("<message from='a@remote.example' to='b@chat.gw.example'><body>x</body></message>")
+        self.assertEqual([m["to"] for m in self.router.routed], ["b@chat.gw.example"])
+        self.assertEqual(record.pairs[("chat.gw.example", "remote.example")].stanzas_in, 1)
+
+    def test_invalid_key(self):
+        stream = self.open()
+        stream.take()
+        stream.feed("<db:result from='remote.example' to='chat.gw.example'>bad</db:result>")
+        self.verifier.calls[0][1].callback(False)
+        [answer] = stream.take()
+        self.assertEqual(answer["type"], "invalid")
+        self.assertEqual(self.handler.record.state_of("chat.gw.example", "remote.example"), INVALID)
+        self.assertFalse(stream.disconnecting)
+
+    def test_verification_error_leaves_other_pairs_alone(self):
+        stream = self.open()
+        stream.take()
+        self.authenticate(stream, local="gw.example")
+        stream.feed("<db:result from='remote.example' to='chat.gw.example'>k</db:result>")
+        self.verifier.calls[-1][1].errback(DialbackError("remote-server-not-found", "no DNS"))
+        [answer] = stream.take()
+        self.assertEqual((answer["type"], error_condition(answer)), ("error", "remote-server-not-found"))
+        self.assertFalse(stream.disconnecting)
+        stream.feed("<iq type='get' id='1' from='remote.example' to='gw.example'><ping xmlns='urn:xmpp:ping'/></iq>")
+        self.assertEqual(len(self.router.routed), 1)
+
+    def test_not_hosted_here(self):
+        stream = self.open()
+        stream.take()
+        stream.feed("<db:result from='remote.example' to='other.example'>k</db:result>")
+        [answer] = stream.take()
+        self.assertEqual(error_condition(answer), "item-not-found")
+        self.assertEqual(self.verifier.calls, [])
+
+    def test_pending_cap_per_stream(self):
+        stream = self.open(per_stream=2)
+        stream.take()
+        for n in range(3):
+            stream.feed(f"<db:result from='r{n}.example' to='gw.example'>k</db:result>")
+        self.assertEqual(len(self.verifier.calls), 2)
+        [answer] = stream.take()
+        self.assertEqual((answer["to"], error_condition(answer)), ("r2.example", "resource-constraint"))
+        # Finishing one frees a place.
+        self.verifier.calls[0][1].callback(True)
+        stream.feed("<db:result from='r3.example' to='gw.example'>k</db:result>")
+        self.assertEqual(len(self.verifier.calls), 3)
+
+    def test_global_budget(self):
+        self.budget = VerificationBudget(1)
+        first, second = self.open(), self.open()
+        first.feed("<db:result from='r1.example' to='gw.example'>k</db:result>")
+        second.take()
+        second.feed("<db:result from='r2.example' to='gw.example'>k</db:result>")
+        [answer] = second.take()
+        self.assertEqual(error_condition(answer), "resource-constraint")
+        first.stream.connectionLost(None)
+        self.assertEqual(self.budget.in_use, 0)
+
+    def test_unsolicited_valid_is_never_accepted(self):
+        stream = self.open()
+        stream.take()
+        stream.feed("<db:result from='remote.example' to='gw.example' type='valid'/>")
+        self.assertIsNone(self.handler.record.state_of("gw.example", "remote.example"))
+        stream.feed("<message from='a@remote.example' to='b@gw.example'/>")
+        self.assertEqual(stream.stream_error(), "not-authorized")
+        self.assertEqual(self.router.routed, [])
+
+    def test_answer_after_close_is_dropped(self):
+        stream = self.open()
+        stream.feed("<db:result from='remote.example' to='gw.example'>k</db:result>")
+        stream.stream.connectionLost(None)
+        self.verifier.calls[0][1].callback(True)
+        self.assertEqual(len(self.table), 0)
+
+
+class AuthoritativeServerTests(InboundCase):
+    def verify(self, key, to="chat.gw.example"):
+        stream = self.open(to=None)
+        stream.take()
+        stream.feed(f"<db:verify from='remote.example' to='{to}' id='S1'>{key}</db:verify>")
+        [answer] = stream.take()
+        return answer
+
+    def test_right_key(self):
+        key = dialback.dialback_key(SECRET, "remote.example", "chat.gw.example", "S1")
+        answer = self.verify(key)
+        self.assertEqual((answer.name, answer["type"], answer["id"], answer["from"], answer["to"]),
+                         ("verify", "valid", "S1", "chat.gw.example", "remote.example"))
+
+    def test_wrong_key(self):
+        key = dialback.dialback_key(SECRET, "remote.example", "chat.gw.example", "S2")
+        self.assertEqual(self.verify(key)["type"], "invalid")
+
+    def test_not_ours(self):
+        answer = self.verify("k", to="other.example")
+        self.assertEqual((answer["type"], error_condition(answer)), ("error", "item-not-found"))
+
+
+class StanzaRulesTests(InboundCase):
+    def authenticated(self):
+        stream = self.open()
+        stream.take()
+        self.authenticate(stream)
+        return stream
+
+    def test_missing_from(self):
+        stream = self.authenticated()
+        stream.feed("<message to='b@chat.gw.example'/>")
+        self.assertEqual(stream.stream_error(), "improper-addressing")
+
+    def test_malformed_to(self):
+        stream = self.authenticated()
+        stream.feed("<message from='a@remote.example' to='b@@chat..gw'/>")
+        self.assertEqual(stream.stream_error(), "improper-addressing")
+
+    def test_from_not_authenticated(self):
+        stream = self.authenticated()
+        stream.feed("<message from='a@evil.example' to='b@chat.gw.example'/>")
+        self.assertEqual(stream.stream_error(), "invalid-from")
+        self.assertEqual(self.router.routed, [])
+
+    def test_to_not_in_a_pair(self):
+        stream = self.authenticated()
+        stream.feed("<message from='a@remote.example' to='b@gw.example'/>")
+        self.assertEqual(stream.stream_error(), "host-unknown")
+
+    def test_handler_exception_bounces_only_that_stanza(self):
+        stream = self.authenticated()
+        self.router.fail_on_route = RuntimeError("boom")
+        stream.feed("<message id='x' from='a@remote.example' to='b@chat.gw.example'/>")
+        [(stanza, condition, _)] = self.router.bounced
+        self.assertEqual((stanza["id"], condition), ("x", "internal-server-error"))
+        self.assertFalse(stream.disconnecting)
+        self.flushLoggedErrors(RuntimeError)
+
+    def test_unknown_element(self):
+        stream = self.authenticated()
+        stream.feed("<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
+        self.assertEqual(stream.stream_error(), "unsupported-stanza-type")
+
+    def test_auth_timeout(self):
+        stream = self.open()
+        self.clock.advance(89)
+        self.assertFalse(stream.disconnecting)
+        self.clock.advance(2)
+        stream.read()
+        self.assertEqual(stream.stream_error(), "connection-timeout")
+
+    def test_no_timeout_once_authenticated(self):
+        stream = self.authenticated()
+        self.clock.advance(200)
+        self.assertFalse(stream.disconnecting)

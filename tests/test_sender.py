@@ -1,0 +1,303 @@
+"""Per-destination queues, outbound dialback and backoff, in memory."""
+
+from __future__ import annotations
+
+import random
+
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.trial import unittest
+from twisted.words.xish import domish
+
+from fedgate.s2s.connect import ConnectError
+from fedgate.s2s.context import S2SContext, VerificationBudget
+from fedgate.s2s import dialback
+from fedgate.s2s.pairs import OUTBOUND, VALID, ConnectionTable
+from fedgate.s2s.sender import BACKOFF, IDLE, S2SSender, SenderSettings
+from tests.support.memory import MemoryStream, RecordingRouter, server_header
+
+SECRET = "s3cret"
+
+
+class FakeConnector:
+    """Connection attempts the test completes or fails by hand."""
+
+    def __init__(self, clock):
+        self.clock = clock
+        self.attempts: list = []
+
+    def connect(self, domain, factory):
+        d = defer.Deferred()
+        self.attempts.append((domain, factory, d))
+        return d
+
+    def succeed(self, index=-1) -> MemoryStream:
+        domain, factory, d = self.attempts[index]
+        protocol = factory()
+        peer = MemoryStream(None, self.clock, stream=protocol)
+        d.callback(protocol)
+        return peer
+
+    def fail(self, index=-1, condition="remote-server-not-found"):
+        self.attempts[index][2].errback(ConnectError(condition, "nothing there"))
+
+
+def message(n, sender="a@chat.gw.example", to="b@remote.example", **attrs):
+    el = domish.Element(("jabber:component:accept", "message"))
+    el["from"], el["to"], el["id"] = sender, to, f"m{n}"
+    for k, v in attrs.items():
+        el[k] = v
+    el.addElement("body", content=f"body {n}")
+    return el
+
+
+class SenderCase(unittest.TestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.router = RecordingRouter()
+        self.table = ConnectionTable()
+        self.connector = FakeConnector(self.clock)
+        self.ctx = S2SContext(clock=self.clock, local_domains=frozenset({"chat.gw.example", "gw.example"}),
+                              secret=SECRET, table=self.table, router=self.router, verifier=None,
+                              budget=VerificationBudget(10), auth_timeout=30.0)
+        self.settings = SenderSettings(max_stanzas=5, max_bytes=100_000, max_wait=60.0,
+                                       backoff_initial=2.0, backoff_max=30.0)
+        from fedgate.stream.protocol import XmppStream
+        self.sender = S2SSender(self.ctx, self.connector,
+                                lambda handler: XmppStream(handler, self.clock),
+                                self.settings, rng=random.Random(7))
+
+    def open_peer(self, peer, stream_id="SID"):
+        """Play the remote server up to its features."""
+        peer.read()
+        self.assertEqual(peer.header.get("to"), "remote.example")
+        peer.stream.dataReceived(server_header(id=stream_id, **{"from": "remote.example"}, version="1.0")
+                                 + b"<stream:features><dialback xmlns='urn:xmpp:features:dialback'><errors/></dialback></stream:features>")
+        return peer.read()
+
+    def answer(self, peer, local, kind, extra=""):
+        peer.stream.dataReceived(
+            f"<db:result from='remote.example' to='{local}' type='{kind}'>{extra}</db:result>".encode())
+        return peer.read()
+
+    def delivered_ids(self, peer):
+        return [e["id"] for e in peer.elements if e.name == "message"]
+
+    def bounced(self):
+        return [(s["id"], c) for s, c, _ in self.router.bounced]
+
+
+class QueueAndDialbackTests(SenderCase):
+    def test_queued_until_valid_then_flushed_in_order(self):
+        for n in range(3):
+            self.sender.send("chat.gw.example", "remote.example", message(n))
+        self.assertEqual(len(self.connector.attempts), 1, "one connection per destination")
+        peer = self.connector.succeed()
+        [request] = self.open_peer(peer)
+        self.assertEqual((request.name, request["from"], request["to"]),
+                         ("result", "chat.gw.example", "remote.example"))
+        self.assertEqual(str(request), dialback.dialback_key(SECRET, "remote.example", "chat.gw.example", "SID"))
+        self.assertEqual(self.delivered_ids(peer), [])
+        self.answer(peer, "chat.gw.example", "valid")
+        self.assertEqual(self.delivered_ids(peer), ["m0", "m1", "m2"])
+        # Later stanzas go straight out.
+        self.sender.send("chat.gw.example", "remote.example", message(3))
+        peer.read()
+        self.assertEqual(self.delivered_ids(peer), ["m0", "m1", "m2", "m3"])
+        [record] = list(self.table)
+        self.assertEqual((record.direction, record.state_of("chat.gw.example", "remote.example")),
+                         (OUTBOUND, VALID))
+        self.assertEqual(record.pairs[("chat.gw.example", "remote.example")].stanzas_out, 4)
+
+    def test_second_local_domain_piggybacks(self):
+        self.sender.send("chat.gw.example", "remote.example", message(0))
+        peer = self.connector.succeed()
+        self.open_peer(peer)
+        self.answer(peer, "chat.gw.example", "valid")
+        self.sender.send("gw.example", "remote.example", message(1, sender="gw.example"))
+        [request] = [e for e in peer.read() if e.name == "result"]
+        self.assertEqual(request["from"], "gw.example")
+        self.assertEqual(len(self.connector.attempts), 1)
+        self.answer(peer, "gw.example", "valid")
+        self.assertEqual(self.delivered_ids(peer), ["m0", "m1"])
+
+    def test_unsolicited_valid_is_ignored(self):
+        self.sender.send("chat.gw.example", "remote.example", message(0))
+        peer = self.connector.succeed()
+        self.open_peer(peer)
+        self.answer(peer, "gw.example", "valid")  # never asked for gw.example
+        [record] = list(self.table)
+        self.assertIsNone(record.state_of("gw.example", "remote.example"))
+        self.assertEqual(self.delivered_ids(peer), [])
+
+    def test_invalid_bounces_with_internal_server_error(self):
+        self.sender.send("chat.gw.example", "remote.example", message(0))
+        peer = self.connector.succeed()
+        self.open_peer(peer)
+        self.answer(peer, "chat.gw.example", "invalid")
+        self.assertEqual(self.bounced(), [("m0", "internal-server-error")])
+
+    def test_dialback_error_bounces_with_its_condition(self):
+        self.sender.send("chat.gw.example", "remote.example", message(0))
+        peer = self.connector.succeed()
+        self.open_peer(peer)
+        self.answer(peer, "chat.gw.example", "error",
+                    "<error type='cancel'><remote-server-not-found xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error>")
+        self.assertEqual(self.bounced(), [("m0", "remote-server-not-found")])
+
+    def test_full_queue_bounces_resource_constraint(self):
+        for n in range(7):
+            self.sender.send("chat.gw.example", "remote.example", message(n))
+        self.assertEqual(self.bounced(), [("m5", "resource-constraint"), ("m6", "resource-constraint")])
+
+    def test_byte_bound(self):
+        self.sender.settings = SenderSettings(max_stanzas=100, max_bytes=300)
+        big = message(0)
+        big.addElement("x", content="y" * 400)
+        self.sender.send("chat.gw.example", "remote.example", big)
+        self.assertEqual(self.bounced(), [("m0", "resource-constraint")])
+
+    def test_stream_closed_before_auth(self):
+        self.sender.send("chat.gw.example", "remote.example", message(0))
+        peer = self.connector.succeed()
+        self.open_peer(peer)
+        peer.stream.connectionLost(None)
+        self.assertEqual(self.bounced(), [("m0", "remote-server-timeout")])
+        self.assertEqual(len(self.table), 0)
+
+    def test_auth_timeout_bounces(self):
+        self.sender.send("chat.gw.example", "remote.example", message(0))
+        peer = self.connector.succeed()
+        self.open_peer(peer)
+        self.clock.advance(31)
+        peer.read()
+        self.assertEqual(peer.stream_error(), "connection-timeout")
+        peer.stream.connectionLost(None)
+        self.assertEqual(self.bounced(), [("m0", "remote-server-timeout")])
+
+
+class BackoffTests(SenderCase):
+    def test_connect_failure_bounces_and_backs_off(self):
+        destination_calls = []
+        self.sender.send("chat.gw.example", "remote.example", message(0))
+        self.connector.fail()
+        self.assertEqual(self.bounced(), [("m0", "remote-server-not-found")])
+        destination = self.sender.destinations["remote.example"]
+        self.assertEqual(destination.state, BACKOFF)
+        first_delay = destination.retry_at - self.clock.seconds()
+        self.assertTrue(1.0 <= first_delay <= 2.0, first_delay)
+        # A stanza during backoff waits; no new attempt yet.
+        self.sender.send("chat.gw.example", "remote.example", message(1))
+        self.assertEqual(len(self.connector.attempts), 1)
+        self.clock.advance(first_delay)
+        self.assertEqual(len(self.connector.attempts), 2)
+        self.connector.fail()
+        second_delay = destination.retry_at - self.clock.seconds()
+        self.assertTrue(2.0 <= second_delay <= 4.0, second_delay)
+        destination_calls.append(second_delay)
+        # Grows but is capped.
+        for _ in range(10):
+            self.sender.send("chat.gw.example", "remote.example", message(9))
+            self.clock.advance(destination.retry_at - self.clock.seconds())
+            self.connector.fail()
+        self.assertLessEqual(destination.retry_at - self.clock.seconds(), 30.0)
+        self.assertGreaterEqual(destination.retry_at - self.clock.seconds(), 15.0)
+
+    def test_success_resets_backoff(self):
+        self.sender.send("chat.gw.example", "remote.example", message(0))
+        self.connector.fail()
+        destination = self.sender.destinations["remote.example"]
+        self.sender.send("chat.gw.example", "remote.example", message(1))
+        self.clock.advance(destination.retry_at - self.clock.seconds())
+        peer = self.connector.succeed()
+        self.open_peer(peer)
+        self.answer(peer, "chat.gw.example", "valid")
+        self.assertEqual(destination.failures, 0)
+        self.assertEqual(self.delivered_ids(peer), ["m1"])
+
+    def test_idle_backoff_ends_without_connecting(self):
+        self.sender.send("chat.gw.example", "remote.example", message(0))
+        self.connector.fail()
+        destination = self.sender.destinations["remote.example"]
+        self.clock.advance(60)
+        self.assertEqual(destination.state, IDLE)
+        self.assertEqual(len(self.connector.attempts), 1)
+
+    def test_waiting_too_long_bounces(self):
+        self.sender.settings = SenderSettings(max_wait=10.0, backoff_initial=100.0, backoff_max=100.0)
+        self.sender.send("chat.gw.example", "remote.example", message(0))
+        self.connector.fail()
+        self.sender.send("chat.gw.example", "remote.example", message(1))
+        self.clock.advance(9.5)
+        self.assertEqual(self.bounced(), [("m0", "remote-server-not-found")])
+        self.clock.advance(1)
+        self.assertEqual(self.bounced(), [("m0", "remote-server-not-found"), ("m1", "remote-server-not-found")])
+
+    def test_reset_retries_now(self):
+        self.sender.send("chat.gw.example", "remote.example", message(0))
+        self.connector.fail()
+        self.sender.send("chat.gw.example", "remote.example", message(1))
+        self.sender.destinations["remote.example"].reset()
+        self.assertEqual(len(self.connector.attempts), 2)
+
+
+class AccountingTests(SenderCase):
+    def test_every_stanza_delivered_or_bounced(self):
+        """A random run with failures of every kind: nothing vanishes."""
+        rng = random.Random(2024)
+        self.sender.settings = SenderSettings(max_stanzas=20, max_bytes=1_000_000, max_wait=5.0,
+                                              backoff_initial=0.5, backoff_max=4.0)
+        peers = []
+        n = 0
+        for step in range(400):
+            action = rng.random()
+            if action < 0.55:
+                local = rng.choice(["chat.gw.example", "gw.example"])
+                remote = rng.choice(["remote.example", "other.example"])
+                self.sender.send(local, remote, message(n, sender=local, to=f"x@{remote}"))
+                n += 1
+            elif action < 0.7:
+                pending = [i for i, a in enumerate(self.connector.attempts) if not a[2].called]
+                if pending:
+                    i = rng.choice(pending)
+                    if rng.random() < 0.5:
+                        self.connector.fail(i)
+                    else:
+                        peer = self.connector.succeed(i)
+                        self.open_peer_any(peer)
+                        peers.append(peer)
+            elif action < 0.85 and peers:
+                peer = rng.choice(peers)
+                if not peer.stream.closed:
+                    for local in ("chat.gw.example", "gw.example"):
+                        remote = peer.header.get("to")
+                        peer.stream.dataReceived(
+                            f"<db:result from='{remote}' to='{local}' type='{rng.choice(['valid', 'valid', 'invalid'])}'/>".encode())
+            elif action < 0.9 and peers:
+                peer = rng.choice(peers)
+                if not peer.stream.closed:
+                    peer.stream.connectionLost(None)
+            else:
+                self.clock.advance(rng.random() * 3)
+        self.clock.advance(120)
+        for peer in peers:
+            if not peer.stream.closed:
+                peer.stream.connectionLost(None)
+        self.clock.advance(120)
+        for attempt in self.connector.attempts:
+            if not attempt[2].called:
+                attempt[2].errback(ConnectError("remote-server-not-found", "late"))
+        self.clock.advance(120)
+        sender = self.sender
+        self.assertEqual(sender.accepted, n)
+        self.assertEqual(sender.accepted, sender.delivered + sender.bounced,
+                         (sender.accepted, sender.delivered, sender.bounced))
+        self.assertGreater(sender.delivered, 0)
+        self.assertGreater(sender.bounced, 0)
+        self.assertEqual(len(self.router.bounced), sender.bounced)
+
+    def open_peer_any(self, peer):
+        peer.read()
+        remote = peer.header.get("to")
+        peer.stream.dataReceived(server_header(id="S", **{"from": remote}, version="1.0")
+                                 + b"<stream:features/>")
