@@ -33,6 +33,9 @@ def makeService(options):
     except ConfigError as exc:
         sys.stderr.write(f"fedgate: configuration error: {exc}\n")
         sys.exit(78)  # EX_CONFIG
-    servers = list(config.s2s.dns_servers) or None
-    resolver = client.createResolver(servers=servers) if servers else client.createResolver()
+    if config.s2s.dns_servers:
+        # Only the configured servers: createResolver would add resolv.conf's.
+        resolver = client.Resolver(servers=list(config.s2s.dns_servers), reactor=reactor)
+    else:
+        resolver = client.createResolver()
     return Gateway(config, reactor, resolver)

@@ -16,6 +16,9 @@ from twisted.words.xish import domish
 from fedgate.stream import namespaces as ns
 
 _STANZA_NS = ns.STANZA_NAMESPACES
+#: Prefixes our stream headers declare (``db`` only on jabber:server streams,
+#: the only ones that carry dialback elements).
+_HEADER_PREFIXES = {ns.STREAMS: "stream", ns.DIALBACK: "db"}
 
 
 def escape_text(text: str) -> str:
@@ -37,6 +40,17 @@ def escape_attr(text: str) -> str:
     return text
 
 
+class _Prefixed:
+    """A view of an element whose name carries a header-declared prefix."""
+
+    __slots__ = ("name", "attributes", "children")
+
+    def __init__(self, element: domish.Element, prefix: str):
+        self.name = f"{prefix}:{element.name}"
+        self.attributes = element.attributes
+        self.children = element.children
+
+
 def serialize(element: domish.Element, stream_ns: str | None = None) -> str:
     """Serialise ``element`` as a top-level child of a stream whose default
     namespace is ``stream_ns``."""
@@ -47,7 +61,14 @@ def serialize(element: domish.Element, stream_ns: str | None = None) -> str:
 
 def _write(element: domish.Element, parent_ns: str | None, out: list) -> None:
     uri = element.uri
-    if uri is None or uri in _STANZA_NS and (parent_ns in _STANZA_NS or parent_ns is None):
+    prefix = _HEADER_PREFIXES.get(uri)
+    if prefix is not None:
+        # Stream and dialback elements use the prefixes every stream header
+        # declares; some peers look for them literally.
+        effective = uri
+        declare = None
+        element = _Prefixed(element, prefix)
+    elif uri is None or uri in _STANZA_NS and (parent_ns in _STANZA_NS or parent_ns is None):
         effective = parent_ns
         declare = None
     elif uri == parent_ns:
@@ -55,7 +76,7 @@ def _write(element: domish.Element, parent_ns: str | None, out: list) -> None:
         declare = None
     else:
         effective = uri
-        declare = uri if uri is not None else ""
+        declare = uri
     name = element.name
     out.append("<")
     out.append(name)

@@ -1,0 +1,90 @@
+"""Configuration: defaults, validation, and errors that name file and key."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from fedgate.config import ConfigError, dialback_secret, load_config, parse_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def minimal(**extra):
+    data = {"state_dir": "/tmp/fedgate-state", "domains": ["Gw.Example"]}
+    data.update(extra)
+    return data
+
+
+def test_example_config_is_valid_and_documents_every_key():
+    config = load_config(REPO / "etc" / "fedgate.toml")
+    assert config.domains == ("example.org",)
+    text = (REPO / "etc" / "fedgate.toml").read_text()
+    for key in ["connect_timeout", "auth_timeout", "queue_max_stanzas", "queue_max_bytes",
+                "queue_max_wait", "backoff_initial", "backoff_max", "dns_servers",
+                "max_pending_verifications_per_stream", "max_pending_verifications",
+                "dialback_secret", "max_stanza_bytes", "max_depth", "max_elements",
+                "xml_traffic", "xml_bodies", "addresses", "secret", "listen", "state_dir"]:
+        assert key in text, key
+
+
+def test_defaults_and_normalisation():
+    config = parse_config(minimal(components={"domains": {"Chat.GW.example.": {"secret": "s"}}},
+                                  s2s={"peers": {"Peer.Example": {"addresses": ["127.0.0.1:5270", "[::1]:5271", "h.example"]}}}))
+    assert config.domains == ("gw.example",)
+    assert set(config.components.domains) == {"chat.gw.example"}
+    assert config.local_domains == {"gw.example", "chat.gw.example"}
+    assert config.s2s.peers["peer.example"].addresses == (("127.0.0.1", 5270), ("::1", 5271), ("h.example", 5269))
+    assert config.s2s.auth_timeout == 90.0
+    assert config.s2s.max_pending_verifications_per_stream == 10
+    assert config.limits.max_stanza_bytes == 512 * 1024
+    assert config.s2s.queue_max_wait == 60.0
+
+
+@pytest.mark.parametrize("data, key, words", [
+    (minimal(s2s={"lisen": []}), "s2s.lisen", "unknown key"),
+    (minimal(bogus=1), "bogus", "unknown key"),
+    (minimal(s2s={"listen": ["nope:5269"]}), "s2s.listen", "bad endpoint"),
+    (minimal(s2s={"auth_timeout": "soon"}), "s2s.auth_timeout", "expected a number"),
+    (minimal(s2s={"auth_timeout": 0}), "s2s.auth_timeout", "greater than zero"),
+    (minimal(s2s={"queue_max_stanzas": True}), "s2s.queue_max_stanzas", "boolean"),
+    (minimal(domains=["bad domain"]), "domains", "invalid domain"),
+    (minimal(domains=[]), "domains", "at least one"),
+    ({"domains": ["a.example"]}, "state_dir", "required"),
+    (minimal(components={"domains": {"c.example": {}}}), "components.domains.c.example.secret", "required"),
+    (minimal(components={"domains": {"c.example": {"secret": "s", "extra": 1}}}), "components.domains.c.example.extra", "unknown key"),
+    (minimal(components={"domains": {"gw.example": {"secret": "s"}}}), "components.domains.gw.example", "own domains"),
+    (minimal(s2s={"peers": {"p.example": {"addresses": ["host:99999"]}}}), "s2s.peers.p.example.addresses", "bad address"),
+    (minimal(logging={"xml_traffic": "yes"}), "logging.xml_traffic", "expected bool"),
+])
+def test_errors_name_the_key(data, key, words):
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, "/etc/fedgate/fedgate.toml")
+    message = str(info.value)
+    assert message.startswith(f"/etc/fedgate/fedgate.toml: {key}: "), message
+    assert words in message
+    assert info.value.key == key
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="missing.toml: file not found"):
+        load_config(tmp_path / "missing.toml")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("state_dir = \n")
+    with pytest.raises(ConfigError, match="broken.toml: not valid TOML"):
+        load_config(broken)
+
+
+def test_dialback_secret_generated_once_and_private(tmp_path):
+    config = parse_config(minimal(state_dir=str(tmp_path / "state")))
+    first = dialback_secret(config)
+    assert len(first) >= 32
+    assert dialback_secret(config) == first
+    mode = stat.S_IMODE(os.stat(tmp_path / "state" / "dialback.secret").st_mode)
+    assert mode == 0o600
+    configured = parse_config(minimal(state_dir=str(tmp_path / "other"), s2s={"dialback_secret": "given"}))
+    assert dialback_secret(configured) == "given"
+    assert not (tmp_path / "other" / "dialback.secret").exists()
