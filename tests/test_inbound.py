@@ -98,6 +98,17 @@ class HeaderTests(InboundCase):
         self.assertIsNone(stream.stream_error())
         self.assertIsNotNone(stream.header.get("id"))
 
+    def test_changed_addresses_after_restart(self):
+        stream = self.open()
+        first_id = stream.header.get("id")
+        stream.restart()
+        stream.feed(server_header(to="gw.example", **{"from": "remote.example"}, version="1.0"))
+        self.assertIsNone(stream.stream_error())
+        self.assertNotEqual(self.handler.stream_id, first_id, "a new id after every restart")
+        stream.restart()
+        stream.feed(server_header(to="chat.gw.example", **{"from": "remote.example"}, version="1.0"))
+        self.assertEqual(stream.stream_error(), "improper-addressing")
+
     def test_blocked_peer(self):
         stream = self.open(blocked={"remote.example"})
         self.assertEqual(stream.stream_error(), "policy-violation")

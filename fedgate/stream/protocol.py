@@ -142,8 +142,12 @@ class XmppStream(protocol.Protocol):
         self.transport.write(text.encode("utf-8"))
 
     def restart(self) -> None:
-        """Expect a new stream header; drop any bytes already received."""
+        """Expect a new stream header; drop any bytes already received.
+
+        Our own next header is a new one too, so an error before it still
+        gets a header first."""
         self._new_parser()
+        self.header_sent = False
         if self._parsing:
             raise _Restart()
 

@@ -42,6 +42,12 @@ class MemoryStream:
     def _got_end(self):
         self.ended = True
 
+    def restart(self) -> None:
+        """Restart the stream on both sides (as after STARTTLS or SASL)."""
+        self.read()
+        self.stream.restart()
+        self._parser = StreamParser(self._got_header, self.elements.append, self._got_end)
+
     def feed(self, data) -> None:
         self.stream.dataReceived(data.encode() if isinstance(data, str) else data)
         self.read()
