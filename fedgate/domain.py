@@ -42,8 +42,12 @@ def normalize_domain(text: str) -> str:
         raise InvalidDomain(f"invalid domain {text!r}: {exc}") from None
 
 
+@functools.lru_cache(maxsize=16384)
 def domain_of(jid: str) -> str:
-    """The normalised domainpart of a JID string (raises InvalidDomain)."""
+    """The normalised domainpart of a JID string (raises InvalidDomain).
+
+    Cached: the same addresses recur on every stanza of a conversation, and
+    this runs on the hot path for both 'to' and 'from'."""
     if not jid:
         raise InvalidDomain("empty address")
     rest = jid
