@@ -233,6 +233,10 @@ class StreamParser:
             self._ended = True
             self._on_end()
             return
+        # The start handler runs at the '<' of a tag, so a huge attribute
+        # value arriving with the rest of the stanza in one chunk is only
+        # measurable here, at the end of the element.
+        self._check_size()
         element = self._current
         self._current = element.parent
         if depth == 1:

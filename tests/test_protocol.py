@@ -1,0 +1,342 @@
+"""Tests for fedgate.stream.protocol: the XmppStream shim, without sockets.
+
+A small fake handler stands in for a stream role; a StringTransport and a
+task.Clock stand in for the connection and time.  What we wrote is parsed
+back with Twisted's own domish element stream, so the checks do not lean on
+fedgate's parser.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.logger import Logger, formatEvent
+from twisted.python.failure import Failure
+from twisted.trial import unittest
+from twisted.words.xish import domish
+
+from fedgate.stream import namespaces as ns
+from fedgate.stream import protocol as protocol_module
+from fedgate.stream.errors import StanzaFailure, StreamFailure
+from fedgate.stream.protocol import CLOSE_GRACE, XmppStream
+
+HEADER = (b"<?xml version='1.0'?><stream:stream xmlns='jabber:server'"
+          b" xmlns:stream='http://etherx.jabber.org/streams'"
+          b" xmlns:db='jabber:server:dialback' to='a.example' from='b.example' version='1.0'>")
+
+
+class Written:
+    """Our output parsed back: the root's attributes, top-level elements, end."""
+
+    def __init__(self, data: bytes):
+        self.root = None
+        self.elements: list[domish.Element] = []
+        self.ended = False
+        parser = domish.elementStream()
+        parser.DocumentStartEvent = lambda root: setattr(self, "root", root)
+        parser.ElementEvent = self.elements.append
+        parser.DocumentEndEvent = lambda: setattr(self, "ended", True)
+        parser.parse(data)
+
+    def stream_errors(self) -> list[str]:
+        return [child.name for e in self.elements if (e.uri, e.name) == (ns.STREAMS, "error")
+                for child in e.elements() if child.uri == ns.STREAM_ERRORS and child.name != "text"]
+
+
+class AbortRecordingTransport(StringTransport):
+    aborted = False
+
+    def abortConnection(self):
+        self.aborted = True
+        super().abortConnection()
+
+
+class FakeHandler:
+    """Records every call; optional hooks decide what happens on input."""
+
+    def __init__(self):
+        self.io = None
+        self.headers: list = []
+        self.elements: list = []
+        self.rejected: list = []
+        self.lost: list = []
+        self.on_connected = None
+        self.on_header = None
+        self.on_element = None
+
+    def connected(self, io):
+        self.io = io
+        if self.on_connected:
+            self.on_connected()
+
+    def header_received(self, header):
+        self.headers.append(header)
+        if self.on_header:
+            self.on_header(header)
+        else:
+            self.io.open_stream({"id": "sid-1", "from": "a.example", "version": "1.0"})
+
+    def element_received(self, element):
+        self.elements.append(element)
+        if self.on_element:
+            self.on_element(element)
+
+    def reject_stanza(self, stanza, failure):
+        self.rejected.append((stanza.getAttribute("id"), failure.condition))
+
+    def error_header(self):
+        return {"id": "err-id", "from": "a.example", "version": "1.0"}
+
+    def disconnected(self, reason):
+        self.lost.append(reason)
+
+
+class StreamCase(unittest.SynchronousTestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.handler = FakeHandler()
+        self.transport = AbortRecordingTransport()
+
+    def connect(self, **kwargs) -> XmppStream:
+        self.stream = XmppStream(self.handler, self.clock, **kwargs)
+        self.stream.makeConnection(self.transport)
+        return self.stream
+
+    def written(self) -> Written:
+        return Written(self.transport.value())
+
+    def assert_closed_with(self, condition: str) -> Written:
+        """One stream error ``condition``, then our close, then the TCP close."""
+        out = self.written()
+        self.assertEqual(out.stream_errors(), [condition])
+        self.assertEqual(out.elements[-1].name, "error", "the error is the last thing written")
+        self.assertTrue(out.ended, "no </stream:stream> after the error")
+        self.assertEqual(self.transport.value().count(b"<stream:stream"), 1)
+        self.assertTrue(self.transport.disconnecting)
+        return out
+
+
+def fail_with(condition):
+    def hook(*_):
+        raise StreamFailure(condition, "test")
+    return hook
+
+
+def raise_bug(*_):
+    raise RuntimeError("handler bug")
+
+
+class StreamErrorTests(StreamCase):
+    def test_failure_before_our_header_sends_header_first(self):
+        self.handler.on_header = fail_with("host-unknown")
+        self.connect().dataReceived(HEADER)
+        out = self.assert_closed_with("host-unknown")
+        data = self.transport.value()
+        self.assertTrue(data.startswith(b"<?xml version='1.0'?><stream:stream "))
+        self.assertLess(data.index(b"<stream:stream "), data.index(b"xmpp-streams"))
+        self.assertTrue(data.endswith(b"</stream:stream>"))
+        self.assertEqual((out.root.uri, out.root.name), (ns.STREAMS, "stream"))
+        self.assertEqual((out.root["id"], out.root["from"]), ("err-id", "a.example"))
+        self.assertEqual(out.root.defaultUri, ns.SERVER)
+
+    def test_bad_xml_before_any_header(self):
+        self.connect().dataReceived(b"GET / HTTP/1.1\r\n\r\n")
+        out = self.assert_closed_with("not-well-formed")
+        self.assertEqual(out.root["id"], "err-id")
+        self.assertEqual(self.handler.headers, [])
+
+    def test_failure_when_connected(self):
+        self.handler.on_connected = fail_with("policy-violation")
+        self.connect()
+        self.assert_closed_with("policy-violation")
+
+    def test_failure_after_our_header_sends_no_second_header(self):
+        self.handler.on_element = fail_with("not-authorized")
+        self.connect().dataReceived(HEADER + b"<message/>")
+        out = self.assert_closed_with("not-authorized")
+        self.assertEqual(out.root["id"], "sid-1")
+
+    def test_nothing_after_a_raised_stream_error_is_handled(self):
+        self.handler.on_element = fail_with("not-authorized")
+        stream = self.connect()
+        stream.dataReceived(HEADER + b"<message id='1'/><message id='2'/><presence id='3'/>")
+        self.assertEqual([e["id"] for e in self.handler.elements], ["1"])
+        stream.dataReceived(b"<message id='4'/>")
+        self.assertEqual(len(self.handler.elements), 1)
+        self.assert_closed_with("not-authorized")
+
+    def test_nothing_after_fail_called_by_the_handler_is_handled(self):
+        # The handler reports the error itself and returns normally; the
+        # parser must still not deliver the rest of the chunk.
+        self.handler.on_element = lambda e: self.handler.io.fail("policy-violation")
+        stream = self.connect()
+        stream.dataReceived(HEADER + b"<message id='1'/><message id='2'/></stream:stream>")
+        self.assertEqual([e["id"] for e in self.handler.elements], ["1"])
+        self.assert_closed_with("policy-violation")
+
+    def test_fail_twice_sends_one_error(self):
+        stream = self.connect()
+        stream.dataReceived(HEADER)
+        stream.fail("conflict")
+        stream.fail("reset")
+        self.assert_closed_with("conflict")
+
+    def test_stanza_failure_rejects_only_that_stanza(self):
+        def hook(element):
+            if element["id"] == "bad":
+                raise StanzaFailure("not-acceptable")
+        self.handler.on_element = hook
+        self.connect().dataReceived(HEADER + b"<message id='bad'/><message id='good'/>")
+        self.assertEqual(self.handler.rejected, [("bad", "not-acceptable")])
+        self.assertEqual([e["id"] for e in self.handler.elements], ["bad", "good"])
+        self.assertFalse(self.transport.disconnecting)
+
+
+class HandlerExceptionTests(StreamCase):
+    def test_exception_on_a_stanza_rejects_it_and_keeps_the_stream(self):
+        self.handler.on_element = lambda e: raise_bug() if e.getAttribute("id") == "bad" else None
+        self.connect().dataReceived(HEADER + b"<iq id='bad' type='get'/><message id='next'/>")
+        self.assertEqual(self.handler.rejected, [("bad", "internal-server-error")])
+        self.assertEqual([e["id"] for e in self.handler.elements], ["bad", "next"])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertFalse(self.transport.disconnecting)
+        self.assertEqual(self.written().stream_errors(), [])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_exception_on_a_non_stanza_element_is_a_stream_error(self):
+        self.handler.on_element = raise_bug
+        self.connect().dataReceived(
+            HEADER + b"<db:result from='b.example' to='a.example'>k</db:result><message id='x'/>")
+        self.assert_closed_with("internal-server-error")
+        self.assertEqual(self.handler.rejected, [])
+        self.assertEqual(len(self.handler.elements), 1)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_message_in_a_foreign_namespace_is_not_a_stanza(self):
+        self.handler.on_element = raise_bug
+        self.connect().dataReceived(HEADER + b"<message xmlns='urn:not-xmpp' id='m'/>")
+        self.assert_closed_with("internal-server-error")
+        self.assertEqual(self.handler.rejected, [])
+        self.flushLoggedErrors(RuntimeError)
+
+    def test_exception_in_disconnected_is_contained(self):
+        stream = self.connect()
+        self.handler.disconnected = raise_bug
+        stream.connectionLost(Failure(ConnectionError("gone")))
+        self.assertTrue(stream.closed)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+class RestartTests(StreamCase):
+    def test_restart_drops_the_rest_of_the_chunk(self):
+        def hook(element):
+            if element.name == "proceed":
+                self.handler.io.restart()
+        self.handler.on_element = hook
+        stream = self.connect()
+        stream.dataReceived(HEADER + b"<proceed xmlns='urn:test'/><message id='old'/>")
+        self.assertEqual([e.name for e in self.handler.elements], ["proceed"])
+        self.assertEqual(len(self.handler.headers), 1)
+        # The next bytes are a fresh stream: a new header is accepted.
+        stream.dataReceived(HEADER + b"<message id='new'/>")
+        self.assertEqual(len(self.handler.headers), 2)
+        self.assertEqual([e.getAttribute("id") for e in self.handler.elements], [None, "new"])
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_error_after_restart_gets_a_new_header_first(self):
+        stream = self.connect()
+        stream.dataReceived(HEADER)
+        stream.restart()
+        self.transport.clear()
+        stream.dataReceived(b"<!-- not a header -->")
+        self.assert_closed_with("restricted-xml")
+        self.assertEqual(self.written().root["id"], "err-id")
+
+    def test_restart_outside_parsing_replaces_the_parser(self):
+        stream = self.connect()
+        stream.dataReceived(HEADER + b"<message id='1'/><message")
+        stream.restart()
+        stream.dataReceived(HEADER + b"<message id='2'/>")
+        self.assertEqual([e["id"] for e in self.handler.elements], ["1", "2"])
+        self.assertEqual(len(self.handler.headers), 2)
+        self.assertFalse(self.transport.disconnecting)
+
+
+class CloseTests(StreamCase):
+    def test_grace_timer_aborts_when_the_peer_never_closes(self):
+        stream = self.connect()
+        stream.dataReceived(HEADER)
+        stream.close()
+        self.assertTrue(self.transport.value().endswith(b"</stream:stream>"))
+        self.assertTrue(self.transport.disconnecting)
+        self.clock.advance(CLOSE_GRACE - 0.5)
+        self.assertFalse(self.transport.aborted)
+        self.clock.advance(1.0)
+        self.assertTrue(self.transport.aborted)
+
+    def test_grace_timer_cancelled_when_the_connection_goes(self):
+        stream = self.connect()
+        stream.dataReceived(HEADER)
+        stream.fail("system-shutdown")
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        stream.connectionLost(Failure(ConnectionError("closed")))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(len(self.handler.lost), 1)
+        self.clock.advance(CLOSE_GRACE * 2)
+        self.assertFalse(self.transport.aborted)
+
+    def test_peer_closing_its_stream_closes_ours(self):
+        stream = self.connect()
+        stream.dataReceived(HEADER + b"<message id='1'/></stream:stream>")
+        out = self.written()
+        self.assertTrue(out.ended)
+        self.assertEqual(out.stream_errors(), [])
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(len(self.handler.elements), 1)
+
+    def test_close_before_our_header_writes_nothing(self):
+        stream = self.connect()
+        stream.close()
+        self.assertEqual(self.transport.value(), b"")
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_send_after_close_is_dropped(self):
+        stream = self.connect()
+        stream.dataReceived(HEADER)
+        stream.close()
+        stream.send("<message/>")
+        self.assertTrue(self.transport.value().endswith(b"</stream:stream>"))
+
+
+class TrafficLogTests(StreamCase):
+    def setUp(self):
+        super().setUp()
+        self.events: list = []
+        self.patch(protocol_module, "log", Logger(namespace="test", observer=self.events.append))
+
+    def xml_lines(self) -> list[str]:
+        return [formatEvent(e) for e in self.events if e.get("log_format", "").startswith("XML ")]
+
+    def exchange(self, **kwargs) -> str:
+        stream = self.connect(log_traffic=True, **kwargs)
+        stream.dataReceived(HEADER + b"<message id='in'><body>incoming secret</body></message>")
+        stream.send("<message id='out'><body xml:lang='en'>outgoing\nsecret</body></message>")
+        return "\n".join(self.xml_lines())
+
+    def test_bodies_redacted_by_default(self):
+        text = self.exchange()
+        self.assertNotIn("secret", text)
+        self.assertEqual(text.count("[redacted]"), 2)
+        self.assertIn("<message id='in'><body>[redacted]</body></message>", text)
+        self.assertIn("<body xml:lang='en'>[redacted]</body>", text)
+
+    def test_bodies_logged_when_asked(self):
+        text = self.exchange(log_bodies=True)
+        self.assertIn("incoming secret", text)
+        self.assertIn("outgoing\nsecret", text)
+        self.assertNotIn("[redacted]", text)
+
+    def test_no_traffic_log_unless_enabled(self):
+        stream = self.connect()
+        stream.dataReceived(HEADER + b"<message><body>x</body></message>")
+        self.assertEqual(self.xml_lines(), [])
