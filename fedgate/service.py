@@ -33,6 +33,8 @@ from fedgate.stream.protocol import XmppStream
 
 log = Logger(namespace="fedgate.service")
 
+SHUTDOWN_GRACE = 2.0  # seconds streams get to close after system-shutdown
+
 
 class _StreamFactory(protocol.Factory):
     noisy = False
@@ -130,8 +132,15 @@ class Gateway(service.Service):
         for group in self.ports.values():
             group.clear()
         self.sender.stop()
-        for stream in list(self.streams):
+        streams = [s for s in self.streams if s.transport is not None and not s.closed]
+        for stream in streams:
             stream.fail("system-shutdown", "the gateway is stopping")
-        for stream in list(self.streams):
-            if not stream.closed:
-                stream.transport.abortConnection()
+        # Give peers a moment to read the error; then cut what is left.
+        waiting = defer.DeferredList([s.wait_closed() for s in streams])
+        waiting.addTimeout(SHUTDOWN_GRACE, self.reactor)
+        try:
+            yield waiting
+        except defer.TimeoutError:
+            for stream in streams:
+                if not stream.closed:
+                    stream.transport.abortConnection()

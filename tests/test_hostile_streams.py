@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import time
 
-from twisted.internet import defer, protocol, reactor, task
+from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.trial import unittest
-from twisted.words.xish import domish
 
 from fedgate.s2s.pairs import INBOUND
 from fedgate.stream import namespaces as ns
 from tests.support.component_client import connect_component
 from tests.support.dnsserver import TestDNSServer
+from tests.support.rawpeer import RawPeer, Reply
 from tests.support.gateway import gateway_config, start_gateway, temp_dir
 
 DOMAIN, COMPONENT, SECRET = "a.example", "chat.a.example", "secret-a"
@@ -91,43 +91,6 @@ CASES = {
     "verify_without_id": (GOOD + b"<db:verify from='b.example' to='a.example'>k</db:verify>" + MSG,
                           "improper-addressing", True),
 }
-
-
-class RawPeer(protocol.Protocol):
-    """Collects every byte the gateway sends until it closes."""
-
-    def __init__(self):
-        self.data = bytearray()
-        self.lost = defer.Deferred()
-
-    def dataReceived(self, data):
-        self.data += data
-
-    def connectionLost(self, reason):
-        if not self.lost.called:
-            self.lost.callback(None)
-
-
-class Reply:
-    """The gateway's output parsed back."""
-
-    def __init__(self, data: bytes):
-        self.data = data
-        self.root = None
-        self.elements: list[domish.Element] = []
-        self.ended = False
-        parser = domish.elementStream()
-        parser.DocumentStartEvent = lambda root: setattr(self, "root", root)
-        parser.ElementEvent = self.elements.append
-        parser.DocumentEndEvent = lambda: setattr(self, "ended", True)
-        parser.parse(data)
-
-    def error_condition(self) -> str | None:
-        error = self.elements[-1]
-        if (error.uri, error.name) != (ns.STREAMS, "error"):
-            return None
-        names = [c.name for c in error.elements() if c.uri == ns.STREAM_ERRORS and c.name != "text"]
-        return names[0] if len(names) == 1 else None
 
 
 class GatewayCase(unittest.TestCase):

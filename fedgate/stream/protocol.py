@@ -20,7 +20,7 @@ import re
 import secrets
 from typing import Protocol as TypingProtocol
 
-from twisted.internet import protocol
+from twisted.internet import defer, protocol
 from twisted.logger import Logger
 from twisted.words.xish import domish
 
@@ -77,6 +77,16 @@ class XmppStream(protocol.Protocol):
         self._parsing = False
         self._restart_pending = False
         self._close_timer = None
+        self._close_waiters: list = []
+
+    def wait_closed(self):
+        """A Deferred that fires once the connection is gone."""
+        d = defer.Deferred()
+        if self.closed:
+            d.callback(None)
+        else:
+            self._close_waiters.append(d)
+        return d
 
     # -- Twisted protocol -------------------------------------------------
     def connectionMade(self) -> None:
@@ -108,6 +118,9 @@ class XmppStream(protocol.Protocol):
         if self._close_timer is not None and self._close_timer.active():
             self._close_timer.cancel()
         self._close_timer = None
+        waiters, self._close_waiters = self._close_waiters, []
+        for d in waiters:
+            d.callback(None)
         try:
             self.handler.disconnected(reason)
         except Exception:
