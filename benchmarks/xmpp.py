@@ -1,0 +1,357 @@
+"""The load generator's side of XMPP: just enough to play a remote server and
+a component against a real gateway.
+
+Written apart from fedgate's stream code, so a parser or serialiser bug in
+the gateway cannot hide behind the same bug here, and kept cheap: the
+generator shares one thread between every role it plays, so it reads with a
+bare expat parser, keeps only the name, attributes and direct text of each
+top-level element, and counts stanzas without building trees.
+
+Roles, one protocol class each:
+
+- :class:`RemoteServer` (a factory): the fake remote domain's S2S listener.
+  The gateway connects here both to verify keys (``<db:verify>``, answered
+  from our own secret with the XEP-0185 key) and to send stanzas (its
+  ``<db:result>`` is answered valid unchecked: this is our own load tool).
+- :class:`InboundStream`: the remote domain's stream into the gateway,
+  authenticated with ``<db:result>``.
+- :class:`ComponentStream`: an XEP-0114 component.
+- :class:`EchoStream`: the same bytes through the baseline echo relay.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import itertools
+import time
+from xml.parsers import expat
+
+from twisted.internet import defer, protocol
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+from fedgate.s2s.dialback import dialback_key
+
+STREAMS = "http://etherx.jabber.org/streams"
+SERVER = "jabber:server"
+DIALBACK = "jabber:server:dialback"
+COMPONENT = "jabber:component:accept"
+
+# Element names as the expat reader reports them: "namespace local".
+STREAM_FEATURES = f"{STREAMS} features"
+STREAM_ERROR = f"{STREAMS} error"
+DB_RESULT = f"{DIALBACK} result"
+DB_VERIFY = f"{DIALBACK} verify"
+HANDSHAKE = f"{COMPONENT} handshake"
+STANZA_NAMES = frozenset(f"{uri} {name}" for uri in (SERVER, COMPONENT)
+                         for name in ("message", "presence", "iq"))
+
+_FOOTER = b"</stream:stream>"
+_stream_ids = itertools.count(1)
+
+
+def stream_header(default_ns: str, dialback: bool = False, **attrs: str) -> str:
+    """Our ``<stream:stream>`` opening tag (attribute values must need no escaping)."""
+    parts = [f"<?xml version='1.0'?><stream:stream xmlns='{default_ns}' xmlns:stream='{STREAMS}'"]
+    if dialback:
+        parts.append(f" xmlns:db='{DIALBACK}'")
+    parts.extend(f" {key.rstrip('_')}='{value}'" for key, value in attrs.items())
+    parts.append(">")
+    return "".join(parts)
+
+
+class Top:
+    """One top-level element: ``name`` ("namespace local"), attributes, its
+    direct text, and the names of its direct children."""
+
+    __slots__ = ("name", "attrs", "text", "children")
+
+    def __init__(self, name: str, attrs: dict):
+        self.name = name
+        self.attrs = attrs
+        self.text: list[str] = []
+        self.children: list[str] = []
+
+    def get_text(self) -> str:
+        return "".join(self.text).strip()
+
+
+class StreamReader:
+    """Feed bytes, get the header's attributes, each top-level element, and the end."""
+
+    def __init__(self, on_header, on_element, on_end):
+        self._on_header, self._on_element, self._on_end = on_header, on_element, on_end
+        self._depth = 0
+        self._top: Top | None = None
+        parser = self._parser = expat.ParserCreate("UTF-8", " ")
+        parser.buffer_text = True
+        parser.StartElementHandler = self._start
+        parser.EndElementHandler = self._end
+        parser.CharacterDataHandler = self._text
+
+    def feed(self, data: bytes) -> None:
+        self._parser.Parse(data, False)
+
+    def _start(self, name: str, attrs: dict) -> None:
+        depth = self._depth
+        self._depth = depth + 1
+        if depth == 1:
+            self._top = Top(name, attrs)
+        elif depth == 2:
+            self._top.children.append(name)
+        elif depth == 0:
+            self._on_header(attrs)
+
+    def _text(self, data: str) -> None:
+        if self._depth == 2:
+            self._top.text.append(data)
+
+    def _end(self, name: str) -> None:
+        self._depth -= 1
+        if self._depth == 1:
+            top, self._top = self._top, None
+            self._on_element(top)
+        elif self._depth == 0:
+            self._on_end()
+
+
+class Inbox:
+    """Counts stanzas received (errors apart) and wakes one waiter at a total."""
+
+    def __init__(self):
+        self.stanzas = 0
+        self.errors = 0
+        self.done_at: float | None = None
+        self._want = 0
+        self._waiter: defer.Deferred | None = None
+
+    def reset(self) -> None:
+        self.stanzas = self.errors = 0
+        self.done_at = None
+
+    def add(self, top: Top) -> None:
+        if top.attrs.get("type") == "error":
+            self.errors += 1
+        else:
+            self.stanzas += 1
+        if self._waiter is not None and self.stanzas + self.errors >= self._want:
+            self.done_at = time.perf_counter()
+            waiter, self._waiter = self._waiter, None
+            waiter.callback(self.done_at)
+
+    def wait_for(self, total: int) -> defer.Deferred:
+        """Fires with the perf_counter time at which ``total`` stanzas or
+        errors have arrived since the last reset."""
+        if self.stanzas + self.errors >= total:
+            return defer.succeed(time.perf_counter())
+        self._want = total
+        self._waiter = defer.Deferred(lambda d: setattr(self, "_waiter", None))
+        return self._waiter
+
+
+class XmppPeer(protocol.Protocol):
+    """One connection: bytes into a :class:`StreamReader`, hooks for roles."""
+
+    def __init__(self):
+        self.header: dict | None = None
+        self.stream_error: str | None = None
+        self.lost: defer.Deferred = defer.Deferred()
+        self._reader: StreamReader | None = None
+
+    def connectionMade(self) -> None:
+        self._reader = StreamReader(self._header, self.element_received, self.stream_ended)
+        self.stream_started()
+
+    def dataReceived(self, data: bytes) -> None:
+        try:
+            self._reader.feed(data)
+        except expat.ExpatError as exc:
+            self.stream_error = f"not-well-formed: {exc}"
+            self.transport.abortConnection()
+
+    def connectionLost(self, reason) -> None:
+        self.lost.callback(None)
+
+    def _header(self, attrs: dict) -> None:
+        self.header = attrs
+        self.header_received(attrs)
+
+    def write(self, text: str) -> None:
+        self.transport.write(text.encode("utf-8"))
+
+    def close_stream(self) -> defer.Deferred:
+        """Send our footer; fires once the connection is gone."""
+        if not self.lost.called:
+            self.transport.write(_FOOTER)
+        return self.lost
+
+    # -- role hooks ---------------------------------------------------------
+    def stream_started(self) -> None:
+        pass
+
+    def header_received(self, attrs: dict) -> None:
+        pass
+
+    def element_received(self, top: Top) -> None:
+        if top.name == STREAM_ERROR:
+            self.stream_error = top.children[0].rpartition(" ")[2] if top.children else "?"
+
+    def stream_ended(self) -> None:
+        self.transport.loseConnection()
+
+
+# -- the fake remote server's listener ----------------------------------------
+class RemoteServerConnection(XmppPeer):
+    """A stream the gateway opened to the fake remote domain."""
+
+    def __init__(self, server: "RemoteServer"):
+        super().__init__()
+        self.server = server
+
+    def header_received(self, attrs: dict) -> None:
+        server = self.server
+        self.write(stream_header(SERVER, dialback=True, id=f"remote-{next(_stream_ids)}",
+                                 from_=server.domain, to=attrs.get("from", ""), version="1.0")
+                   + "<stream:features><dialback xmlns='urn:xmpp:features:dialback'>"
+                     "<errors/></dialback></stream:features>")
+
+    def element_received(self, top: Top) -> None:
+        name = top.name
+        if name in STANZA_NAMES:
+            self.server.inbox.add(top)
+        elif name == DB_VERIFY:
+            self._verify(top)
+        elif name == DB_RESULT and "type" not in top.attrs:
+            # Receiving Server role: accept without asking anyone (load tool).
+            self.server.results_accepted += 1
+            self.write(f"<db:result from='{self.server.domain}' to='{top.attrs['from']}' type='valid'/>")
+        else:
+            super().element_received(top)
+
+    def _verify(self, top: Top) -> None:
+        attrs = top.attrs
+        receiving, originating, stream_id = attrs["from"], attrs["to"], attrs["id"]
+        expected = dialback_key(self.server.secret, receiving, originating, stream_id)
+        valid = originating == self.server.domain and hmac.compare_digest(
+            expected.encode(), top.get_text().encode())
+        self.server.verifications[valid] += 1
+        self.write(f"<db:verify from='{originating}' to='{receiving}' id='{stream_id}'"
+                   f" type='{'valid' if valid else 'invalid'}'/>")
+
+
+class RemoteServer(protocol.Factory):
+    """The fake remote domain: its secret, what it received, what it verified."""
+
+    noisy = False
+
+    def __init__(self, domain: str, secret: str):
+        self.domain = domain
+        self.secret = secret
+        self.inbox = Inbox()
+        self.verifications = {True: 0, False: 0}
+        self.results_accepted = 0
+
+    def buildProtocol(self, addr):
+        return RemoteServerConnection(self)
+
+    def key(self, receiving: str, stream_id: str) -> str:
+        return dialback_key(self.secret, receiving, self.domain, stream_id)
+
+
+# -- streams the generator opens ----------------------------------------------
+class InboundStream(XmppPeer):
+    """The fake remote domain's stream into the gateway (Originating Server).
+
+    ``authenticated`` fires with the ``type`` of the gateway's ``<db:result>``
+    answer: ``valid``, ``invalid`` or ``error``.
+    """
+
+    def __init__(self, server: RemoteServer, receiving: str):
+        super().__init__()
+        self.server = server
+        self.receiving = receiving
+        self.authenticated: defer.Deferred = defer.Deferred()
+
+    def stream_started(self) -> None:
+        self.write(stream_header(SERVER, dialback=True, from_=self.server.domain,
+                                 to=self.receiving, version="1.0"))
+
+    def element_received(self, top: Top) -> None:
+        if top.name == STREAM_FEATURES:
+            key = self.server.key(self.receiving, self.header["id"])
+            self.write(f"<db:result from='{self.server.domain}' to='{self.receiving}'>{key}</db:result>")
+        elif top.name == DB_RESULT and not self.authenticated.called:
+            self.authenticated.callback(top.attrs.get("type"))
+        else:
+            super().element_received(top)
+
+    def connectionLost(self, reason) -> None:
+        if not self.authenticated.called:
+            self.authenticated.errback(ConnectionError(
+                f"inbound stream closed before dialback ({self.stream_error or 'no stream error'})"))
+        super().connectionLost(reason)
+
+
+class ComponentStream(XmppPeer):
+    """An XEP-0114 component; ``bound`` fires once the handshake is accepted."""
+
+    def __init__(self, domain: str, secret: str):
+        super().__init__()
+        self.domain = domain
+        self.secret = secret
+        self.inbox = Inbox()
+        self.bound: defer.Deferred = defer.Deferred()
+
+    def stream_started(self) -> None:
+        self.write(stream_header(COMPONENT, to=self.domain))
+
+    def header_received(self, attrs: dict) -> None:
+        digest = hashlib.sha1((attrs["id"] + self.secret).encode("utf-8")).hexdigest()
+        self.write(f"<handshake>{digest}</handshake>")
+
+    def element_received(self, top: Top) -> None:
+        if top.name in STANZA_NAMES:
+            self.inbox.add(top)
+        elif top.name == HANDSHAKE and not self.bound.called:
+            self.bound.callback(self)
+        else:
+            super().element_received(top)
+
+    def connectionLost(self, reason) -> None:
+        if not self.bound.called:
+            self.bound.errback(ConnectionError(
+                f"component stream closed before the handshake ({self.stream_error or 'no stream error'})"))
+        super().connectionLost(reason)
+
+
+class EchoStream(XmppPeer):
+    """Sends a stream through the echo relay and reads it back, like a stanza
+    receiver would: ``echoed`` fires when the header comes back."""
+
+    HEADER = stream_header(SERVER, dialback=True, from_="remote.example", to="echo.example",
+                           version="1.0")
+
+    def __init__(self):
+        super().__init__()
+        self.inbox = Inbox()
+        self.echoed: defer.Deferred = defer.Deferred()
+
+    def stream_started(self) -> None:
+        self.write(self.HEADER)
+
+    def header_received(self, attrs: dict) -> None:
+        self.echoed.callback(self)
+
+    def element_received(self, top: Top) -> None:
+        if top.name in STANZA_NAMES:
+            self.inbox.add(top)
+
+    def connectionLost(self, reason) -> None:
+        if not self.echoed.called:
+            self.echoed.errback(ConnectionError("echo relay closed the connection"))
+        super().connectionLost(reason)
+
+
+def connect(reactor, port: int, peer: XmppPeer, timeout: float = 10.0) -> defer.Deferred:
+    """Connect ``peer`` to 127.0.0.1:``port``; fires with the peer."""
+    return connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=timeout), peer)

@@ -1,0 +1,65 @@
+"""The benchmark runs end to end with tiny counts and loses nothing.
+
+No speed thresholds: this only proves the load generator, the fake remote
+server, the component and the gateway under twistd still work together and
+that the JSON report keeps its shape.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import unittest
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+MESSAGES, SESSIONS = 50, 5
+SCENARIOS = {"s2s_to_component": MESSAGES, "component_to_s2s": MESSAGES, "dialback_sessions": SESSIONS}
+BASELINES = {"echo_stanzas": MESSAGES, "echo_connections": SESSIONS}
+
+
+class BenchmarkSmoke(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+        cls.run_result = subprocess.run(
+            [sys.executable, "-m", "benchmarks.run", "--messages", str(MESSAGES),
+             "--sessions", str(SESSIONS), "--rounds", "1", "--timeout", "10"],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=90)
+        cls.report = None
+        if cls.run_result.stdout.strip():
+            cls.report = json.loads(cls.run_result.stdout)
+
+    def setUp(self):
+        self.assertEqual(self.run_result.returncode, 0, self.run_result.stderr[-3000:])
+        self.assertIsNotNone(self.report, self.run_result.stderr[-3000:])
+
+    def test_report_shape(self):
+        for key in ("parameters", "environment", "baselines", "scenarios", "ratios", "gateway"):
+            self.assertIn(key, self.report)
+        self.assertEqual(set(self.report["scenarios"]), set(SCENARIOS))
+        self.assertEqual(set(self.report["baselines"]), set(BASELINES))
+        self.assertEqual(set(self.report["ratios"]), set(SCENARIOS))
+        for entry in [*self.report["scenarios"].values(), *self.report["baselines"].values()]:
+            for key in ("requested", "count", "errors", "seconds", "rate", "unit", "complete"):
+                self.assertIn(key, entry)
+
+    def test_nothing_lost(self):
+        for name, requested in {**SCENARIOS, **BASELINES}.items():
+            entry = self.report["scenarios"].get(name) or self.report["baselines"][name]
+            self.assertEqual((entry["requested"], entry["count"], entry["errors"], entry["complete"]),
+                             (requested, requested, 0, True), name)
+        # Each dialback session was verified over its own connection to the fake remote.
+        self.assertEqual(self.report["scenarios"]["dialback_sessions"]["verified"], SESSIONS)
+        self.assertEqual(self.report["gateway"]["log"], {"stream_errors": 0, "tracebacks": 0})
+
+    def test_rates_positive(self):
+        for section in ("scenarios", "baselines"):
+            for name, entry in self.report[section].items():
+                self.assertGreater(entry["rate"], 0, name)
+                self.assertGreater(entry["seconds"], 0, name)
+        for name, ratio in self.report["ratios"].items():
+            self.assertGreater(ratio, 0, name)
