@@ -47,12 +47,16 @@ class Router:
             del self.components[domain]
 
     # -- routing ------------------------------------------------------------
-    def route(self, stanza: domish.Element) -> None:
-        try:
-            to_domain = domain_of(stanza.getAttribute("to") or "")
-        except InvalidDomain:
-            self.bounce(stanza, "jid-malformed", "malformed 'to' address")
-            return
+    def route(self, stanza: domish.Element, to_domain: str | None = None,
+              from_domain: str | None = None) -> None:
+        """Deliver ``stanza``; sources that already parsed its addresses pass
+        the domains in so the hot path parses each address once."""
+        if to_domain is None:
+            try:
+                to_domain = domain_of(stanza.getAttribute("to") or "")
+            except InvalidDomain:
+                self.bounce(stanza, "jid-malformed", "malformed 'to' address")
+                return
         session = self.components.get(to_domain)
         if session is not None:
             session.deliver(stanza)
@@ -61,11 +65,12 @@ class Router:
         elif to_domain in self.component_domains:
             self.bounce(stanza, "service-unavailable", f"{to_domain} is not connected")
         else:
-            try:
-                from_domain = domain_of(stanza.getAttribute("from") or "")
-            except InvalidDomain:
-                self.bounce(stanza, "jid-malformed", "malformed 'from' address")
-                return
+            if from_domain is None:
+                try:
+                    from_domain = domain_of(stanza.getAttribute("from") or "")
+                except InvalidDomain:
+                    self.bounce(stanza, "jid-malformed", "malformed 'from' address")
+                    return
             if from_domain not in self.own_domains and from_domain not in self.component_domains:
                 # Never relay between two remote domains.  Inbound streams
                 # refuse such stanzas with host-unknown before they get here;

@@ -110,7 +110,7 @@ class GatewayCase(unittest.TestCase):
         self.routed: list = []
         router = self.gateway.router
         original = router.route
-        router.route = lambda stanza: (self.routed.append(stanza), original(stanza))[1]
+        router.route = lambda stanza, *args: (self.routed.append(stanza), original(stanza, *args))[1]
         self.component = yield connect_component(
             reactor, "127.0.0.1", self.gateway.port_of("components"), COMPONENT, SECRET)
         self.addCleanup(self.component.close)

@@ -80,10 +80,15 @@ class ComponentAccept:
             raise StreamFailure("improper-addressing", "malformed 'from'") from None
         if from_domain != self.domain:
             raise StreamFailure("invalid-from", f"'from' must be at {self.domain}")
-        if not element.getAttribute("to"):
+        to = element.getAttribute("to")
+        if not to:
             raise StanzaFailure("bad-request", "stanza without 'to'")
+        try:
+            to_domain = domain_of(to)
+        except InvalidDomain:
+            raise StanzaFailure("jid-malformed", "malformed 'to'") from None
         self.stanzas_in += 1
-        self.router.route(element)
+        self.router.route(element, to_domain, from_domain)
 
     def _handshake(self, presented: str) -> None:
         expected = handshake_digest(self.stream_id, self.secrets[self.domain])

@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Callable
 
 from twisted.internet import defer
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
+from twisted.internet import protocol as _protocol
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.logger import Logger
 
 log = Logger(namespace="fedgate.s2s.connect")
@@ -22,6 +23,18 @@ class ConnectError(Exception):
         super().__init__(f"{condition}: {text}")
         self.condition = condition
         self.text = text
+
+
+class _OneProtocol(_protocol.Factory):
+    """Hands out one prebuilt protocol, without start/stop log lines."""
+
+    noisy = False
+
+    def __init__(self, built):
+        self.built = built
+
+    def buildProtocol(self, addr):
+        return self.built
 
 
 class DomainConnector:
@@ -47,7 +60,7 @@ class DomainConnector:
                 kind = TCP6ClientEndpoint if ":" in address else TCP4ClientEndpoint
                 endpoint = kind(self.reactor, address, target.port, timeout=self.timeout)
                 try:
-                    protocol = yield connectProtocol(endpoint, protocol_factory())
+                    protocol = yield endpoint.connect(_OneProtocol(protocol_factory()))
                 except Exception as exc:
                     log.info("Connecting to {domain} at {address}:{port} failed: {error}",
                              domain=domain, address=address, port=target.port, error=exc)

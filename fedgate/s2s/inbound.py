@@ -145,12 +145,13 @@ class InboundS2S:
             to_domain, from_domain = domain_of(to), domain_of(sender)
         except InvalidDomain:
             raise StreamFailure("improper-addressing", "malformed address") from None
-        if not record.has_valid_remote(from_domain):
-            raise StreamFailure("invalid-from", f"{from_domain} is not authenticated on this stream")
-        if to_domain not in self.ctx.local_domains or not record.is_valid(to_domain, from_domain):
+        if not record.is_valid(to_domain, from_domain):
+            # Work out which rule failed only on the slow path.
+            if not record.has_valid_remote(from_domain):
+                raise StreamFailure("invalid-from", f"{from_domain} is not authenticated on this stream")
             raise StreamFailure("host-unknown", f"{to_domain} is not authenticated for {from_domain}")
         record.pairs[(to_domain, from_domain)].stanzas_in += 1
-        self.ctx.router.route(stanza)
+        self.ctx.router.route(stanza, to_domain, from_domain)
 
     def _addresses(self, element: domish.Element) -> tuple[str, str]:
         try:

@@ -16,6 +16,7 @@ end of the stream.  Every problem is raised as a :class:`StreamFailure`.
 from __future__ import annotations
 
 import codecs
+import functools
 from dataclasses import dataclass
 from typing import Callable
 from xml.parsers import expat
@@ -52,6 +53,7 @@ class StreamHeader:
 _XML_LANG = ns.XML + " lang"
 
 
+@functools.lru_cache(maxsize=1024)
 def _split(name: str) -> tuple[str | None, str, str | None]:
     """Split an expat name 'uri local prefix' into its parts."""
     parts = name.split(" ")
@@ -186,7 +188,6 @@ class StreamParser:
                 element.localPrefixes = {p: u for p, u in self._ns_decls.items() if p is not None}
             self._ns_decls = {}
         self._current = element
-        self._check_size()
 
     def _header(self, name: str, attrs: dict) -> None:
         uri, local, prefix = _split(name)
@@ -220,7 +221,6 @@ class StreamParser:
     def _text(self, data: str) -> None:
         if self._depth >= 2:
             self._current.addContent(data)
-            self._check_size()
         elif self._depth == 1:
             if data.strip():
                 raise StreamFailure("bad-format", "text is not allowed between stanzas")

@@ -93,7 +93,7 @@ class RecordingRouter:
         self.bounced: list = []
         self.fail_on_route = fail_on_route
 
-    def route(self, stanza) -> None:
+    def route(self, stanza, to_domain=None, from_domain=None) -> None:
         if self.fail_on_route is not None:
             raise self.fail_on_route
         self.routed.append(stanza)
