@@ -1,0 +1,96 @@
+"""The Receiving Server's verification connection (db:verify) in memory."""
+
+from __future__ import annotations
+
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.trial import unittest
+
+from fedgate.s2s.connect import ConnectError
+from fedgate.s2s.verifier import DialbackError, DialbackVerifier
+from fedgate.stream.protocol import XmppStream
+from tests.support.memory import MemoryStream, server_header
+
+FEATURES = b"<stream:features><dialback xmlns='urn:xmpp:features:dialback'><errors/></dialback></stream:features>"
+
+
+class Connector:
+    def __init__(self):
+        self.attempts = []
+
+    def connect(self, domain, factory):
+        d = defer.Deferred()
+        self.attempts.append((domain, factory, d))
+        return d
+
+
+class VerifierTests(unittest.TestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.connector = Connector()
+        self.verifier = DialbackVerifier(self.connector, self.clock,
+                                         lambda handler: XmppStream(handler, self.clock), timeout=30)
+        self.results = []
+
+    def start(self):
+        d = self.verifier.verify("gw.example", "remote.example", "SID", "KEY")
+        d.addBoth(self.results.append)
+        domain, factory, connecting = self.connector.attempts[-1]
+        self.assertEqual(domain, "remote.example")
+        peer = MemoryStream(None, self.clock, stream=factory())
+        connecting.callback(peer.stream)
+        peer.read()
+        self.assertEqual((peer.header.get("to"), peer.header.get("from")), ("remote.example", "gw.example"))
+        peer.stream.dataReceived(server_header(id="AUTH", **{"from": "remote.example"}, version="1.0") + FEATURES)
+        [request] = peer.read()
+        self.assertEqual((request.name, request["id"], request["from"], request["to"], str(request)),
+                         ("verify", "SID", "gw.example", "remote.example", "KEY"))
+        return peer
+
+    def answer(self, peer, kind, stream_id="SID", sender="remote.example", body=""):
+        peer.stream.dataReceived(
+            f"<db:verify from='{sender}' to='gw.example' id='{stream_id}' type='{kind}'>{body}</db:verify>".encode())
+
+    def test_valid(self):
+        peer = self.start()
+        self.answer(peer, "valid")
+        self.assertEqual(self.results, [True])
+        self.assertTrue(peer.disconnecting, "the verification connection is closed after the answer")
+
+    def test_invalid(self):
+        self.answer(self.start(), "invalid")
+        self.assertEqual(self.results, [False])
+
+    def test_answer_for_another_id_is_ignored(self):
+        peer = self.start()
+        self.answer(peer, "valid", stream_id="OTHER")
+        self.answer(peer, "valid", sender="evil.example")
+        self.assertEqual(self.results, [])
+        self.answer(peer, "invalid")
+        self.assertEqual(self.results, [False])
+
+    def test_authoritative_error_maps_to_remote_server_not_found(self):
+        self.answer(self.start(), "error",
+                    body="<error type='cancel'><item-not-found xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error>")
+        [failure] = self.results
+        self.assertEqual(failure.value.condition, "remote-server-not-found")
+
+    def test_connect_failure(self):
+        d = self.verifier.verify("gw.example", "remote.example", "SID", "KEY")
+        d.addBoth(self.results.append)
+        self.connector.attempts[-1][2].errback(ConnectError("remote-server-not-found", "nothing"))
+        [failure] = self.results
+        self.assertIsInstance(failure.value, DialbackError)
+        self.assertEqual(failure.value.condition, "remote-server-not-found")
+
+    def test_closed_without_answer(self):
+        peer = self.start()
+        peer.stream.connectionLost(None)
+        [failure] = self.results
+        self.assertEqual(failure.value.condition, "remote-connection-failed")
+
+    def test_timeout(self):
+        self.start()
+        self.clock.advance(31)
+        [failure] = self.results
+        self.assertEqual(failure.value.condition, "remote-server-timeout")
