@@ -16,6 +16,7 @@ from twisted.trial import unittest
 from twisted.words.xish import domish
 
 from fedgate.stream import namespaces as ns
+from tests.support.rawpeer import Reply as Written
 from fedgate.stream import protocol as protocol_module
 from fedgate.stream.errors import StanzaFailure, StreamFailure
 from fedgate.stream.protocol import CLOSE_GRACE, XmppStream
@@ -23,24 +24,6 @@ from fedgate.stream.protocol import CLOSE_GRACE, XmppStream
 HEADER = (b"<?xml version='1.0'?><stream:stream xmlns='jabber:server'"
           b" xmlns:stream='http://etherx.jabber.org/streams'"
           b" xmlns:db='jabber:server:dialback' to='a.example' from='b.example' version='1.0'>")
-
-
-class Written:
-    """Our output parsed back: the root's attributes, top-level elements, end."""
-
-    def __init__(self, data: bytes):
-        self.root = None
-        self.elements: list[domish.Element] = []
-        self.ended = False
-        parser = domish.elementStream()
-        parser.DocumentStartEvent = lambda root: setattr(self, "root", root)
-        parser.ElementEvent = self.elements.append
-        parser.DocumentEndEvent = lambda: setattr(self, "ended", True)
-        parser.parse(data)
-
-    def stream_errors(self) -> list[str]:
-        return [child.name for e in self.elements if (e.uri, e.name) == (ns.STREAMS, "error")
-                for child in e.elements() if child.uri == ns.STREAM_ERRORS and child.name != "text"]
 
 
 class AbortRecordingTransport(StringTransport):

@@ -44,3 +44,7 @@ class Reply:
             return None
         names = [c.name for c in error.elements() if c.uri == ns.STREAM_ERRORS and c.name != "text"]
         return names[0] if len(names) == 1 else None
+
+    def stream_errors(self) -> list[str]:
+        return [child.name for e in self.elements if (e.uri, e.name) == (ns.STREAMS, "error")
+                for child in e.elements() if child.uri == ns.STREAM_ERRORS and child.name != "text"]
