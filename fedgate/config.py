@@ -15,6 +15,7 @@ from pathlib import Path
 from twisted.internet.endpoints import _parseServer  # validation only
 
 from fedgate.domain import InvalidDomain, normalize_domain
+from fedgate.policy import AUTHENTICATIONS, ENCRYPTIONS, MODES, MODE_OPEN, PeerPolicy
 
 
 class ConfigError(Exception):
@@ -25,14 +26,6 @@ class ConfigError(Exception):
         super().__init__(f"{where}: {message}")
         self.path = path
         self.key = key
-
-
-@dataclass(frozen=True)
-class PeerConfig:
-    """Static settings for one remote domain."""
-
-    domain: str
-    addresses: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -55,6 +48,11 @@ class S2SConfig:
     backoff_max: float = 600.0
     max_pending_verifications_per_stream: int = 10
     max_pending_verifications: int = 1000
+    #: "open" federation or "allowlist" only
+    mode: str = MODE_OPEN
+    #: the policy for peers without an override
+    default_policy: PeerPolicy = PeerPolicy()
+    #: per-peer overrides: domain -> PeerPolicy
     peers: dict = field(default_factory=dict)
 
 
@@ -155,6 +153,13 @@ def _endpoints(reader: _Reader, name: str, default: tuple) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _choice(reader: _Reader, name: str, choices, default: str) -> str:
+    value = reader.get(name, str, default)
+    if value not in choices:
+        raise reader.error(name, f"must be one of {', '.join(repr(c) for c in choices)}")
+    return value
+
+
 def _hostport(reader: _Reader, name: str, item, default_port: int) -> tuple[str, int]:
     if not isinstance(item, str) or not item:
         raise reader.error(name, "expected 'host:port' strings")
@@ -192,6 +197,12 @@ def parse_config(data: dict, path="<config>") -> Config:
         raise top.error("domains", "at least one domain is required")
 
     s = _Reader(path, top.table_of("s2s"), "s2s.")
+    pol = _Reader(path, s.table_of("policy"), "s2s.policy.")
+    mode = _choice(pol, "mode", MODES, MODE_OPEN)
+    default_policy = PeerPolicy(
+        encryption=_choice(pol, "encryption", ENCRYPTIONS, PeerPolicy.encryption),
+        authentication=_choice(pol, "authentication", AUTHENTICATIONS, PeerPolicy.authentication))
+    pol.done()
     peers = {}
     peer_tables = s.table_of("peers")
     for raw, table in peer_tables.items():
@@ -200,8 +211,15 @@ def parse_config(data: dict, path="<config>") -> Config:
         pr = _Reader(path, table, f"s2s.peers.{raw}.")
         domain = _domain(s, f"peers.{raw}", raw)
         addresses = tuple(_hostport(pr, "addresses", a, 5269) for a in pr.get("addresses", list, []))
+        peers[domain] = PeerPolicy(
+            domain=domain,
+            allowed=not pr.get("blocked", bool, False),
+            encryption=_choice(pr, "encryption", ENCRYPTIONS, default_policy.encryption),
+            authentication=_choice(pr, "authentication", AUTHENTICATIONS, default_policy.authentication),
+            addresses=addresses,
+            note=pr.get("note", str, ""),
+        )
         pr.done()
-        peers[domain] = PeerConfig(domain, addresses)
     s2s = S2SConfig(
         listen=_endpoints(s, "listen", S2SConfig.listen),
         dialback_secret=s.get("dialback_secret", str, None) or None,
@@ -217,6 +235,8 @@ def parse_config(data: dict, path="<config>") -> Config:
             "max_pending_verifications_per_stream", int, S2SConfig.max_pending_verifications_per_stream),
         max_pending_verifications=s.positive(
             "max_pending_verifications", int, S2SConfig.max_pending_verifications),
+        mode=mode,
+        default_policy=default_policy,
         peers=peers,
     )
     s.done()

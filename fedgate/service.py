@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from fedgate.component.accept import ComponentAccept
 from fedgate.config import Config, dialback_secret
 from fedgate.local import LocalHandler
+from fedgate.policy import PolicyTable
 from fedgate.router import Router
 from fedgate.s2s.connect import DomainConnector
 from fedgate.s2s.context import S2SContext, VerificationBudget
@@ -63,8 +64,9 @@ class Gateway(service.Service):
         self.table = ConnectionTable()
         self.router = Router(config.domains, config.components.domains)
         self.router.local_handler = LocalHandler(self.router)
-        static = {domain: peer.addresses for domain, peer in s2s.peers.items() if peer.addresses}
-        self.resolver = S2SResolver(dns_resolver, static_addresses=static, rng=self.rng)
+        self.policy = PolicyTable(s2s.default_policy, dict(s2s.peers), s2s.mode)
+        self.resolver = S2SResolver(dns_resolver, static_addresses=self.policy.static_addresses,
+                                    rng=self.rng)
         self.connector = DomainConnector(reactor, self.resolver, timeout=s2s.connect_timeout)
         self.verifier = DialbackVerifier(self.connector, reactor, self.make_stream,
                                          timeout=s2s.connect_timeout + s2s.auth_timeout)
@@ -79,6 +81,7 @@ class Gateway(service.Service):
             limits=self.limits,
             auth_timeout=s2s.auth_timeout,
             max_pending_per_stream=s2s.max_pending_verifications_per_stream,
+            is_blocked=self.policy.is_blocked,
             log_traffic=config.logging.xml_traffic,
             log_bodies=config.logging.xml_bodies,
         )

@@ -27,7 +27,8 @@ def test_example_config_is_valid_and_documents_every_key():
                 "queue_max_wait", "backoff_initial", "backoff_max", "dns_servers",
                 "max_pending_verifications_per_stream", "max_pending_verifications",
                 "dialback_secret", "max_stanza_bytes", "max_depth", "max_elements",
-                "xml_traffic", "xml_bodies", "addresses", "secret", "listen", "state_dir"]:
+                "xml_traffic", "xml_bodies", "addresses", "secret", "listen", "state_dir",
+                "mode", "encryption", "authentication", "blocked", "note"]:
         assert key in text, key
 
 
@@ -42,6 +43,19 @@ def test_defaults_and_normalisation():
     assert config.s2s.max_pending_verifications_per_stream == 10
     assert config.limits.max_stanza_bytes == 512 * 1024
     assert config.s2s.queue_max_wait == 60.0
+    assert (config.s2s.mode, config.s2s.default_policy.encryption,
+            config.s2s.default_policy.authentication) == ("open", "required", "dialback")
+
+
+def test_peer_policy():
+    config = parse_config(minimal(s2s={
+        "policy": {"mode": "allowlist", "authentication": "certificate"},
+        "peers": {"ok.example": {"encryption": "optional", "note": "n"},
+                  "bad.example": {"blocked": True}}}))
+    ok = config.s2s.peers["ok.example"]
+    assert (ok.allowed, ok.encryption, ok.authentication, ok.note) == (True, "optional", "certificate", "n")
+    assert config.s2s.peers["bad.example"].allowed is False
+    assert config.s2s.mode == "allowlist"
 
 
 @pytest.mark.parametrize("data, key, words", [
@@ -59,6 +73,8 @@ def test_defaults_and_normalisation():
     (minimal(components={"domains": {"gw.example": {"secret": "s"}}}), "components.domains.gw.example", "own domains"),
     (minimal(s2s={"peers": {"p.example": {"addresses": ["host:99999"]}}}), "s2s.peers.p.example.addresses", "bad address"),
     (minimal(logging={"xml_traffic": "yes"}), "logging.xml_traffic", "expected bool"),
+    (minimal(s2s={"policy": {"mode": "closed"}}), "s2s.policy.mode", "must be one of"),
+    (minimal(s2s={"peers": {"p.example": {"encryption": "maybe"}}}), "s2s.peers.p.example.encryption", "must be one of"),
 ])
 def test_errors_name_the_key(data, key, words):
     with pytest.raises(ConfigError) as info:

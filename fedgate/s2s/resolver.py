@@ -25,7 +25,7 @@ from __future__ import annotations
 import ipaddress
 import random
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import groupby
 from types import MappingProxyType
@@ -96,17 +96,21 @@ class S2SResolver:
     def __init__(
         self,
         resolver,
-        static_addresses: Mapping[str, Sequence[tuple[str, int]]] = MappingProxyType({}),
+        static_addresses: Mapping[str, Sequence[tuple[str, int]]]
+        | Callable[[str], Sequence[tuple[str, int]] | None] = MappingProxyType({}),
         rng: random.Random | None = None,
         *,
         include_direct_tls: bool = False,
         timeout: Sequence[float] | None = None,
     ) -> None:
         self._resolver = resolver
-        self._static = {
-            _dns_name(domain): tuple(Target(host, int(port)) for host, port in addresses)
-            for domain, addresses in static_addresses.items()
-        }
+        if callable(static_addresses):
+            # A live lookup (the peer policy table): changes apply at once.
+            self._static_lookup = static_addresses
+        else:
+            table = {_dns_name(domain): tuple(addresses)
+                     for domain, addresses in static_addresses.items()}
+            self._static_lookup = table.get
         self._rng = rng if rng is not None else random.SystemRandom()
         self._include_direct_tls = include_direct_tls
         self._timeout = tuple(timeout) if timeout is not None else None
@@ -118,8 +122,9 @@ class S2SResolver:
         except ValueError:
             log.warn("Cannot resolve invalid domain {domain!r}", domain=domain)
             return defer.succeed([])
-        static = self._static.get(name)
-        if static is not None:
+        addresses = self._static_lookup(name)
+        if addresses:
+            static = tuple(Target(host, int(port)) for host, port in addresses)
             log.debug("Static addresses for {domain}: {targets}", domain=domain, targets=static)
             return defer.succeed(list(static))
         lookups = [self._lookup_srv(name, STARTTLS_SERVICE, direct_tls=False)]

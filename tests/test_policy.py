@@ -1,0 +1,39 @@
+"""The federation policy table."""
+
+from twisted.trial import unittest
+
+from fedgate.policy import PeerPolicy, PolicyTable
+
+
+class PolicyTests(unittest.TestCase):
+    def test_open_mode(self):
+        table = PolicyTable(PeerPolicy(encryption="optional"), {"bad.example": PeerPolicy("bad.example", allowed=False)})
+        self.assertFalse(table.is_blocked("any.example"))
+        self.assertTrue(table.is_blocked("bad.example"))
+        self.assertEqual(table.for_peer("any.example").encryption, "optional")
+        self.assertEqual(table.for_peer("any.example").domain, "any.example")
+        self.assertIn("blocked", table.why_blocked("bad.example"))
+
+    def test_allowlist_mode(self):
+        table = PolicyTable(PeerPolicy(), {"ok.example": PeerPolicy("ok.example")}, "allowlist")
+        self.assertFalse(table.is_blocked("ok.example"))
+        self.assertTrue(table.is_blocked("other.example"))
+        self.assertIn("allow-list", table.why_blocked("other.example"))
+
+    def test_changes_are_announced_and_apply_at_once(self):
+        table = PolicyTable()
+        heard = []
+        table.subscribe(heard.append)
+        table.set_peer(PeerPolicy("p.example", allowed=False, addresses=(("127.0.0.1", 5999),)))
+        self.assertTrue(table.is_blocked("p.example"))
+        self.assertEqual(table.static_addresses("P.Example."), (("127.0.0.1", 5999),))
+        self.assertTrue(table.remove_peer("p.example"))
+        self.assertFalse(table.remove_peer("p.example"))
+        table.set_default(PeerPolicy(authentication="certificate"), mode="allowlist")
+        self.assertEqual(heard, ["p.example", "p.example", None])
+        self.assertTrue(table.for_peer("x.example").requires_certificate)
+        self.assertRaises(ValueError, table.set_default, PeerPolicy(), "closed")
+
+    def test_bad_values(self):
+        self.assertRaises(ValueError, PeerPolicy, encryption="maybe")
+        self.assertRaises(ValueError, PeerPolicy, authentication="password")
