@@ -46,6 +46,11 @@ class TableTests(unittest.TestCase):
                          {(a.id, VALID), (b.id, PENDING)})
         self.assertEqual({r.id for r in table.connections_of("s.example")}, {b.id})
         self.assertIs(table.get(a.id), a)
+        closed = []
+        table.add(b, closer=lambda condition, text: closed.append((condition, text)))
+        self.assertTrue(table.close(b.id, "policy-violation", "operator"))
+        self.assertEqual(closed, [("policy-violation", "operator")])
+        self.assertFalse(table.close(a.id, "policy-violation"), "no closer registered")
         table.remove(a)
         self.assertIsNone(table.get(a.id))
         self.assertEqual([r.id for r, _ in table.pairs_for_remote("r.example")], [b.id])

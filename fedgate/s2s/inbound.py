@@ -64,7 +64,7 @@ class InboundS2S:
     def connected(self, io) -> None:
         self.io = io
         self.record = self.ctx.table.add(
-            ConnectionRecord(INBOUND, io.peer, self.ctx.clock.seconds()))
+            ConnectionRecord(INBOUND, io.peer, self.ctx.clock.seconds()), closer=io.fail)
         self._timer = self.ctx.clock.callLater(self.ctx.auth_timeout, self._auth_timeout)
 
     def error_header(self) -> dict:

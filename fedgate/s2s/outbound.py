@@ -46,7 +46,8 @@ class OutboundS2S:
     def connected(self, io) -> None:
         self.io = io
         self.record = self.ctx.table.add(
-            ConnectionRecord(OUTBOUND, io.peer, self.ctx.clock.seconds(), remote_domain=self.remote))
+            ConnectionRecord(OUTBOUND, io.peer, self.ctx.clock.seconds(), remote_domain=self.remote),
+            closer=io.fail)
         self._timer = self.ctx.clock.callLater(self.ctx.auth_timeout, self._auth_timeout)
         io.open_stream({"to": self.remote, "from": self.first_local, "version": "1.0"})
 

@@ -81,13 +81,27 @@ class ConnectionTable:
 
     def __init__(self):
         self._connections: dict[int, ConnectionRecord] = {}
+        self._closers: dict[int, object] = {}
 
-    def add(self, record: ConnectionRecord) -> ConnectionRecord:
+    def add(self, record: ConnectionRecord, closer=None) -> ConnectionRecord:
+        """Track ``record``; ``closer(condition, text)`` ends its stream with a
+        stream error (kept beside the record, which stays plain data)."""
         self._connections[record.id] = record
+        if closer is not None:
+            self._closers[record.id] = closer
         return record
 
     def remove(self, record: ConnectionRecord) -> None:
         self._connections.pop(record.id, None)
+        self._closers.pop(record.id, None)
+
+    def close(self, conn_id: int, condition: str, text: str | None = None) -> bool:
+        """End connection ``conn_id`` with a stream error; False if unknown."""
+        closer = self._closers.get(conn_id)
+        if closer is None:
+            return False
+        closer(condition, text)
+        return True
 
     def get(self, conn_id: int) -> ConnectionRecord | None:
         return self._connections.get(conn_id)
