@@ -49,7 +49,13 @@ def toml_string(value: str) -> str:
 
 def gateway_config(state_dir: Path, remote_port: int) -> str:
     """A gateway on ephemeral loopback ports that reaches the fake remote
-    domain by a static address and can never ask a real DNS server."""
+    domain by a static address and can never ask a real DNS server.
+
+    The load generator speaks plaintext dialback, so the fake remote's
+    policy makes encryption optional; the gateway still needs certificates
+    for its hosted domains (a self-signed development one)."""
+    from fedgate.tls.devcert import write_self_signed
+    write_self_signed(state_dir / "certs", [GATEWAY_DOMAIN, COMPONENT_DOMAIN])
     return "\n".join([
         f"state_dir = {toml_string(str(state_dir))}",
         f"domains = [{toml_string(GATEWAY_DOMAIN)}]",
@@ -61,6 +67,9 @@ def gateway_config(state_dir: Path, remote_port: int) -> str:
         "auth_timeout = 30",
         f"[s2s.peers.{toml_string(REMOTE_DOMAIN)}]",
         f'addresses = ["127.0.0.1:{remote_port}"]',
+        'encryption = "optional"',
+        "[tls]",
+        f"certificates = {toml_string(str(state_dir / 'certs'))}",
         "[components]",
         'listen = ["tcp:0:interface=127.0.0.1"]',
         f"[components.domains.{toml_string(COMPONENT_DOMAIN)}]",

@@ -37,6 +37,7 @@ class ComponentConfig:
 @dataclass(frozen=True)
 class S2SConfig:
     listen: tuple[str, ...] = ("tcp:5269:interface=127.0.0.1",)
+    direct_tls_listen: tuple[str, ...] = ()
     dialback_secret: str | None = field(default=None, repr=False)
     dns_servers: tuple[tuple[str, int], ...] = ()
     connect_timeout: float = 20.0
@@ -64,6 +65,18 @@ class ComponentsConfig:
 
 
 @dataclass(frozen=True)
+class TLSConfig:
+    #: directory of certificates and keys for the hosted domains
+    certificates: str | None = None
+    #: per-domain (certificate path, key path) overrides
+    domains: dict = field(default_factory=dict)
+    #: None for the system's trust store, else a PEM bundle of CA certificates
+    trust_roots: str | None = None
+    min_version: str = "TLSv1.2"
+    ciphers: str | None = None
+
+
+@dataclass(frozen=True)
 class LimitsConfig:
     max_stanza_bytes: int = 512 * 1024
     max_depth: int = 32
@@ -77,14 +90,31 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class AdminConfig:
+    """The admin REST API listener and its bearer token (see fedgate.admin)."""
+
+    listen: tuple[str, ...] = ("tcp:8269:interface=127.0.0.1",)
+    token: str | None = field(default=None, repr=False)
+    #: where the token is read from (and generated into on first start);
+    #: None means state_dir/admin.token
+    token_file: str | None = None
+    #: GET /metrics without the token, for a scraper on loopback only
+    metrics_open: bool = False
+    #: remote domains that get their own metrics labels (opt-in, bounded)
+    metrics_domains: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Config:
     path: str
     state_dir: str
     domains: tuple[str, ...]
     s2s: S2SConfig
     components: ComponentsConfig
+    tls: TLSConfig
     limits: LimitsConfig
     logging: LoggingConfig
+    admin: AdminConfig = AdminConfig()
 
     @property
     def local_domains(self) -> frozenset:
@@ -222,6 +252,7 @@ def parse_config(data: dict, path="<config>") -> Config:
         pr.done()
     s2s = S2SConfig(
         listen=_endpoints(s, "listen", S2SConfig.listen),
+        direct_tls_listen=_endpoints(s, "direct_tls_listen", S2SConfig.direct_tls_listen),
         dialback_secret=s.get("dialback_secret", str, None) or None,
         dns_servers=tuple(_hostport(s, "dns_servers", a, 53) for a in s.get("dns_servers", list, [])),
         connect_timeout=s.positive("connect_timeout", float, S2SConfig.connect_timeout),
@@ -262,6 +293,27 @@ def parse_config(data: dict, path="<config>") -> Config:
     )
     c.done()
 
+    tr = _Reader(path, top.table_of("tls"), "tls.")
+    overrides = {}
+    for raw, table in tr.table_of("domains").items():
+        if not isinstance(table, dict):
+            raise tr.error(f"domains.{raw}", "expected a table")
+        dr = _Reader(path, table, f"tls.domains.{raw}.")
+        cert_path = dr.get("certificate", str, None)
+        if not cert_path:
+            raise dr.error("certificate", "required")
+        overrides[_domain(tr, f"domains.{raw}", raw)] = (cert_path, dr.get("key", str, None))
+        dr.done()
+    trust = tr.get("trust_roots", str, "system")
+    tls = TLSConfig(
+        certificates=tr.get("certificates", str, None) or None,
+        domains=overrides,
+        trust_roots=None if trust == "system" else trust,
+        min_version=_choice(tr, "min_version", ("TLSv1.2", "TLSv1.3"), "TLSv1.2"),
+        ciphers=tr.get("ciphers", str, None) or None,
+    )
+    tr.done()
+
     lr = _Reader(path, top.table_of("limits"), "limits.")
     limits = LimitsConfig(
         max_stanza_bytes=lr.positive("max_stanza_bytes", int, LimitsConfig.max_stanza_bytes),
@@ -276,9 +328,28 @@ def parse_config(data: dict, path="<config>") -> Config:
         xml_bodies=gr.get("xml_bodies", bool, False),
     )
     gr.done()
+    admin = _admin(_Reader(path, top.table_of("admin"), "admin."))
     top.done()
     return Config(path=str(path), state_dir=state_dir, domains=domains, s2s=s2s,
-                  components=components, limits=limits, logging=logging)
+                  components=components, tls=tls, limits=limits, logging=logging, admin=admin)
+
+
+def _admin(ar: _Reader) -> AdminConfig:
+    token = ar.get("token", str, None)
+    token_file = ar.get("token_file", str, None)
+    if token is not None and len(token) < 16:
+        raise ar.error("token", "must be at least 16 characters")
+    if token is not None and token_file is not None:
+        raise ar.error("token_file", "set either token or token_file, not both")
+    admin = AdminConfig(
+        listen=_endpoints(ar, "listen", AdminConfig.listen),
+        token=token, token_file=token_file or None,
+        metrics_open=ar.get("metrics_open", bool, False),
+        metrics_domains=tuple(_domain(ar, "metrics_domains", d)
+                              for d in ar.get("metrics_domains", list, [])),
+    )
+    ar.done()
+    return admin
 
 
 def dialback_secret(config: Config) -> str:

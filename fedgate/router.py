@@ -19,6 +19,26 @@ from fedgate.stream.errors import is_bounceable, make_error_reply
 log = Logger(namespace="fedgate.router")
 
 
+class LocalDomains:
+    """A live view of the router's own and component domains, for checks
+    (``in``, iteration) that must see components added or removed at run
+    time by the admin API."""
+
+    __slots__ = ("_router",)
+
+    def __init__(self, router: "Router"):
+        self._router = router
+
+    def __contains__(self, domain) -> bool:
+        return domain in self._router.own_domains or domain in self._router.component_domains
+
+    def __iter__(self):
+        return iter(self._router.local_domains)
+
+    def __len__(self) -> int:
+        return len(self._router.local_domains)
+
+
 class Router:
     def __init__(self, own_domains, component_domains, local_handler=None, sender=None):
         self.own_domains = frozenset(own_domains)
@@ -28,6 +48,9 @@ class Router:
         self.components: dict[str, object] = {}
         self.dropped_errors = 0
         self.refused_relays = 0
+        #: stanza error condition -> bounces so far (for metrics)
+        self.bounces: dict[str, int] = {}
+        self.live_local_domains = LocalDomains(self)
 
     @property
     def local_domains(self) -> frozenset:
@@ -84,6 +107,7 @@ class Router:
     def bounce(self, stanza: domish.Element, condition: str, text: str | None = None) -> None:
         """Answer ``stanza`` with a stanza error, or log it if it is itself
         an error or an iq result (those are never answered)."""
+        self.bounces[condition] = self.bounces.get(condition, 0) + 1
         if not is_bounceable(stanza):
             self.dropped_errors += 1
             log.info("Not bouncing {name} type={type} from {sender}: {condition}",

@@ -31,6 +31,8 @@ from fedgate.s2s.verifier import DialbackVerifier
 from fedgate.stream import namespaces as ns
 from fedgate.stream.parser import Limits
 from fedgate.stream.protocol import XmppStream
+from fedgate.tls.certs import CertificateStore
+from fedgate.tls.contexts import ALPN_S2S, DEFAULT_CIPHERS, TLSContexts, TLSSettings
 
 log = Logger(namespace="fedgate.service")
 
@@ -65,8 +67,9 @@ class Gateway(service.Service):
         self.router = Router(config.domains, config.components.domains)
         self.router.local_handler = LocalHandler(self.router)
         self.policy = PolicyTable(s2s.default_policy, dict(s2s.peers), s2s.mode)
+        self.tls = self._tls_contexts(config)
         self.resolver = S2SResolver(dns_resolver, static_addresses=self.policy.static_addresses,
-                                    rng=self.rng)
+                                    rng=self.rng, include_direct_tls=True)
         self.connector = DomainConnector(reactor, self.resolver, timeout=s2s.connect_timeout)
         self.verifier = DialbackVerifier(self.connector, reactor, self.make_stream,
                                          timeout=s2s.connect_timeout + s2s.auth_timeout)
@@ -81,7 +84,8 @@ class Gateway(service.Service):
             limits=self.limits,
             auth_timeout=s2s.auth_timeout,
             max_pending_per_stream=s2s.max_pending_verifications_per_stream,
-            is_blocked=self.policy.is_blocked,
+            policy=self.policy,
+            tls=self.tls,
             log_traffic=config.logging.xml_traffic,
             log_bodies=config.logging.xml_bodies,
         )
@@ -90,8 +94,19 @@ class Gateway(service.Service):
             max_wait=s2s.queue_max_wait, backoff_initial=s2s.backoff_initial,
             backoff_max=s2s.backoff_max), rng=self.rng)
         self.router.sender = self.sender
+        self.verifier.ctx = self.ctx
         self.component_secrets = {d: c.secret for d, c in config.components.domains.items()}
-        self.ports: dict[str, list] = {"s2s": [], "components": []}
+        self.ports: dict[str, list] = {"s2s": [], "s2s_direct_tls": [], "components": []}
+
+    @staticmethod
+    def _tls_contexts(config: Config) -> TLSContexts:
+        """Certificates for every hosted domain, checked now: a hosted domain
+        without a usable one stops the start with its name."""
+        store = CertificateStore(config.tls.certificates, config.tls.domains)
+        store.check_hosted(config.local_domains)
+        return TLSContexts(store, TLSSettings(min_version=config.tls.min_version,
+                                              ciphers=config.tls.ciphers or DEFAULT_CIPHERS,
+                                              trust_roots=config.tls.trust_roots))
 
     def make_stream(self, handler, stream_ns: str = ns.SERVER) -> XmppStream:
         stream = XmppStream(handler, self.reactor, self.limits,
@@ -103,6 +118,9 @@ class Gateway(service.Service):
     def _inbound(self) -> InboundS2S:
         return InboundS2S(self.ctx)
 
+    def _inbound_direct_tls(self) -> InboundS2S:
+        return InboundS2S(self.ctx, direct_tls=True)
+
     def _component(self) -> ComponentAccept:
         return ComponentAccept(self.component_secrets, self.router, self.reactor,
                                self.config.components.auth_timeout)
@@ -112,6 +130,8 @@ class Gateway(service.Service):
         super().startService()
         listeners = [("s2s", d, _StreamFactory(self, self._inbound, ns.SERVER))
                      for d in self.config.s2s.listen]
+        listeners += [("s2s_direct_tls", d, _StreamFactory(self, self._inbound_direct_tls, ns.SERVER))
+                      for d in self.config.s2s.direct_tls_listen]
         listeners += [("components", d, _StreamFactory(self, self._component, ns.COMPONENT_ACCEPT))
                       for d in self.config.components.listen]
         for kind, description, factory in listeners:

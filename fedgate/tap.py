@@ -27,6 +27,7 @@ def makeService(options):
     from twisted.names import client
 
     from fedgate.service import Gateway
+    from fedgate.tls.certs import CertificateError
 
     try:
         config = load_config(options["config"])
@@ -38,4 +39,8 @@ def makeService(options):
         resolver = client.Resolver(servers=list(config.s2s.dns_servers), reactor=reactor)
     else:
         resolver = client.createResolver()
-    return Gateway(config, reactor, resolver)
+    try:
+        return Gateway(config, reactor, resolver)
+    except CertificateError as exc:
+        sys.stderr.write(f"fedgate: certificate error: {config.path}: {exc}\n")
+        sys.exit(78)

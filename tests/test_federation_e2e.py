@@ -54,14 +54,16 @@ class TwoGateways(unittest.TestCase):
         self.assertEqual((got["from"], got["to"], str(got.body)),
                          ("bob@chat.b.example", "alice@chat.a.example/r", "hi back"))
 
-        # Each side now has an outbound stream with a valid dialback pair,
-        # and the other side sees the same pair inbound.
+        # Each side now has an outbound stream, encrypted, whose pair was
+        # authenticated with SASL EXTERNAL; the other side sees it inbound.
         out_a = [r for r in self.a.table if r.direction == OUTBOUND]
         self.assertEqual(len(out_a), 1)
         self.assertEqual(out_a[0].state_of("chat.a.example", "chat.b.example"), VALID)
+        self.assertIn(out_a[0].tls["version"], ("TLSv1.2", "TLSv1.3"))
+        self.assertTrue(out_a[0].tls["chain_ok"])
         in_b = [r for r in self.b.table if r.direction == INBOUND and r.authenticated]
         self.assertEqual([(p.local, p.remote, p.method) for r in in_b for p in r.valid_pairs()],
-                         [("chat.b.example", "chat.a.example", "dialback")])
+                         [("chat.b.example", "chat.a.example", "sasl-external")])
 
     @defer.inlineCallbacks
     def test_iq_round_trip_and_piggyback(self):
@@ -85,8 +87,14 @@ class TwoGateways(unittest.TestCase):
         out_b = [r for r in self.b.table if r.direction == OUTBOUND]
         self.assertEqual([r.remote_domain for r in out_b], ["chat.a.example"],
                          "one outbound stream per remote domain")
-        self.assertEqual(sorted(p.local for p in out_b[0].valid_pairs()),
-                         ["b.example", "chat.b.example"])
+        # SASL authenticated the stream's own pair; the piggybacked one used
+        # dialback with a callback, since B's certificate on that stream
+        # names chat.b.example only (tests/test_tls_e2e.py covers XEP-0344).
+        self.assertEqual(sorted((p.local, p.method) for p in out_b[0].valid_pairs()),
+                         [("b.example", "dialback"), ("chat.b.example", "sasl-external")])
+        [in_a] = [r for r in self.a.table if r.direction == INBOUND and r.authenticated]
+        self.assertEqual(sorted((p.remote, p.method) for p in in_a.valid_pairs()),
+                         [("b.example", "dialback"), ("chat.b.example", "sasl-external")])
 
     @defer.inlineCallbacks
     def test_unknown_remote_bounces(self):

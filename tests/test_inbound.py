@@ -6,6 +6,7 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
+from fedgate.policy import PeerPolicy, PolicyTable
 from fedgate.s2s import dialback
 from fedgate.s2s.context import S2SContext, VerificationBudget
 from fedgate.s2s.inbound import InboundS2S
@@ -38,10 +39,12 @@ class InboundCase(unittest.TestCase):
         self.budget = VerificationBudget(100)
 
     def open(self, per_stream=10, blocked=(), **header) -> MemoryStream:
+        # Plaintext dialback (no TLS contexts here): encryption optional.
+        policy = PolicyTable(PeerPolicy(encryption="optional"),
+                             {d: PeerPolicy(d, allowed=False) for d in blocked})
         ctx = S2SContext(clock=self.clock, local_domains=LOCAL, secret=SECRET, table=self.table,
                          router=self.router, verifier=self.verifier, budget=self.budget,
-                         auth_timeout=90.0, max_pending_per_stream=per_stream,
-                         is_blocked=lambda d: d in blocked)
+                         auth_timeout=90.0, max_pending_per_stream=per_stream, policy=policy)
         self.handler = InboundS2S(ctx)
         stream = MemoryStream(self.handler, self.clock)
         attrs = {"to": "gw.example", "from": "remote.example", "version": "1.0"}
@@ -265,8 +268,16 @@ class StanzaRulesTests(InboundCase):
 
     def test_unknown_element(self):
         stream = self.authenticated()
-        stream.feed("<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
+        stream.feed("<bogus xmlns='urn:example:bogus'/>")
         self.assertEqual(stream.stream_error(), "unsupported-stanza-type")
+
+    def test_starttls_without_certificates_fails_and_closes(self):
+        stream = self.open()
+        stream.take()
+        stream.feed("<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
+        [failure] = stream.take()
+        self.assertEqual((failure.uri, failure.name), ("urn:ietf:params:xml:ns:xmpp-tls", "failure"))
+        self.assertTrue(stream.disconnecting)
 
     def test_auth_timeout(self):
         stream = self.open()

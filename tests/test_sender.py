@@ -11,6 +11,7 @@ from twisted.words.xish import domish
 
 from fedgate.s2s.connect import ConnectError
 from fedgate.s2s.context import S2SContext, VerificationBudget
+from fedgate.policy import PeerPolicy, PolicyTable
 from fedgate.s2s import dialback
 from fedgate.s2s.pairs import OUTBOUND, VALID, ConnectionTable
 from fedgate.s2s.sender import BACKOFF, IDLE, S2SSender, SenderSettings
@@ -33,7 +34,7 @@ class FakeConnector:
 
     def succeed(self, index=-1) -> MemoryStream:
         domain, factory, d = self.attempts[index]
-        protocol = factory()
+        protocol = factory(None)
         peer = MemoryStream(None, self.clock, stream=protocol)
         d.callback(protocol)
         return peer
@@ -59,7 +60,8 @@ class SenderCase(unittest.TestCase):
         self.connector = FakeConnector(self.clock)
         self.ctx = S2SContext(clock=self.clock, local_domains=frozenset({"chat.gw.example", "gw.example"}),
                               secret=SECRET, table=self.table, router=self.router, verifier=None,
-                              budget=VerificationBudget(10), auth_timeout=30.0)
+                              budget=VerificationBudget(10), auth_timeout=30.0,
+                              policy=PolicyTable(PeerPolicy(encryption="optional")))
         self.settings = SenderSettings(max_stanzas=5, max_bytes=100_000, max_wait=60.0,
                                        backoff_initial=2.0, backoff_max=30.0)
         from fedgate.stream.protocol import XmppStream

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from fedgate.tls.devcert import write_self_signed
+
 REPO = Path(__file__).resolve().parent.parent
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 
@@ -50,12 +52,15 @@ def _free_port():
 def test_starts_and_answers_on_its_ports(tmp_path):
     s2s, comp = _free_port(), _free_port()
     config = tmp_path / "fedgate.toml"
+    write_self_signed(tmp_path / "certs", ["gw.example", "chat.gw.example"])
     config.write_text(f'''
 state_dir = "{tmp_path / 'state'}"
 domains = ["gw.example"]
 [s2s]
 listen = ["tcp:{s2s}:interface=127.0.0.1"]
 dns_servers = ["127.0.0.1:1"]
+[tls]
+certificates = "{tmp_path / 'certs'}"
 [components]
 listen = ["tcp:{comp}:interface=127.0.0.1"]
 [components.domains."chat.gw.example"]
@@ -81,7 +86,7 @@ secret = "x"
                 break
             except ConnectionRefusedError:
                 time.sleep(0.2)
-        assert b"urn:xmpp:features:dialback" in reply, reply
+        assert b"<starttls xmlns=\"urn:ietf:params:xml:ns:xmpp-tls\"><required/></starttls>" in reply, reply
         assert b"from='gw.example'" in reply
         assert (tmp_path / "state" / "dialback.secret").exists()
     finally:

@@ -6,7 +6,10 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
+from fedgate.policy import PeerPolicy, PolicyTable
 from fedgate.s2s.connect import ConnectError
+from fedgate.s2s.context import S2SContext, VerificationBudget
+from fedgate.s2s.pairs import ConnectionTable
 from fedgate.s2s.verifier import DialbackError, DialbackVerifier
 from fedgate.stream.protocol import XmppStream
 from tests.support.memory import MemoryStream, server_header
@@ -28,8 +31,13 @@ class VerifierTests(unittest.TestCase):
     def setUp(self):
         self.clock = Clock()
         self.connector = Connector()
+        ctx = S2SContext(clock=self.clock, local_domains=frozenset({"gw.example"}), secret="s",
+                         table=ConnectionTable(), router=None, verifier=None,
+                         budget=VerificationBudget(10),
+                         policy=PolicyTable(PeerPolicy(encryption="optional")))
         self.verifier = DialbackVerifier(self.connector, self.clock,
-                                         lambda handler: XmppStream(handler, self.clock), timeout=30)
+                                         lambda handler: XmppStream(handler, self.clock), timeout=30,
+                                         ctx=ctx)
         self.results = []
 
     def start(self):
@@ -37,7 +45,7 @@ class VerifierTests(unittest.TestCase):
         d.addBoth(self.results.append)
         domain, factory, connecting = self.connector.attempts[-1]
         self.assertEqual(domain, "remote.example")
-        peer = MemoryStream(None, self.clock, stream=factory())
+        peer = MemoryStream(None, self.clock, stream=factory(None))
         connecting.callback(peer.stream)
         peer.read()
         self.assertEqual((peer.header.get("to"), peer.header.get("from")), ("remote.example", "gw.example"))

@@ -45,7 +45,10 @@ class DomainConnector:
 
     @defer.inlineCallbacks
     def connect(self, domain: str, protocol_factory: Callable):
-        """Connect to ``domain``; fires with the connected protocol."""
+        """Connect to ``domain``; fires with the connected protocol.
+
+        ``protocol_factory(target)`` builds the protocol for one attempt, so a
+        Direct TLS target (XEP-0368) can start TLS at once."""
         targets = yield self.resolver.resolve(domain)
         if not targets:
             raise ConnectError("remote-server-not-found", f"{domain} offers no XMPP server service")
@@ -60,7 +63,7 @@ class DomainConnector:
                 kind = TCP6ClientEndpoint if ":" in address else TCP4ClientEndpoint
                 endpoint = kind(self.reactor, address, target.port, timeout=self.timeout)
                 try:
-                    protocol = yield endpoint.connect(_OneProtocol(protocol_factory()))
+                    protocol = yield endpoint.connect(_OneProtocol(protocol_factory(target)))
                 except Exception as exc:
                     log.info("Connecting to {domain} at {address}:{port} failed: {error}",
                              domain=domain, address=address, port=target.port, error=exc)

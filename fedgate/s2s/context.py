@@ -7,9 +7,10 @@ a context with fakes, the service builds it with the real parts.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
 
+from fedgate.policy import PolicyTable
 from fedgate.s2s.pairs import ConnectionTable
+from fedgate.tls.contexts import TLSContexts
 from fedgate.stream.parser import Limits
 
 
@@ -31,10 +32,6 @@ class VerificationBudget:
         self.in_use = max(0, self.in_use - 1)
 
 
-def never_blocked(remote: str) -> bool:
-    return False
-
-
 @dataclass(frozen=True)
 class S2SContext:
     clock: object
@@ -47,6 +44,10 @@ class S2SContext:
     limits: Limits = Limits()
     auth_timeout: float = 90.0
     max_pending_per_stream: int = 10
-    is_blocked: Callable[[str], bool] = never_blocked
+    policy: PolicyTable = field(default_factory=PolicyTable)
+    tls: TLSContexts | None = None
     log_traffic: bool = False
     log_bodies: bool = False
+
+    def is_blocked(self, remote: str) -> bool:
+        return self.policy.is_blocked(remote)

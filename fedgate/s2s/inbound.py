@@ -6,6 +6,13 @@ stream the peer may ask us to verify keys (``<db:result>``, Receiving Server),
 ask us to vouch for our own keys (``<db:verify>``, Authoritative Server), and
 send stanzas over the pairs that became valid.
 
+With TLS: STARTTLS is offered before any authentication (required when the
+peer's policy says so, and then alone); after the TLS restart, SASL EXTERNAL
+is offered when the peer's certificate is valid for the stream's 'from'
+(XEP-0178), and dialback stays available for further domain pairs; a
+dialback request over TLS whose certificate is valid for the originating
+domain is accepted without calling back (XEP-0344).
+
 A dialback failure answers that one request (XEP-0220 section 2.4) and never
 closes a stream that carries other pairs.  Verification happens over a
 separate connection (the verifier), never over this one, and only answers to
@@ -21,11 +28,15 @@ from fedgate.domain import InvalidDomain, domain_of, normalize_domain
 from fedgate.s2s import dialback
 from fedgate.s2s.context import S2SContext
 from fedgate.s2s.pairs import INBOUND, INVALID, PENDING, VALID, ConnectionRecord
+from fedgate.s2s.policy_check import (DIALBACK, DIALBACK_WITH_CERT, SASL_EXTERNAL, dialback_request,
+                                      sasl_external_offer)
+from fedgate.stream.sasl import decode_external, sasl_failure, sasl_mechanisms
 from fedgate.s2s.verifier import DialbackError
 from fedgate.stream import namespaces as ns
 from fedgate.stream.errors import StanzaFailure, StreamFailure
 from fedgate.stream.parser import StreamHeader
 from fedgate.stream.protocol import new_stream_id
+from fedgate.tls.contexts import ALPN_S2S
 
 log = Logger(namespace="fedgate.s2s.inbound")
 
@@ -48,8 +59,9 @@ def check_version(header: StreamHeader) -> bool:
 class InboundS2S:
     """The handler of one inbound S2S connection."""
 
-    def __init__(self, ctx: S2SContext):
+    def __init__(self, ctx: S2SContext, direct_tls: bool = False):
         self.ctx = ctx
+        self.direct_tls = direct_tls
         self.io = None
         self.stream_id: str | None = None
         self.record: ConnectionRecord | None = None
@@ -59,6 +71,7 @@ class InboundS2S:
         self._pending: dict = {}
         self._timer = None
         self._gone = False
+        self._sasl_done = False
 
     # -- stream lifecycle -------------------------------------------------
     def connected(self, io) -> None:
@@ -66,6 +79,10 @@ class InboundS2S:
         self.record = self.ctx.table.add(
             ConnectionRecord(INBOUND, io.peer, self.ctx.clock.seconds()), closer=io.fail)
         self._timer = self.ctx.clock.callLater(self.ctx.auth_timeout, self._auth_timeout)
+        if self.direct_tls:
+            # XEP-0368: TLS from the first byte; SNI picks the certificate.
+            default = sorted(self.ctx.local_domains)[0]
+            io.start_tls(self.ctx.tls.server_creator(default, ALPN_S2S))
 
     def error_header(self) -> dict:
         return {"id": self.stream_id or new_stream_id(), "from": self._to, "version": "1.0"}
@@ -86,14 +103,32 @@ class InboundS2S:
             raise StreamFailure("host-unknown", f"{to} is not served here")
         self._to, self._from = to, sender
         if sender is not None and self.ctx.is_blocked(sender):
-            raise StreamFailure("policy-violation", f"federation with {sender} is not allowed")
+            raise StreamFailure("policy-violation", self.ctx.policy.why_blocked(sender))
         self.stream_id = new_stream_id()
         attrs = {"id": self.stream_id, "from": to, "to": sender}
         if is_v1:
             attrs["version"] = "1.0"
-            self.io.open_stream(attrs, dialback.features_element())
+            self.io.open_stream(attrs, self._features())
         else:
             self.io.open_stream(attrs)
+
+    def _features(self) -> domish.Element:
+        """What this stream offers now: STARTTLS first, then SASL EXTERNAL
+        and dialback."""
+        tls = self.io.tls
+        extra = []
+        if tls is None and self.ctx.tls is not None and not self.io.tls_started:
+            policy = self.ctx.policy.for_peer(self._from) if self._from else self.ctx.policy.default
+            starttls = domish.Element((ns.TLS, "starttls"))
+            if policy.requires_tls:
+                starttls.addElement("required")
+                features = domish.Element((ns.STREAMS, "features"))
+                features.addChild(starttls)
+                return features  # nothing else until the channel is encrypted
+            extra.append(starttls)
+        if not self._sasl_done and sasl_external_offer(tls, self._from):
+            extra.append(sasl_mechanisms(["EXTERNAL"]))
+        return dialback.features_element(extra)
 
     @staticmethod
     def _header_domain(value: str | None, condition: str) -> str | None:
@@ -128,11 +163,58 @@ class InboundS2S:
             self._result(element)
         elif uri == ns.DIALBACK and element.name == "verify":
             self._verify(element)
+        elif uri == ns.TLS and element.name == "starttls":
+            self._starttls()
+        elif uri == ns.SASL and element.name == "auth":
+            self._sasl_auth(element)
         else:
             raise StreamFailure("unsupported-stanza-type", f"unexpected element {element.name}")
 
     def reject_stanza(self, stanza: domish.Element, failure: StanzaFailure) -> None:
         self.ctx.router.bounce(stanza, failure.condition, failure.text)
+
+    def tls_established(self, info) -> None:
+        self.record.tls = info.describe()
+
+    def _starttls(self) -> None:
+        if self.ctx.tls is None or self.io.tls_started:
+            self.io.write(f"<failure xmlns='{ns.TLS}'/>")
+            self.io.close()
+            return
+        self.io.write(f"<proceed xmlns='{ns.TLS}'/>")
+        default = self._to or sorted(self.ctx.local_domains)[0]
+        self.io.start_tls(self.ctx.tls.server_creator(default))
+        self.io.restart()
+
+    def _sasl_auth(self, element: domish.Element) -> None:
+        policy = self.ctx.policy.for_peer(self._from) if self._from else self.ctx.policy.default
+        condition = None
+        if element.getAttribute("mechanism") != "EXTERNAL":
+            condition = "invalid-mechanism"
+        elif self.io.tls is None:
+            condition = "encryption-required"
+        elif self._sasl_done or not sasl_external_offer(self.io.tls, self._from) or not self._to:
+            condition = "not-authorized"
+        else:
+            authzid = decode_external(str(element))
+            if authzid is None:
+                condition = "incorrect-encoding"
+            elif authzid not in ("", self._from):
+                condition = "invalid-authzid"
+        if condition is not None:
+            log.info("SASL EXTERNAL refused ({condition}) for {remote} from {peer}",
+                     condition=condition, remote=self._from, peer=self.io.peer)
+            self.io.write(sasl_failure(condition))
+            if policy.requires_certificate:
+                self.io.close()  # no dialback fallback under the certificate policy
+            return
+        self._sasl_done = True
+        self.record.remote_domain = self._from
+        self.record.set_pair(self._to, self._from, VALID, SASL_EXTERNAL, self.ctx.clock.seconds())
+        log.info("Authenticated {local} <- {remote} by SASL EXTERNAL from {peer}",
+                 local=self._to, remote=self._from, peer=self.io.peer)
+        self.io.write(f"<success xmlns='{ns.SASL}'/>")
+        self.io.restart()
 
     def _stanza(self, stanza: domish.Element) -> None:
         record = self.record
@@ -173,17 +255,28 @@ class InboundS2S:
         if receiving not in self.ctx.local_domains:
             return answer_error("item-not-found", f"{receiving} is not served here")
         if self.ctx.is_blocked(originating):
-            return answer_error("policy-violation", f"federation with {originating} is not allowed")
+            return answer_error("policy-violation", self.ctx.policy.why_blocked(originating))
+        refusal, method = dialback_request(self.ctx.policy.for_peer(originating), self.io.tls, originating)
+        if refusal is not None:
+            log.info("Dialback from {remote} refused: {text}", remote=originating, text=refusal.text)
+            return answer_error(refusal.condition, refusal.text)
         pair = (receiving, originating)
         if pair in self._pending:
             return  # already being verified; the one answer will serve both
         if not key:
             return answer_error("not-authorized", "empty dialback key")
-        if len(self._pending) >= self.ctx.max_pending_per_stream or not self.ctx.budget.acquire():
-            return answer_error("resource-constraint", "too many verifications in progress")
-        self.record.set_pair(receiving, originating, PENDING, "dialback", self.ctx.clock.seconds())
         if self.record.remote_domain is None:
             self.record.remote_domain = originating
+        if method == DIALBACK_WITH_CERT:
+            # XEP-0344: the certificate already proves the domain.
+            self.record.set_pair(receiving, originating, VALID, method, self.ctx.clock.seconds())
+            log.info("Dialback valid for {local} <- {remote} by certificate (no callback)",
+                     local=receiving, remote=originating)
+            self.io.send(dialback.result_answer(receiving, originating, True))
+            return
+        if len(self._pending) >= self.ctx.max_pending_per_stream or not self.ctx.budget.acquire():
+            return answer_error("resource-constraint", "too many verifications in progress")
+        self.record.set_pair(receiving, originating, PENDING, DIALBACK, self.ctx.clock.seconds())
         d = self.ctx.verifier.verify(receiving, originating, self.stream_id, key)
         self._pending[pair] = d
         d.addCallbacks(self._verified, self._verify_failed,
@@ -200,7 +293,7 @@ class InboundS2S:
         if not self._finish(receiving, originating):
             return
         state = VALID if valid else INVALID
-        self.record.set_pair(receiving, originating, state, "dialback", self.ctx.clock.seconds())
+        self.record.set_pair(receiving, originating, state, DIALBACK, self.ctx.clock.seconds())
         log.info("Dialback {state} for {local} <- {remote} from {peer}", state=state,
                  local=receiving, remote=originating, peer=self.io.peer)
         self.io.send(dialback.result_answer(receiving, originating, valid))
@@ -213,7 +306,7 @@ class InboundS2S:
         else:
             log.failure("Dialback verification error", failure)
             condition, text = "remote-connection-failed", None
-        self.record.set_pair(receiving, originating, INVALID, "dialback", self.ctx.clock.seconds())
+        self.record.set_pair(receiving, originating, INVALID, DIALBACK, self.ctx.clock.seconds())
         log.info("Dialback error {condition} for {local} <- {remote}", condition=condition,
                  local=receiving, remote=originating)
         self.io.send(dialback.result_error(receiving, originating, condition, text))

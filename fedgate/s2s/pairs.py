@@ -41,6 +41,8 @@ class ConnectionRecord:
     remote_address: str
     opened_at: float
     remote_domain: str | None = None
+    tls: dict | None = None  # TLSInfo.describe() once encrypted
+    bidi: bool = False
     id: int = field(default_factory=lambda: next(_ids))
     pairs: dict = field(default_factory=dict)
     _valid: set = field(default_factory=set, repr=False)
@@ -82,6 +84,8 @@ class ConnectionTable:
     def __init__(self):
         self._connections: dict[int, ConnectionRecord] = {}
         self._closers: dict[int, object] = {}
+        #: called with each record as it leaves the table (metrics keep totals)
+        self.removed_listeners: list = []
 
     def add(self, record: ConnectionRecord, closer=None) -> ConnectionRecord:
         """Track ``record``; ``closer(condition, text)`` ends its stream with a
@@ -92,8 +96,11 @@ class ConnectionTable:
         return record
 
     def remove(self, record: ConnectionRecord) -> None:
-        self._connections.pop(record.id, None)
+        gone = self._connections.pop(record.id, None)
         self._closers.pop(record.id, None)
+        if gone is not None:
+            for listener in self.removed_listeners:
+                listener(gone)
 
     def close(self, conn_id: int, condition: str, text: str | None = None) -> bool:
         """End connection ``conn_id`` with a stream error; False if unknown."""

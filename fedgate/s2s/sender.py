@@ -82,6 +82,7 @@ class Destination:
         self._last_condition: str | None = None
         self._retry_timer = None
         self._expiry_timer = None
+        self._operator_closed: OutboundS2S | None = None
 
     # -- entry ------------------------------------------------------------
     def send(self, local: str, stanza: domish.Element) -> None:
@@ -112,7 +113,8 @@ class Destination:
         self.stream = stream
         for item in self.queue:
             stream.authenticate(item.local)
-        d = self.sender.connector.connect(self.remote, lambda: self.sender.make_stream(stream))
+        d = self.sender.connector.connect(
+            self.remote, lambda target=None: self.sender.make_stream(stream.for_target(target)))
         d.addErrback(self._connect_failed, stream)
 
     def _connect_failed(self, failure, stream: OutboundS2S) -> None:
@@ -148,11 +150,36 @@ class Destination:
         if stream is not self.stream:
             return
         self.stream = None
+        if stream is self._operator_closed:
+            # An operator closed this stream (admin API): not a failure of the
+            # peer, so keep what is queued and try again on a new connection.
+            self._operator_closed = None
+            if self.queue:
+                self._connect(self.queue[0].local)
+            else:
+                self.state = IDLE
+            return
         if self.queue:
+            if stream.failure is not None:  # a refusal (policy, or TLS refused), with its reason
+                condition = stream.failure.condition
+                if condition == "not-authorized":
+                    condition = BOUNCE["policy"]
+                self._failed(condition, stream.failure.text)
+                return
             what = stream.stream_error or "the connection closed"
             self._failed(BOUNCE["stream"], f"stream to {self.remote} failed: {what}")
         else:
             self.state = IDLE
+
+    def keep_queue_on_close(self, stream: OutboundS2S) -> None:
+        """``stream`` is about to be closed by an operator: when it is gone,
+        reconnect for the queued stanzas instead of bouncing them."""
+        if stream is self.stream:
+            self._operator_closed = stream
+
+    def bounce_queue(self, condition: str, text: str) -> None:
+        """Bounce everything queued now (the peer was just blocked)."""
+        self._bounce_all(condition, text)
 
     def close(self) -> None:
         if self.stream is not None:

@@ -14,7 +14,8 @@ from twisted.words.xish import domish
 from fedgate.s2s import dialback
 from fedgate.s2s.connect import ConnectError
 from fedgate.stream import namespaces as ns
-from fedgate.stream.errors import StreamFailure, error_condition
+from fedgate.s2s.initiating import InitiatingStream
+from fedgate.stream.errors import error_condition
 
 log = Logger(namespace="fedgate.s2s.verifier")
 
@@ -29,35 +30,23 @@ class DialbackError(Exception):
         self.text = text
 
 
-class VerifyStream:
-    """Handler of one verification connection."""
+class VerifyStream(InitiatingStream):
+    """Handler of one verification connection: negotiate (TLS when offered),
+    send ``<db:verify>``, wait for its answer, close."""
 
-    def __init__(self, receiving: str, originating: str, stream_id: str, key: str,
+    def __init__(self, ctx, receiving: str, originating: str, stream_id: str, key: str,
                  done: defer.Deferred):
+        super().__init__(ctx, receiving, originating)
         self.receiving, self.originating = receiving, originating
-        self.stream_id, self.key = stream_id, key
+        self.verify_id, self.key = stream_id, key
         self.done = done
-        self.io = None
         self._sent = False
 
-    def connected(self, io) -> None:
-        self.io = io
-        io.open_stream({"to": self.originating, "from": self.receiving, "version": "1.0"})
-
-    def error_header(self) -> dict:
-        return {"to": self.originating, "from": self.receiving, "version": "1.0"}
-
-    def header_received(self, header) -> None:
-        if header.default_ns != ns.SERVER:
-            raise StreamFailure("invalid-namespace")
-        if header.get("version") is None:
-            self._send_verify()
-
-    def _send_verify(self) -> None:
+    def ready(self, features) -> None:
         if not self._sent:
             self._sent = True
             self.io.write(dialback.verify_request(self.receiving, self.originating,
-                                                  self.stream_id, self.key))
+                                                  self.verify_id, self.key))
 
     def _finish(self, result) -> None:
         if not self.done.called:
@@ -68,19 +57,18 @@ class VerifyStream:
         self.io.close()
 
     def element_received(self, element: domish.Element) -> None:
-        if element.uri == ns.STREAMS and element.name == "features":
-            self._send_verify()
-        elif element.uri == ns.STREAMS and element.name == "error":
-            condition = next((c.name for c in element.elements() if c.uri == ns.STREAM_ERRORS
-                              and c.name != "text"), "undefined-condition")
+        super().element_received(element)
+        if element.uri == ns.STREAMS and element.name == "error":
             self._finish(DialbackError("remote-connection-failed",
-                                       f"authoritative server sent stream error {condition}"))
-        elif element.uri == ns.DIALBACK and element.name == "verify":
+                                       f"authoritative server sent stream error {self.stream_error}"))
+
+    def negotiated_element(self, element: domish.Element) -> None:
+        if element.uri == ns.DIALBACK and element.name == "verify":
             self._answer(element)
         # Anything else on this connection is not ours to handle.
 
     def _answer(self, element: domish.Element) -> None:
-        if (not self._sent or element.getAttribute("id") != self.stream_id
+        if (not self._sent or element.getAttribute("id") != self.verify_id
                 or element.getAttribute("from") != self.originating
                 or element.getAttribute("to") != self.receiving):
             log.warn("Ignoring db:verify answer we did not ask for from {peer}", peer=self.io.peer)
@@ -99,28 +87,27 @@ class VerifyStream:
                 self._finish(DialbackError("remote-connection-failed",
                                            f"authoritative server answered {condition}"))
 
-    def reject_stanza(self, stanza, failure) -> None:
-        pass
-
     def disconnected(self, reason) -> None:
         if not self.done.called:
-            self.done.errback(DialbackError("remote-connection-failed",
-                                            "authoritative server closed the connection"))
+            why = self.failure.text if self.failure else "authoritative server closed the connection"
+            self.done.errback(DialbackError("remote-connection-failed", why))
 
 
 class DialbackVerifier:
     """Asks the Authoritative Server whether a key is valid."""
 
-    def __init__(self, connector, clock, make_stream, timeout: float = 30.0):
+    def __init__(self, connector, clock, make_stream, timeout: float = 30.0, ctx=None):
         self.connector = connector
         self.clock = clock
+        self.ctx = ctx  # set by the service once the S2S context exists
         self.make_stream = make_stream
         self.timeout = timeout
 
     def verify(self, receiving: str, originating: str, stream_id: str, key: str) -> defer.Deferred:
         done = defer.Deferred()
-        handler = VerifyStream(receiving, originating, stream_id, key, done)
-        connecting = self.connector.connect(originating, lambda: self.make_stream(handler))
+        handler = VerifyStream(self.ctx, receiving, originating, stream_id, key, done)
+        connecting = self.connector.connect(
+            originating, lambda target=None: self.make_stream(handler.for_target(target)))
 
         def connect_failed(failure):
             if not done.called:

@@ -21,6 +21,8 @@ import secrets
 from typing import Protocol as TypingProtocol
 
 from twisted.internet import defer, protocol
+from twisted.internet.interfaces import IHandshakeListener
+from zope.interface import implementer
 from twisted.logger import Logger
 from twisted.words.xish import domish
 
@@ -28,6 +30,7 @@ from fedgate.stream import namespaces as ns
 from fedgate.stream.errors import StreamFailure, StanzaFailure, stream_error_element
 from fedgate.stream.parser import Limits, StreamHeader, StreamParser
 from fedgate.stream.serialize import escape_attr, serialize
+from fedgate.tls.contexts import TLSInfo, tls_info
 
 log = Logger(namespace="fedgate.stream")
 
@@ -57,6 +60,7 @@ def new_stream_id() -> str:
 _BODY = re.compile(r"(<body\b[^>]*>).*?(</body>)", re.S)
 
 
+@implementer(IHandshakeListener)
 class XmppStream(protocol.Protocol):
     """One TCP connection carrying one XMPP stream (restarted as needed)."""
 
@@ -78,6 +82,8 @@ class XmppStream(protocol.Protocol):
         self._restart_pending = False
         self._close_timer = None
         self._close_waiters: list = []
+        self.tls: TLSInfo | None = None
+        self.tls_started = False
 
     def wait_closed(self):
         """A Deferred that fires once the connection is gone."""
@@ -153,6 +159,21 @@ class XmppStream(protocol.Protocol):
         if self.log_traffic:
             self._log_xml("out", text)
         self.transport.write(text.encode("utf-8"))
+
+    def start_tls(self, creator) -> None:
+        """Switch the transport to TLS (STARTTLS after <proceed/>, or at once
+        for Direct TLS).  Writes from now on are encrypted; the handler hears
+        ``tls_established`` once the handshake is done."""
+        self.tls_started = True
+        self.transport.startTLS(creator)
+
+    def handshakeCompleted(self) -> None:
+        self.tls = tls_info(self.transport.getHandle())
+        log.debug("TLS {version} {cipher} with {peer}", version=self.tls.version,
+                  cipher=self.tls.cipher, peer=self.peer)
+        established = getattr(self.handler, "tls_established", None)
+        if established is not None:
+            self._guard(established, self.tls)
 
     def restart(self) -> None:
         """Expect a new stream header; drop any bytes already received.

@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 from twisted.internet import defer
 
 from fedgate.config import parse_config
 from fedgate.service import Gateway
 from tests.support.dnsserver import make_client_resolver
+from tests.support.pki import TestCA
 
 
 def temp_dir(testcase) -> str:
@@ -21,14 +23,38 @@ def temp_dir(testcase) -> str:
     return path
 
 
-def gateway_config(state_dir: str, domains, components: dict, **s2s) -> dict:
-    """A config dict for a gateway listening on ephemeral loopback ports."""
+_CA: TestCA | None = None
+
+
+def test_ca() -> TestCA:
+    """One test CA for the whole run (every gateway trusts it)."""
+    global _CA
+    if _CA is None:
+        _CA = TestCA()
+    return _CA
+
+
+def gateway_config(state_dir: str, domains, components: dict, *, certificates: bool = True,
+                   **s2s) -> dict:
+    """A config dict for a gateway listening on ephemeral loopback ports.
+
+    Each hosted domain gets a certificate from the shared test CA, which the
+    gateway trusts (instead of the system store)."""
     s2s_table = {"listen": ["tcp:0:interface=127.0.0.1"]}
     s2s_table.update(s2s)
+    tls_table = {}
+    if certificates:
+        ca = test_ca()
+        cert_dir = Path(state_dir) / "certs"
+        for domain in list(domains) + list(components):
+            ca.issue(dns=(domain,)).write(cert_dir, domain)
+        tls_table = {"certificates": str(cert_dir),
+                     "trust_roots": str(ca.write_root(Path(state_dir) / "ca.pem"))}
     return {
         "state_dir": state_dir,
         "domains": list(domains),
         "s2s": s2s_table,
+        "tls": tls_table,
         "logging": {"xml_traffic": bool(os.environ.get("FEDGATE_TEST_LOG"))},
         "components": {
             "listen": ["tcp:0:interface=127.0.0.1"],
