@@ -291,3 +291,56 @@ class StanzaRulesTests(InboundCase):
         stream = self.authenticated()
         self.clock.advance(200)
         self.assertFalse(stream.disconnecting)
+
+
+class TLSPolicyTests(InboundCase):
+    """With TLS contexts present (their inside does not matter before the
+    handshake), the policy shapes what is offered and accepted."""
+
+    def open_with_tls(self, **policy):
+        ctx_policy = PolicyTable(PeerPolicy(**policy))
+        ctx = S2SContext(clock=self.clock, local_domains=LOCAL, secret=SECRET, table=self.table,
+                         router=self.router, verifier=self.verifier, budget=self.budget,
+                         policy=ctx_policy, tls=object())
+        self.handler = InboundS2S(ctx)
+        stream = MemoryStream(self.handler, self.clock)
+        stream.feed(server_header(to="gw.example", **{"from": "remote.example"}, version="1.0"))
+        return stream
+
+    def test_required_tls_is_offered_alone(self):
+        stream = self.open_with_tls(encryption="required")
+        [features] = stream.take()
+        [starttls] = list(features.elements())
+        self.assertEqual((starttls.uri, starttls.name), (ns.TLS, "starttls"))
+        self.assertEqual([c.name for c in starttls.elements()], ["required"])
+
+    def test_dialback_before_required_tls_is_a_policy_violation(self):
+        stream = self.open_with_tls(encryption="required")
+        stream.take()
+        stream.feed("<db:result from='remote.example' to='gw.example'>k</db:result>")
+        [answer] = stream.take()
+        self.assertEqual((answer["type"], error_condition(answer)), ("error", "policy-violation"))
+        self.assertIn("policy requires TLS", str(answer.error.text))
+        self.assertEqual(self.verifier.calls, [])
+        self.assertFalse(stream.disconnecting, "other pairs on the stream are left alone")
+
+    def test_optional_tls_offers_both(self):
+        stream = self.open_with_tls(encryption="optional")
+        [features] = stream.take()
+        self.assertEqual(sorted(c.name for c in features.elements()), ["dialback", "starttls"])
+        self.assertEqual([c.name for c in features.starttls.elements()], [])
+
+    def test_certificate_policy_without_tls(self):
+        stream = self.open_with_tls(encryption="optional", authentication="certificate")
+        stream.take()
+        stream.feed("<db:result from='remote.example' to='gw.example'>k</db:result>")
+        [answer] = stream.take()
+        self.assertEqual(error_condition(answer), "policy-violation")
+
+    def test_sasl_before_tls(self):
+        stream = self.open_with_tls(encryption="optional")
+        stream.take()
+        stream.feed("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='EXTERNAL'>=</auth>")
+        [failure] = stream.take()
+        self.assertEqual((failure.name, failure.firstChildElement().name), ("failure", "encryption-required"))
+        self.assertIsNone(self.handler.record.state_of("gw.example", "remote.example"))

@@ -22,7 +22,7 @@ from fedgate.s2s.initiating import InitiatingStream
 from fedgate.s2s.pairs import INVALID, OUTBOUND, PENDING, VALID, ConnectionRecord
 from fedgate.s2s.policy_check import DIALBACK, SASL_EXTERNAL
 from fedgate.stream import namespaces as ns
-from fedgate.stream.errors import StreamFailure, error_condition
+from fedgate.stream.errors import StreamFailure, error_condition, error_text
 from fedgate.stream.serialize import serialize
 
 log = Logger(namespace="fedgate.s2s.outbound")
@@ -127,7 +127,7 @@ class OutboundS2S(InitiatingStream):
             self.owner.pair_result(self, local, INVALID, None)
         elif kind == "error":
             self.record.set_pair(local, remote, INVALID, DIALBACK, now)
-            self.owner.pair_result(self, local, "error", error_condition(element))
+            self.owner.pair_result(self, local, "error", error_condition(element), error_text(element))
         else:
             log.warn("Ignoring db:result with type {type}", type=kind)
 

@@ -131,7 +131,8 @@ class Destination:
         if stream is self.stream:
             self.state = OPEN
 
-    def pair_result(self, stream: OutboundS2S, local: str, state: str, condition: str | None) -> None:
+    def pair_result(self, stream: OutboundS2S, local: str, state: str, condition: str | None,
+                    text: str | None = None) -> None:
         if stream is not self.stream:
             return
         if state == VALID:
@@ -143,7 +144,8 @@ class Destination:
             self._bounce_local(local, BOUNCE["invalid"], f"{self.remote} rejected our dialback key")
         else:
             cond = condition if condition in _BOUNCEABLE_DB_ERRORS else BOUNCE["connect"]
-            self._bounce_local(local, cond, f"{self.remote} answered dialback with {condition}")
+            self._bounce_local(local, cond, f"{self.remote} answered dialback with {condition}"
+                               + (f": {text}" if text else ""))
         self.last_error = condition or state
 
     def stream_closed(self, stream: OutboundS2S) -> None:

@@ -142,3 +142,13 @@ def error_condition(stanza: domish.Element) -> str | None:
                 if cond.uri == ns.STANZA_ERRORS and cond.name != "text":
                     return cond.name
     return None
+
+
+def error_text(stanza: domish.Element) -> str | None:
+    """The human-readable text of an error stanza, if any."""
+    for child in stanza.elements():
+        if child.name == "error":
+            for part in child.elements():
+                if part.uri == ns.STANZA_ERRORS and part.name == "text":
+                    return str(part)
+    return None
