@@ -38,6 +38,7 @@ class ComponentConfig:
 class S2SConfig:
     listen: tuple[str, ...] = ("tcp:5269:interface=127.0.0.1",)
     direct_tls_listen: tuple[str, ...] = ()
+    bidi: bool = True
     dialback_secret: str | None = field(default=None, repr=False)
     dns_servers: tuple[tuple[str, int], ...] = ()
     connect_timeout: float = 20.0
@@ -253,6 +254,7 @@ def parse_config(data: dict, path="<config>") -> Config:
     s2s = S2SConfig(
         listen=_endpoints(s, "listen", S2SConfig.listen),
         direct_tls_listen=_endpoints(s, "direct_tls_listen", S2SConfig.direct_tls_listen),
+        bidi=s.get("bidi", bool, True),
         dialback_secret=s.get("dialback_secret", str, None) or None,
         dns_servers=tuple(_hostport(s, "dns_servers", a, 53) for a in s.get("dns_servers", list, [])),
         connect_timeout=s.positive("connect_timeout", float, S2SConfig.connect_timeout),

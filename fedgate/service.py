@@ -86,6 +86,7 @@ class Gateway(service.Service):
             max_pending_per_stream=s2s.max_pending_verifications_per_stream,
             policy=self.policy,
             tls=self.tls,
+            bidi=s2s.bidi,
             log_traffic=config.logging.xml_traffic,
             log_bodies=config.logging.xml_bodies,
         )

@@ -18,7 +18,10 @@ TIMEOUT = 15
 
 
 class TwoGateways(unittest.TestCase):
+    """Without bidi: each side opens its own outbound stream."""
+
     timeout = 60
+    bidi = False
 
     @defer.inlineCallbacks
     def setUp(self):
@@ -26,9 +29,9 @@ class TwoGateways(unittest.TestCase):
         dns_port = self.dns.start()
         self.addCleanup(self.dns.stop)
         self.a = yield start_gateway(reactor, gateway_config(
-            temp_dir(self), ["a.example"], {"chat.a.example": "secret-a"}), dns_port, self)
+            temp_dir(self), ["a.example"], {"chat.a.example": "secret-a"}, bidi=self.bidi), dns_port, self)
         self.b = yield start_gateway(reactor, gateway_config(
-            temp_dir(self), ["b.example"], {"chat.b.example": "secret-b"}), dns_port, self)
+            temp_dir(self), ["b.example"], {"chat.b.example": "secret-b"}, bidi=self.bidi), dns_port, self)
         publish(self.dns, self.a, ["a.example", "chat.a.example"], "gw-a.example")
         publish(self.dns, self.b, ["b.example", "chat.b.example"], "gw-b.example")
         self.ca = yield connect_component(reactor, "127.0.0.1", self.a.port_of("components"),
@@ -105,3 +108,69 @@ class TwoGateways(unittest.TestCase):
         self.assertEqual((got["type"], got["id"], got["from"]), ("error", "m3", "x@nowhere.example"))
         self.assertEqual(got.error.firstChildElement().name, "remote-server-not-found")
         self.assertEqual(self.a.sender.accepted, self.a.sender.delivered + self.a.sender.bounced)
+
+
+class TwoGatewaysBidi(unittest.TestCase):
+    """With bidi (the default): one long-lived TCP connection carries both
+    directions, and B adds a further domain in the reverse direction instead
+    of opening a connection of its own (XEP-0288's conference.montague.lit)."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.dns = TestDNSServer(reactor)
+        dns_port = self.dns.start()
+        self.addCleanup(self.dns.stop)
+        self.a = yield start_gateway(reactor, gateway_config(
+            temp_dir(self), ["a.example"], {"chat.a.example": "secret-a"}), dns_port, self)
+        self.b = yield start_gateway(reactor, gateway_config(
+            temp_dir(self), ["b.example"], {"chat.b.example": "secret-b", "muc.b.example": "secret-m"}),
+            dns_port, self)
+        publish(self.dns, self.a, ["a.example", "chat.a.example"], "gw-a.example")
+        publish(self.dns, self.b, ["b.example", "chat.b.example", "muc.b.example"], "gw-b.example")
+        self.ca = yield connect_component(reactor, "127.0.0.1", self.a.port_of("components"),
+                                          "chat.a.example", "secret-a")
+        self.addCleanup(self.ca.close)
+        self.cb = yield connect_component(reactor, "127.0.0.1", self.b.port_of("components"),
+                                          "chat.b.example", "secret-b")
+        self.addCleanup(self.cb.close)
+        self.muc = yield connect_component(reactor, "127.0.0.1", self.b.port_of("components"),
+                                           "muc.b.example", "secret-m")
+        self.addCleanup(self.muc.close)
+
+    @defer.inlineCallbacks
+    def test_both_directions_over_one_connection(self):
+        self.ca.send("<message from='alice@chat.a.example' to='bob@chat.b.example' id='m1'>"
+                     "<body>one</body></message>")
+        got = yield self.cb.next_element(timeout=TIMEOUT)
+        self.assertEqual(got["id"], "m1")
+        self.cb.send("<message from='bob@chat.b.example' to='alice@chat.a.example' id='m2'>"
+                     "<body>two</body></message>")
+        got = yield self.ca.next_element(timeout=TIMEOUT)
+        self.assertEqual((got["id"], got["from"]), ("m2", "bob@chat.b.example"))
+        # B's second component writes to A: B proves muc.b.example on A's
+        # stream in the reverse direction (A verifies it by callback).
+        for n in range(3):
+            self.muc.send(f"<message from='room@muc.b.example' to='alice@chat.a.example' id='r{n}'>"
+                          "<body>from the room</body></message>")
+        for n in range(3):
+            got = yield self.ca.next_element(timeout=TIMEOUT)
+            self.assertEqual((got["id"], got["from"]), (f"r{n}", "room@muc.b.example"))
+        # And A answers the room over the same connection.
+        self.ca.send("<message from='alice@chat.a.example' to='room@muc.b.example' id='back'/>")
+        got = yield self.muc.next_element(timeout=TIMEOUT)
+        self.assertEqual(got["id"], "back")
+
+        self.assertEqual([r for r in self.b.table if r.direction == OUTBOUND], [],
+                         "B never needed a connection of its own")
+        [out_a] = [r for r in self.a.table if r.direction == OUTBOUND]
+        self.assertTrue(out_a.bidi)
+        self.assertEqual(sorted((p.local, p.remote, p.origin, p.method) for p in out_a.valid_pairs()), [
+            ("chat.a.example", "chat.b.example", "local", "sasl-external"),
+            ("chat.a.example", "muc.b.example", "remote", "dialback"),
+        ])
+        [in_b] = [r for r in self.b.table if r.direction == INBOUND and r.bidi]
+        self.assertEqual(in_b.pairs[("chat.b.example", "chat.a.example")].stanzas_out, 1)
+        self.assertEqual(in_b.pairs[("muc.b.example", "chat.a.example")].stanzas_out, 3)
+        self.assertEqual(in_b.pairs[("muc.b.example", "chat.a.example")].stanzas_in, 1)

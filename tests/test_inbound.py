@@ -327,7 +327,7 @@ class TLSPolicyTests(InboundCase):
     def test_optional_tls_offers_both(self):
         stream = self.open_with_tls(encryption="optional")
         [features] = stream.take()
-        self.assertEqual(sorted(c.name for c in features.elements()), ["dialback", "starttls"])
+        self.assertEqual(sorted(c.name for c in features.elements()), ["bidi", "dialback", "starttls"])
         self.assertEqual([c.name for c in features.starttls.elements()], [])
 
     def test_certificate_policy_without_tls(self):

@@ -46,6 +46,7 @@ class S2SContext:
     max_pending_per_stream: int = 10
     policy: PolicyTable = field(default_factory=PolicyTable)
     tls: TLSContexts | None = None
+    bidi: bool = True  # offer and request bidirectional streams (XEP-0288)
     log_traffic: bool = False
     log_bodies: bool = False
 

@@ -25,13 +25,13 @@ from twisted.logger import Logger
 from twisted.words.xish import domish
 
 from fedgate.domain import InvalidDomain, domain_of, normalize_domain
+from fedgate.stream.serialize import serialize
 from fedgate.s2s import dialback
 from fedgate.s2s.context import S2SContext
-from fedgate.s2s.pairs import INBOUND, INVALID, PENDING, VALID, ConnectionRecord
-from fedgate.s2s.policy_check import (DIALBACK, DIALBACK_WITH_CERT, SASL_EXTERNAL, dialback_request,
-                                      sasl_external_offer)
+from fedgate.s2s.pairing import DialbackPairs, addresses, check_incoming
+from fedgate.s2s.pairs import INBOUND, PENDING, REMOTE, VALID, ConnectionRecord
+from fedgate.s2s.policy_check import SASL_EXTERNAL, sasl_external_offer
 from fedgate.stream.sasl import decode_external, sasl_failure, sasl_mechanisms
-from fedgate.s2s.verifier import DialbackError
 from fedgate.stream import namespaces as ns
 from fedgate.stream.errors import StanzaFailure, StreamFailure
 from fedgate.stream.parser import StreamHeader
@@ -68,7 +68,8 @@ class InboundS2S:
         self._to: str | None = None
         self._from: str | None = None
         self._headers = 0
-        self._pending: dict = {}
+        self.dialback: DialbackPairs | None = None
+        self._bidi_requested = False
         self._timer = None
         self._gone = False
         self._sasl_done = False
@@ -77,12 +78,17 @@ class InboundS2S:
     def connected(self, io) -> None:
         self.io = io
         self.record = self.ctx.table.add(
-            ConnectionRecord(INBOUND, io.peer, self.ctx.clock.seconds()), closer=io.fail)
+            ConnectionRecord(INBOUND, io.peer, self.ctx.clock.seconds()), closer=io.fail, route=self)
+        self.dialback = DialbackPairs(self)
         self._timer = self.ctx.clock.callLater(self.ctx.auth_timeout, self._auth_timeout)
         if self.direct_tls:
             # XEP-0368: TLS from the first byte; SNI picks the certificate.
             default = sorted(self.ctx.local_domains)[0]
             io.start_tls(self.ctx.tls.server_creator(default, ALPN_S2S))
+
+    @property
+    def dialback_stream_id(self) -> str | None:
+        return self.stream_id
 
     def error_header(self) -> dict:
         return {"id": self.stream_id or new_stream_id(), "from": self._to, "version": "1.0"}
@@ -128,6 +134,8 @@ class InboundS2S:
             extra.append(starttls)
         if not self._sasl_done and sasl_external_offer(tls, self._from):
             extra.append(sasl_mechanisms(["EXTERNAL"]))
+        if self.ctx.bidi and not self.record.bidi:
+            extra.append(domish.Element((ns.BIDI_FEATURE, "bidi")))
         return dialback.features_element(extra)
 
     @staticmethod
@@ -143,11 +151,14 @@ class InboundS2S:
         self._gone = True
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
-        for _ in range(len(self._pending)):
-            self.ctx.budget.release()
-        self._pending.clear()
+        if self.dialback is not None:
+            self.dialback.close()
         if self.record is not None:
             self.ctx.table.remove(self.record)
+            # Reverse requests we made here can no longer succeed.
+            for pair in list(self.record.pairs.values()):
+                if pair.origin != REMOTE and pair.state == PENDING:
+                    self.ctx.table.pair_changed(pair.local, pair.remote, False)
 
     def _auth_timeout(self) -> None:
         self._timer = None
@@ -160,7 +171,12 @@ class InboundS2S:
         if uri == ns.SERVER and element.name in ns.STANZA_NAMES:
             self._stanza(element)
         elif uri == ns.DIALBACK and element.name == "result":
-            self._result(element)
+            if element.getAttribute("type"):
+                self.dialback.answer(element)  # only answers to our own (reverse) requests
+            else:
+                self.dialback.request(element)
+        elif uri == ns.BIDI and element.name == "bidi" and self.ctx.bidi:
+            self._bidi()
         elif uri == ns.DIALBACK and element.name == "verify":
             self._verify(element)
         elif uri == ns.TLS and element.name == "starttls":
@@ -182,6 +198,7 @@ class InboundS2S:
             self.io.close()
             return
         self.io.write(f"<proceed xmlns='{ns.TLS}'/>")
+        self.record.bidi = False  # a bidi request made before TLS does not survive it
         default = self._to or sorted(self.ctx.local_domains)[0]
         self.io.start_tls(self.ctx.tls.server_creator(default))
         self.io.restart()
@@ -211,112 +228,49 @@ class InboundS2S:
         self._sasl_done = True
         self.record.remote_domain = self._from
         self.record.set_pair(self._to, self._from, VALID, SASL_EXTERNAL, self.ctx.clock.seconds())
+        if self.record.bidi:
+            self.ctx.table.pair_changed(self._to, self._from, True)
         log.info("Authenticated {local} <- {remote} by SASL EXTERNAL from {peer}",
                  local=self._to, remote=self._from, peer=self.io.peer)
         self.io.write(f"<success xmlns='{ns.SASL}'/>")
         self.io.restart()
 
+    def _bidi(self) -> None:
+        """XEP-0288: the peer asks to use this stream both ways."""
+        self.record.bidi = True
+        log.info("Bidirectional stream with {peer}", peer=self.io.peer)
+        for pair in self.record.valid_pairs():  # pairs proven before the request
+            self.ctx.table.pair_changed(pair.local, pair.remote, True)
+
+    # -- a route for our stanzas once bidi is on --------------------------------
+    def write_stanza(self, local: str, remote: str, stanza: domish.Element) -> None:
+        self.record.pairs[(local, remote)].stanzas_out += 1
+        self.io.write(serialize(stanza, ns.SERVER))
+
+    def authenticate_reverse(self, local: str, remote: str) -> bool:
+        """Ask the peer to accept ``local`` in the reverse direction; only
+        towards a domain the peer proved here (XEP-0288)."""
+        if not (self.record.bidi and self.record.proven_remote(remote)):
+            return False
+        if self.record.state_of(local, remote) in (PENDING, VALID):
+            return True
+        self.dialback.ask(local, remote)
+        return True
+
     def _stanza(self, stanza: domish.Element) -> None:
         record = self.record
         if not record.authenticated:
             raise StreamFailure("not-authorized", "no domain pair is authenticated on this stream")
-        to, sender = stanza.getAttribute("to"), stanza.getAttribute("from")
-        if not to or not sender:
-            raise StreamFailure("improper-addressing", "stanza without 'to' or 'from'")
-        try:
-            to_domain, from_domain = domain_of(to), domain_of(sender)
-        except InvalidDomain:
-            raise StreamFailure("improper-addressing", "malformed address") from None
-        if not record.is_valid(to_domain, from_domain):
-            # Work out which rule failed only on the slow path.
-            if not record.has_valid_remote(from_domain):
-                raise StreamFailure("invalid-from", f"{from_domain} is not authenticated on this stream")
-            raise StreamFailure("host-unknown", f"{to_domain} is not authenticated for {from_domain}")
+        to_domain, from_domain = check_incoming(record, stanza, self.ctx.local_domains)
         record.pairs[(to_domain, from_domain)].stanzas_in += 1
         self.ctx.router.route(stanza, to_domain, from_domain)
-
-    def _addresses(self, element: domish.Element) -> tuple[str, str]:
-        try:
-            return (normalize_domain(element.getAttribute("from") or ""),
-                    normalize_domain(element.getAttribute("to") or ""))
-        except InvalidDomain:
-            raise StreamFailure("improper-addressing", f"malformed address on db:{element.name}") from None
-
-    def _result(self, element: domish.Element) -> None:
-        if element.getAttribute("type"):
-            # An answer on a stream where we asked nothing: never accept it.
-            log.warn("Ignoring unsolicited db:result type={type} from {peer}",
-                     type=element["type"], peer=self.io.peer)
-            return
-        originating, receiving = self._addresses(element)
-        key = str(element).strip()
-        answer_error = lambda cond, text=None: self.io.send(
-            dialback.result_error(receiving, originating, cond, text))
-        if receiving not in self.ctx.local_domains:
-            return answer_error("item-not-found", f"{receiving} is not served here")
-        if self.ctx.is_blocked(originating):
-            return answer_error("policy-violation", self.ctx.policy.why_blocked(originating))
-        refusal, method = dialback_request(self.ctx.policy.for_peer(originating), self.io.tls, originating)
-        if refusal is not None:
-            log.info("Dialback from {remote} refused: {text}", remote=originating, text=refusal.text)
-            return answer_error(refusal.condition, refusal.text)
-        pair = (receiving, originating)
-        if pair in self._pending:
-            return  # already being verified; the one answer will serve both
-        if not key:
-            return answer_error("not-authorized", "empty dialback key")
-        if self.record.remote_domain is None:
-            self.record.remote_domain = originating
-        if method == DIALBACK_WITH_CERT:
-            # XEP-0344: the certificate already proves the domain.
-            self.record.set_pair(receiving, originating, VALID, method, self.ctx.clock.seconds())
-            log.info("Dialback valid for {local} <- {remote} by certificate (no callback)",
-                     local=receiving, remote=originating)
-            self.io.send(dialback.result_answer(receiving, originating, True))
-            return
-        if len(self._pending) >= self.ctx.max_pending_per_stream or not self.ctx.budget.acquire():
-            return answer_error("resource-constraint", "too many verifications in progress")
-        self.record.set_pair(receiving, originating, PENDING, DIALBACK, self.ctx.clock.seconds())
-        d = self.ctx.verifier.verify(receiving, originating, self.stream_id, key)
-        self._pending[pair] = d
-        d.addCallbacks(self._verified, self._verify_failed,
-                       callbackArgs=(receiving, originating), errbackArgs=(receiving, originating))
-        d.addErrback(lambda f: log.failure("Dialback answer failed", f))
-
-    def _finish(self, receiving: str, originating: str) -> bool:
-        if self._pending.pop((receiving, originating), None) is None:
-            return False
-        self.ctx.budget.release()
-        return not self._gone
-
-    def _verified(self, valid: bool, receiving: str, originating: str) -> None:
-        if not self._finish(receiving, originating):
-            return
-        state = VALID if valid else INVALID
-        self.record.set_pair(receiving, originating, state, DIALBACK, self.ctx.clock.seconds())
-        log.info("Dialback {state} for {local} <- {remote} from {peer}", state=state,
-                 local=receiving, remote=originating, peer=self.io.peer)
-        self.io.send(dialback.result_answer(receiving, originating, valid))
-
-    def _verify_failed(self, failure, receiving: str, originating: str) -> None:
-        if not self._finish(receiving, originating):
-            return
-        if failure.check(DialbackError):
-            condition, text = failure.value.condition, failure.value.text
-        else:
-            log.failure("Dialback verification error", failure)
-            condition, text = "remote-connection-failed", None
-        self.record.set_pair(receiving, originating, INVALID, DIALBACK, self.ctx.clock.seconds())
-        log.info("Dialback error {condition} for {local} <- {remote}", condition=condition,
-                 local=receiving, remote=originating)
-        self.io.send(dialback.result_error(receiving, originating, condition, text))
 
     def _verify(self, element: domish.Element) -> None:
         if element.getAttribute("type"):
             log.warn("Ignoring unsolicited db:verify type={type} from {peer}",
                      type=element["type"], peer=self.io.peer)
             return
-        receiving, originating = self._addresses(element)
+        receiving, originating = addresses(element)
         stream_id = element.getAttribute("id")
         if not stream_id:
             raise StreamFailure("improper-addressing", "db:verify without an id")

@@ -41,6 +41,7 @@ class InitiatingStream:
     """Base handler for streams we initiate to ``remote`` as ``local``."""
 
     use_sasl = False
+    use_bidi = False
 
     def __init__(self, ctx, local: str, remote: str):
         self.ctx = ctx
@@ -54,6 +55,7 @@ class InitiatingStream:
         self.sasl_done = False
         self._sasl_tried = False
         self._sasl_announced = False
+        self.bidi_sent = False
 
     @property
     def policy(self):
@@ -126,6 +128,12 @@ class InitiatingStream:
         if refusal is not None:
             self.refuse(refusal)
             return
+        if (self.use_bidi and self.ctx.bidi and features is not None and not self.bidi_sent
+                and _child(features, ns.BIDI_FEATURE, "bidi") is not None):
+            # XEP-0288: after TLS, before SASL or dialback; no answer comes.
+            self.bidi_sent = True
+            io.write(f"<bidi xmlns='{ns.BIDI}'/>")
+            self.bidi_enabled()
         if self.sasl_done and not self._sasl_announced:
             self._sasl_announced = True
             self.sasl_succeeded()
@@ -160,6 +168,9 @@ class InitiatingStream:
         raise NotImplementedError
 
     def sasl_succeeded(self) -> None:
+        pass
+
+    def bidi_enabled(self) -> None:
         pass
 
     def negotiated_element(self, element: domish.Element) -> None:

@@ -19,8 +19,9 @@ from twisted.words.xish import domish
 from fedgate.domain import InvalidDomain, normalize_domain
 from fedgate.s2s import dialback
 from fedgate.s2s.initiating import InitiatingStream
-from fedgate.s2s.pairs import INVALID, OUTBOUND, PENDING, VALID, ConnectionRecord
-from fedgate.s2s.policy_check import DIALBACK, SASL_EXTERNAL
+from fedgate.s2s.pairing import DialbackPairs, check_incoming
+from fedgate.s2s.pairs import OUTBOUND, PENDING, VALID, ConnectionRecord
+from fedgate.s2s.policy_check import SASL_EXTERNAL
 from fedgate.stream import namespaces as ns
 from fedgate.stream.errors import StreamFailure, error_condition, error_text
 from fedgate.stream.serialize import serialize
@@ -32,11 +33,13 @@ class OutboundS2S(InitiatingStream):
     """The handler of one outbound S2S connection to ``remote``."""
 
     use_sasl = True
+    use_bidi = True
 
     def __init__(self, ctx, remote: str, first_local: str, owner):
         super().__init__(ctx, first_local, remote)
         self.owner = owner
         self.record: ConnectionRecord | None = None
+        self.dialback: DialbackPairs | None = None
         self.is_open = False
         self._wanted: list[str] = []
         self._timer = None
@@ -45,10 +48,15 @@ class OutboundS2S(InitiatingStream):
     def first_local(self) -> str:
         return self.local
 
+    @property
+    def dialback_stream_id(self) -> str | None:
+        return self.stream_id
+
     def connected(self, io) -> None:
         self.record = self.ctx.table.add(
             ConnectionRecord(OUTBOUND, io.peer, self.ctx.clock.seconds(), remote_domain=self.remote),
-            closer=io.fail)
+            closer=io.fail, route=self)
+        self.dialback = DialbackPairs(self, may_accept=self._may_accept, on_result=self._pair_result)
         self._timer = self.ctx.clock.callLater(self.ctx.auth_timeout, self._auth_timeout)
         super().connected(io)
 
@@ -84,52 +92,52 @@ class OutboundS2S(InitiatingStream):
             if local not in self._wanted:
                 self._wanted.append(local)
             return
-        self.record.set_pair(local, self.remote, PENDING, DIALBACK, self.ctx.clock.seconds())
-        key = dialback.dialback_key(self.ctx.secret, self.remote, local, self.stream_id)
-        self.io.write(dialback.result_request(local, self.remote, key))
+        self.dialback.ask(local, self.remote)
 
     def is_valid(self, local: str) -> bool:
-        return self.record is not None and self.record.is_valid(local, self.remote)
+        return self.record is not None and self.record.can_send(local, self.remote)
 
     def send_stanza(self, local: str, stanza: domish.Element) -> None:
-        self.record.pairs[(local, self.remote)].stanzas_out += 1
+        self.write_stanza(local, self.remote, stanza)
+
+    # -- a route for other destinations once bidi allows ------------------------
+    def write_stanza(self, local: str, remote: str, stanza: domish.Element) -> None:
+        self.record.pairs[(local, remote)].stanzas_out += 1
         self.io.write(serialize(stanza, ns.SERVER))
+
+    def authenticate_reverse(self, local: str, remote: str) -> bool:
+        return False  # further remote domains get their own outbound stream
+
+    def bidi_enabled(self) -> None:
+        self.record.bidi = True
 
     def negotiated_element(self, element: domish.Element) -> None:
         uri, name = element.uri, element.name
         if uri == ns.DIALBACK and name == "result":
-            self._result(element)
+            if element.getAttribute("type"):
+                self.dialback.answer(element)
+            elif self.record.bidi:
+                self.dialback.request(element)  # the peer adds a domain in reverse
+            else:
+                raise StreamFailure("unsupported-stanza-type", "dialback requests need bidi here")
         elif uri == ns.DIALBACK and name == "verify":
             log.warn("Ignoring db:verify on an outbound stream from {remote}", remote=self.remote)
+        elif uri == ns.SERVER and name in ns.STANZA_NAMES and self.record.bidi:
+            to_domain, from_domain = check_incoming(self.record, element, self.ctx.local_domains)
+            self.record.pairs[(to_domain, from_domain)].stanzas_in += 1
+            self.ctx.router.route(element, to_domain, from_domain)
         else:
             raise StreamFailure("unsupported-stanza-type",
                                 "stanzas are not accepted on this stream (no bidi)")
 
-    def _result(self, element: domish.Element) -> None:
-        try:
-            remote = normalize_domain(element.getAttribute("from") or "")
-            local = normalize_domain(element.getAttribute("to") or "")
-        except InvalidDomain:
-            raise StreamFailure("improper-addressing", "malformed address on db:result") from None
-        if remote != self.remote or self.record.state_of(local, remote) != PENDING:
-            log.warn("Ignoring db:result for a request not made on this stream: {local} -> {remote}",
-                     local=local, remote=remote)
-            return
-        kind = element.getAttribute("type")
-        now = self.ctx.clock.seconds()
-        if kind == "valid":
-            self.record.set_pair(local, remote, VALID, DIALBACK, now)
-            log.info("Authenticated {local} -> {remote} by dialback", local=local, remote=remote)
+    def _may_accept(self, receiving: str, originating: str) -> bool:
+        """Reverse requests only towards our domains already proven here."""
+        return self.record.proven_local(receiving)
+
+    def _pair_result(self, local: str, state: str, condition, text) -> None:
+        if state == VALID:
             self._cancel_timer()
-            self.owner.pair_result(self, local, VALID, None)
-        elif kind == "invalid":
-            self.record.set_pair(local, remote, INVALID, DIALBACK, now)
-            self.owner.pair_result(self, local, INVALID, None)
-        elif kind == "error":
-            self.record.set_pair(local, remote, INVALID, DIALBACK, now)
-            self.owner.pair_result(self, local, "error", error_condition(element), error_text(element))
-        else:
-            log.warn("Ignoring db:result with type {type}", type=kind)
+        self.owner.pair_result(self, local, state, condition, text)
 
     def reject_stanza(self, stanza, failure) -> None:
         self.ctx.router.bounce(stanza, failure.condition, failure.text)
@@ -150,6 +158,8 @@ class OutboundS2S(InitiatingStream):
 
     def disconnected(self, reason) -> None:
         self._cancel_timer()
+        if self.dialback is not None:
+            self.dialback.close()
         if self.record is not None:
             self.ctx.table.remove(self.record)
         self.owner.stream_closed(self)

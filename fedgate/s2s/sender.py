@@ -37,6 +37,7 @@ BOUNCE = {
 }
 
 IDLE, CONNECTING, OPEN, BACKOFF = "idle", "connecting", "open", "backoff"
+REVERSE = "reverse"  # authenticating in the reverse direction on a bidi stream
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,7 @@ class Destination:
         self.last_error: str | None = None
         self.retry_at: float | None = None
         self._last_condition: str | None = None
+        self._routes: dict = {}
         self._retry_timer = None
         self._expiry_timer = None
         self._operator_closed: OutboundS2S | None = None
@@ -93,6 +95,11 @@ class Destination:
             stream.send_stanza(local, stanza)
             sender.delivered += 1
             return
+        route = self._route(local)
+        if route is not None:  # an inbound bidi stream already carries the pair
+            route.write_stanza(local, self.remote, stanza)
+            sender.delivered += 1
+            return
         size = stanza_size(stanza)
         settings = sender.settings
         if len(self.queue) >= settings.max_stanzas or self.queued_bytes + size > settings.max_bytes:
@@ -102,9 +109,60 @@ class Destination:
         self.queued_bytes += size
         self._schedule_expiry()
         if self.state == IDLE:
-            self._connect(local)
+            self._start(local)
         elif stream is not None:
             stream.authenticate(local)
+        elif self.state == REVERSE:
+            self._start(local)
+
+    # -- choosing the stream: one place -------------------------------------
+    def _route(self, local: str):
+        """A bidi connection that may carry local -> remote, if any (cached
+        per local domain, checked on every use)."""
+        table = self.sender.ctx.table
+        cached = self._routes.get(local)
+        if cached is not None:
+            record_id, route = cached
+            record = table.get(record_id)
+            if record is not None and record.can_send(local, self.remote):
+                return route
+            del self._routes[local]
+        found = table.route_for(local, self.remote)
+        if found is None:
+            return None
+        record, route = found
+        self._routes[local] = (record.id, route)
+        return route
+
+    def _start(self, local: str) -> None:
+        """Reuse a bidi stream on which the remote domain is proven (asking
+        it to accept ``local`` in the reverse direction); else connect."""
+        found = self.sender.ctx.table.reverse_route(self.remote)
+        if found is not None and found[1].authenticate_reverse(local, self.remote):
+            self.state = REVERSE
+            return
+        self._connect(local)
+
+    def pair_changed(self, local: str, usable: bool) -> None:
+        """A pair for this destination became usable on a bidi stream, or a
+        reverse request failed (then a connection of our own is the way)."""
+        if usable:
+            route = self._route(local)
+            if route is None:
+                return
+            keep: deque[_Queued] = deque()
+            for item in self.queue:
+                if item.local == local:
+                    route.write_stanza(local, self.remote, item.stanza)
+                    self.sender.delivered += 1
+                    self.queued_bytes -= item.size
+                else:
+                    keep.append(item)
+            self.queue = keep
+            if self.state == REVERSE and not self.queue:
+                self.state = IDLE
+        elif self.state == REVERSE:
+            self._connect(local)
 
     # -- connection lifecycle ---------------------------------------------
     def _connect(self, local: str) -> None:
@@ -289,6 +347,12 @@ class S2SSender:
         self.rng = rng or random.Random()
         self.destinations: dict[str, Destination] = {}
         self.accepted = self.delivered = self.bounced = 0
+        ctx.table.on_pair_changed(self._pair_changed)
+
+    def _pair_changed(self, local: str, remote: str, usable: bool) -> None:
+        destination = self.destinations.get(remote)
+        if destination is not None:
+            destination.pair_changed(local, usable)
 
     def send(self, local: str, remote: str, stanza: domish.Element) -> None:
         destination = self.destinations.get(remote)
