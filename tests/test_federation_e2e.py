@@ -6,7 +6,9 @@ so the gateways take the same resolution path as in production.
 
 from __future__ import annotations
 
-from twisted.internet import defer, reactor
+import os
+
+from twisted.internet import defer, reactor, task, utils
 from twisted.trial import unittest
 
 from fedgate.s2s.pairs import INBOUND, OUTBOUND, VALID
@@ -174,3 +176,23 @@ class TwoGatewaysBidi(unittest.TestCase):
         self.assertEqual(in_b.pairs[("chat.b.example", "chat.a.example")].stanzas_out, 1)
         self.assertEqual(in_b.pairs[("muc.b.example", "chat.a.example")].stanzas_out, 3)
         self.assertEqual(in_b.pairs[("muc.b.example", "chat.a.example")].stanzas_in, 1)
+
+        # From the OS: once the short-lived verification connections are
+        # gone, exactly one TCP connection joins A and B's S2S port.
+        port = self.b.port_of("s2s")
+        for _ in range(100):
+            established = yield established_to(port)
+            if established == 1:
+                break
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(established, 1)
+        established_to_a = yield established_to(self.a.port_of("s2s"))
+        self.assertEqual(established_to_a, 0, "B opened no connection to A")
+
+
+@defer.inlineCallbacks
+def established_to(port: int):
+    """Established TCP connections to 127.0.0.1:port, as `ss` sees them."""
+    out = yield utils.getProcessOutput("ss", ["-Htn", "state", "established", f"( dport = :{port} )"],
+                                       env=os.environ, reactor=reactor)
+    return len([line for line in out.decode().splitlines() if line.strip()])
