@@ -14,6 +14,8 @@ from pathlib import Path
 
 from twisted.internet.endpoints import _parseServer  # validation only
 
+from fedgate.component.credentials import Credential
+from fedgate.component.scram import ScramKeys
 from fedgate.domain import InvalidDomain, normalize_domain
 from fedgate.policy import AUTHENTICATIONS, ENCRYPTIONS, MODES, MODE_OPEN, PeerPolicy
 
@@ -62,7 +64,14 @@ class S2SConfig:
 class ComponentsConfig:
     listen: tuple[str, ...] = ("tcp:5347:interface=127.0.0.1",)
     auth_timeout: float = 30.0
+    #: XEP-0114: domain -> ComponentConfig (a shared secret each)
     domains: dict = field(default_factory=dict)
+    #: XEP-0225: identity domain -> Credential (SCRAM keys, allowed hostnames)
+    credentials: dict = field(default_factory=dict)
+    require_tls: bool = True
+    max_hostnames: int = 32
+    stamp_from: bool = True
+    load_balanced: frozenset = frozenset()
 
 
 @dataclass(frozen=True)
@@ -120,7 +129,11 @@ class Config:
     @property
     def local_domains(self) -> frozenset:
         """Every domain this gateway answers for: its own and its components'."""
-        return frozenset(self.domains) | frozenset(self.components.domains)
+        hostnames = set()
+        for credential in self.components.credentials.values():
+            hostnames.add(credential.domain)
+            hostnames |= credential.allowed
+        return frozenset(self.domains) | frozenset(self.components.domains) | frozenset(hostnames)
 
 
 class _Reader:
@@ -288,10 +301,35 @@ def parse_config(data: dict, path="<config>") -> Config:
         if domain in domains:
             raise c.error(f"domains.{raw}", "is also one of the gateway's own domains")
         comps[domain] = ComponentConfig(domain, secret)
+    credentials = {}
+    for raw, table in c.table_of("credentials").items():
+        if not isinstance(table, dict):
+            raise c.error(f"credentials.{raw}", "expected a table")
+        kr = _Reader(path, table, f"components.credentials.{raw}.")
+        domain = _domain(c, f"credentials.{raw}", raw)
+        keys = {}
+        for name in ("scram_sha1", "scram_sha256"):
+            text = kr.get(name, str, None)
+            if text:
+                try:
+                    keys[name] = ScramKeys.decode(text)
+                except ValueError as exc:
+                    raise kr.error(name, str(exc)) from None
+        if not keys:
+            raise kr.error("scram_sha256", "a credential needs scram_sha256 and/or scram_sha1 "
+                                           "(python3 -m fedgate.component.scram makes them)")
+        allowed = frozenset(_domain(kr, "allowed", d) for d in kr.get("allowed", list, []))
+        kr.done()
+        credentials[domain] = Credential(domain, keys.get("scram_sha1"), keys.get("scram_sha256"), allowed)
     components = ComponentsConfig(
         listen=_endpoints(c, "listen", ComponentsConfig.listen),
         auth_timeout=c.positive("auth_timeout", float, ComponentsConfig.auth_timeout),
         domains=comps,
+        credentials=credentials,
+        require_tls=c.get("require_tls", bool, True),
+        max_hostnames=c.positive("max_hostnames", int, ComponentsConfig.max_hostnames),
+        stamp_from=c.get("stamp_from", bool, True),
+        load_balanced=frozenset(_domain(c, "load_balanced", d) for d in c.get("load_balanced", list, [])),
     )
     c.done()
 

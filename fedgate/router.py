@@ -39,6 +39,26 @@ class LocalDomains:
         return len(self._router.local_domains)
 
 
+class SessionGroup:
+    """Component sessions sharing one load-balanced domain, used in turn."""
+
+    def __init__(self):
+        self.members: list = []
+        self._next = 0
+
+    def add(self, session) -> None:
+        if session not in self.members:
+            self.members.append(session)
+
+    def remove(self, session) -> None:
+        if session in self.members:
+            self.members.remove(session)
+
+    def deliver(self, stanza) -> None:
+        self._next = (self._next + 1) % len(self.members)
+        self.members[self._next].deliver(stanza)
+
+
 class Router:
     def __init__(self, own_domains, component_domains, local_handler=None, sender=None):
         self.own_domains = frozenset(own_domains)
@@ -57,16 +77,28 @@ class Router:
         return self.own_domains | frozenset(self.component_domains)
 
     # -- component routes ---------------------------------------------------
-    def bind(self, domain: str, session) -> bool:
-        """Route ``domain`` to ``session``; False if another session has it."""
+    def bind(self, domain: str, session, shared: bool = False) -> bool:
+        """Route ``domain`` to ``session``; False if another session has it.
+        With ``shared`` (a load-balanced domain) sessions join a group that
+        takes stanzas in turn."""
         current = self.components.get(domain)
+        if shared and (current is None or isinstance(current, SessionGroup)):
+            if current is None:
+                current = self.components[domain] = SessionGroup()
+            current.add(session)
+            return True
         if current is not None and current is not session:
             return False
         self.components[domain] = session
         return True
 
     def unbind(self, domain: str, session) -> None:
-        if self.components.get(domain) is session:
+        current = self.components.get(domain)
+        if isinstance(current, SessionGroup):
+            current.remove(session)
+            if not current.members:
+                del self.components[domain]
+        elif current is session:
             del self.components[domain]
 
     # -- routing ------------------------------------------------------------

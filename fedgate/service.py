@@ -17,6 +17,9 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 
 from fedgate.component.accept import ComponentAccept
+from fedgate.component.credentials import CredentialRegistry
+from fedgate.component.listener import ComponentListenerStream
+from fedgate.component.xep0225 import Xep0225Settings, Xep0225Stream
 from fedgate.config import Config, dialback_secret
 from fedgate.local import LocalHandler
 from fedgate.policy import PolicyTable
@@ -64,7 +67,7 @@ class Gateway(service.Service):
                              max_elements=config.limits.max_elements)
         self.streams: weakref.WeakSet = weakref.WeakSet()
         self.table = ConnectionTable()
-        self.router = Router(config.domains, config.components.domains)
+        self.router = Router(config.domains, config.local_domains - frozenset(config.domains))
         self.router.local_handler = LocalHandler(self.router)
         self.policy = PolicyTable(s2s.default_policy, dict(s2s.peers), s2s.mode)
         self.tls = self._tls_contexts(config)
@@ -97,6 +100,7 @@ class Gateway(service.Service):
         self.router.sender = self.sender
         self.verifier.ctx = self.ctx
         self.component_secrets = {d: c.secret for d, c in config.components.domains.items()}
+        self.component_credentials = CredentialRegistry(config.components.credentials)
         self.ports: dict[str, list] = {"s2s": [], "s2s_direct_tls": [], "components": []}
 
     @staticmethod
@@ -122,9 +126,18 @@ class Gateway(service.Service):
     def _inbound_direct_tls(self) -> InboundS2S:
         return InboundS2S(self.ctx, direct_tls=True)
 
-    def _component(self) -> ComponentAccept:
+    def _component(self) -> ComponentListenerStream:
+        return ComponentListenerStream(self._component_0114, self._component_0225)
+
+    def _component_0114(self) -> ComponentAccept:
         return ComponentAccept(self.component_secrets, self.router, self.reactor,
                                self.config.components.auth_timeout)
+
+    def _component_0225(self) -> Xep0225Stream:
+        c = self.config.components
+        return Xep0225Stream(self.component_credentials, self.router, self.tls, Xep0225Settings(
+            require_tls=c.require_tls, auth_timeout=c.auth_timeout, max_hostnames=c.max_hostnames,
+            stamp_from=c.stamp_from, load_balanced=c.load_balanced), self.ctx.local_domains)
 
     @defer.inlineCallbacks
     def startService(self):

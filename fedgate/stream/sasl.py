@@ -8,6 +8,7 @@ import binascii
 from twisted.words.xish import domish
 
 from fedgate.stream import namespaces as ns
+from fedgate.stream.serialize import escape_text
 
 FAILURE_CONDITIONS = frozenset({
     "aborted", "account-disabled", "credentials-expired", "encryption-required",
@@ -35,7 +36,7 @@ def sasl_failure(condition: str, text: str | None = None) -> str:
         raise ValueError(condition)
     body = f"<{condition}/>"
     if text:
-        body += f"<text>{text}</text>"
+        body += f"<text>{escape_text(text)}</text>"
     return f"<failure xmlns='{ns.SASL}'>{body}</failure>"
 
 

@@ -35,7 +35,7 @@ def test_ca() -> TestCA:
 
 
 def gateway_config(state_dir: str, domains, components: dict, *, certificates: bool = True,
-                   **s2s) -> dict:
+                   extra_hosted=(), **s2s) -> dict:
     """A config dict for a gateway listening on ephemeral loopback ports.
 
     Each hosted domain gets a certificate from the shared test CA, which the
@@ -46,7 +46,7 @@ def gateway_config(state_dir: str, domains, components: dict, *, certificates: b
     if certificates:
         ca = test_ca()
         cert_dir = Path(state_dir) / "certs"
-        for domain in list(domains) + list(components):
+        for domain in list(domains) + list(components) + list(extra_hosted):
             ca.issue(dns=(domain,)).write(cert_dir, domain)
         tls_table = {"certificates": str(cert_dir),
                      "trust_roots": str(ca.write_root(Path(state_dir) / "ca.pem"))}

@@ -1,0 +1,331 @@
+"""XEP-0225 component connections: TLS, SASL and hostname binding.
+
+States, in order: waiting for the header; (STARTTLS); SASL (SCRAM-SHA-256,
+SCRAM-SHA-1, PLAIN only over TLS, EXTERNAL with a client certificate naming
+the component's domain); after the SASL restart, hostname binding
+(``urn:xmpp:component:0``).  Several hostnames bind to one stream; routes
+come only from binding, never from the stream header.  Unbinding the last
+hostname closes the stream (the resource binding rules of XEP-0193 carried
+over to hostnames).
+
+A stanza's 'from' must be at one of the stream's bound hostnames, or the
+stream ends with ``invalid-from`` (RFC 6120 4.9.3.9): an explicit wrong
+'from' is never rewritten.  A stanza with no 'from' is stamped with the
+default (oldest bound) hostname, or refused, by configuration.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from twisted.logger import Logger
+from twisted.words.xish import domish
+
+from fedgate.component.credentials import CredentialRegistry
+from fedgate.component.scram import ScramError, ScramServer
+from fedgate.domain import InvalidDomain, domain_of, normalize_domain
+from fedgate.stream import namespaces as ns
+from fedgate.stream.errors import StanzaFailure, StreamFailure, is_bounceable, make_error_reply
+from fedgate.stream.protocol import new_stream_id
+from fedgate.stream.sasl import decode_payload, encode_payload, sasl_failure, sasl_mechanisms
+from fedgate.stream.serialize import serialize
+
+log = Logger(namespace="fedgate.component.xep0225")
+
+COMPONENT_NS = "urn:xmpp:component:0"
+MECHANISMS = ("SCRAM-SHA-256", "SCRAM-SHA-1", "PLAIN")
+
+
+@dataclass(frozen=True)
+class Xep0225Settings:
+    require_tls: bool = True
+    auth_timeout: float = 30.0
+    max_hostnames: int = 32
+    stamp_from: bool = True
+    load_balanced: frozenset = frozenset()
+
+
+def _hostname(element: domish.Element) -> tuple[str, str] | None:
+    """(route domain, hostname as given) from <bind/> or <unbind/>, or None."""
+    names = [c for c in element.elements() if c.name == "hostname"]
+    if len(names) != 1:
+        return None
+    text = str(names[0]).strip()
+    if not text or "@" in text:
+        return None
+    domain_part = text.split("/", 1)[0]
+    try:
+        return normalize_domain(domain_part), text
+    except InvalidDomain:
+        return None
+
+
+class Xep0225Stream:
+    """The handler of one XEP-0225 component stream (after the listener has
+    seen its header)."""
+
+    def __init__(self, credentials: CredentialRegistry, router, tls, settings: Xep0225Settings,
+                 served_domains):
+        self.credentials = credentials
+        self.router = router
+        self.tls = tls
+        self.settings = settings
+        self.served = served_domains
+        self.io = None
+        self.stream_id: str | None = None
+        self.to: str | None = None
+        self.identity: str | None = None  # the authenticated bare domain
+        self.bound: dict[str, str] = {}  # route domain -> hostname as bound (oldest first)
+        self.stanzas_in = self.stanzas_out = 0
+        self._scram: ScramServer | None = None
+        self._from: str | None = None
+        self._timer = None
+
+    # -- stream ---------------------------------------------------------------
+    def connected(self, io) -> None:
+        self.io = io
+        self._timer = io.clock.callLater(self.settings.auth_timeout, self._auth_timeout)
+
+    def _auth_timeout(self) -> None:
+        self._timer = None
+        if not self.bound:
+            self.io.fail("connection-timeout", "no hostname bound in time")
+
+    def error_header(self) -> dict:
+        return {"id": self.stream_id or new_stream_id(), "from": self.to, "version": "1.0"}
+
+    def header_received(self, header) -> None:
+        if header.default_ns != ns.CLIENT:
+            raise StreamFailure("invalid-namespace", "XEP-0225 streams use jabber:client")
+        version = header.get("version") or ""
+        if version.split(".")[0] != "1":
+            raise StreamFailure("unsupported-version", "XEP-0225 needs an XMPP 1.0 stream")
+        try:
+            to = normalize_domain(header.get("to") or "")
+        except InvalidDomain:
+            raise StreamFailure("host-unknown", "missing or malformed 'to'") from None
+        if self.to is not None and to != self.to:
+            raise StreamFailure("improper-addressing", "stream addresses changed on restart")
+        if to not in self.served:
+            raise StreamFailure("host-unknown", f"{to} is not served here")
+        self.to = to
+        try:
+            self._from = normalize_domain(header.get("from")) if header.get("from") else None
+        except InvalidDomain:
+            raise StreamFailure("invalid-from", "malformed 'from'") from None
+        self.stream_id = new_stream_id()
+        self.io.stream_ns = ns.CLIENT
+        self.io.open_stream({"id": self.stream_id, "from": to, "version": "1.0"}, self._features())
+
+    def _features(self) -> domish.Element:
+        features = domish.Element((ns.STREAMS, "features"))
+        io = self.io
+        if self.identity is not None:
+            features.addElement((COMPONENT_NS, "bind"))
+            return features
+        if io.tls is None and self.tls is not None and not io.tls_started:
+            starttls = features.addElement((ns.TLS, "starttls"))
+            if self.settings.require_tls:
+                starttls.addElement("required")
+                return features
+        offered = [m for m in MECHANISMS if io.tls is not None or m != "PLAIN"]
+        if io.tls is not None and io.tls.peer_certificate is not None and io.tls.chain_ok:
+            offered.append("EXTERNAL")
+        features.addChild(sasl_mechanisms(offered))
+        return features
+
+    def disconnected(self, reason) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        for domain in list(self.bound):
+            self.router.unbind(domain, self)
+        if self.bound:
+            log.info("XEP-0225 component {identity} gone; unbound {hosts}", identity=self.identity,
+                     hosts=", ".join(self.bound.values()))
+        self.bound.clear()
+
+    # -- elements -------------------------------------------------------------
+    def element_received(self, element: domish.Element) -> None:
+        uri, name = element.uri, element.name
+        if uri == ns.TLS and name == "starttls":
+            return self._starttls()
+        if uri == ns.SASL:
+            return self._sasl(element)
+        if self.identity is None:
+            raise StreamFailure("not-authorized", "authenticate first")
+        if uri != ns.CLIENT or name not in ns.STANZA_NAMES:
+            raise StreamFailure("unsupported-stanza-type", f"unexpected element {name}")
+        if name == "iq" and not element.getAttribute("to"):
+            payload = next(iter(element.elements()), None)
+            if payload is not None and payload.uri == COMPONENT_NS and element.getAttribute("type") == "set":
+                return self._bind_request(element, payload)
+        self._stanza(element)
+
+    def _starttls(self) -> None:
+        if self.tls is None or self.io.tls_started or self.identity is not None:
+            self.io.write(f"<failure xmlns='{ns.TLS}'/>")
+            self.io.close()
+            return
+        self.io.write(f"<proceed xmlns='{ns.TLS}'/>")
+        self.io.start_tls(self.tls.server_creator(self.to))
+        self.io.restart()
+
+    # -- SASL -----------------------------------------------------------------
+    def _fail(self, condition: str, text: str | None = None) -> None:
+        log.info("XEP-0225 SASL failure {condition} from {peer}", condition=condition, peer=self.io.peer)
+        self._scram = None
+        self.io.write(sasl_failure(condition, text))
+
+    def _sasl(self, element: domish.Element) -> None:
+        if self.identity is not None:
+            raise StreamFailure("policy-violation", "already authenticated")
+        if element.name == "abort":
+            return self._fail("aborted")
+        if self.settings.require_tls and self.io.tls is None:
+            return self._fail("encryption-required")
+        payload = decode_payload(str(element))
+        if payload is None:
+            return self._fail("incorrect-encoding")
+        if element.name == "auth":
+            mechanism = element.getAttribute("mechanism")
+            if mechanism == "PLAIN":
+                return self._plain(payload)
+            if mechanism == "EXTERNAL":
+                return self._external(payload)
+            if mechanism in ("SCRAM-SHA-1", "SCRAM-SHA-256"):
+                self._scram = ScramServer(mechanism, self.credentials.keys(mechanism))
+                return self._scram_step(payload, first=True)
+            return self._fail("invalid-mechanism")
+        if element.name == "response" and self._scram is not None:
+            return self._scram_step(payload, first=False)
+        return self._fail("malformed-request")
+
+    def _scram_step(self, payload: bytes, first: bool) -> None:
+        scram = self._scram
+        try:
+            if first:
+                challenge = scram.first(payload)
+                self.io.write(f"<challenge xmlns='{ns.SASL}'>{encode_payload(challenge)}</challenge>")
+                return
+            verifier = scram.final(payload)
+        except ScramError as exc:
+            return self._fail(exc.condition, exc.text)
+        self._authenticated(scram.username, scram.authzid, verifier)
+
+    def _plain(self, payload: bytes) -> None:
+        if self.io.tls is None:
+            return self._fail("encryption-required")  # PLAIN only over TLS
+        try:
+            authzid, username, password = payload.decode("utf-8").split("\0")
+        except (UnicodeDecodeError, ValueError):
+            return self._fail("malformed-request")
+        if not self.credentials.check_plain(username, password):
+            return self._fail("not-authorized")
+        self._authenticated(username, authzid or None, None)
+
+    def _external(self, payload: bytes) -> None:
+        tls = self.io.tls
+        try:
+            wanted = payload.decode("utf-8")
+        except UnicodeDecodeError:
+            return self._fail("incorrect-encoding")
+        identity = wanted or self._from
+        if tls is None or not identity or not tls.valid_for(identity):
+            return self._fail("not-authorized", "no valid client certificate for that domain")
+        self._authenticated(identity, None, None)
+
+    def _authenticated(self, username: str, authzid: str | None, verifier: bytes | None) -> None:
+        try:
+            identity = normalize_domain(username)
+        except InvalidDomain:
+            return self._fail("not-authorized", "the identity must be a domain")
+        if authzid not in (None, "", identity):
+            return self._fail("invalid-authzid")
+        self.identity = identity
+        self._scram = None
+        log.info("XEP-0225 component authenticated as {identity} from {peer}", identity=identity,
+                 peer=self.io.peer)
+        data = encode_payload(verifier) if verifier else ""
+        self.io.write(f"<success xmlns='{ns.SASL}'>{data}</success>" if data else f"<success xmlns='{ns.SASL}'/>")
+        self.io.restart()
+
+    # -- binding ----------------------------------------------------------------
+    def _reply(self, request: domish.Element, child: domish.Element | None = None) -> None:
+        reply = domish.Element((None, "iq"))
+        reply["type"] = "result"
+        reply["id"] = request.getAttribute("id", "")
+        if child is not None:
+            reply.addChild(child)
+        self.io.send(reply)
+
+    def _error(self, request: domish.Element, condition: str, text: str | None = None) -> None:
+        self.io.send(make_error_reply(request, condition, text))
+
+    def _bind_request(self, request: domish.Element, payload: domish.Element) -> None:
+        parsed = _hostname(payload)
+        if payload.name not in ("bind", "unbind") or parsed is None:
+            return self._error(request, "bad-request", "expected one <hostname/> with a domain")
+        domain, hostname = parsed
+        if payload.name == "unbind":
+            return self._unbind(request, domain)
+        if domain in self.bound:
+            return self._error(request, "conflict", f"{domain} is already bound on this stream")
+        if not self.credentials.may_bind(self.identity, domain):
+            return self._error(request, "not-allowed", f"{self.identity} may not bind {domain}")
+        if len(self.bound) >= self.settings.max_hostnames:
+            return self._error(request, "resource-constraint", "too many hostnames on this stream")
+        if not self.router.bind(domain, self, shared=domain in self.settings.load_balanced):
+            return self._error(request, "conflict", f"{domain} is bound by another stream")
+        self.bound[domain] = hostname
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        log.info("XEP-0225 bound {hostname} for {identity}", hostname=hostname, identity=self.identity)
+        result = domish.Element((COMPONENT_NS, "bind"))
+        result.addElement("hostname", content=hostname)
+        self._reply(request, result)
+
+    def _unbind(self, request: domish.Element, domain: str) -> None:
+        if domain not in self.bound:
+            return self._error(request, "item-not-found", f"{domain} is not bound on this stream")
+        del self.bound[domain]
+        self.router.unbind(domain, self)
+        log.info("XEP-0225 unbound {domain} for {identity}", domain=domain, identity=self.identity)
+        self._reply(request)
+        if not self.bound:
+            self.io.close()  # the last hostname is gone (XEP-0193)
+
+    # -- stanzas ----------------------------------------------------------------
+    def _stanza(self, stanza: domish.Element) -> None:
+        sender = stanza.getAttribute("from")
+        if not self.bound:
+            raise StreamFailure("not-authorized", "bind a hostname first")
+        if not sender:
+            if not self.settings.stamp_from:
+                raise StanzaFailure("bad-request", "a stanza needs a 'from' on a multi-hostname stream")
+            sender = stanza["from"] = next(iter(self.bound.values()))
+        try:
+            from_domain = domain_of(sender)
+        except InvalidDomain:
+            raise StreamFailure("improper-addressing", "malformed 'from'") from None
+        if from_domain not in self.bound:
+            raise StreamFailure("invalid-from", f"'from' must be at a bound hostname")
+        to = stanza.getAttribute("to")
+        if not to:
+            raise StanzaFailure("bad-request", "stanza without 'to'")
+        try:
+            to_domain = domain_of(to)
+        except InvalidDomain:
+            raise StanzaFailure("jid-malformed", "malformed 'to'") from None
+        self.stanzas_in += 1
+        self.router.route(stanza, to_domain, from_domain)
+
+    def deliver(self, stanza: domish.Element) -> None:
+        self.stanzas_out += 1
+        self.io.write(serialize(stanza, ns.CLIENT))
+
+    def reject_stanza(self, stanza: domish.Element, failure: StanzaFailure) -> None:
+        if is_bounceable(stanza):
+            self.io.send(make_error_reply(stanza, failure.condition, failure.text))
+
+    def disconnect(self, condition: str = "policy-violation", text: str | None = None) -> None:
+        self.io.fail(condition, text)

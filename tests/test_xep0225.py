@@ -1,0 +1,212 @@
+"""XEP-0225 component connections over real sockets: TLS, SASL, binding,
+federation between two gateways, and the XEP's error cases."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from twisted.internet import defer, reactor, task
+from twisted.trial import unittest
+
+from fedgate.component.scram import derive
+from tests.support.component_client import connect_component
+from tests.support.dnsserver import TestDNSServer
+from tests.support.gateway import gateway_config, publish, start_gateway, temp_dir, test_ca
+from tests.support.xep0225_client import SaslFailed, connect, error_condition
+
+TIMEOUT = 10
+PASSWORD = "correct horse battery staple"
+HOSTNAMES = ["svc.b.example", "bot.b.example"]
+
+
+def credential(password=PASSWORD, allowed=HOSTNAMES):
+    return {"scram_sha256": derive(password, "sha256").encode(),
+            "scram_sha1": derive(password, "sha1").encode(), "allowed": list(allowed)}
+
+
+class Xep0225Case(unittest.TestCase):
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.dns = TestDNSServer(reactor)
+        dns_port = self.dns.start()
+        self.addCleanup(self.dns.stop)
+        a_conf = gateway_config(temp_dir(self), ["a.example"], {"chat.a.example": "sa"})
+        b_dir = temp_dir(self)
+        b_conf = gateway_config(b_dir, ["b.example"], {}, extra_hosted=HOSTNAMES + ["lb.b.example", "other.b.example"])
+        b_conf["components"].update({
+            "credentials": {"svc.b.example": credential(),
+                            "other.b.example": credential("other password", ["other.b.example", "lb.b.example"])},
+            "load_balanced": ["lb.b.example"],
+        })
+        self.ca_file = Path(b_dir) / "ca.pem"
+        self.a = yield start_gateway(reactor, a_conf, dns_port, self)
+        self.b = yield start_gateway(reactor, b_conf, dns_port, self)
+        publish(self.dns, self.a, ["a.example", "chat.a.example"], "gw-a.example")
+        publish(self.dns, self.b, ["b.example"] + HOSTNAMES, "gw-b.example")
+        self.chat = yield connect_component(reactor, "127.0.0.1", self.a.port_of("components"),
+                                            "chat.a.example", "sa")
+        self.addCleanup(self.chat.close)
+
+    @defer.inlineCallbacks
+    def client(self, to="b.example", sender="svc.b.example", tls=True, mechanism="SCRAM-SHA-256",
+               username="svc.b.example", password=PASSWORD, cert=None):
+        c = yield connect(reactor, self.b.port_of("components"), to, sender)
+        self.addCleanup(c.close)
+        if tls:
+            yield c.starttls(self.ca_file, *(cert or (None, None)))
+        if mechanism:
+            yield c.auth(mechanism, username, password)
+        return c
+
+
+class FederationTests(Xep0225Case):
+    @defer.inlineCallbacks
+    def test_two_hostnames_over_federation_then_unbind(self):
+        c = yield self.client()
+        self.assertEqual(c.features.firstChildElement().uri, "urn:xmpp:component:0")
+        for host in HOSTNAMES:
+            reply = yield c.bind(host)
+            self.assertEqual((reply["type"], str(reply.bind.hostname)), ("result", host))
+        # Traffic from and to both hostnames across federation.
+        for host in HOSTNAMES:
+            c.send(f"<message from='agent@{host}' to='u@chat.a.example' id='to-{host}'><body>hi</body></message>")
+            got = yield self.chat.next_element(timeout=TIMEOUT)
+            self.assertEqual((got["from"], got["id"]), (f"agent@{host}", f"to-{host}"))
+            self.chat.send(f"<message from='u@chat.a.example' to='agent@{host}' id='from-{host}'/>")
+            got = yield c.next()
+            self.assertEqual((got.name, got["to"], got["id"], got.uri),
+                             ("message", f"agent@{host}", f"from-{host}", "jabber:client"))
+        # Unbind one: its route disappears, the other keeps working.
+        reply = yield c.unbind("bot.b.example")
+        self.assertEqual(reply["type"], "result")
+        self.assertNotIn("bot.b.example", self.b.router.components)
+        self.chat.send("<message from='u@chat.a.example' to='agent@bot.b.example' id='gone'/>")
+        bounce = yield self.chat.next_element(timeout=TIMEOUT)
+        self.assertEqual((bounce["type"], bounce["id"], error_condition(bounce)),
+                         ("error", "gone", "service-unavailable"))
+        self.chat.send("<message from='u@chat.a.example' to='agent@svc.b.example' id='still'/>")
+        got = yield c.next()
+        self.assertEqual(got["id"], "still")
+        # A stanza without 'from' is stamped with the default (oldest) hostname.
+        c.send("<message to='u@chat.a.example' id='stamped'/>")
+        got = yield self.chat.next_element(timeout=TIMEOUT)
+        self.assertEqual((got["id"], got["from"]), ("stamped", "svc.b.example"))
+        # Unbinding the last hostname closes the stream.
+        reply = yield c.unbind("svc.b.example")
+        self.assertEqual(reply["type"], "result")
+        yield c.closed.addTimeout(TIMEOUT, reactor)
+        self.assertEqual(self.b.router.components, {})
+
+    @defer.inlineCallbacks
+    def test_scram_sha1_and_plain_over_tls(self):
+        for mechanism in ("SCRAM-SHA-1", "PLAIN"):
+            c = yield self.client(mechanism=mechanism)
+            reply = yield c.bind("bot.b.example")
+            self.assertEqual(reply["type"], "result")
+            yield c.unbind("bot.b.example")
+            yield c.closed.addTimeout(TIMEOUT, reactor)
+
+    @defer.inlineCallbacks
+    def test_external_with_a_client_certificate(self):
+        cert_dir = Path(temp_dir(self))
+        paths = test_ca().issue(dns=("svc.b.example",)).write(cert_dir, "svc")
+        c = yield self.client(mechanism=None, cert=paths)
+        self.assertIn("EXTERNAL", c.mechanisms())
+        yield c.auth("EXTERNAL", authzid="svc.b.example")
+        reply = yield c.bind("svc.b.example")
+        self.assertEqual(reply["type"], "result")
+
+    @defer.inlineCallbacks
+    def test_load_balancing_across_streams(self):
+        first = yield self.client(sender="other.b.example", username="other.b.example", password="other password")
+        second = yield self.client(sender="other.b.example", username="other.b.example", password="other password")
+        for c in (first, second):
+            reply = yield c.bind("lb.b.example")
+            self.assertEqual(reply["type"], "result")
+        self.publish_extra("lb.b.example")
+        for n in range(4):
+            self.chat.send(f"<message from='u@chat.a.example' to='x@lb.b.example' id='lb{n}'/>")
+        got = {}
+        for name, c in (("first", first), ("second", second)):
+            for _ in range(2):
+                element = yield c.next()
+                got.setdefault(name, []).append(element["id"])
+        self.assertEqual(sorted(got["first"] + got["second"]), ["lb0", "lb1", "lb2", "lb3"])
+
+    def publish_extra(self, host):
+        self.dns.add_srv(f"_xmpp-server._tcp.{host}", 0, 0, self.b.port_of("s2s"), "gw-b.example")
+
+
+class ErrorTests(Xep0225Case):
+    @defer.inlineCallbacks
+    def test_bind_before_auth(self):
+        c = yield self.client(mechanism=None)
+        c.send("<iq type='set' id='early'><bind xmlns='urn:xmpp:component:0'>"
+               "<hostname>svc.b.example</hostname></bind></iq>")
+        yield c.closed.addTimeout(TIMEOUT, reactor)
+        self.assertEqual(c.stream_error, "not-authorized")
+        self.assertNotIn("svc.b.example", self.b.router.components)
+
+    @defer.inlineCallbacks
+    def test_hostname_bound_by_another_stream(self):
+        first = yield self.client()
+        yield first.bind("svc.b.example")
+        second = yield self.client()
+        reply = yield second.bind("svc.b.example")
+        self.assertEqual((reply["type"], error_condition(reply)), ("error", "conflict"))
+        again = yield first.bind("svc.b.example/other-resource")
+        self.assertEqual(error_condition(again), "conflict", "already bound on this stream")
+
+    @defer.inlineCallbacks
+    def test_hostname_not_allowed(self):
+        c = yield self.client()
+        reply = yield c.bind("other.b.example")
+        self.assertEqual(error_condition(reply), "not-allowed")
+
+    @defer.inlineCallbacks
+    def test_malformed_requests(self):
+        c = yield self.client()
+        for body in ("<bind xmlns='urn:xmpp:component:0'/>",
+                     "<bind xmlns='urn:xmpp:component:0'><hostname>a b</hostname></bind>",
+                     "<bind xmlns='urn:xmpp:component:0'><hostname>x</hostname><hostname>y</hostname></bind>"):
+            c.send(f"<iq type='set' id='bad'>{body}</iq>")
+            reply = yield c.next()
+            self.assertEqual(error_condition(reply), "bad-request", body)
+        reply = yield c.unbind("bot.b.example")
+        self.assertEqual(error_condition(reply), "item-not-found")
+
+    @defer.inlineCallbacks
+    def test_plain_without_tls_is_refused(self):
+        c = yield self.client(tls=False, mechanism=None)
+        with self.assertRaises(SaslFailed) as raised:
+            yield c.auth("PLAIN", "svc.b.example", PASSWORD)
+        self.assertEqual(raised.exception.condition, "encryption-required")
+
+    @defer.inlineCallbacks
+    def test_wrong_password(self):
+        for mechanism in ("SCRAM-SHA-256", "SCRAM-SHA-1", "PLAIN"):
+            c = yield self.client(mechanism=None)
+            with self.assertRaises(SaslFailed) as raised:
+                yield c.auth(mechanism, "svc.b.example", "wrong")
+            self.assertEqual(raised.exception.condition, "not-authorized", mechanism)
+
+    @defer.inlineCallbacks
+    def test_client_certificate_for_another_domain(self):
+        cert_dir = Path(temp_dir(self))
+        paths = test_ca().issue(dns=("evil.example",)).write(cert_dir, "evil")
+        c = yield self.client(mechanism=None, cert=paths)
+        with self.assertRaises(SaslFailed) as raised:
+            yield c.auth("EXTERNAL", authzid="svc.b.example")
+        self.assertEqual(raised.exception.condition, "not-authorized")
+
+    @defer.inlineCallbacks
+    def test_explicit_wrong_from_is_a_stream_error(self):
+        c = yield self.client()
+        yield c.bind("svc.b.example")
+        c.send("<message from='x@bot.b.example' to='u@chat.a.example' id='spoof'/>")
+        yield c.closed.addTimeout(TIMEOUT, reactor)
+        self.assertEqual(c.stream_error, "invalid-from")
+        yield task.deferLater(reactor, 0.2, lambda: None)
+        self.assertEqual(self.chat.received.pending, [], "nothing was routed")
