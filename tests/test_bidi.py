@@ -7,7 +7,6 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
-from twisted.words.xish import domish
 
 from fedgate.policy import PeerPolicy, PolicyTable
 from fedgate.s2s import dialback

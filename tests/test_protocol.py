@@ -13,7 +13,6 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import Logger, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial import unittest
-from twisted.words.xish import domish
 
 from fedgate.stream import namespaces as ns
 from tests.support.rawpeer import Reply as Written

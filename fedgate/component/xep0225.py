@@ -308,7 +308,7 @@ class Xep0225Stream:
         except InvalidDomain:
             raise StreamFailure("improper-addressing", "malformed 'from'") from None
         if from_domain not in self.bound:
-            raise StreamFailure("invalid-from", f"'from' must be at a bound hostname")
+            raise StreamFailure("invalid-from", "'from' must be at a bound hostname")
         to = stanza.getAttribute("to")
         if not to:
             raise StanzaFailure("bad-request", "stanza without 'to'")

@@ -24,7 +24,7 @@ from __future__ import annotations
 from twisted.logger import Logger
 from twisted.words.xish import domish
 
-from fedgate.domain import InvalidDomain, domain_of, normalize_domain
+from fedgate.domain import InvalidDomain, normalize_domain
 from fedgate.stream.serialize import serialize
 from fedgate.s2s import dialback
 from fedgate.s2s.context import S2SContext

@@ -16,14 +16,12 @@ from __future__ import annotations
 from twisted.logger import Logger
 from twisted.words.xish import domish
 
-from fedgate.domain import InvalidDomain, normalize_domain
-from fedgate.s2s import dialback
 from fedgate.s2s.initiating import InitiatingStream
 from fedgate.s2s.pairing import DialbackPairs, check_incoming
 from fedgate.s2s.pairs import OUTBOUND, PENDING, VALID, ConnectionRecord
 from fedgate.s2s.policy_check import SASL_EXTERNAL
 from fedgate.stream import namespaces as ns
-from fedgate.stream.errors import StreamFailure, error_condition, error_text
+from fedgate.stream.errors import StreamFailure
 from fedgate.stream.serialize import serialize
 
 log = Logger(namespace="fedgate.s2s.outbound")
