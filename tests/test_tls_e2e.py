@@ -12,7 +12,7 @@ from fedgate.s2s.pairs import INBOUND, OUTBOUND
 from fedgate.tls.certs import CertificateStore
 from tests.support.component_client import connect_component
 from tests.support.dnsserver import TestDNSServer
-from tests.support.gateway import gateway_config, publish, start_gateway, temp_dir, test_ca
+from tests.support.gateway import gateway_config, publish, start_gateway, temp_dir, shared_ca
 from tests.support.pki import DAY, NOW
 
 TIMEOUT = 10
@@ -97,11 +97,11 @@ def _make(kind: str, maker, direction: str, good: bool):
         if direction == "inbound":
             # B requires a certificate from chat.a.example; A presents `kind`.
             yield self.start(b_s2s=CERTIFICATE_POLICY_FOR_A)
-            self.present(self.a, "chat.a.example", maker(test_ca(), "chat.a.example"))
+            self.present(self.a, "chat.a.example", maker(shared_ca(), "chat.a.example"))
         else:
             # A requires a certificate from chat.b.example; B presents `kind`.
             yield self.start(a_s2s=CERTIFICATE_POLICY_FOR_B)
-            self.present(self.b, "chat.b.example", maker(test_ca(), "chat.b.example"))
+            self.present(self.b, "chat.b.example", maker(shared_ca(), "chat.b.example"))
         self.send_a_to_b()
         if good:
             yield self.expect_delivered()
@@ -151,7 +151,7 @@ class TransportTests(TLSCase):
         """A's certificate is not trusted by B: no SASL EXTERNAL, but TLS
         still protects a dialback with a callback (policy: dialback)."""
         yield self.start()
-        self.present(self.a, "chat.a.example", test_ca().other_ca().issue(dns=("chat.a.example",)))
+        self.present(self.a, "chat.a.example", shared_ca().other_ca().issue(dns=("chat.a.example",)))
         self.send_a_to_b()
         yield self.expect_delivered()
         [into_b] = [r for r in self.b.table if r.direction == INBOUND and r.authenticated]
@@ -165,7 +165,7 @@ class TransportTests(TLSCase):
         stream is accepted by certificate, without a callback.  (Without bidi,
         so that A's answer takes A's own stream and piggybacks.)"""
         yield self.start(a_s2s={"bidi": False}, b_s2s={"bidi": False})
-        both = test_ca().issue(dns=("a.example", "chat.a.example"))
+        both = shared_ca().issue(dns=("a.example", "chat.a.example"))
         directory = Path(temp_dir(self))
         cert, key = both.write(directory, "a")
         self.a.tls.replace_store(CertificateStore(str(directory)))

@@ -11,7 +11,7 @@ from twisted.trial import unittest
 from fedgate.component.scram import derive
 from tests.support.component_client import connect_component
 from tests.support.dnsserver import TestDNSServer
-from tests.support.gateway import gateway_config, publish, start_gateway, temp_dir, test_ca
+from tests.support.gateway import gateway_config, publish, start_gateway, temp_dir, shared_ca
 from tests.support.xep0225_client import SaslFailed, connect, error_condition
 
 TIMEOUT = 10
@@ -111,7 +111,7 @@ class FederationTests(Xep0225Case):
     @defer.inlineCallbacks
     def test_external_with_a_client_certificate(self):
         cert_dir = Path(temp_dir(self))
-        paths = test_ca().issue(dns=("svc.b.example",)).write(cert_dir, "svc")
+        paths = shared_ca().issue(dns=("svc.b.example",)).write(cert_dir, "svc")
         c = yield self.client(mechanism=None, cert=paths)
         self.assertIn("EXTERNAL", c.mechanisms())
         yield c.auth("EXTERNAL", authzid="svc.b.example")
@@ -195,7 +195,7 @@ class ErrorTests(Xep0225Case):
     @defer.inlineCallbacks
     def test_client_certificate_for_another_domain(self):
         cert_dir = Path(temp_dir(self))
-        paths = test_ca().issue(dns=("evil.example",)).write(cert_dir, "evil")
+        paths = shared_ca().issue(dns=("evil.example",)).write(cert_dir, "evil")
         c = yield self.client(mechanism=None, cert=paths)
         with self.assertRaises(SaslFailed) as raised:
             yield c.auth("EXTERNAL", authzid="svc.b.example")

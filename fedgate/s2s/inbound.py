@@ -183,6 +183,13 @@ class InboundS2S:
             self._starttls()
         elif uri == ns.SASL and element.name == "auth":
             self._sasl_auth(element)
+        elif uri == ns.STREAMS and element.name == "error":
+            # Never answered with a stream error of our own (RFC 6120
+            # 4.9.1.1); the peer's </stream:stream> follows and closes.
+            log.info("Stream error {condition} from {peer}", peer=self.io.peer,
+                     condition=next((c.name for c in element.elements()
+                                     if c.uri == ns.STREAM_ERRORS and c.name != "text"),
+                                    "undefined-condition"))
         else:
             raise StreamFailure("unsupported-stanza-type", f"unexpected element {element.name}")
 

@@ -26,12 +26,16 @@ def temp_dir(testcase) -> str:
 _CA: TestCA | None = None
 
 
-def test_ca() -> TestCA:
+def shared_ca() -> TestCA:
     """One test CA for the whole run (every gateway trusts it)."""
     global _CA
     if _CA is None:
         _CA = TestCA()
     return _CA
+
+
+test_ca = shared_ca  # old name, kept while callers move over
+test_ca.__test__ = False  # a helper, not a test, wherever it is imported
 
 
 def gateway_config(state_dir: str, domains, components: dict, *, certificates: bool = True,
@@ -44,7 +48,7 @@ def gateway_config(state_dir: str, domains, components: dict, *, certificates: b
     s2s_table.update(s2s)
     tls_table = {}
     if certificates:
-        ca = test_ca()
+        ca = shared_ca()
         cert_dir = Path(state_dir) / "certs"
         for domain in list(domains) + list(components) + list(extra_hosted):
             ca.issue(dns=(domain,)).write(cert_dir, domain)

@@ -27,6 +27,26 @@ Usage from a trial test::
 
 C{start} and C{stop} block, each for a bounded time (Prosody is ready in
 about 0.15 s on an idle machine); call them from the reactor thread.
+
+TLS: by default Prosody has no certificate and offers no STARTTLS.  Pass
+C{tls_issuer} (a L{tests.support.pki.TestCA}) to give the VirtualHost and
+every component a certificate with a DNS-ID for its own name, and
+C{trusted_cas} for the roots Prosody accepts peer certificates from (and
+only those: the system store is not consulted)::
+
+    server = ProsodyServer("prosody.example", tls_issuer=ca, trusted_cas=[ca],
+                           s2s_require_encryption=True, s2s_secure_auth=True)
+
+Prosody 0.12 facts this relies on: C{mod_tls} is not loaded automatically
+(it is added to C{modules_enabled} here, and components inherit it); the
+certificate manager finds C{<certificates>/<host>.crt} with the key beside
+it as C{<host>.key}, the file holding the leaf and then its chain;
+the global C{ssl} table's C{cafile} and C{capath} feed OpenSSL's trust
+store for every context, and s2s contexts request the peer's certificate
+(C{verify = peer}) but continue past errors, which C{mod_s2s_auth_certs}
+then records as the session's chain and identity status.  With a valid
+chain and identity C{mod_saslauth} offers and uses SASL EXTERNAL on s2s;
+otherwise C{mod_dialback} runs.
 """
 
 from __future__ import annotations
@@ -43,6 +63,10 @@ import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tests.support.pki import Issued, TestCA
 
 PROSODY = "prosody"
 PROSODYCTL = "prosodyctl"
@@ -55,8 +79,16 @@ DIALBACK_MODULE = "dialback"
 # certificates, saslauth so that registered users can log in on c2s.
 BASE_MODULES = (DIALBACK_MODULE, "saslauth")
 
+# STARTTLS on c2s and s2s; loaded only when the server has certificates,
+# since without one Prosody would still offer STARTTLS and fail it.
+TLS_MODULE = "tls"
+
 # What Prosody's portmanager logs when a listener could not be set up.
 _PORT_ERROR = re.compile(r"\bportmanager\terror\t(.*)")
+
+# What the certificate manager and mod_tls log when a certificate, key or
+# trust store could not be loaded (Prosody then runs on without TLS).
+_TLS_ERROR = re.compile(r"\s(?:certmanager|\S+:tls)\terror\t(.*)")
 
 # Set FEDGATE_KEEP_PROSODY=1 to keep each server's directory for a post-mortem.
 KEEP_ENV = "FEDGATE_KEEP_PROSODY"
@@ -139,9 +171,14 @@ class ProsodyServer:
     @ivar components: external components (XEP-0114), domain -> secret.
     @ivar s2s_port: @ivar c2s_port: @ivar component_port: the TCP ports
         Prosody listens on, all on C{interface}.
+    @ivar s2s_direct_tls_port: the XEP-0368 Direct TLS port, or None.
+    @ivar certificates: the certificate of each host that has one, by
+        host; empty without TLS.
     @ivar workdir: the directory holding everything below.
     @ivar config_path: @ivar log_path: @ivar stdout_path: @ivar pid_path:
         files in C{workdir}; print C{log_path} (or L{log_tail}) on failure.
+    @ivar cert_dir: @ivar cafile_path: where the certificates (as
+        C{<host>.crt} and C{<host>.key}) and the trusted roots are.
     """
 
     def __init__(
@@ -164,6 +201,10 @@ class ProsodyServer:
         startup_timeout: float = 20.0,
         stop_timeout: float = 10.0,
         workdir: str | os.PathLike[str] | None = None,
+        tls_issuer: TestCA | None = None,
+        certificates: Mapping[str, Issued] | None = None,
+        trusted_cas: Iterable[TestCA] = (),
+        s2s_direct_tls: bool = False,
     ) -> None:
         """
         @param dns_port: a DNS server on 127.0.0.1 (UDP and TCP) that
@@ -178,14 +219,23 @@ class ProsodyServer:
             further C{VirtualHost} or C{Component} sections.
         @param workdir: an existing empty directory to use; by default a
             fresh temporary one, removed by L{cleanup}.
+        @param tls_issuer: a CA that issues a certificate (DNS-ID, both
+            EKUs) for C{domain} and for every component; enables TLS.
+        @param certificates: certificates by host, used instead of issued
+            ones (e.g. one from a CA the peer does not trust); enables TLS.
+        @param trusted_cas: the CAs whose roots Prosody trusts for peer
+            certificates; none means every peer certificate fails its chain.
+        @param s2s_direct_tls: also listen for XEP-0368 Direct TLS s2s on
+            C{s2s_direct_tls_port} (needs certificates).
         """
         self.domain = domain
         self.components = dict(components or {})
         self.interface = interface
-        spare = free_ports(3, interface)
+        spare = free_ports(4, interface)
         self.s2s_port = s2s_port or spare[0]
         self.c2s_port = c2s_port or spare[1]
         self.component_port = component_port or spare[2]
+        self.s2s_direct_tls_port = spare[3] if s2s_direct_tls else None
         self.s2s_require_encryption = s2s_require_encryption
         self.s2s_secure_auth = s2s_secure_auth
         self.dns_port = dns_port
@@ -209,13 +259,43 @@ class ProsodyServer:
         self.stdout_path = self.workdir / "prosody.stdout"
         self.pid_path = self.workdir / "prosody.pid"
         self.data_path.mkdir(mode=0o750, exist_ok=True)
-        # Empty, so certmanager finds no certificate and offers no TLS.
-        (self.workdir / "certs").mkdir(exist_ok=True)
+        self.cert_dir = self.workdir / "certs"
+        self.cafile_path = self.workdir / "trusted-roots.pem"
+        # Prosody's capath: empty, so only the cafile is trusted.
+        self.capath = self.workdir / "capath"
+        # Without certificates certs/ stays empty: Prosody offers no TLS.
+        self.cert_dir.mkdir(exist_ok=True)
+        self.capath.mkdir(exist_ok=True)
         (self.workdir / "plugins").mkdir(exist_ok=True)
+        self.certificates: dict[str, Issued] = {}
+        if tls_issuer is not None:
+            for host in [domain, *self.components]:
+                self.certificates[host] = tls_issuer.issue(dns=(host,))
+        self.certificates.update(certificates or {})
+        for host, issued in self.certificates.items():
+            issued.write(self.cert_dir, host)
+        self.trusted_cas = list(trusted_cas)
+        self.cafile_path.write_bytes(b"".join(ca.root_pem() for ca in self.trusted_cas))
+        if self.tls and TLS_MODULE not in self.modules_enabled:
+            self.modules_enabled.append(TLS_MODULE)
         self.config_path.write_text(self.render_config())
         self._process: subprocess.Popen[bytes] | None = None
 
     # Configuration
+
+    @property
+    def tls(self) -> bool:
+        """
+        Whether Prosody has certificates, and so offers STARTTLS.
+        """
+        return bool(self.certificates)
+
+    def ssl_options(self) -> dict[str, object]:
+        """
+        The global C{ssl} table: trust exactly C{trusted_cas}.  The
+        certificates themselves are found by name in C{cert_dir}.
+        """
+        return {"cafile": str(self.cafile_path), "capath": str(self.capath)}
 
     @property
     def ports(self) -> dict[str, int]:
@@ -226,6 +306,8 @@ class ProsodyServer:
         ports = {"c2s": self.c2s_port, "s2s": self.s2s_port}
         if self.components:
             ports["component"] = self.component_port
+        if self.s2s_direct_tls_port is not None:
+            ports["s2s_direct_tls"] = self.s2s_direct_tls_port
         return ports
 
     def unbound_options(self) -> dict[str, object]:
@@ -252,7 +334,7 @@ class ProsodyServer:
             f"data_path = {lit(str(self.data_path))}",
             f"pidfile = {lit(str(self.pid_path))}",
             f"installer_plugin_path = {lit(str(self.workdir / 'plugins'))}",
-            f"certificates = {lit(str(self.workdir / 'certs'))}",
+            f"certificates = {lit(str(self.cert_dir))}",
             "log = { { levels = { min = "
             f"{lit(self.log_level)} }}; to = \"file\"; "
             f"filename = {lit(str(self.log_path))} }} }}",
@@ -267,6 +349,15 @@ class ProsodyServer:
             f"component_ports = {lit([self.component_port])}",
             f"use_ipv6 = {lit(False)}",
             f"unbound = {lit(self.unbound_options())}",
+        ]
+        if self.tls:
+            lines.append(f"ssl = {lit(self.ssl_options())}")
+        if self.s2s_direct_tls_port is not None:
+            lines += [
+                f"s2s_direct_tls_interfaces = {lit(iface)}",
+                f"s2s_direct_tls_ports = {lit([self.s2s_direct_tls_port])}",
+            ]
+        lines += [
             "",
             f"modules_enabled = {lit(self.modules_enabled)}",
             f"modules_disabled = {lit(self.modules_disabled)}",
@@ -334,8 +425,9 @@ class ProsodyServer:
         so call this from the thread that lives as long as the server: the
         reactor's, or the test's.
 
-        @raise ProsodyError: it exited, logged a port it could not bind, or
-            was not ready within C{startup_timeout}; it is stopped first.
+        @raise ProsodyError: it exited, logged a port it could not bind or a
+            certificate it could not load, or was not ready within
+            C{startup_timeout}; it is stopped first.
         """
         if self._process is not None:
             raise ProsodyError("this ProsodyServer was already started")
@@ -359,6 +451,9 @@ class ProsodyServer:
             port_error = _PORT_ERROR.search(log)
             if port_error:
                 self._fail(f"prosody could not listen: {port_error.group(1)}")
+            tls_error = _TLS_ERROR.search(log)
+            if tls_error:
+                self._fail(f"prosody could not set up TLS: {tls_error.group(1)}")
             if not waiting:
                 return
             if time.monotonic() > deadline:
