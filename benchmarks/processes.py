@@ -76,6 +76,8 @@ def gateway_config(state_dir: Path, remote_port: int) -> str:
         f"secret = {toml_string(COMPONENT_SECRET)}",
         "[logging]",
         "xml_traffic = false",
+        "[admin]",
+        'listen = ["tcp:0:interface=127.0.0.1"]',
         "",
     ])
 

@@ -41,6 +41,7 @@ class S2SConfig:
     listen: tuple[str, ...] = ("tcp:5269:interface=127.0.0.1",)
     direct_tls_listen: tuple[str, ...] = ()
     bidi: bool = True
+    reverse_dialback: bool = False
     dialback_secret: str | None = field(default=None, repr=False)
     dns_servers: tuple[tuple[str, int], ...] = ()
     connect_timeout: float = 20.0
@@ -268,6 +269,7 @@ def parse_config(data: dict, path="<config>") -> Config:
         listen=_endpoints(s, "listen", S2SConfig.listen),
         direct_tls_listen=_endpoints(s, "direct_tls_listen", S2SConfig.direct_tls_listen),
         bidi=s.get("bidi", bool, True),
+        reverse_dialback=s.get("reverse_dialback", bool, False),
         dialback_secret=s.get("dialback_secret", str, None) or None,
         dns_servers=tuple(_hostport(s, "dns_servers", a, 53) for a in s.get("dns_servers", list, [])),
         connect_timeout=s.positive("connect_timeout", float, S2SConfig.connect_timeout),

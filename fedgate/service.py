@@ -1,9 +1,11 @@
 """The gateway as one Twisted service: builds the object graph and runs the
 listeners.
 
-Start order: storage-free for now, so listeners come up after the graph is
-built.  Stop order: stop accepting, close every stream with
-``system-shutdown``, bounce what is still queued, then let the reactor go.
+Start order: the admin side first (storage opened, stored peer policy and
+component credentials loaded, admin API listening; see fedgate.admin), then
+the XMPP listeners, so stored blocks apply before the first peer connects.
+Stop order: stop accepting, close every stream with ``system-shutdown``,
+bounce what is still queued, let the reactor go, close storage last.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from twisted.internet import defer, protocol
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 
+from fedgate.admin.service import make_admin_service
 from fedgate.component.accept import ComponentAccept
 from fedgate.component.credentials import CredentialRegistry
 from fedgate.component.listener import ComponentListenerStream
@@ -78,7 +81,7 @@ class Gateway(service.Service):
                                          timeout=s2s.connect_timeout + s2s.auth_timeout)
         self.ctx = S2SContext(
             clock=reactor,
-            local_domains=self.router.local_domains,
+            local_domains=self.router.live_local_domains,
             secret=dialback_secret(config),
             table=self.table,
             router=self.router,
@@ -90,6 +93,7 @@ class Gateway(service.Service):
             policy=self.policy,
             tls=self.tls,
             bidi=s2s.bidi,
+            reverse_dialback=s2s.reverse_dialback,
             log_traffic=config.logging.xml_traffic,
             log_bodies=config.logging.xml_bodies,
         )
@@ -102,6 +106,7 @@ class Gateway(service.Service):
         self.component_secrets = {d: c.secret for d, c in config.components.domains.items()}
         self.component_credentials = CredentialRegistry(config.components.credentials)
         self.ports: dict[str, list] = {"s2s": [], "s2s_direct_tls": [], "components": []}
+        self.admin = make_admin_service(self, config, reactor)
 
     @staticmethod
     def _tls_contexts(config: Config) -> TLSContexts:
@@ -142,6 +147,7 @@ class Gateway(service.Service):
     @defer.inlineCallbacks
     def startService(self):
         super().startService()
+        yield self.admin.start()
         listeners = [("s2s", d, _StreamFactory(self, self._inbound, ns.SERVER))
                      for d in self.config.s2s.listen]
         listeners += [("s2s_direct_tls", d, _StreamFactory(self, self._inbound_direct_tls, ns.SERVER))
@@ -164,6 +170,7 @@ class Gateway(service.Service):
     @defer.inlineCallbacks
     def stopService(self):
         super().stopService()
+        yield self.admin.stop_listening()
         ports = [p for group in self.ports.values() for p in group]
         yield defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports])
         for group in self.ports.values():
@@ -181,3 +188,4 @@ class Gateway(service.Service):
             for stream in streams:
                 if not stream.closed:
                     stream.transport.abortConnection()
+        yield self.admin.stop()

@@ -127,8 +127,8 @@ class TwoGatewaysBidi(unittest.TestCase):
         self.a = yield start_gateway(reactor, gateway_config(
             temp_dir(self), ["a.example"], {"chat.a.example": "secret-a"}), dns_port, self)
         self.b = yield start_gateway(reactor, gateway_config(
-            temp_dir(self), ["b.example"], {"chat.b.example": "secret-b", "muc.b.example": "secret-m"}),
-            dns_port, self)
+            temp_dir(self), ["b.example"], {"chat.b.example": "secret-b", "muc.b.example": "secret-m"},
+            reverse_dialback=True), dns_port, self)
         publish(self.dns, self.a, ["a.example", "chat.a.example"], "gw-a.example")
         publish(self.dns, self.b, ["b.example", "chat.b.example", "muc.b.example"], "gw-b.example")
         self.ca = yield connect_component(reactor, "127.0.0.1", self.a.port_of("components"),

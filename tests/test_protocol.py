@@ -234,6 +234,23 @@ class RestartTests(StreamCase):
         self.assert_closed_with("restricted-xml")
         self.assertEqual(self.written().root["id"], "err-id")
 
+    def test_initiator_restart_sends_its_header_once(self):
+        """The initiating side writes its new header as part of the restart;
+        a later stream error must not repeat it (the peer would see a second
+        header as not-well-formed instead of our error)."""
+        def hook(element):
+            if element.name == "proceed":
+                self.handler.io.restart(lambda: self.handler.io.open_stream({"to": "b.example"}))
+        self.handler.on_element = hook
+        stream = self.connect()
+        stream.open_stream({"to": "b.example"})
+        stream.dataReceived(HEADER + b"<proceed xmlns='urn:test'/>")
+        stream.fail("policy-violation", "operator")
+        written = self.transport.value()
+        # ours, the fake handler's answer to HEADER, our restart header; no fourth
+        self.assertEqual(written.count(b"<stream:stream"), 3, written)
+        self.assertLess(written.rindex(b"<stream:stream"), written.index(b"<stream:error>"))
+
     def test_restart_outside_parsing_replaces_the_parser(self):
         stream = self.connect()
         stream.dataReceived(HEADER + b"<message id='1'/><message")

@@ -303,3 +303,50 @@ class AccountingTests(SenderCase):
         remote = peer.header.get("to")
         peer.stream.dataReceived(server_header(id="S", **{"from": remote}, version="1.0")
                                  + b"<stream:features/>")
+
+
+class OperatorCloseTests(SenderCase):
+    """An operator closing a stream (admin API) is not the peer failing."""
+
+    def connected_with_queue(self):
+        self.sender.send("chat.gw.example", "remote.example", message(0))
+        self.sender.send("chat.gw.example", "remote.example", message(1))
+        peer = self.connector.succeed()
+        self.open_peer(peer)
+        [record] = list(self.table)
+        return peer, record, self.sender.destinations["remote.example"]
+
+    def test_marked_close_keeps_the_queue_and_reconnects(self):
+        peer, record, destination = self.connected_with_queue()
+        destination.keep_queue_on_close(destination.stream)
+        self.assertTrue(self.table.close(record.id, "policy-violation", "closed by an operator"))
+        peer.read()
+        self.assertEqual(peer.stream_error(), "policy-violation")
+        peer.stream.connectionLost(None)
+        self.assertEqual(self.bounced(), [])
+        self.assertEqual(len(self.connector.attempts), 2, "a new connection at once")
+        self.assertEqual((destination.failures, len(destination.queue)), (0, 2))
+        fresh = self.connector.succeed()
+        self.open_peer(fresh)
+        self.answer(fresh, "chat.gw.example", "valid")
+        self.assertEqual(self.delivered_ids(fresh), ["m0", "m1"])
+
+    def test_unmarked_close_is_a_failure(self):
+        peer, record, destination = self.connected_with_queue()
+        self.table.close(record.id, "policy-violation", "closed")
+        peer.stream.connectionLost(None)
+        self.assertEqual(self.bounced(), [("m0", "remote-server-timeout"), ("m1", "remote-server-timeout")])
+        self.assertEqual(destination.state, BACKOFF)
+
+    def test_mark_applies_to_that_stream_only(self):
+        peer, record, destination = self.connected_with_queue()
+        destination.keep_queue_on_close(object())
+        peer.stream.connectionLost(None)
+        self.assertEqual(len(self.bounced()), 2)
+
+    def test_bounce_queue(self):
+        self.sender.send("chat.gw.example", "remote.example", message(0))
+        destination = self.sender.destinations["remote.example"]
+        destination.bounce_queue("policy-violation", "blocked by an operator")
+        self.assertEqual(self.bounced(), [("m0", "policy-violation")])
+        self.assertEqual((len(destination.queue), destination.queued_bytes), (0, 0))

@@ -50,7 +50,7 @@ def _free_port():
 
 
 def test_starts_and_answers_on_its_ports(tmp_path):
-    s2s, comp = _free_port(), _free_port()
+    s2s, comp, admin = _free_port(), _free_port(), _free_port()
     config = tmp_path / "fedgate.toml"
     write_self_signed(tmp_path / "certs", ["gw.example", "chat.gw.example"])
     config.write_text(f'''
@@ -65,6 +65,8 @@ certificates = "{tmp_path / 'certs'}"
 listen = ["tcp:{comp}:interface=127.0.0.1"]
 [components.domains."chat.gw.example"]
 secret = "x"
+[admin]
+listen = ["tcp:{admin}:interface=127.0.0.1"]
 ''')
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen(TWISTD + ["-n", "--pidfile=", "fedgate", "--config", str(config)],
@@ -94,3 +96,6 @@ secret = "x"
         output, _ = proc.communicate(timeout=30)
     assert f"Listening for s2s on 127.0.0.1:{s2s}" in output
     assert f"Listening for components on 127.0.0.1:{comp}" in output
+    assert f"Listening for admin on 127.0.0.1:{admin}" in output
+    token = tmp_path / "state" / "admin.token"
+    assert oct(token.stat().st_mode & 0o777) == "0o640" and len(token.read_text().strip()) >= 32

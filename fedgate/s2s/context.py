@@ -47,6 +47,9 @@ class S2SContext:
     policy: PolicyTable = field(default_factory=PolicyTable)
     tls: TLSContexts | None = None
     bidi: bool = True  # offer and request bidirectional streams (XEP-0288)
+    #: prove further local domains on a peer's bidi stream (XEP-0288 allows it;
+    #: Prosody 0.12 closes the stream when it sees one, so off by default)
+    reverse_dialback: bool = False
     log_traffic: bool = False
     log_bodies: bool = False
 

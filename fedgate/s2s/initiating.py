@@ -92,16 +92,14 @@ class InitiatingStream:
             self._negotiate(element)
         elif uri == ns.TLS and name == "proceed":
             self.io.start_tls(self.ctx.tls.client_creator(self.local, self.remote))
-            self._send_header()
-            self.io.restart()
+            self.io.restart(self._send_header)
         elif uri == ns.TLS and name == "failure":
             self.refuse(policy_check.Refusal("remote-server-timeout", f"{self.remote} refused STARTTLS"))
         elif uri == ns.SASL and name == "success":
             # The pair counts once the restarted stream is up (its features
             # arrive), so nothing is sent between <success/> and our new header.
             self.sasl_done = True
-            self._send_header()
-            self.io.restart()
+            self.io.restart(self._send_header)
         elif uri == ns.SASL and name == "failure":
             self._sasl_failed(element)
         elif uri == ns.STREAMS and name == "error":

@@ -91,12 +91,15 @@ class Destination:
         sender = self.sender
         sender.accepted += 1
         stream = self.stream
+        if stream is not None and stream is self._operator_closed:
+            stream = None  # closing: what comes now waits for the next connection
         if stream is not None and stream.is_valid(local):
             stream.send_stanza(local, stanza)
             sender.delivered += 1
             return
         route = self._route(local)
-        if route is not None:  # an inbound bidi stream already carries the pair
+        if route is not None and route is not self._operator_closed:
+            # an inbound bidi stream already carries the pair
             route.write_stanza(local, self.remote, stanza)
             sender.delivered += 1
             return
@@ -137,7 +140,7 @@ class Destination:
     def _start(self, local: str) -> None:
         """Reuse a bidi stream on which the remote domain is proven (asking
         it to accept ``local`` in the reverse direction); else connect."""
-        found = self.sender.ctx.table.reverse_route(self.remote)
+        found = self.sender.ctx.table.reverse_route(self.remote) if self.sender.ctx.reverse_dialback else None
         if found is not None and found[1].authenticate_reverse(local, self.remote):
             self.state = REVERSE
             return

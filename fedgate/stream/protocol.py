@@ -175,13 +175,17 @@ class XmppStream(protocol.Protocol):
         if established is not None:
             self._guard(established, self.tls)
 
-    def restart(self) -> None:
+    def restart(self, send_header=None) -> None:
         """Expect a new stream header; drop any bytes already received.
 
         Our own next header is a new one too, so an error before it still
-        gets a header first."""
+        gets a header first.  The initiating side passes ``send_header``,
+        which writes its new header now (before the rest of the current read
+        is dropped)."""
         self._new_parser()
         self.header_sent = False
+        if send_header is not None:
+            send_header()
         if self._parsing:
             raise _Restart()
 

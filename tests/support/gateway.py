@@ -60,6 +60,9 @@ def gateway_config(state_dir: str, domains, components: dict, *, certificates: b
         "s2s": s2s_table,
         "tls": tls_table,
         "logging": {"xml_traffic": bool(os.environ.get("FEDGATE_TEST_LOG"))},
+        # The admin API on an ephemeral port, with the token generated into
+        # state_dir/admin.token as on a fresh install.
+        "admin": {"listen": ["tcp:0:interface=127.0.0.1"]},
         "components": {
             "listen": ["tcp:0:interface=127.0.0.1"],
             "domains": {d: {"secret": secret} for d, secret in components.items()},

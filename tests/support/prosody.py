@@ -83,6 +83,11 @@ BASE_MODULES = (DIALBACK_MODULE, "saslauth")
 # since without one Prosody would still offer STARTTLS and fail it.
 TLS_MODULE = "tls"
 
+# Bidirectional s2s streams (XEP-0288); shipped with 0.12 but not loaded
+# unless listed in modules_enabled.  With s2s_require_encryption (its
+# default) it offers and requests bidi only once the stream is encrypted.
+BIDI_MODULE = "s2s_bidi"
+
 # What Prosody's portmanager logs when a listener could not be set up.
 _PORT_ERROR = re.compile(r"\bportmanager\terror\t(.*)")
 

@@ -1,0 +1,276 @@
+"""Peer policy and component credentials in layers: configuration file, then
+storage.
+
+The configuration file is the static layer: its ``[s2s.policy]`` and
+``[s2s.peers.*]`` and ``[components.domains.*]`` entries apply when nothing
+is stored.  What an operator sets through the admin API is stored and
+*overrides* the file, entry by entry (a stored peer replaces the file's peer
+of the same domain as a whole; a stored federation setting replaces the
+file's mode and default policy).  Deleting a stored entry falls back to the
+file's, if any; an entry that only the file defines cannot be deleted here
+(409): edit the file, or store an override.
+
+Every change is written to storage first and applied to the live tables
+only once the write is durable, so what the API acknowledged is what a
+restart brings back.
+"""
+
+from __future__ import annotations
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from fedgate.admin.web import ApiError, not_found
+from fedgate.policy import PeerPolicy
+from fedgate.storage.interface import ComponentCredential
+
+log = Logger(namespace="fedgate.admin.registry")
+
+API, CONFIG = "api", "config"
+FEDERATION_SETTING = "federation"
+OPERATOR_TEXT = "disconnected by an operator through the admin API"
+
+
+class PeerRegistry:
+    def __init__(self, gateway, storage):
+        self.policy = gateway.policy
+        self.storage = storage
+        self.config_peers: dict[str, PeerPolicy] = dict(gateway.config.s2s.peers)
+        self.config_global = (self.policy.mode, self.policy.default)
+        self.stored: set[str] = set()
+        self.global_source = CONFIG
+
+    @defer.inlineCallbacks
+    def load(self):
+        settings = yield self.storage.settings()
+        federation = settings.get(FEDERATION_SETTING)
+        if isinstance(federation, dict):
+            try:
+                default = PeerPolicy(**federation.get("default", {}))
+                self.policy.set_default(default, federation.get("mode"))
+                self.global_source = API
+            except (TypeError, ValueError) as exc:
+                log.error("Ignoring the stored federation setting: {error}", error=str(exc))
+        for peer in (yield self.storage.peers()):
+            self.policy.set_peer(peer)
+            self.stored.add(peer.domain)
+        log.info("Loaded {peers} stored peer policies (mode {mode})", peers=len(self.stored),
+                 mode=self.policy.mode)
+
+    def source(self, domain: str) -> str | None:
+        if domain in self.stored:
+            return API
+        if domain in self.config_peers:
+            return CONFIG
+        return None
+
+    def get(self, domain: str) -> PeerPolicy | None:
+        return self.policy.peers.get(domain)
+
+    @defer.inlineCallbacks
+    def put(self, peer: PeerPolicy):
+        """Store ``peer`` and apply it; fires with True if it was new."""
+        new = self.get(peer.domain) is None
+        yield self.storage.put_peer(peer)
+        self.stored.add(peer.domain)
+        self.policy.set_peer(peer)
+        log.info("Peer policy for {domain} set by an operator: allowed={allowed}",
+                 domain=peer.domain, allowed=peer.allowed)
+        return new
+
+    @defer.inlineCallbacks
+    def delete(self, domain: str):
+        """Remove the stored entry; fires with the source now in force (or None)."""
+        if domain not in self.stored:
+            if domain in self.config_peers:
+                raise ApiError(409, f"{domain} is defined in the configuration file; edit it "
+                                    "there, or PUT an override here")
+            raise not_found("peer")
+        yield self.storage.delete_peer(domain)
+        self.stored.discard(domain)
+        fallback = self.config_peers.get(domain)
+        if fallback is not None:
+            self.policy.set_peer(fallback)
+            return CONFIG
+        self.policy.remove_peer(domain)
+        return None
+
+    @defer.inlineCallbacks
+    def set_global(self, mode: str, default: PeerPolicy):
+        value = {"mode": mode, "default": {"encryption": default.encryption,
+                                           "authentication": default.authentication,
+                                           "max_stanza_bytes": default.max_stanza_bytes,
+                                           "rate_limit": default.rate_limit}}
+        yield self.storage.put_setting(FEDERATION_SETTING, value)
+        self.global_source = API
+        self.policy.set_default(default, mode)
+        log.info("Federation mode {mode} set by an operator", mode=mode)
+
+    @defer.inlineCallbacks
+    def reset_global(self):
+        yield self.storage.delete_setting(FEDERATION_SETTING)
+        self.global_source = CONFIG
+        mode, default = self.config_global
+        self.policy.set_default(default, mode)
+
+
+class ComponentRegistry:
+    """Component domains and how they authenticate: XEP-0114 secrets and
+    XEP-0225 credentials (salted SCRAM keys, extra hostnames), in the same
+    two layers as peers.  Secrets are write-only: nothing here hands them out.
+    """
+
+    def __init__(self, gateway, storage):
+        self.gateway = gateway
+        self.storage = storage
+        self.secrets: dict[str, str] = gateway.component_secrets  # shared with every session
+        self.credentials = getattr(gateway, "component_credentials", None)  # XEP-0225 registry
+        self.router = gateway.router
+        self.own = frozenset(gateway.config.domains)
+        components = gateway.config.components
+        self.config_secrets = {d: c.secret for d, c in components.domains.items()}
+        self.config_credentials = dict(getattr(components, "credentials", {}))
+        self.stored: dict[str, ComponentCredential] = {}
+
+    @defer.inlineCallbacks
+    def load(self):
+        for credential in (yield self.storage.components()):
+            if credential.domain in self.own:
+                log.error("Ignoring the stored component {domain}: it is one of the gateway's "
+                          "own domains", domain=credential.domain)
+                continue
+            self.stored[credential.domain] = credential
+            try:
+                self._apply(credential.domain)
+            except ValueError as exc:
+                del self.stored[credential.domain]
+                log.error("Ignoring the stored component {domain}: {error}",
+                          domain=credential.domain, error=str(exc))
+
+    # -- reading --------------------------------------------------------------
+    def _xep0225(self, domain: str):
+        return self.credentials.get(domain) if self.credentials is not None else None
+
+    def domains(self) -> list[str]:
+        names = set(self.secrets)
+        if self.credentials is not None:
+            names |= {c.domain for c in self.credentials}
+        return sorted(names)
+
+    def knows(self, domain: str) -> bool:
+        return domain in self.secrets or self._xep0225(domain) is not None
+
+    def source(self, domain: str) -> str | None:
+        if domain in self.stored:
+            return API
+        if domain in self.config_secrets or domain in self.config_credentials:
+            return CONFIG
+        return None
+
+    def current(self, domain: str) -> ComponentCredential | None:
+        """What is in force for ``domain``, as a storage record."""
+        if domain in self.stored:
+            return self.stored[domain]
+        secret = self.config_secrets.get(domain)
+        cred = self.config_credentials.get(domain)
+        if secret is None and cred is None:
+            return None
+        return ComponentCredential(
+            domain, secret,
+            cred.scram_sha1.encode() if cred is not None and cred.scram_sha1 else None,
+            cred.scram_sha256.encode() if cred is not None and cred.scram_sha256 else None,
+            tuple(sorted(cred.allowed)) if cred is not None else ())
+
+    def sessions(self, domain: str) -> list:
+        """Live sessions bound to ``domain`` or to a hostname it may bind."""
+        names = {domain}
+        cred = self._xep0225(domain)
+        if cred is not None:
+            names |= set(cred.allowed)
+        found = []
+        for name in sorted(names):
+            session = self.router.components.get(name)
+            for member in getattr(session, "members", [session] if session is not None else []):
+                if member not in found:
+                    found.append(member)
+        # XEP-0225 streams authenticated as this identity that bound nothing yet.
+        for stream in list(getattr(self.gateway, "streams", ())):
+            handler = getattr(stream, "handler", None)
+            if getattr(handler, "identity", None) == domain and not stream.closed \
+                    and handler not in found:
+                found.append(handler)
+        return found
+
+    def bound_hostnames(self, domain: str) -> list[str]:
+        mine = set(self.sessions(domain))
+        return sorted(name for name, session in self.router.components.items()
+                      if session in mine or mine & set(getattr(session, "members", ())))
+
+    # -- changes --------------------------------------------------------------
+    def _apply(self, domain: str) -> None:
+        """Make the live tables match what is in force for ``domain``."""
+        record = self.current(domain)
+        if record is not None and record.secret:
+            self.secrets[domain] = record.secret
+        else:
+            self.secrets.pop(domain, None)
+        if self.credentials is not None:
+            if record is not None and (record.scram_sha1 or record.scram_sha256 or record.allowed):
+                from fedgate.component.credentials import Credential
+                from fedgate.component.scram import ScramKeys
+                self.credentials.set(Credential(
+                    domain,
+                    ScramKeys.decode(record.scram_sha1) if record.scram_sha1 else None,
+                    ScramKeys.decode(record.scram_sha256) if record.scram_sha256 else None,
+                    frozenset(record.allowed)))
+            else:
+                self.credentials.remove(domain)
+        hosted = set(self.secrets)
+        if self.credentials is not None:
+            for cred in self.credentials:
+                hosted.add(cred.domain)
+                hosted |= set(cred.allowed)
+        self.router.component_domains.clear()
+        self.router.component_domains.update(hosted - self.own)
+
+    @defer.inlineCallbacks
+    def put(self, credential: ComponentCredential):
+        if credential.domain in self.own or self.own & set(credential.allowed):
+            raise ApiError(409, "a component cannot take one of the gateway's own domains")
+        new = not self.knows(credential.domain)
+        yield self.storage.put_component(credential)
+        self.stored[credential.domain] = credential
+        self._apply(credential.domain)
+        log.info("Component credentials for {domain} set by an operator", domain=credential.domain)
+        return new
+
+    @defer.inlineCallbacks
+    def delete(self, domain: str):
+        """Forget the stored credentials; the file's, if any, apply again."""
+        if domain not in self.stored:
+            if self.source(domain) == CONFIG:
+                raise ApiError(409, f"{domain} is defined in the configuration file; edit it there")
+            raise not_found("component")
+        sessions = self.sessions(domain)
+        yield self.storage.delete_component(domain)
+        del self.stored[domain]
+        self._apply(domain)
+        if not self.knows(domain):
+            for session in sessions:
+                _end(session, "its credentials were removed by an operator")
+            return None
+        return CONFIG
+
+    def disconnect(self, domain: str, text: str = OPERATOR_TEXT) -> bool:
+        sessions = self.sessions(domain)
+        for session in sessions:
+            _end(session, text)
+        return bool(sessions)
+
+
+def _end(session, text: str) -> None:
+    disconnect = getattr(session, "disconnect", None)
+    if disconnect is not None:
+        disconnect("policy-violation", text)
+    else:
+        session.io.fail("policy-violation", text)

@@ -1,0 +1,83 @@
+"""The admin side of a gateway: storage, policy layers, metrics, HTTP listener.
+
+:func:`make_admin_service` builds it; the Gateway calls :meth:`start` before
+its own listeners open (so stored blocks apply before the first peer
+connects) and :meth:`stop` after they close (so storage closes last).
+"""
+
+from __future__ import annotations
+
+from twisted.internet import defer
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+
+import fedgate
+from fedgate.admin.auth import BearerCheck, load_or_create_token
+from fedgate.admin.enforce import PolicyEnforcer
+from fedgate.admin.registry import ComponentRegistry, PeerRegistry
+from fedgate.admin.resources import AdminApi
+from fedgate.admin.web import AdminResource, AdminSite
+from fedgate.config import Config
+from fedgate.metrics import GatewayMetrics
+from fedgate.storage.sqlite import SQLiteStorage
+
+log = Logger(namespace="fedgate.admin")
+
+
+class AdminService:
+    def __init__(self, gateway, config: Config, reactor, storage=None):
+        self.gateway = gateway
+        self.config = config
+        self.reactor = reactor
+        self.storage = storage if storage is not None else SQLiteStorage.in_state_dir(config.state_dir, reactor)
+        self.peers = PeerRegistry(gateway, self.storage)
+        self.components = ComponentRegistry(gateway, self.storage)
+        self.enforcer = PolicyEnforcer(gateway)
+        self.metrics = GatewayMetrics(gateway, config.admin.metrics_domains)
+        self.api = AdminApi(gateway, self.peers, self.components, self.metrics, self.enforcer,
+                            reactor, fedgate.__version__)
+        self.ports: list = []
+        self.token_file = None
+        self._storage_open = False
+
+    @defer.inlineCallbacks
+    def start(self):
+        yield self.storage.open()
+        self._storage_open = True
+        yield self.peers.load()
+        yield self.components.load()
+        self.enforcer.attach()
+        admin = self.config.admin
+        if not admin.listen:
+            return
+        token, self.token_file, generated = load_or_create_token(self.config)
+        if generated:
+            log.info("Generated the admin API token in {path}", path=str(self.token_file))
+        site = AdminSite(AdminResource(self.api.routes(), BearerCheck(token), admin.metrics_open))
+        for description in admin.listen:
+            port = yield serverFromString(self.reactor, description).listen(site)
+            self.ports.append(port)
+            address = port.getHost()
+            self.api.listeners.append({"kind": "admin", "host": address.host, "port": address.port})
+            log.info("Listening for admin on {host}:{port} ({description}); token in {where}",
+                     host=address.host, port=address.port, description=description,
+                     where=str(self.token_file) if self.token_file else "the configuration")
+
+    def port(self, index: int = 0) -> int:
+        return self.ports[index].getHost().port
+
+    @defer.inlineCallbacks
+    def stop_listening(self):
+        ports, self.ports = self.ports, []
+        yield defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports])
+
+    @defer.inlineCallbacks
+    def stop(self):
+        yield self.stop_listening()
+        if self._storage_open:
+            self._storage_open = False
+            yield self.storage.close()
+
+
+def make_admin_service(gateway, config: Config, reactor, storage=None) -> AdminService:
+    return AdminService(gateway, config, reactor, storage)

@@ -1,0 +1,366 @@
+"""fedgatectl: the admin API from a shell, with tables or --json.
+
+Where the gateway is: ``--url``, else ``$FEDGATE_ADMIN_URL``, else the first
+``admin.listen`` endpoint of the configuration (``--config``, else
+``$FEDGATE_CONFIG``, else /etc/fedgate/fedgate.toml).  The token: ``--token``,
+``$FEDGATE_ADMIN_TOKEN``, ``--token-file``, ``$FEDGATE_ADMIN_TOKEN_FILE``, else
+the configuration's ``admin.token`` or token file (state_dir/admin.token).
+
+Exit status: 0 done, 1 the API refused (its message is shown), 2 usage,
+69 the gateway cannot be reached, 77 the token was refused, 78 configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from twisted.internet import defer, error, task
+
+from fedgate.cli_render import render
+
+EX_API, EX_USAGE, EX_UNAVAILABLE, EX_NOPERM, EX_CONFIG = 1, 2, 69, 77, 78
+DEFAULT_CONFIG = "/etc/fedgate/fedgate.toml"
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int = EX_API):
+        super().__init__(message)
+        self.code = code
+
+
+# -- where and who ------------------------------------------------------------
+
+def _split_endpoint(description: str) -> tuple[str, list[str], dict]:
+    parts, current, escaped = [], "", False
+    for char in description:
+        if escaped:
+            current, escaped = current + char, False
+        elif char == "\\":
+            escaped = True
+        elif char == ":":
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    parts.append(current)
+    args = [p for p in parts[1:] if "=" not in p]
+    kwargs = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
+    return parts[0].lower(), args, kwargs
+
+
+def url_from_endpoint(description: str) -> str:
+    kind, args, kwargs = _split_endpoint(description)
+    if kind not in ("tcp", "tcp6", "ssl"):
+        raise CliError(f"cannot reach an admin listener of type {kind!r}; use --url", EX_CONFIG)
+    port = kwargs.get("port") or (args[0] if args else None)
+    if not port or not port.isdigit() or port == "0":
+        raise CliError(f"no fixed port in admin endpoint {description!r}; use --url", EX_CONFIG)
+    host = kwargs.get("interface") or ("::1" if kind == "tcp6" else "127.0.0.1")
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1" if host == "0.0.0.0" else "::1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{'https' if kind == 'ssl' else 'http'}://{host}:{port}"
+
+
+def _config(options):
+    from fedgate.config import ConfigError, load_config
+    path = options.config or os.environ.get("FEDGATE_CONFIG") or DEFAULT_CONFIG
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        raise CliError(f"configuration error: {exc}", EX_CONFIG) from None
+
+
+def locate(options) -> tuple[str, str]:
+    """(base URL, token) from options, environment and configuration."""
+    url = options.url or os.environ.get("FEDGATE_ADMIN_URL")
+    token = options.token or os.environ.get("FEDGATE_ADMIN_TOKEN")
+    token_file = options.token_file or os.environ.get("FEDGATE_ADMIN_TOKEN_FILE")
+    if token is None and token_file:
+        try:
+            token = Path(token_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise CliError(f"cannot read the token file {token_file}: {exc.strerror}", EX_CONFIG) from None
+    if url is None or token is None:
+        config = _config(options)
+        if url is None:
+            if not config.admin.listen:
+                raise CliError(f"{config.path}: admin.listen is empty: the admin API is off", EX_CONFIG)
+            url = url_from_endpoint(config.admin.listen[0])
+        if token is None:
+            from fedgate.admin.auth import TokenError, read_token, token_path
+            try:
+                token = read_token(config)
+            except TokenError as exc:
+                raise CliError(f"{exc} (run as the gateway's user, or set FEDGATE_ADMIN_TOKEN)",
+                               EX_CONFIG) from None
+            if token is None:
+                raise CliError(f"no admin token in {token_path(config)}: has the gateway started "
+                               "once?", EX_CONFIG)
+    return url.rstrip("/"), token
+
+
+# -- HTTP -----------------------------------------------------------------------
+
+async def call(client, url: str, token: str, method: str, path: str, body=None):
+    """(status, parsed JSON or text); raises CliError for the failures a
+    person needs told apart."""
+    headers = {b"Authorization": [f"Bearer {token}".encode()]}
+    data = None
+    if body is not None:
+        data = json.dumps(body).encode("utf-8")
+        headers[b"Content-Type"] = [b"application/json"]
+    try:
+        response = await client.request(method, url + path, data=data, headers=headers, timeout=60)
+        content = await response.content()
+    except (error.ConnectError, error.DNSLookupError, OSError) as exc:
+        raise CliError(f"cannot reach the gateway's admin API at {url}: {exc.__class__.__name__} "
+                       "(is fedgate running, and is this its admin address?)", EX_UNAVAILABLE) from None
+    except Exception as exc:
+        if exc.__class__.__name__ in ("ResponseNeverReceived", "RequestTransmissionFailed",
+                                      "CancelledError", "TimeoutError", "ResponseFailed"):
+            raise CliError(f"the gateway's admin API at {url} did not answer: "
+                           f"{exc.__class__.__name__}", EX_UNAVAILABLE) from None
+        raise
+    if response.code == 401:
+        raise CliError("the gateway refused the admin token (check admin.token or the token "
+                       "file, or FEDGATE_ADMIN_TOKEN)", EX_NOPERM)
+    kind = response.headers.getRawHeaders(b"content-type", [b""])[0]
+    if kind.startswith(b"application/json"):
+        parsed = json.loads(content.decode("utf-8"))
+    else:
+        parsed = content.decode("utf-8", "replace")
+    if response.code >= 400:
+        message = parsed.get("message") if isinstance(parsed, dict) else parsed
+        raise CliError(f"{method} {path}: {response.code} {message}")
+    return response.code, parsed
+
+
+# -- commands -------------------------------------------------------------------
+
+def _peer_body(options) -> dict:
+    body = {}
+    if options.allow:
+        body["allowed"] = True
+    if options.block:
+        body["allowed"] = False
+    for name in ("encryption", "authentication", "note"):
+        if getattr(options, name) is not None:
+            body[name] = getattr(options, name)
+    if options.address or options.clear_addresses:
+        body["addresses"] = options.address or []
+    if options.max_stanza_bytes is not None:
+        body["max_stanza_bytes"] = options.max_stanza_bytes or None
+    if options.rate_limit is not None:
+        body["rate_limit"] = options.rate_limit or None
+    return body
+
+
+def _read(path: str | None) -> str:
+    if path in (None, "-"):
+        return sys.stdin.readline().strip()
+    return Path(path).read_text(encoding="utf-8").strip()
+
+
+def _component_body(options) -> dict:
+    body = {}
+    if options.secret_file is not None:
+        body["secret"] = _read(options.secret_file)
+    if options.password_file is not None:
+        body["password"] = _read(options.password_file)
+    if options.allowed_hostname is not None:
+        body["allowed_hostnames"] = options.allowed_hostname
+    if options.note is not None:
+        body["note"] = options.note
+    if not body:
+        body["secret"] = _read("-")
+    return body
+
+
+def plan(options) -> list[tuple[str, str, object]]:
+    """The HTTP calls for a command: [(method, path, body)]; the last answer is shown."""
+    v1, c, a = "/api/v1", options.command, getattr(options, "action", None)
+    q = lambda s: s.replace("/", "%2F")  # noqa: E731 - domains never contain '/', ids neither
+    if c == "status":
+        return [("GET", f"{v1}/status", None)]
+    if c == "metrics":
+        return [("GET", "/metrics", None)]
+    if c == "policy":
+        if a == "set":
+            body = {k: v for k, v in (("mode", options.mode),) if v}
+            default = {k: getattr(options, k) for k in ("encryption", "authentication") if getattr(options, k)}
+            if default:
+                body["default"] = default
+            return [("PATCH", f"{v1}/policy", body)]
+        return [("DELETE" if a == "reset" else "GET", f"{v1}/policy", None)]
+    if c == "peers":
+        if a == "list":
+            return [("GET", f"{v1}/peers", None)]
+        path = f"{v1}/peers/{q(options.domain)}"
+        if a == "show":
+            return [("GET", path, None)]
+        if a == "delete":
+            return [("DELETE", path, None)]
+        if a in ("block", "allow"):
+            body = {"allowed": a == "allow"}
+            if options.note is not None:
+                body["note"] = options.note
+            return [("PATCH-OR-PUT", path, body)]
+        return [("PUT" if options.replace else "PATCH-OR-PUT", path, _peer_body(options))]
+    if c == "connections":
+        if a == "list":
+            query = "&".join(f"{k}={getattr(options, k)}" for k in ("remote", "direction", "state")
+                             if getattr(options, k))
+            return [("GET", f"{v1}/connections" + (f"?{query}" if query else ""), None)]
+        return [("DELETE" if a == "close" else "GET", f"{v1}/connections/{options.id}", None)]
+    if c == "destinations":
+        if a == "list":
+            return [("GET", f"{v1}/destinations", None)]
+        suffix = "/reset" if a == "reset" else ""
+        return [("POST" if a == "reset" else "GET", f"{v1}/destinations/{q(options.domain)}{suffix}", None)]
+    if c == "components":
+        if a == "list":
+            return [("GET", f"{v1}/components", None)]
+        path = f"{v1}/components/{q(options.domain)}"
+        if a == "set":
+            return [("PATCH-OR-PUT", path, _component_body(options))]
+        if a == "disconnect":
+            return [("DELETE", path, None)]
+        if a == "remove":
+            return [("DELETE", path + "/credentials", None)]
+        return [("GET", path, None)]
+    if c == "diagnose":
+        body = {k: v for k, v in (("from", options.from_domain), ("method", options.method)) if v}
+        return [("POST", f"{v1}/diagnose/{q(options.domain)}", body)]
+    raise CliError(f"unknown command {c}", EX_USAGE)
+
+
+async def run(reactor, options) -> int:
+    from treq.client import HTTPClient
+    from twisted.web.client import Agent, HTTPConnectionPool
+
+    url, token = locate(options)
+    client = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
+    result = None
+    for method, path, body in plan(options):
+        if method == "PATCH-OR-PUT":
+            try:
+                _, result = await call(client, url, token, "PATCH", path, body)
+            except CliError as exc:
+                if " 404 " not in str(exc):
+                    raise
+                _, result = await call(client, url, token, "PUT", path, body)
+        else:
+            status, result = await call(client, url, token, method, path, body)
+            if status == 204:
+                result = {"result": "done"}
+    if options.json and options.command != "metrics":
+        print(json.dumps(result, indent=2, ensure_ascii=False))
+    else:
+        print(render(options.command, result))
+    if options.command == "diagnose" and isinstance(result, dict) and not result.get("ok"):
+        return EX_API
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedgatectl", description="Manage a running fedgate "
+                                "through its admin API.", epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help=f"fedgate's configuration (default $FEDGATE_CONFIG or {DEFAULT_CONFIG})")
+    p.add_argument("--url", help="admin API base URL, e.g. http://127.0.0.1:8269")
+    p.add_argument("--token", help="admin token (prefer the environment or a file)")
+    p.add_argument("--token-file", help="file holding the admin token")
+    p.add_argument("--json", action="store_true", help="print the API's JSON instead of tables")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("status", help="version, uptime, listeners, counts")
+    sub.add_parser("metrics", help="Prometheus metrics text")
+
+    pol = sub.add_parser("policy", help="federation mode and default policy").add_subparsers(dest="action")
+    pol.add_parser("show")
+    ps = pol.add_parser("set")
+    ps.add_argument("--mode", choices=("open", "allowlist"))
+    ps.add_argument("--encryption", choices=("required", "optional"))
+    ps.add_argument("--authentication", choices=("dialback", "certificate"))
+    pol.add_parser("reset", help="back to the configuration file's settings")
+
+    peers = sub.add_parser("peers", help="per-peer policy").add_subparsers(dest="action", required=True)
+    peers.add_parser("list")
+    for name in ("show", "delete"):
+        peers.add_parser(name).add_argument("domain")
+    for name in ("block", "allow"):
+        sp = peers.add_parser(name)
+        sp.add_argument("domain")
+        sp.add_argument("--note")
+    ps = peers.add_parser("set", help="create or change a peer (only the options given)")
+    ps.add_argument("domain")
+    group = ps.add_mutually_exclusive_group()
+    group.add_argument("--allow", action="store_true")
+    group.add_argument("--block", action="store_true")
+    ps.add_argument("--encryption", choices=("required", "optional"))
+    ps.add_argument("--authentication", choices=("dialback", "certificate"))
+    ps.add_argument("--address", action="append", help="static host:port (repeatable)")
+    ps.add_argument("--clear-addresses", action="store_true")
+    ps.add_argument("--max-stanza-bytes", type=int, help="0 for no limit of its own")
+    ps.add_argument("--rate-limit", type=float, help="stanzas per second; 0 for none")
+    ps.add_argument("--note")
+    ps.add_argument("--replace", action="store_true", help="replace the whole entry (PUT)")
+
+    conns = sub.add_parser("connections", help="live S2S connections").add_subparsers(dest="action", required=True)
+    cl = conns.add_parser("list")
+    cl.add_argument("--remote")
+    cl.add_argument("--direction", choices=("inbound", "outbound"))
+    cl.add_argument("--state", choices=("authenticating", "authenticated"))
+    for name in ("show", "close"):
+        conns.add_parser(name).add_argument("id", type=int)
+
+    dests = sub.add_parser("destinations", help="per-domain senders").add_subparsers(dest="action", required=True)
+    dests.add_parser("list")
+    for name in ("show", "reset"):
+        dests.add_parser(name).add_argument("domain")
+
+    comps = sub.add_parser("components", help="XEP-0114 components").add_subparsers(dest="action", required=True)
+    comps.add_parser("list")
+    for name in ("show", "disconnect", "remove"):
+        comps.add_parser(name).add_argument("domain")
+    cs = comps.add_parser("set", help="accept a component, or change its credentials (only the "
+                          "options given; with none, a XEP-0114 secret is read from stdin)")
+    cs.add_argument("domain")
+    cs.add_argument("--secret-file", help="XEP-0114 handshake secret ('-' for stdin)")
+    cs.add_argument("--password-file", help="XEP-0225 SASL password ('-' for stdin); only "
+                    "salted SCRAM keys are kept")
+    cs.add_argument("--allowed-hostname", action="append",
+                    help="XEP-0225: a hostname it may bind besides its own (repeatable)")
+    cs.add_argument("--note")
+
+    diag = sub.add_parser("diagnose", help="try to federate with a domain now, step by step")
+    diag.add_argument("domain")
+    diag.add_argument("--from", dest="from_domain", help="our domain to federate as")
+    diag.add_argument("--method", choices=("auto", "dialback", "sasl-external"))
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    options = parser().parse_args(argv)
+    if options.command == "policy" and options.action is None:
+        options.action = "show"
+
+    async def go(reactor):
+        try:
+            code = await run(reactor, options)
+        except CliError as exc:
+            sys.stderr.write(f"fedgatectl: {exc}\n")
+            code = exc.code
+        if code:
+            raise SystemExit(code)
+
+    task.react(lambda reactor: defer.ensureDeferred(go(reactor)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""fedgatectl's output: readable tables and field lists from the admin
+API's JSON (``--json`` prints the JSON itself instead)."""
+
+from __future__ import annotations
+
+import json
+
+# -- output ---------------------------------------------------------------------
+
+def table(rows: list[dict], columns: list[tuple[str, object]]) -> str:
+    def cell(row, key):
+        value = key(row) if callable(key) else row.get(key)
+        if value is None:
+            return "-"
+        if isinstance(value, bool):
+            return "yes" if value else "no"
+        if isinstance(value, (list, tuple)):
+            return ",".join(str(v) for v in value) or "-"
+        return str(value)
+    cells = [[header for header, _ in columns]] + [[cell(r, k) for _, k in columns] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    return "\n".join(lines)
+
+
+def _flatten(item: dict, prefix: str = "") -> list[tuple[str, object]]:
+    out = []
+    for key, value in item.items():
+        if isinstance(value, dict) and value:
+            out += _flatten(value, f"{prefix}{key}.")
+        else:
+            out.append((f"{prefix}{key}", value))
+    return out
+
+
+def fields(item: dict, skip=()) -> str:
+    """One line per field; nested objects as dotted names."""
+    rows = _flatten({k: v for k, v in item.items() if k not in skip})
+    width = max((len(k) for k, _ in rows), default=0)
+    out = []
+    for key, value in rows:
+        if isinstance(value, list) and all(isinstance(v, (str, int, float)) for v in value):
+            value = ", ".join(str(v) for v in value) or "-"
+        elif isinstance(value, (dict, list)):
+            value = json.dumps(value, ensure_ascii=False)
+        elif value is None:
+            value = "-"
+        out.append(f"{key.ljust(width)}  {value}")
+    return "\n".join(out)
+
+
+PEERS = [("DOMAIN", "domain"), ("ALLOWED", "allowed"), ("ENCRYPTION", "encryption"),
+         ("AUTH", "authentication"), ("ADDRESSES", "addresses"), ("SOURCE", "source"), ("NOTE", "note")]
+CONNECTIONS = [("ID", "id"), ("DIR", "direction"), ("REMOTE", "remote_domain"), ("STATE", "state"),
+               ("AUTH", "auth_methods"), ("TLS", lambda r: (r.get("tls") or {}).get("version")),
+               ("BIDI", "bidi"), ("IN", lambda r: r["counters"]["stanzas_in"]),
+               ("OUT", lambda r: r["counters"]["stanzas_out"]), ("ADDRESS", "remote_address")]
+DESTINATIONS = [("DOMAIN", "domain"), ("STATE", "state"), ("QUEUED", lambda r: r["queue"]["stanzas"]),
+                ("FAILURES", "failures"), ("RETRY IN", "retry_in_seconds"), ("LAST ERROR", "last_error")]
+COMPONENTS = [("DOMAIN", "domain"), ("PROTOCOLS", "protocols"), ("CONNECTED", "connected"),
+              ("BOUND", "bound_hostnames"), ("SOURCE", "source"), ("PEER", "peer"),
+              ("IN", "stanzas_in"), ("OUT", "stanzas_out"), ("NOTE", "note")]
+STEPS = [("STEP", "step"), ("STATUS", "status"), ("MS", "ms"),
+         ("DETAIL", lambda s: s.get("error") or s.get("reason") or _step_detail(s))]
+
+
+def _step_detail(step: dict) -> str:
+    if step["step"] == "dns":
+        return f"{step.get('source')}: " + ", ".join(
+            f"{t['host']}:{t['port']}={'/'.join(t['addresses']) or 'no address'}" for t in step.get("targets", []))
+    if step["step"] == "tcp" and step.get("connected"):
+        return f"{step['connected']['address']}:{step['connected']['port']}"
+    if step["step"] == "stream":
+        return "features: " + (", ".join(f["name"] for f in step.get("features") or []) or "none")
+    if step["step"] == "tls" and step.get("version"):
+        cert = step.get("certificate") or {}
+        return f"{step['version']} {step.get('cipher')}; certificate valid for domain: {cert.get('valid_for_domain')}"
+    if step["step"] == "authentication":
+        return f"{step.get('method')}: {step.get('result')}"
+    if step["step"] == "policy":
+        return f"mode {step['mode']}, blocked {step['blocked']}"
+    return ""
+
+
+def render(command: str, result) -> str:
+    if not isinstance(result, dict):
+        return str(result).rstrip("\n")
+    if "peers" in result:
+        return f"mode: {result['mode']}\n" + table(result["peers"], PEERS)
+    if "connections" in result:
+        return table(result["connections"], CONNECTIONS)
+    if "destinations" in result:
+        return table(result["destinations"], DESTINATIONS)
+    if "components" in result and isinstance(result["components"], list):
+        return table(result["components"], COMPONENTS)
+    if "steps" in result:
+        verdict = "federation works" if result["ok"] else "federation FAILS"
+        return (f"{result['from']} -> {result['domain']}: {verdict} ({result['ms']} ms)\n"
+                + table(result["steps"], STEPS))
+    if "pairs" in result:
+        return fields(result, skip=("pairs",)) + "\n\n" + table(result["pairs"], [
+            ("LOCAL", "local"), ("REMOTE", "remote"), ("STATE", "state"), ("METHOD", "method"),
+            ("IN", "stanzas_in"), ("OUT", "stanzas_out")])
+    return fields(result)
