@@ -36,7 +36,9 @@ class AdminCase(unittest.TestCase):
         self.dns = TestDNSServer(reactor)
         dns_port = self.dns.start()
         self.addCleanup(self.dns.stop)
-        config = gateway_config(temp_dir(self), ["a.example"], {"chat.a.example": "secret-a"})
+        # A wildcard certificate covers components added at run time.
+        config = gateway_config(temp_dir(self), ["a.example"], {"chat.a.example": "secret-a"},
+                                extra_hosted=["*.a.example"])
         config["s2s"]["peers"] = {"static.example": {"addresses": ["127.0.0.1:1"], "note": "from file"}}
         for key, value in self.config_a.items():
             config.setdefault(key, {}).update(value)

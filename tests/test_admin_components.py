@@ -51,6 +51,8 @@ class ComponentTests(AdminCase):
         self.assertError((yield self.api.delete(f"{V1}/components/bot.a.example/credentials")), 404)
         self.assertError((yield self.api.delete(f"{V1}/components/chat.a.example/credentials")), 409)
         self.assertError((yield self.api.put(f"{V1}/components/x.a.example", {"secret": "short"})), 422, "secret")
+        self.assertError((yield self.api.put(f"{V1}/components/bot.c.example", {"secret": secret})), 422,
+                         "no certificate for bot.c.example")
         self.assertError((yield self.api.put(f"{V1}/components/x.a.example", {"note": "only"})), 422, "secret")
         self.assertError((yield self.api.patch(f"{V1}/components/none.a.example", {"note": "x"})), 404)
         self.assertError((yield self.api.put(f"{V1}/components/x.a.example", {"secret": secret, "k": 1})), 422, "k")

@@ -259,6 +259,12 @@ class AdminApi:
         else:
             base = ComponentCredential(domain)
         credential = parse_component(domain, request.body, base)
+        tls = getattr(self.gateway, "tls", None)
+        for hostname in {domain} | set(getattr(credential, "allowed", ()) or ()):
+            if tls is not None and tls.store.pair_for(hostname) is None:
+                # Remote servers could not validate us for it over TLS.
+                raise ApiError(422, f"no certificate for {hostname}: add one to the certificate "
+                                    "directory (or [tls.domains]) and reload the gateway first")
         created = yield self.components.put(credential)
         return Reply(component_json(domain, self.components), 201 if created else 200)
 
