@@ -344,3 +344,44 @@ class TLSPolicyTests(InboundCase):
         [failure] = stream.take()
         self.assertEqual((failure.name, failure.firstChildElement().name), ("failure", "encryption-required"))
         self.assertIsNone(self.handler.record.state_of("gw.example", "remote.example"))
+
+
+class PeerLimitTests(InboundCase):
+    """A peer's own stanza size and rate limits (set by the operator)."""
+
+    def open_limited(self, **limits):
+        self.table = ConnectionTable()
+        policy = PolicyTable(PeerPolicy(encryption="optional"),
+                             {"remote.example": PeerPolicy("remote.example", encryption="optional", **limits)})
+        ctx = S2SContext(clock=self.clock, local_domains=LOCAL, secret=SECRET, table=self.table,
+                         router=self.router, verifier=self.verifier, budget=self.budget, policy=policy)
+        self.handler = InboundS2S(ctx)
+        stream = MemoryStream(self.handler, self.clock)
+        stream.feed(server_header(to="gw.example", **{"from": "remote.example"}, version="1.0"))
+        stream.take()
+        self.authenticate(stream)
+        return stream
+
+    def test_stanza_size(self):
+        stream = self.open_limited(max_stanza_bytes=300)
+        stream.feed("<message from='a@remote.example' to='b@chat.gw.example'><body>short</body></message>")
+        self.assertEqual(len(self.router.routed), 1)
+        stream.feed("<message from='a@remote.example' to='b@chat.gw.example'><body>" + "x" * 400 + "</body></message>")
+        self.assertEqual(stream.stream_error(), "policy-violation")
+        self.assertEqual(len(self.router.routed), 1)
+
+    def test_rate_limit_pauses_reading_and_loses_nothing(self):
+        stream = self.open_limited(rate_limit=5.0)
+        for n in range(12):  # a burst of 10 is allowed, then reading pauses
+            stream.feed(f"<message from='a@remote.example' to='b@chat.gw.example' id='{n}'/>")
+        self.assertEqual(len(self.router.routed), 12, "what was read is still delivered")
+        self.assertEqual(stream.transport.producerState, "paused")
+        self.clock.advance(1.0)
+        self.assertEqual(stream.transport.producerState, "producing")
+        self.assertFalse(stream.disconnecting)
+
+    def test_no_limit_no_pause(self):
+        stream = self.open_limited()
+        for n in range(50):
+            stream.feed(f"<message from='a@remote.example' to='b@chat.gw.example' id='{n}'/>")
+        self.assertEqual(stream.transport.producerState, "producing")

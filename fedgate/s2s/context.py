@@ -7,6 +7,7 @@ a context with fakes, the service builds it with the real parts.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 from fedgate.policy import PolicyTable
 from fedgate.s2s.pairs import ConnectionTable
@@ -52,6 +53,8 @@ class S2SContext:
     reverse_dialback: bool = False
     log_traffic: bool = False
     log_bodies: bool = False
+    #: tls_failure(reason) counts a TLS failure (the metrics)
+    tls_failure: Callable[[str], None] = lambda reason: None
 
     def is_blocked(self, remote: str) -> bool:
         return self.policy.is_blocked(remote)

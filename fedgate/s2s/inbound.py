@@ -31,6 +31,7 @@ from fedgate.s2s.context import S2SContext
 from fedgate.s2s.pairing import DialbackPairs, addresses, check_incoming
 from fedgate.s2s.pairs import INBOUND, PENDING, REMOTE, VALID, ConnectionRecord
 from fedgate.s2s.policy_check import SASL_EXTERNAL, sasl_external_offer
+from fedgate.s2s.throttle import StreamThrottle
 from fedgate.stream.sasl import decode_external, sasl_failure, sasl_mechanisms
 from fedgate.stream import namespaces as ns
 from fedgate.stream.errors import StanzaFailure, StreamFailure
@@ -80,6 +81,7 @@ class InboundS2S:
         self.record = self.ctx.table.add(
             ConnectionRecord(INBOUND, io.peer, self.ctx.clock.seconds()), closer=io.fail, route=self)
         self.dialback = DialbackPairs(self)
+        self.throttle = StreamThrottle(io, self.ctx.clock)
         self._timer = self.ctx.clock.callLater(self.ctx.auth_timeout, self._auth_timeout)
         if self.direct_tls:
             # XEP-0368: TLS from the first byte; SNI picks the certificate.
@@ -110,6 +112,10 @@ class InboundS2S:
         self._to, self._from = to, sender
         if sender is not None and self.ctx.is_blocked(sender):
             raise StreamFailure("policy-violation", self.ctx.policy.why_blocked(sender))
+        if sender is not None:
+            limit = self.ctx.policy.for_peer(sender).max_stanza_bytes
+            if limit:
+                self.io.tighten_stanza_limit(limit)
         self.stream_id = new_stream_id()
         attrs = {"id": self.stream_id, "from": to, "to": sender}
         if is_v1:
@@ -153,6 +159,7 @@ class InboundS2S:
             self._timer.cancel()
         if self.dialback is not None:
             self.dialback.close()
+            self.throttle.stop()
         if self.record is not None:
             self.ctx.table.remove(self.record)
             # Reverse requests we made here can no longer succeed.
@@ -270,6 +277,7 @@ class InboundS2S:
             raise StreamFailure("not-authorized", "no domain pair is authenticated on this stream")
         to_domain, from_domain = check_incoming(record, stanza, self.ctx.local_domains)
         record.pairs[(to_domain, from_domain)].stanzas_in += 1
+        self.throttle.stanza(from_domain, self.ctx.policy.for_peer(from_domain).rate_limit)
         self.ctx.router.route(stanza, to_domain, from_domain)
 
     def _verify(self, element: domish.Element) -> None:

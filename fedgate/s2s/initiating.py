@@ -94,7 +94,8 @@ class InitiatingStream:
             self.io.start_tls(self.ctx.tls.client_creator(self.local, self.remote))
             self.io.restart(self._send_header)
         elif uri == ns.TLS and name == "failure":
-            self.refuse(policy_check.Refusal("remote-server-timeout", f"{self.remote} refused STARTTLS"))
+            self.refuse(policy_check.Refusal("remote-server-timeout", f"{self.remote} refused STARTTLS",
+                                             "refused"))
         elif uri == ns.SASL and name == "success":
             # The pair counts once the restarted stream is up (its features
             # arrive), so nothing is sent between <success/> and our new header.
@@ -158,6 +159,8 @@ class InitiatingStream:
     def refuse(self, refusal: policy_check.Refusal) -> None:
         """End this attempt; the owner bounces with the reason."""
         log.info("Giving up on {remote}: {text}", remote=self.remote, text=refusal.text)
+        if refusal.reason:
+            self.ctx.tls_failure(refusal.reason)
         self.failure = refusal
         self.io.close()
 

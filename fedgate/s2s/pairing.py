@@ -97,6 +97,8 @@ class DialbackPairs:
         refusal, method = dialback_request(ctx.policy.for_peer(originating), io.tls, originating)
         if refusal is not None:
             log.info("Dialback from {remote} refused: {text}", remote=originating, text=refusal.text)
+            if refusal.reason:
+                ctx.tls_failure(refusal.reason)
             return answer_error(refusal.condition, refusal.text)
         pair = (receiving, originating)
         if pair in self.pending:

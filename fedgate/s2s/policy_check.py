@@ -20,12 +20,28 @@ DIALBACK_WITH_CERT = "dialback-with-valid-cert"
 class Refusal:
     condition: str
     text: str
+    #: the TLS failure behind it, for the metrics (None: not about TLS)
+    reason: str | None = None
+
+
+#: OpenSSL verify errors -> the metrics' TLS failure reasons
+_EXPIRED = {9, 10}  # not yet valid, expired
+
+
+def _certificate_reason(tls: TLSInfo) -> str:
+    if tls.peer_certificate is None:
+        return "no-certificate"
+    if any(errno in _EXPIRED for _, errno, _ in tls.chain_errors):
+        return "expired-certificate"
+    if tls.chain_errors:
+        return "untrusted-certificate"
+    return "name-mismatch"
 
 
 def tls_missing(policy: PeerPolicy, tls: TLSInfo | None, remote: str) -> Refusal | None:
     """Before any authentication: is the channel encrypted as policy asks?"""
     if tls is None and policy.requires_tls:
-        return Refusal("policy-violation", f"policy requires TLS with {remote}")
+        return Refusal("policy-violation", f"policy requires TLS with {remote}", "required-but-unavailable")
     return None
 
 
@@ -34,11 +50,13 @@ def certificate_refused(policy: PeerPolicy, tls: TLSInfo | None, remote: str) ->
     if not policy.requires_certificate:
         return None
     if tls is None:
-        return Refusal("policy-violation", f"policy requires a valid certificate from {remote}, but the stream is not encrypted")
+        return Refusal("policy-violation", f"policy requires a valid certificate from {remote}, "
+                                           "but the stream is not encrypted", "required-but-unavailable")
     if not tls.valid_for(remote):
         why = "; ".join(t for _, _, t in tls.chain_errors) or (
             "no certificate" if tls.peer_certificate is None else f"it does not name {remote}")
-        return Refusal("not-authorized", f"policy requires a valid certificate from {remote} ({why})")
+        return Refusal("not-authorized", f"policy requires a valid certificate from {remote} ({why})",
+                       _certificate_reason(tls))
     return None
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 import secrets
+from dataclasses import replace
 from typing import Protocol as TypingProtocol
 
 from twisted.internet import defer, protocol
@@ -84,6 +85,8 @@ class XmppStream(protocol.Protocol):
         self._close_waiters: list = []
         self.tls: TLSInfo | None = None
         self.tls_started = False
+        #: called with a reason when TLS fails here (the metrics count them)
+        self.on_tls_failure = None
 
     def wait_closed(self):
         """A Deferred that fires once the connection is gone."""
@@ -124,6 +127,8 @@ class XmppStream(protocol.Protocol):
         if self._close_timer is not None and self._close_timer.active():
             self._close_timer.cancel()
         self._close_timer = None
+        if self.tls_started and self.tls is None and self.on_tls_failure is not None:
+            self.on_tls_failure("handshake")  # the TLS handshake never completed
         waiters, self._close_waiters = self._close_waiters, []
         for d in waiters:
             d.callback(None)
@@ -159,6 +164,12 @@ class XmppStream(protocol.Protocol):
         if self.log_traffic:
             self._log_xml("out", text)
         self.transport.write(text.encode("utf-8"))
+
+    def tighten_stanza_limit(self, max_bytes: int) -> None:
+        """Lower the stanza size limit for this stream (a peer's policy)."""
+        if max_bytes < self.limits.max_stanza_bytes:
+            self.limits = replace(self.limits, max_stanza_bytes=max_bytes)
+            self._parser.limits = self.limits
 
     def start_tls(self, creator) -> None:
         """Switch the transport to TLS (STARTTLS after <proceed/>, or at once
