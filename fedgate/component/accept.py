@@ -15,7 +15,8 @@ import hmac
 from twisted.logger import Logger
 from twisted.words.xish import domish
 
-from fedgate.domain import InvalidDomain, domain_of, normalize_domain
+from fedgate.component.addressing import checked_domains
+from fedgate.domain import InvalidDomain, normalize_domain
 from fedgate.stream import namespaces as ns
 from fedgate.stream.errors import StanzaFailure, StreamFailure, is_bounceable, make_error_reply
 from fedgate.stream.protocol import new_stream_id
@@ -74,19 +75,7 @@ class ComponentAccept:
         sender = element.getAttribute("from")
         if not sender:
             raise StreamFailure("improper-addressing", "stanza without 'from'")
-        try:
-            from_domain = domain_of(sender)
-        except InvalidDomain:
-            raise StreamFailure("improper-addressing", "malformed 'from'") from None
-        if from_domain != self.domain:
-            raise StreamFailure("invalid-from", f"'from' must be at {self.domain}")
-        to = element.getAttribute("to")
-        if not to:
-            raise StanzaFailure("bad-request", "stanza without 'to'")
-        try:
-            to_domain = domain_of(to)
-        except InvalidDomain:
-            raise StanzaFailure("jid-malformed", "malformed 'to'") from None
+        to_domain, from_domain = checked_domains(element, sender, (self.domain,), self.domain)
         self.stanzas_in += 1
         self.router.route(element, to_domain, from_domain)
 

@@ -23,7 +23,8 @@ from twisted.words.xish import domish
 
 from fedgate.component.credentials import CredentialRegistry
 from fedgate.component.scram import ScramError, ScramServer
-from fedgate.domain import InvalidDomain, domain_of, normalize_domain
+from fedgate.component.addressing import checked_domains
+from fedgate.domain import InvalidDomain, normalize_domain
 from fedgate.stream import namespaces as ns
 from fedgate.stream.errors import StanzaFailure, StreamFailure, is_bounceable, make_error_reply
 from fedgate.stream.protocol import new_stream_id
@@ -303,19 +304,7 @@ class Xep0225Stream:
             if not self.settings.stamp_from:
                 raise StanzaFailure("bad-request", "a stanza needs a 'from' on a multi-hostname stream")
             sender = stanza["from"] = next(iter(self.bound.values()))
-        try:
-            from_domain = domain_of(sender)
-        except InvalidDomain:
-            raise StreamFailure("improper-addressing", "malformed 'from'") from None
-        if from_domain not in self.bound:
-            raise StreamFailure("invalid-from", "'from' must be at a bound hostname")
-        to = stanza.getAttribute("to")
-        if not to:
-            raise StanzaFailure("bad-request", "stanza without 'to'")
-        try:
-            to_domain = domain_of(to)
-        except InvalidDomain:
-            raise StanzaFailure("jid-malformed", "malformed 'to'") from None
+        to_domain, from_domain = checked_domains(stanza, sender, self.bound, "a bound hostname")
         self.stanzas_in += 1
         self.router.route(stanza, to_domain, from_domain)
 
