@@ -6,13 +6,18 @@ component credentials loaded, admin API listening; see fedgate.admin), then
 the XMPP listeners, so stored blocks apply before the first peer connects.
 Stop order: stop accepting, close every stream with ``system-shutdown``,
 bounce what is still queued, let the reactor go, close storage last.
+:meth:`Gateway.reload` re-reads the peer policy and the certificates from
+the configuration file without touching a stream (fedgate.tap calls it on
+SIGHUP).
 """
 
 from __future__ import annotations
 
 import random
 import weakref
+from dataclasses import fields, is_dataclass, replace
 
+from OpenSSL import SSL
 from twisted.application import service
 from twisted.internet import defer, protocol
 from twisted.internet.endpoints import serverFromString
@@ -23,7 +28,7 @@ from fedgate.component.accept import ComponentAccept
 from fedgate.component.credentials import CredentialRegistry
 from fedgate.component.listener import ComponentListenerStream
 from fedgate.component.xep0225 import Xep0225Settings, Xep0225Stream
-from fedgate.config import Config, dialback_secret
+from fedgate.config import Config, ConfigError, dialback_secret, load_config
 from fedgate.local import LocalHandler
 from fedgate.policy import PolicyTable
 from fedgate.router import Router
@@ -37,7 +42,7 @@ from fedgate.s2s.verifier import DialbackVerifier
 from fedgate.stream import namespaces as ns
 from fedgate.stream.parser import Limits
 from fedgate.stream.protocol import XmppStream
-from fedgate.tls.certs import CertificateStore
+from fedgate.tls.certs import CertificateError, CertificateStore
 from fedgate.tls.contexts import ALPN_S2S, DEFAULT_CIPHERS, TLSContexts, TLSSettings
 
 log = Logger(namespace="fedgate.service")
@@ -94,6 +99,7 @@ class Gateway(service.Service):
             tls=self.tls,
             bidi=s2s.bidi,
             reverse_dialback=s2s.reverse_dialback,
+            tls_failure=self._tls_failure,
             log_traffic=config.logging.xml_traffic,
             log_bodies=config.logging.xml_bodies,
         )
@@ -114,14 +120,58 @@ class Gateway(service.Service):
         without a usable one stops the start with its name."""
         store = CertificateStore(config.tls.certificates, config.tls.domains)
         store.check_hosted(config.local_domains)
-        return TLSContexts(store, TLSSettings(min_version=config.tls.min_version,
-                                              ciphers=config.tls.ciphers or DEFAULT_CIPHERS,
-                                              trust_roots=config.tls.trust_roots))
+        return TLSContexts(store, _tls_settings(config))
+
+    def reload(self) -> bool:
+        """Re-read the configuration file (SIGHUP, ``systemctl reload``) and
+        apply what can change under live streams: the file's peer policy
+        layer (``[s2s.policy]``, ``[s2s.peers]``; stored admin API entries
+        keep winning) and ``[tls]`` (certificates for new connections).
+        Everything is read and checked before anything is applied: on an
+        error, one log line and the running settings stay.  Other changed
+        settings are named as needing a restart.  Returns whether it applied."""
+        path = str(self.config.path)
+        try:
+            new = load_config(path)
+            tls = _checked_tls(new, self.config.local_domains)
+        except ConfigError as exc:
+            log.error("Reload failed, running settings kept: configuration error: {error}",
+                      error=str(exc))
+            return False
+        except (CertificateError, OSError, ValueError, SSL.Error) as exc:
+            log.error("Reload failed, running settings kept: certificate error: {path}: {error}",
+                      path=path, error=str(exc) or repr(exc))
+            return False
+        old_store = self.tls.store
+        self.tls.replace_store(tls.store, tls.settings)
+        peers = self.admin.peers.replace_config_layer(new.s2s.peers, new.s2s.mode,
+                                                      new.s2s.default_policy)
+        applied = replace(self.config, tls=new.tls, s2s=replace(
+            self.config.s2s, peers=new.s2s.peers, mode=new.s2s.mode,
+            default_policy=new.s2s.default_policy))
+        restart = _differences(applied, new)
+        self.config = applied
+        renewed = [d for d in sorted(self.config.local_domains)
+                   if old_store.pair_for(d) is None or tls.store.pair_for(d) is None
+                   or old_store.pair_for(d).chain != tls.store.pair_for(d).chain]
+        log.info("Reloaded {path}: {peers}; certificates {certificates}", path=path,
+                 peers=peers.describe() or "peer policy unchanged",
+                 certificates=f"replaced for {', '.join(renewed)}" if renewed else "unchanged")
+        if restart:
+            log.warn("Reload: changes to {keys} in {path} apply only after a restart",
+                     keys=", ".join(restart), path=path)
+        return True
+
+    def _tls_failure(self, reason: str) -> None:
+        admin = getattr(self, "admin", None)
+        if admin is not None:
+            admin.metrics.tls_failure(reason)
 
     def make_stream(self, handler, stream_ns: str = ns.SERVER) -> XmppStream:
         stream = XmppStream(handler, self.reactor, self.limits,
                             log_traffic=self.config.logging.xml_traffic,
                             log_bodies=self.config.logging.xml_bodies, stream_ns=stream_ns)
+        stream.on_tls_failure = self._tls_failure
         self.streams.add(stream)
         return stream
 
@@ -189,3 +239,37 @@ class Gateway(service.Service):
                 if not stream.closed:
                     stream.transport.abortConnection()
         yield self.admin.stop()
+
+
+def _tls_settings(config: Config) -> TLSSettings:
+    return TLSSettings(min_version=config.tls.min_version,
+                       ciphers=config.tls.ciphers or DEFAULT_CIPHERS,
+                       trust_roots=config.tls.trust_roots)
+
+
+def _checked_tls(config: Config, hosted) -> TLSContexts:
+    """``config``'s certificates and TLS settings, tried out: every hosted
+    domain has a usable certificate and its context builds (key, ciphers,
+    trust roots), so a reload never leaves the next handshake to find out."""
+    contexts = TLSContexts(CertificateStore(config.tls.certificates, config.tls.domains),
+                           _tls_settings(config))
+    contexts.store.check_hosted(hosted)
+    for domain in sorted(hosted):
+        contexts.server_context(domain)
+        contexts.client_context(domain)
+    return contexts
+
+
+def _differences(running: Config, new: Config) -> list[str]:
+    """Keys (``section.key``) whose new value differs from the running one."""
+    keys = []
+    for name in (f.name for f in fields(running)):
+        before, after = getattr(running, name), getattr(new, name)
+        if before == after:
+            continue
+        if is_dataclass(before):
+            keys += [f"{name}.{f.name}" for f in fields(before)
+                     if getattr(before, f.name) != getattr(after, f.name)]
+        else:
+            keys.append(name)
+    return keys

@@ -1,10 +1,12 @@
 """twistd plugin options and service construction.
 
-The only module that touches the global reactor and the system resolver.
+The only module that touches the global reactor, the system resolver and
+process signals (SIGHUP reloads the configuration: see Gateway.reload).
 """
 
 from __future__ import annotations
 
+import signal
 import sys
 
 from twisted.python import usage
@@ -40,7 +42,18 @@ def makeService(options):
     else:
         resolver = client.createResolver()
     try:
-        return Gateway(config, reactor, resolver)
+        gateway = Gateway(config, reactor, resolver)
     except CertificateError as exc:
         sys.stderr.write(f"fedgate: certificate error: {config.path}: {exc}\n")
         sys.exit(78)
+    reload_on_sighup(reactor, gateway.reload)
+    return gateway
+
+
+def reload_on_sighup(reactor, reload, signals=signal) -> None:
+    """SIGHUP (``systemctl reload``) runs ``reload`` on the reactor thread.
+
+    The handler only queues the call: a signal lands between any two
+    bytecodes, and the gateway's tables must change between events.
+    (twistd rotates its log file on SIGUSR1, so SIGHUP is free.)"""
+    signals.signal(signals.SIGHUP, lambda signum, frame: reactor.callFromThread(reload))

@@ -75,6 +75,7 @@ def test_changelog_version_is_the_setup_cfg_version():
 def test_unit_runs_twistd3_as_fedgate_and_stops_retrying_on_config_errors():
     entries = unit()
     assert entries["ExecStart"] == [EXEC_START]
+    assert entries["ExecReload"] == ["/bin/kill -HUP $MAINPID"]  # fedgate.tap: SIGHUP reloads
     assert entries["User"] == entries["Group"] == ["fedgate"]
     assert entries["StateDirectory"] == ["fedgate"]
     assert entries["Restart"] == ["on-failure"]
@@ -96,8 +97,12 @@ def test_every_runtime_requirement_is_a_build_dependency():
 
 
 def test_plugin_goes_where_python3_twisted_looks():
-    assert "twisted/plugins/fedgate_plugin.py usr/lib/python3/dist-packages/twisted/plugins/" in \
-        (DEBIAN / "fedgate.install").read_text().splitlines()
+    # Installed with the modules (pip and pybuild alike) into
+    # site-packages/twisted/plugins, never as data under the prefix.
+    options = setup_cfg()["options"]
+    assert options["packages"] == "find_namespace:"
+    assert "twisted.plugins" in setup_cfg()["options.packages.find"]["include"].split()
+    assert not setup_cfg().has_section("options.data_files")
     assert "activate-noawait twisted-plugins-cache" in (DEBIAN / "fedgate.triggers").read_text()
     # Never a package: python3-twisted owns twisted/ and twisted/plugins/.
     assert not (REPO / "twisted" / "__init__.py").exists()
@@ -160,6 +165,15 @@ def test_build_install_run_remove_purge(tmp_path):
         "ok   the stream after TLS offers dialback",
         "ok   gateway process user: fedgate",
         "ok   /var/lib/fedgate/dialback.secret: fedgate:fedgate 600",
+        "ok   /usr/bin/fedgatectl and its manual page",
+        "ok   /var/lib/fedgate/admin.token: fedgate:fedgate 640",
+        "ok   GET /api/v1/status with the token: 200",
+        "ok   GET /api/v1/status without a token: 401",
+        "ok   fedgatectl --help",
+        "ok   fedgatectl status as fedgate-test-admin (group fedgate)",
+        "ok   fedgatectl with a wrong token: exit 77",
+        "ok   SIGHUP: the gateway reloaded ",
+        "ok   SIGHUP: still serving",
         "ok   dpkg status: config-files",
         "ok   plugin and its cache entry are gone",
         "ok   dpkg status: not-installed",

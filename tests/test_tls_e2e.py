@@ -113,7 +113,18 @@ def _make(kind: str, maker, direction: str, good: bool):
         else:
             got = yield self.expect_bounced("policy-violation")
             self.assertIn("policy requires a valid certificate from chat.b.example", str(got.error.text))
+        if not good:
+            # The refusing side counts the failure, by reason, in its metrics.
+            refuser = self.b if direction == "inbound" else self.a
+            count = refuser.admin.metrics.registry.get_sample_value(
+                "fedgate_tls_failures_total", {"reason": FAILURE_REASON[kind]})
+            self.assertGreaterEqual(count or 0, 1, kind)
     return test
+
+
+FAILURE_REASON = {"expired": "expired-certificate", "not-yet-valid": "expired-certificate",
+                  "self-signed": "untrusted-certificate", "wrong-name": "name-mismatch",
+                  "untrusted-ca": "untrusted-certificate", "missing-intermediate": "untrusted-certificate"}
 
 
 class CertificateMatrix(TLSCase):

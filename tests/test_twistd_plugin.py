@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 from fedgate.tls.devcert import write_self_signed
@@ -43,14 +46,20 @@ def test_missing_config(tmp_path):
     assert "none.toml: file not found" in result.stderr
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(count: int) -> list[int]:
+    """Distinct free ports (all held open at once while they are chosen)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def test_starts_and_answers_on_its_ports(tmp_path):
-    s2s, comp, admin = _free_port(), _free_port(), _free_port()
+    s2s, comp, admin = _free_ports(3)
     config = tmp_path / "fedgate.toml"
     write_self_signed(tmp_path / "certs", ["gw.example", "chat.gw.example"])
     config.write_text(f'''
@@ -99,3 +108,90 @@ listen = ["tcp:{admin}:interface=127.0.0.1"]
     assert f"Listening for admin on 127.0.0.1:{admin}" in output
     token = tmp_path / "state" / "admin.token"
     assert oct(token.stat().st_mode & 0o777) == "0o640" and len(token.read_text().strip()) >= 32
+
+
+def _peers(admin: int, token: str) -> dict:
+    request = urllib.request.Request(f"http://127.0.0.1:{admin}/api/v1/peers",
+                                     headers={"Authorization": f"Bearer {token}"})
+    # Straight to loopback, whatever http_proxy says (pybuild points it at a
+    # dead port so that builds cannot reach the network).
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with direct.open(request, timeout=10) as response:
+        return {p["domain"]: p for p in json.load(response)["peers"]}
+
+
+def test_sighup_reloads_the_config_and_keeps_running(tmp_path):
+    s2s, comp, admin = _free_ports(3)
+    config = tmp_path / "fedgate.toml"
+    write_self_signed(tmp_path / "certs", ["gw.example"])
+    text = f'''
+state_dir = "{tmp_path / 'state'}"
+domains = ["gw.example"]
+[s2s]
+listen = ["tcp:{s2s}:interface=127.0.0.1"]
+dns_servers = ["127.0.0.1:1"]
+[tls]
+certificates = "{tmp_path / 'certs'}"
+[components]
+listen = ["tcp:{comp}:interface=127.0.0.1"]
+[admin]
+listen = ["tcp:{admin}:interface=127.0.0.1"]
+'''
+    config.write_text(text)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen(TWISTD + ["-n", "--pidfile=", "fedgate", "--config", str(config)],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _reload_while_serving(proc, config, text, tmp_path, s2s, admin)
+    except Exception as exc:
+        proc.terminate()
+        output, _ = proc.communicate(timeout=30)
+        raise AssertionError(f"{exc!r}\n-- the gateway's output:\n{output}") from exc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+    output, _ = proc.communicate(timeout=30)
+    assert f"Reloaded {config}: peers added: spam.example; certificates unchanged" in output, output
+
+
+def _reload_while_serving(proc, config, text, tmp_path, s2s, admin):
+    """Add a blocked peer to the file, SIGHUP, and see the admin API list it
+    while a stream opened before stays open."""
+    token_file = tmp_path / "state" / "admin.token"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            peers = _peers(admin, token_file.read_text().strip())
+            break
+        except (OSError, ValueError):
+            assert proc.poll() is None and time.monotonic() < deadline, "the admin API never answered"
+            time.sleep(0.2)
+    assert "spam.example" not in peers
+    # A stream open across the reload stays open.
+    stream = socket.create_connection(("127.0.0.1", s2s), timeout=10)
+    with stream:
+        stream.sendall(b"<?xml version='1.0'?><stream:stream xmlns='jabber:server' "
+                       b"xmlns:stream='http://etherx.jabber.org/streams' "
+                       b"xmlns:db='jabber:server:dialback' to='gw.example' version='1.0'>")
+        reply = b""
+        while b"</stream:features>" not in reply:
+            chunk = stream.recv(4096)
+            assert chunk, reply
+            reply += chunk
+
+        config.write_text(text + '[s2s.peers."spam.example"]\nblocked = true\nnote = "reloaded"\n')
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while "spam.example" not in peers:
+            assert proc.poll() is None, "SIGHUP ended the gateway"
+            assert time.monotonic() < deadline, "SIGHUP did not reload the configuration"
+            time.sleep(0.1)
+            peers = _peers(admin, token_file.read_text().strip())
+        assert (peers["spam.example"]["allowed"], peers["spam.example"]["note"],
+                peers["spam.example"]["source"]) == (False, "reloaded", "config")
+        stream.settimeout(0.5)
+        try:
+            assert stream.recv(4096) != b"", "the open stream was closed"
+        except socket.timeout:
+            pass  # nothing sent, nothing closed
+    assert proc.poll() is None

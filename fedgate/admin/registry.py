@@ -12,10 +12,13 @@ file's, if any; an entry that only the file defines cannot be deleted here
 
 Every change is written to storage first and applied to the live tables
 only once the write is durable, so what the API acknowledged is what a
-restart brings back.
+restart brings back.  A reload (SIGHUP) swaps the file layer underneath:
+stored entries keep winning.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -29,6 +32,31 @@ log = Logger(namespace="fedgate.admin.registry")
 API, CONFIG = "api", "config"
 FEDERATION_SETTING = "federation"
 OPERATOR_TEXT = "disconnected by an operator through the admin API"
+
+
+@dataclass(frozen=True)
+class ConfigLayerChange:
+    """What a new configuration file layer changed (domains sorted).
+    ``shadowed``: peers whose file entry changed under a stored override,
+    which stays in force.  ``federation``: "unchanged", "changed", or
+    "shadowed" (a stored federation setting stays in force)."""
+
+    added: tuple = ()
+    changed: tuple = ()
+    removed: tuple = ()
+    shadowed: tuple = ()
+    federation: str = "unchanged"
+
+    def describe(self) -> str:
+        parts = [f"{what} {', '.join(domains)}" for what, domains in (
+            ("peers added:", self.added), ("peers changed:", self.changed),
+            ("peers removed:", self.removed),
+            ("peers kept as stored through the admin API:", self.shadowed)) if domains]
+        if self.federation == "changed":
+            parts.append("federation mode and default policy changed")
+        elif self.federation == "shadowed":
+            parts.append("federation setting kept as stored through the admin API")
+        return "; ".join(parts)
 
 
 class PeerRegistry:
@@ -112,6 +140,36 @@ class PeerRegistry:
         self.global_source = CONFIG
         mode, default = self.config_global
         self.policy.set_default(default, mode)
+
+    def replace_config_layer(self, peers: dict, mode: str, default: PeerPolicy) -> ConfigLayerChange:
+        """Swap in a re-read configuration file's peers and federation
+        setting (a reload).  Stored entries keep winning: where one exists,
+        only the fallback under it changes; elsewhere the live table follows
+        the file, and the enforcer brings live connections in line."""
+        old = self.config_peers
+        self.config_peers = dict(peers)
+        added, changed, removed, shadowed = [], [], [], []
+        for domain in sorted(set(old) | set(peers)):
+            before, after = old.get(domain), peers.get(domain)
+            if before == after:
+                continue
+            if domain in self.stored:
+                shadowed.append(domain)
+            elif after is None:
+                self.policy.remove_peer(domain)
+                removed.append(domain)
+            else:
+                self.policy.set_peer(after)
+                (added if before is None else changed).append(domain)
+        federation = "unchanged"
+        if (mode, default) != self.config_global:
+            self.config_global = (mode, default)
+            federation = "shadowed"
+            if self.global_source == CONFIG:
+                self.policy.set_default(default, mode)
+                federation = "changed"
+        return ConfigLayerChange(tuple(added), tuple(changed), tuple(removed), tuple(shadowed),
+                                 federation)
 
 
 class ComponentRegistry:

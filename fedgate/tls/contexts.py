@@ -116,9 +116,12 @@ class TLSContexts:
         self._server: dict = {}
         self._client: dict = {}
 
-    def replace_store(self, store: CertificateStore) -> None:
-        """Use new certificates from now on (existing connections keep theirs)."""
+    def replace_store(self, store: CertificateStore, settings: TLSSettings | None = None) -> None:
+        """Use new certificates (and settings) from now on; existing
+        connections keep theirs."""
         self.store = store
+        if settings is not None:
+            self.settings = settings
         self._server.clear()
         self._client.clear()
 

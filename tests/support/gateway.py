@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -9,7 +10,7 @@ from pathlib import Path
 
 from twisted.internet import defer
 
-from fedgate.config import parse_config
+from fedgate.config import load_config, parse_config
 from fedgate.service import Gateway
 from tests.support.dnsserver import make_client_resolver
 from tests.support.pki import TestCA
@@ -70,10 +71,44 @@ def gateway_config(state_dir: str, domains, components: dict, *, certificates: b
     }
 
 
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a TOML basic string
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"no TOML for {value!r}")
+
+
+def to_toml(table: dict, prefix: tuple = ()) -> str:
+    """A config dict as TOML (scalars and lists first, then sub-tables)."""
+    lines = [f"{json.dumps(k)} = {_toml_value(v)}" for k, v in table.items() if not isinstance(v, dict)]
+    for key, value in table.items():
+        if isinstance(value, dict):
+            name = prefix + (key,)
+            lines += ["", "[" + ".".join(json.dumps(part) for part in name) + "]", to_toml(value, name)]
+    return "\n".join(lines)
+
+
+def write_config(path, config_dict: dict) -> Path:
+    """Write ``config_dict`` as the TOML file an operator would edit."""
+    path = Path(path)
+    path.write_text(to_toml(config_dict) + "\n", encoding="utf-8")
+    return path
+
+
 @defer.inlineCallbacks
-def start_gateway(reactor, config_dict: dict, dns_port: int, testcase=None):
-    """Start a Gateway whose DNS questions go to the test DNS server."""
-    config = parse_config(config_dict, "<test>")
+def start_gateway(reactor, config_dict: dict, dns_port: int, testcase=None, config_file=None):
+    """Start a Gateway whose DNS questions go to the test DNS server.  With
+    ``config_file``, the config is written there and loaded from it (what
+    :meth:`Gateway.reload` re-reads)."""
+    if config_file is not None:
+        config = load_config(write_config(config_file, config_dict))
+    else:
+        config = parse_config(config_dict, "<test>")
     gateway = Gateway(config, reactor, make_client_resolver(reactor, dns_port))
     yield gateway.startService()
     if testcase is not None:
