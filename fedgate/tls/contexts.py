@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from OpenSSL import SSL
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IOpenSSLServerConnectionCreator
@@ -91,6 +92,23 @@ def _verify(connection, cert, errno, depth, ok) -> bool:
     return True  # record, never refuse: policy decides later
 
 
+def _load_pair(ctx: SSL.Context, pair) -> None:
+    """Certificate chain and key into ``ctx``.  pyOpenSSL 24.3 and later take
+    ``cryptography`` objects (and deprecate its own X509/PKey); Debian's 23.0
+    takes only its own, so fall back to those."""
+    try:
+        ctx.use_certificate(pair.chain[0])
+        for cert in pair.chain[1:]:
+            ctx.add_extra_chain_cert(cert)
+        ctx.use_privatekey(serialization.load_pem_private_key(pair.key_pem, password=None))
+    except TypeError:
+        leaf, extra, key = pair.openssl()
+        ctx.use_certificate(leaf)
+        for cert in extra:
+            ctx.add_extra_chain_cert(cert)
+        ctx.use_privatekey(key)
+
+
 def _error_text(errno: int) -> str:
     try:
         return SSL._ffi.string(SSL._lib.X509_verify_cert_error_string(errno)).decode("ascii", "replace")
@@ -137,11 +155,7 @@ class TLSContexts:
         ctx.set_verify(SSL.VERIFY_PEER, _verify)
         pair = self.store.pair_for(domain) if domain else None
         if pair is not None:
-            leaf, extra, key = pair.openssl()
-            ctx.use_certificate(leaf)
-            for cert in extra:
-                ctx.add_extra_chain_cert(cert)
-            ctx.use_privatekey(key)
+            _load_pair(ctx, pair)
         return ctx
 
     def server_context(self, domain: str | None, alpn: bytes | None = None) -> SSL.Context:
