@@ -350,3 +350,43 @@ class OperatorCloseTests(SenderCase):
         destination.bounce_queue("policy-violation", "blocked by an operator")
         self.assertEqual(self.bounced(), [("m0", "policy-violation")])
         self.assertEqual((len(destination.queue), destination.queued_bytes), (0, 0))
+
+
+class BidiFallbackTests(SenderCase):
+    """A pair asked for in the reverse direction on a peer's bidi stream;
+    when that stream goes away, queued stanzas take a connection of our own."""
+
+    def test_reverse_then_fallback_keeps_the_queue(self):
+        from dataclasses import replace
+        from fedgate.s2s.pairs import INBOUND, ConnectionRecord
+
+        class Route:
+            def __init__(self):
+                self.asked, self.written = [], []
+
+            def authenticate_reverse(self, local, remote):
+                self.asked.append((local, remote))
+                return True
+
+            def write_stanza(self, local, remote, stanza):
+                self.written.append(stanza["id"])
+
+        self.sender.ctx = replace(self.ctx, reverse_dialback=True)
+        record = ConnectionRecord(INBOUND, "peer", 0.0, remote_domain="remote.example", bidi=True)
+        record.set_pair("gw.example", "remote.example", VALID, "sasl-external", 0.0)
+        route = Route()
+        self.table.add(record, route=route)
+        for n in range(3):
+            self.sender.send("chat.gw.example", "remote.example", message(n))
+        self.assertEqual(route.asked, [("chat.gw.example", "remote.example")] * 3)
+        self.assertEqual(self.connector.attempts, [], "no connection of our own yet")
+        # The bidi stream closes before the peer answered: fall back.
+        self.table.remove(record)
+        self.table.pair_changed("chat.gw.example", "remote.example", False)
+        self.assertEqual(len(self.connector.attempts), 1)
+        peer = self.connector.succeed()
+        self.open_peer(peer)
+        self.answer(peer, "chat.gw.example", "valid")
+        self.assertEqual(self.delivered_ids(peer), ["m0", "m1", "m2"], "nothing was dropped")
+        self.assertEqual(route.written, [])
+        self.assertEqual(self.bounced(), [])
