@@ -94,6 +94,9 @@ _PORT_ERROR = re.compile(r"\bportmanager\terror\t(.*)")
 # What the certificate manager and mod_tls log when a certificate, key or
 # trust store could not be loaded (Prosody then runs on without TLS).
 _TLS_ERROR = re.compile(r"\s(?:certmanager|\S+:tls)\terror\t(.*)")
+# How long after its ports are up a Prosody with certificates may still log
+# that it cannot load one (seconds).
+TLS_SETTLE = 0.4
 
 # Set FEDGATE_KEEP_PROSODY=1 to keep each server's directory for a post-mortem.
 KEEP_ENV = "FEDGATE_KEEP_PROSODY"
@@ -449,6 +452,7 @@ class ProsodyServer:
         atexit.register(self.stop)
         deadline = time.monotonic() + self.startup_timeout
         waiting = set(self.ports.values())
+        settle_until = None
         while True:
             if self._process.poll() is not None:
                 self._fail(f"prosody exited with {self._process.returncode}")
@@ -460,7 +464,15 @@ class ProsodyServer:
             if tls_error:
                 self._fail(f"prosody could not set up TLS: {tls_error.group(1)}")
             if not waiting:
-                return
+                if self.certificates and settle_until is None:
+                    # Prosody builds each host's TLS contexts (and logs any
+                    # certificate it cannot load) just after its ports come
+                    # up: give those lines a moment before calling it ready.
+                    settle_until = time.monotonic() + TLS_SETTLE
+                if settle_until is None or time.monotonic() >= settle_until:
+                    return
+                time.sleep(0.05)
+                continue
             if time.monotonic() > deadline:
                 self._fail(f"prosody not ready within {self.startup_timeout}s")
             for name, port in self.ports.items():
