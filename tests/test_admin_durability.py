@@ -12,27 +12,17 @@ import json
 import os
 import random
 import signal
-import socket
 import sqlite3
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 from fedgate.storage.sqlite import FILENAME
-from fedgate.tls.devcert import write_self_signed
+from tests.support.twistd import REPO, TWISTD, free_ports, loopback_config
 
-REPO = Path(__file__).resolve().parent.parent
-TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 TOKEN = "durability-test-token-0123456789"
 KILLS = 5
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _request(port: int, method: str, path: str, body: dict | None = None, timeout: float = 5.0):
@@ -51,25 +41,10 @@ def _request(port: int, method: str, path: str, body: dict | None = None, timeou
 
 class Gateway:
     def __init__(self, tmp_path: Path):
-        self.admin = _free_port()
-        s2s, comp = _free_port(), _free_port()
-        write_self_signed(tmp_path / "certs", ["gw.example"])
+        s2s, comp, self.admin = free_ports(3)
         self.state = tmp_path / "state"
         self.config = tmp_path / "fedgate.toml"
-        self.config.write_text(f'''
-state_dir = "{self.state}"
-domains = ["gw.example"]
-[s2s]
-listen = ["tcp:{s2s}:interface=127.0.0.1"]
-dns_servers = ["127.0.0.1:1"]
-[tls]
-certificates = "{tmp_path / 'certs'}"
-[components]
-listen = ["tcp:{comp}:interface=127.0.0.1"]
-[admin]
-listen = ["tcp:{self.admin}:interface=127.0.0.1"]
-token = "{TOKEN}"
-''')
+        self.config.write_text(loopback_config(tmp_path, s2s, comp, self.admin, extra=f'token = "{TOKEN}"\n'))
         self.proc: subprocess.Popen | None = None
         self.log = tmp_path / "twistd.log"
 

@@ -7,15 +7,11 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
-from pathlib import Path
 
-from fedgate.tls.devcert import write_self_signed
+from tests.support.twistd import REPO, TWISTD, free_ports, loopback_config
 
-REPO = Path(__file__).resolve().parent.parent
-TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 
 
 def run(args, **kwargs):
@@ -46,37 +42,11 @@ def test_missing_config(tmp_path):
     assert "none.toml: file not found" in result.stderr
 
 
-def _free_ports(count: int) -> list[int]:
-    """Distinct free ports (all held open at once while they are chosen)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 def test_starts_and_answers_on_its_ports(tmp_path):
-    s2s, comp, admin = _free_ports(3)
+    s2s, comp, admin = free_ports(3)
     config = tmp_path / "fedgate.toml"
-    write_self_signed(tmp_path / "certs", ["gw.example", "chat.gw.example"])
-    config.write_text(f'''
-state_dir = "{tmp_path / 'state'}"
-domains = ["gw.example"]
-[s2s]
-listen = ["tcp:{s2s}:interface=127.0.0.1"]
-dns_servers = ["127.0.0.1:1"]
-[tls]
-certificates = "{tmp_path / 'certs'}"
-[components]
-listen = ["tcp:{comp}:interface=127.0.0.1"]
-[components.domains."chat.gw.example"]
-secret = "x"
-[admin]
-listen = ["tcp:{admin}:interface=127.0.0.1"]
-''')
+    config.write_text(loopback_config(tmp_path, s2s, comp, admin, ("gw.example", "chat.gw.example"),
+                                      '[components.domains."chat.gw.example"]\nsecret = "x"\n'))
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen(TWISTD + ["-n", "--pidfile=", "fedgate", "--config", str(config)],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -121,22 +91,9 @@ def _peers(admin: int, token: str) -> dict:
 
 
 def test_sighup_reloads_the_config_and_keeps_running(tmp_path):
-    s2s, comp, admin = _free_ports(3)
+    s2s, comp, admin = free_ports(3)
     config = tmp_path / "fedgate.toml"
-    write_self_signed(tmp_path / "certs", ["gw.example"])
-    text = f'''
-state_dir = "{tmp_path / 'state'}"
-domains = ["gw.example"]
-[s2s]
-listen = ["tcp:{s2s}:interface=127.0.0.1"]
-dns_servers = ["127.0.0.1:1"]
-[tls]
-certificates = "{tmp_path / 'certs'}"
-[components]
-listen = ["tcp:{comp}:interface=127.0.0.1"]
-[admin]
-listen = ["tcp:{admin}:interface=127.0.0.1"]
-'''
+    text = loopback_config(tmp_path, s2s, comp, admin)
     config.write_text(text)
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen(TWISTD + ["-n", "--pidfile=", "fedgate", "--config", str(config)],
