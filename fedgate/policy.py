@@ -70,6 +70,11 @@ class PolicyTable:
             return peer
         return replace(self.default, domain=domain)
 
+    def rate_limit(self, domain: str) -> float | None:
+        """The peer's stanza rate limit, without building a policy object
+        (this runs for every inbound stanza)."""
+        return (self.peers.get(domain) or self.default).rate_limit
+
     def is_blocked(self, domain: str) -> bool:
         peer = self.peers.get(domain)
         if peer is not None:

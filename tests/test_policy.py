@@ -34,6 +34,11 @@ class PolicyTests(unittest.TestCase):
         self.assertTrue(table.for_peer("x.example").requires_certificate)
         self.assertRaises(ValueError, table.set_default, PeerPolicy(), "closed")
 
+    def test_rate_limit_lookup(self):
+        table = PolicyTable(PeerPolicy(rate_limit=50.0), {"p.example": PeerPolicy("p.example", rate_limit=5.0)})
+        self.assertEqual(table.rate_limit("p.example"), 5.0)
+        self.assertEqual(table.rate_limit("other.example"), 50.0)
+
     def test_bad_values(self):
         self.assertRaises(ValueError, PeerPolicy, encryption="maybe")
         self.assertRaises(ValueError, PeerPolicy, authentication="password")

@@ -277,7 +277,7 @@ class InboundS2S:
             raise StreamFailure("not-authorized", "no domain pair is authenticated on this stream")
         to_domain, from_domain = check_incoming(record, stanza, self.ctx.local_domains)
         record.pairs[(to_domain, from_domain)].stanzas_in += 1
-        self.throttle.stanza(from_domain, self.ctx.policy.for_peer(from_domain).rate_limit)
+        self.throttle.stanza(from_domain, self.ctx.policy.rate_limit(from_domain))
         self.ctx.router.route(stanza, to_domain, from_domain)
 
     def _verify(self, element: domish.Element) -> None:
