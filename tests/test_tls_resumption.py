@@ -253,7 +253,7 @@ def _s2s_attack(version: str, direct: bool):
         self.assertEqual(answer, "failure")
         # No XEP-0344 shortcut: the request goes to a real verification,
         # which fails (victim.example resolves nowhere).
-        stream.send(f"<db:result from='{VICTIM}' to='b.example'>forged-key</db:result>")
+        stream.send(f"<db:result from='{VICTIM}' to='chat.b.example'>forged-key</db:result>")
         result = yield stream.next()
         self.assertEqual((result.uri, result.name), (DIALBACK_NS, "result"), result.toXml())
         self.assertNotEqual(result.getAttribute("type"), "valid", result.toXml())
