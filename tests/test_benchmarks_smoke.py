@@ -63,3 +63,23 @@ class BenchmarkSmoke(unittest.TestCase):
                 self.assertGreater(entry["seconds"], 0, name)
         for name, ratio in self.report["ratios"].items():
             self.assertGreater(ratio, 0, name)
+
+
+class TLSResumptionBenchmarkSmoke(unittest.TestCase):
+    """benchmarks.tls_resumption runs with tiny counts and prints its figures;
+    exit status 0 means each mode behaved (off: none resumed; on: all but
+    the first resumed).  No speed is asserted."""
+
+    def test_runs_and_reports(self):
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+        result = subprocess.run([sys.executable, "-m", "benchmarks.tls_resumption", "--handshakes", "5",
+                                 "--rounds", "1"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+        self.assertEqual(result.returncode, 0, result.stdout[-3000:] + result.stderr[-3000:])
+        report = json.loads(result.stdout)
+        self.assertEqual(report["problems"], [])
+        self.assertEqual(set(report["ratios"]), {"TLSv1.2", "TLSv1.3"})
+        for version, modes in report["results"].items():
+            self.assertEqual((modes["resumption_off"]["resumed"], modes["resumption_on"]["resumed"]), (0, 4), version)
+            for mode in modes.values():
+                self.assertGreater(mode["rate"], 0, version)

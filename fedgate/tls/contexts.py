@@ -12,6 +12,25 @@ bad certificate can still fall back to dialback where policy allows
 purpose" on a client leaf whose EKU says serverAuth only: public CAs stopped
 issuing clientAuth in 2026, and such a certificate is a good server
 certificate.
+
+No session resumption, in either direction.  An abbreviated handshake
+(a TLS 1.2 session ID or ticket, a TLS 1.3 PSK) carries the peer's
+certificate over from the first connection but runs no verification, so the
+verify callback never records that certificate's errors: resuming once made
+an untrusted certificate look valid, and SASL EXTERNAL, the XEP-0344 dialback
+shortcut and component EXTERNAL all believed it.  So every context (server
+and client) has the session cache off and tickets off (TLS 1.2 tickets;
+TLS 1.3 tickets then refer to the empty cache, and none are issued at all
+where the binding can set their number to 0), and no session ID context is
+set.  Each connection is a full handshake with the certificate verified
+again; the cost is measured by ``benchmarks/tls_resumption.py``.
+
+Should a session be reused anyway (a future OpenSSL default, a context
+changed elsewhere), ``tls_info`` treats the verification outcome as unknown:
+a peer certificate that OpenSSL reports as resumed, or that no run of the
+verify callback judged on this connection, gets the chain error
+``RESUMED_SESSION_ERROR``, so ``chain_ok`` and ``valid_for`` are false and
+every certificate-based decision refuses (dialback still works).
 """
 
 from __future__ import annotations
@@ -33,6 +52,10 @@ DEFAULT_CIPHERS = ("ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:"
 VERSIONS = {"TLSv1.2": SSL.TLS1_2_VERSION, "TLSv1.3": getattr(SSL, "TLS1_3_VERSION", 772)}
 OP_NO_RENEGOTIATION = getattr(SSL, "OP_NO_RENEGOTIATION", 0x40000000)
 X509_V_ERR_INVALID_PURPOSE = 26
+OP_NO_TICKET = getattr(SSL, "OP_NO_TICKET", 0x4000)
+#: the chain error of a certificate that was not verified on this connection
+RESUMED_SESSION_ERROR = "resumed session: certificate not verified on this connection"
+X509_V_NOT_VERIFIED_HERE = -1  # our own code for it (OpenSSL's are >= 0)
 ALPN_S2S = b"xmpp-server"
 
 
@@ -48,6 +71,9 @@ class VerifyResult:
     """What the verify callback saw on one connection."""
 
     errors: list = field(default_factory=list)  # (depth, errno, text)
+    #: the callback ran at least once (OpenSSL calls it for every certificate
+    #: of a chain it verifies, good or bad)
+    called: bool = False
 
 
 @dataclass(frozen=True)
@@ -84,11 +110,11 @@ def _server_auth_only(cert) -> bool:
 
 
 def _verify(connection, cert, errno, depth, ok) -> bool:
-    if not ok:
-        if not (errno == X509_V_ERR_INVALID_PURPOSE and depth == 0 and _server_auth_only(cert)):
-            result = getattr(connection, "fedgate_verify", None)
-            if result is not None:
-                result.errors.append((depth, errno, _error_text(errno)))
+    result = getattr(connection, "fedgate_verify", None)
+    if result is not None:
+        result.called = True
+        if not ok and not (errno == X509_V_ERR_INVALID_PURPOSE and depth == 0 and _server_auth_only(cert)):
+            result.errors.append((depth, errno, _error_text(errno)))
     return True  # record, never refuse: policy decides later
 
 
@@ -116,13 +142,36 @@ def _error_text(errno: int) -> str:
         return f"X509 verify error {errno}"
 
 
+def session_reused(connection: SSL.Connection) -> bool:
+    """Did this handshake resume a session?  pyOpenSSL has no public API for
+    it; without the private one, the verify-callback check in ``tls_info``
+    still catches a resumption."""
+    reused = getattr(SSL._lib, "SSL_session_reused", None)
+    handle = getattr(connection, "_ssl", None)
+    return bool(reused is not None and handle is not None and reused(handle))
+
+
 def tls_info(connection: SSL.Connection) -> TLSInfo:
     peer = connection.get_peer_certificate()
     result = getattr(connection, "fedgate_verify", None)
+    errors = tuple(result.errors) if result else ()
+    if peer is not None and (session_reused(connection) or result is None or not result.called):
+        # The certificate came with a resumed session, or nothing judged it
+        # here: its verification outcome is unknown, so it is not valid.
+        errors += ((0, X509_V_NOT_VERIFIED_HERE, RESUMED_SESSION_ERROR),)
     return TLSInfo(version=connection.get_protocol_version_name(),
                    cipher=connection.get_cipher_name(),
                    peer_certificate=peer.to_cryptography() if peer is not None else None,
-                   chain_errors=tuple(result.errors) if result else ())
+                   chain_errors=errors)
+
+
+def _refuse_resumption(ctx: SSL.Context) -> None:
+    """No session cache and no tickets (see the module docstring)."""
+    ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    ctx.set_options(OP_NO_TICKET)
+    set_num_tickets = getattr(SSL._lib, "SSL_CTX_set_num_tickets", None)  # not in every binding
+    if set_num_tickets is not None:
+        set_num_tickets(ctx._context, 0)
 
 
 class TLSContexts:
@@ -153,17 +202,20 @@ class TLSContexts:
         else:
             ctx.set_default_verify_paths()
         ctx.set_verify(SSL.VERIFY_PEER, _verify)
+        self._refuse_resumption(ctx)
         pair = self.store.pair_for(domain) if domain else None
         if pair is not None:
             _load_pair(ctx, pair)
         return ctx
+
+    #: a seam for tests that need a context which resumes
+    _refuse_resumption = staticmethod(_refuse_resumption)
 
     def server_context(self, domain: str | None, alpn: bytes | None = None) -> SSL.Context:
         key = (domain, alpn)
         ctx = self._server.get(key)
         if ctx is None:
             ctx = self._base(domain)
-            ctx.set_session_id(b"fedgate")
             if alpn:
                 ctx.set_alpn_select_callback(lambda conn, offered: alpn if alpn in offered else b"")
             ctx.set_tlsext_servername_callback(self._pick_by_sni(alpn))
