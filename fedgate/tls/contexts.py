@@ -58,6 +58,8 @@ class TLSInfo:
     cipher: str | None
     peer_certificate: x509.Certificate | None = field(default=None, repr=False)
     chain_errors: tuple = ()
+    #: the certificates the peer sent besides its leaf (untrusted)
+    peer_chain: tuple = field(default=(), repr=False)
 
     @property
     def chain_ok(self) -> bool:
@@ -119,10 +121,13 @@ def _error_text(errno: int) -> str:
 def tls_info(connection: SSL.Connection) -> TLSInfo:
     peer = connection.get_peer_certificate()
     result = getattr(connection, "fedgate_verify", None)
+    leaf = peer.to_cryptography() if peer is not None else None
+    sent = [c.to_cryptography() for c in connection.get_peer_cert_chain() or ()] if leaf else []
     return TLSInfo(version=connection.get_protocol_version_name(),
                    cipher=connection.get_cipher_name(),
-                   peer_certificate=peer.to_cryptography() if peer is not None else None,
-                   chain_errors=tuple(result.errors) if result else ())
+                   peer_certificate=leaf,
+                   chain_errors=tuple(result.errors) if result else (),
+                   peer_chain=tuple(c for c in sent if c != leaf))
 
 
 class TLSContexts:
