@@ -285,7 +285,7 @@ class Xep0225Stream:
         if refusal is not None:
             log.info("XEP-0225 bind of {domain} refused for {identity}: {reason}", domain=domain,
                      identity=self.identity, reason=refusal)
-            return self._error(request, "not-allowed", refusal)
+            return self._error(request, "not-allowed", f"{self.identity} may not bind {domain}")
         if len(self.bound) >= self.settings.max_hostnames:
             return self._error(request, "resource-constraint", "too many hostnames on this stream")
         shared = domain in self.settings.load_balanced
