@@ -14,7 +14,8 @@ from pathlib import Path
 
 from twisted.internet.endpoints import _parseServer  # validation only
 
-from fedgate.component.credentials import Credential
+from fedgate.component.certauth import MAX_FINGERPRINTS, CertificateAuth, normalize_fingerprint
+from fedgate.component.credentials import Credential, claim_conflicts
 from fedgate.component.scram import ScramKeys
 from fedgate.domain import InvalidDomain, normalize_domain
 from fedgate.policy import AUTHENTICATIONS, ENCRYPTIONS, MODES, MODE_OPEN, PeerPolicy
@@ -67,7 +68,8 @@ class ComponentsConfig:
     auth_timeout: float = 30.0
     #: XEP-0114: domain -> ComponentConfig (a shared secret each)
     domains: dict = field(default_factory=dict)
-    #: XEP-0225: identity domain -> Credential (SCRAM keys, allowed hostnames)
+    #: XEP-0225: identity domain -> Credential (SCRAM keys and/or a pinned
+    #: certificate, allowed hostnames)
     credentials: dict = field(default_factory=dict)
     require_tls: bool = True
     max_hostnames: int = 32
@@ -184,6 +186,36 @@ def _domain(reader: _Reader, name: str, value) -> str:
         return normalize_domain(value)
     except (InvalidDomain, TypeError) as exc:
         raise reader.error(name, str(exc)) from None
+
+
+def _certificate_auth(kr: _Reader, domain: str) -> CertificateAuth | None:
+    """A credential's certificate settings (SASL EXTERNAL), or None."""
+    pins = kr.get("certificate_sha256", list, [])
+    if len(pins) > MAX_FINGERPRINTS:
+        raise kr.error("certificate_sha256", f"at most {MAX_FINGERPRINTS} fingerprints")
+    try:
+        fingerprints = frozenset(normalize_fingerprint(p) for p in pins)
+    except ValueError as exc:
+        raise kr.error("certificate_sha256", str(exc)) from None
+    anchor_path = kr.get("trust_anchor", str, None)
+    name = kr.get("certificate_name", str, None)
+    if name is not None:
+        if not anchor_path:
+            raise kr.error("certificate_name", "only counts together with trust_anchor")
+        name = _domain(kr, "certificate_name", name)
+    anchor_pem = None
+    if anchor_path:
+        try:
+            anchor_pem = Path(anchor_path).read_text(encoding="ascii")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise kr.error("trust_anchor", f"cannot read {anchor_path}: "
+                                           f"{getattr(exc, 'strerror', None) or exc}") from None
+    if not fingerprints and not anchor_pem:
+        return None
+    try:
+        return CertificateAuth(fingerprints, anchor_pem, (name or domain) if anchor_pem else None)
+    except ValueError as exc:
+        raise kr.error("trust_anchor", str(exc)) from None
 
 
 def _endpoints(reader: _Reader, name: str, default: tuple) -> tuple[str, ...]:
@@ -303,7 +335,7 @@ def parse_config(data: dict, path="<config>") -> Config:
         if domain in domains:
             raise c.error(f"domains.{raw}", "is also one of the gateway's own domains")
         comps[domain] = ComponentConfig(domain, secret)
-    credentials = {}
+    credentials, raw_names = {}, {}
     for raw, table in c.table_of("credentials").items():
         if not isinstance(table, dict):
             raise c.error(f"credentials.{raw}", "expected a table")
@@ -317,12 +349,22 @@ def parse_config(data: dict, path="<config>") -> Config:
                     keys[name] = ScramKeys.decode(text)
                 except ValueError as exc:
                     raise kr.error(name, str(exc)) from None
-        if not keys:
-            raise kr.error("scram_sha256", "a credential needs scram_sha256 and/or scram_sha1 "
-                                           "(python3 -m fedgate.component.scram makes them)")
+        certificate = _certificate_auth(kr, domain)
+        if not keys and certificate is None:
+            raise kr.error("scram_sha256", "a credential needs a way to authenticate: scram_sha256 "
+                                           "and/or scram_sha1 (python3 -m fedgate.component.scram "
+                                           "makes them), or certificate_sha256 or trust_anchor")
         allowed = frozenset(_domain(kr, "allowed", d) for d in kr.get("allowed", list, []))
         kr.done()
-        credentials[domain] = Credential(domain, keys.get("scram_sha1"), keys.get("scram_sha256"), allowed)
+        credentials[domain] = Credential(domain, keys.get("scram_sha1"), keys.get("scram_sha256"),
+                                         allowed, certificate)
+        raw_names[domain] = raw
+    for domain, credential in credentials.items():
+        others = [o for o in credentials.values() if o.domain != domain]
+        for hostname, why in claim_conflicts(domain, credential.hostnames, domains, comps, others):
+            key = f"credentials.{raw_names[domain]}" + ("" if hostname == domain else ".allowed")
+            raise c.error(key, f"{hostname} {why}; a component identity may claim only "
+                               "hostnames nobody else has")
     components = ComponentsConfig(
         listen=_endpoints(c, "listen", ComponentsConfig.listen),
         auth_timeout=c.positive("auth_timeout", float, ComponentsConfig.auth_timeout),

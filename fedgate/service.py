@@ -110,7 +110,9 @@ class Gateway(service.Service):
         self.router.sender = self.sender
         self.verifier.ctx = self.ctx
         self.component_secrets = {d: c.secret for d, c in config.components.domains.items()}
-        self.component_credentials = CredentialRegistry(config.components.credentials)
+        self.component_credentials = CredentialRegistry(
+            config.components.credentials, own_domains=config.domains, xep0114=self.component_secrets,
+            hosted=self.router.live_local_domains)
         self.ports: dict[str, list] = {"s2s": [], "s2s_direct_tls": [], "components": []}
         self.admin = make_admin_service(self, config, reactor)
 

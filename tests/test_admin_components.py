@@ -1,5 +1,6 @@
 """Component routes over real HTTP: XEP-0114 secrets and XEP-0225
-credentials (salted SCRAM keys, allowed hostnames), write-only, live."""
+credentials (salted SCRAM keys, certificate pins, allowed hostnames),
+write-only, live; no identity may claim another's hostname."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ from pathlib import Path
 
 from twisted.internet import defer, reactor
 
+from fedgate.component.certauth import fingerprint
 from tests.support.component_client import connect_component
-from tests.support.xep0225_client import SaslFailed, connect
+from tests.support.gateway import temp_dir
+from tests.support.pki import TestCA
+from tests.support.xep0225_client import SaslFailed, connect, error_condition
 from tests.test_admin_api import TIMEOUT, V1, AdminCase
 
 
@@ -19,7 +23,8 @@ class ComponentTests(AdminCase):
         got = yield self.api.get(f"{V1}/components")
         self.assertEqual(got.json["components"], [{
             "domain": "chat.a.example", "source": "config", "protocols": ["xep-0114"],
-            "secret_set": True, "password_set": False, "allowed_hostnames": [], "note": "",
+            "secret_set": True, "password_set": False, "allowed_hostnames": [],
+            "certificate_sha256": [], "trust_anchor_set": False, "certificate_name": None, "note": "",
             "connected": True, "bound_hostnames": ["chat.a.example"],
             "peer": got.json["components"][0]["peer"], "stanzas_in": 0, "stanzas_out": 0}])
         self.assertNotIn(b"secret-a", got.body)
@@ -100,8 +105,91 @@ class Xep0225ComponentTests(AdminCase):
         yield c2.closed
         self.assertNotIn("weather.a.example", self.a.router.live_local_domains)
         self.assertError((yield self.api.put(f"{V1}/components/x.a.example",
-                                             {"allowed_hostnames": ["a.example"]})), 409)
+                                             {"allowed_hostnames": ["a.example"]})), 422, "allowed_hostnames")
         self.assertError((yield self.api.put(f"{V1}/components/x.a.example",
                                              {"password": "short"})), 422, "password")
         self.assertError((yield self.api.put(f"{V1}/components/x.a.example",
                                              {"allowed_hostnames": ["a..b"]})), 422, "allowed_hostnames")
+
+
+class CertificateCredentialTests(AdminCase):
+    """SASL EXTERNAL set up through the API: a pinned fingerprint, then the
+    component's own trust anchor and exact name; refusals name the field."""
+
+    @defer.inlineCallbacks
+    def external(self, issued, identity: str):
+        c = yield connect(reactor, self.a.port_of("components"), "a.example", identity)
+        self.addCleanup(c.close)
+        yield c.starttls(Path(self.a.config.state_dir) / "ca.pem", *issued.write(Path(temp_dir(self)), "c"))
+        yield c.auth("EXTERNAL", authzid=identity)
+        return c
+
+    @defer.inlineCallbacks
+    def test_fingerprint_then_anchor(self):
+        component_ca = TestCA("api components")
+        bot = component_ca.issue(dns=("bots.a.example",))
+        digest = fingerprint(bot.cert)
+        colons = ":".join(digest[i:i + 2] for i in range(0, 64, 2)).upper()
+        # Before: a certificate alone authenticates nobody.
+        yield self.assertFailure(self.external(bot, "bots.a.example"), SaslFailed)
+        got = yield self.api.put(f"{V1}/components/bots.a.example",
+                                 {"certificate_sha256": [colons], "allowed_hostnames": ["weather.a.example"]})
+        self.assertEqual(got.status, 201, got.body)
+        self.assertEqual((got.json["protocols"], got.json["password_set"], got.json["certificate_sha256"],
+                          got.json["trust_anchor_set"], got.json["certificate_name"]),
+                         (["xep-0225"], False, [digest], False, None))
+        c = yield self.external(bot, "bots.a.example")
+        reply = yield c.bind("weather.a.example")
+        self.assertEqual(reply["type"], "result")
+        reply = yield c.bind("chat.a.example")
+        self.assertEqual(error_condition(reply), "not-allowed")
+        # Another certificate with the same name is not the pinned one.
+        yield self.assertFailure(self.external(component_ca.issue(dns=("bots.a.example",)), "bots.a.example"),
+                                 SaslFailed)
+        # Switch to the component's own CA and an exact name.
+        got = yield self.api.patch(f"{V1}/components/bots.a.example",
+                                   {"certificate_sha256": None, "trust_anchor_pem": component_ca.root_pem().decode(),
+                                    "certificate_name": "Robots.A.example"})
+        self.assertEqual((got.json["certificate_sha256"], got.json["trust_anchor_set"], got.json["certificate_name"]),
+                         ([], True, "robots.a.example"))
+        self.assertNotIn(b"BEGIN CERTIFICATE", got.body)
+        c = yield self.external(component_ca.issue(dns=("robots.a.example",)), "bots.a.example")
+        yield self.assertFailure(self.external(bot, "bots.a.example"), SaslFailed)  # wrong name now
+        yield self.assertFailure(self.external(TestCA("x").issue(dns=("robots.a.example",)), "bots.a.example"),
+                                 SaslFailed)  # another anchor
+        stored = yield self.a.admin.storage.get_component("bots.a.example")
+        self.assertEqual((stored.certificate_name, stored.certificate_sha256), ("robots.a.example", ()))
+
+    @defer.inlineCallbacks
+    def test_certificate_fields_are_validated(self):
+        put = self.api.put
+        pin = "ab" * 32
+        for body, field in (({"certificate_sha256": ["ab:cd"]}, "certificate_sha256"),
+                            ({"certificate_sha256": [pin] * 17}, "certificate_sha256"),
+                            ({"certificate_sha256": pin}, "certificate_sha256"),
+                            ({"trust_anchor_pem": "not pem"}, "trust_anchor_pem"),
+                            ({"trust_anchor_pem": "x" * 70000}, "trust_anchor_pem"),
+                            ({"certificate_sha256": [pin], "certificate_name": "x.a.example"}, "certificate_name"),
+                            ({"certificate_name": "x.a.example"}, "certificate_name")):
+            answer = yield put(f"{V1}/components/x.a.example", body)
+            self.assertError(answer, 422, field)
+            self.assertEqual(answer.json["field"], field)
+        self.assertError((yield self.api.get(f"{V1}/components/x.a.example")), 404)
+
+    @defer.inlineCallbacks
+    def test_hostnames_of_others_are_refused(self):
+        put = self.api.put
+        got = yield put(f"{V1}/components/bots.a.example",
+                        {"password": "the bots' password", "allowed_hostnames": ["weather.a.example"]})
+        self.assertEqual(got.status, 201)
+        # Hostnames of another identity, of an XEP-0114 component, of the gateway.
+        for taken in ("bots.a.example", "weather.a.example", "chat.a.example", "a.example"):
+            answer = yield put(f"{V1}/components/greedy.a.example",
+                               {"password": "a long enough password", "allowed_hostnames": [taken]})
+            self.assertError(answer, 422, "allowed_hostnames")
+            self.assertEqual(answer.json["field"], "allowed_hostnames")
+        # An identity (or XEP-0114 component) named after another identity's hostname.
+        self.assertError((yield put(f"{V1}/components/weather.a.example",
+                                    {"password": "a long enough password"})), 409, "bots.a.example")
+        self.assertError((yield put(f"{V1}/components/weather.a.example", {"secret": "a" * 16})), 409)
+        self.assertError((yield self.api.get(f"{V1}/components/greedy.a.example")), 404)

@@ -76,6 +76,6 @@ def test_registry_binding_rules():
     assert registry.may_bind("svc.example", "svc.example")
     assert registry.may_bind("svc.example", "bot.example")
     assert not registry.may_bind("svc.example", "other.example")
-    assert registry.may_bind("cert.example", "cert.example"), "EXTERNAL identity binds itself"
+    assert not registry.may_bind("cert.example", "cert.example"), "no credential, no hostname"
     assert registry.keys("SCRAM-SHA-256")("svc.example") is None
     assert registry.hostnames() == {"svc.example", "bot.example"}

@@ -123,6 +123,27 @@ class StorageContract:
         self.assertIsNone((yield self.storage.get_component("chat.example")))
 
     @defer.inlineCallbacks
+    def test_component_certificate_settings(self):
+        pin = "3f" * 32
+        record = ComponentCredential("Pinned.Example", certificate_sha256=(pin, "0a" * 32, pin),
+                                     trust_anchor_pem="-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n",
+                                     certificate_name="Bots.Example", note="cert")
+        self.assertTrue((yield self.storage.put_component(record)))
+        got = yield self.storage.get_component("pinned.example")
+        self.assertEqual(got, ComponentCredential(
+            "pinned.example", note="cert", certificate_sha256=("0a" * 32, pin),
+            trust_anchor_pem=record.trust_anchor_pem, certificate_name="bots.example"))
+        self.assertTrue(got.certificate_auth)
+        self.assertNotIn("BEGIN", repr(got))
+        yield self.assertFailure(self.storage.put_component(
+            ComponentCredential("ok.example", certificate_name="a b")), InvalidDomain)
+        if self.persistent:
+            yield self.storage.close()
+            self.storage = self.reopen(self.storage)
+            yield self.storage.open()
+        self.assertEqual((yield self.storage.components()), [got])
+
+    @defer.inlineCallbacks
     def test_writes_apply_in_order(self):
         writes = [self.storage.put_peer(PeerPolicy("order.example", note=str(i))) for i in range(50)]
         results = yield defer.gatherResults(writes)

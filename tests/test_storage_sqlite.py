@@ -78,6 +78,21 @@ class SQLiteTests(unittest.TestCase):
         self.assertEqual((got.secret, got.scram_sha256, got.allowed, got.note), ("kept-secret", None, (), "v2"))
 
     @defer.inlineCallbacks
+    def test_migrates_version_3_components(self):
+        db = sqlite3.connect(self.path, isolation_level=None)
+        for step in MIGRATIONS[:3]:
+            for statement in step:
+                db.execute(statement)
+        db.execute("PRAGMA user_version = 3")
+        db.execute("INSERT INTO components (domain, scram_sha256, allowed, note, updated_at) "
+                   "VALUES ('bots.example', 'a:1:b:c', '[\"w.example\"]', 'v3', 0)")
+        db.close()
+        storage = yield self.open()
+        got = yield storage.get_component("bots.example")
+        self.assertEqual((got.scram_sha256, got.allowed, got.certificate_sha256, got.trust_anchor_pem,
+                          got.certificate_name), ("a:1:b:c", ("w.example",), (), None, None))
+
+    @defer.inlineCallbacks
     def test_refuses_a_newer_schema(self):
         db = sqlite3.connect(self.path)
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")

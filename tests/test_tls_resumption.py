@@ -178,7 +178,9 @@ class ResumptionCase(unittest.TestCase):
         conf = gateway_config(temp_dir(self), ["b.example"], {"chat.b.example": "sb"}, extra_hosted=[COMPONENT])
         conf["s2s"]["direct_tls_listen"] = ["tcp:0:interface=127.0.0.1"]
         conf["components"]["credentials"] = {COMPONENT: {
-            "scram_sha256": derive("component password", "sha256").encode(), "allowed": [COMPONENT]}}
+            "scram_sha256": derive("component password", "sha256").encode(), "allowed": [COMPONENT],
+            # certificate authentication pinned to the test CA and the exact name
+            "trust_anchor": conf["tls"]["trust_roots"], "certificate_name": COMPONENT}}
         self.b = yield start_gateway(reactor, conf, dns_port, self)
         publish(self.dns, self.b, ["b.example", "chat.b.example"], "gw-b.example")
         self.chat = yield connect_component(reactor, "127.0.0.1", self.b.port_of("components"),

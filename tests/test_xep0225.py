@@ -8,10 +8,12 @@ from pathlib import Path
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
+from fedgate.component.certauth import fingerprint
 from fedgate.component.scram import derive
 from tests.support.component_client import connect_component
 from tests.support.dnsserver import TestDNSServer
 from tests.support.gateway import gateway_config, publish, start_gateway, temp_dir, shared_ca
+from tests.support.pki import TestCA
 from tests.support.xep0225_client import SaslFailed, connect, error_condition
 
 TIMEOUT = 10
@@ -34,7 +36,8 @@ class Xep0225Case(unittest.TestCase):
         self.addCleanup(self.dns.stop)
         a_conf = gateway_config(temp_dir(self), ["a.example"], {"chat.a.example": "sa"})
         b_dir = temp_dir(self)
-        b_conf = gateway_config(b_dir, ["b.example"], {}, extra_hosted=HOSTNAMES + ["lb.b.example", "other.b.example"])
+        b_conf = gateway_config(b_dir, ["b.example"], {"chat.b.example": "sb"},
+                                extra_hosted=HOSTNAMES + ["lb.b.example", "other.b.example"])
         b_conf["components"].update({
             "credentials": {"svc.b.example": credential(),
                             "other.b.example": credential("other password", ["other.b.example", "lb.b.example"])},
@@ -107,16 +110,6 @@ class FederationTests(Xep0225Case):
             self.assertEqual(reply["type"], "result")
             yield c.unbind("bot.b.example")
             yield c.closed.addTimeout(TIMEOUT, reactor)
-
-    @defer.inlineCallbacks
-    def test_external_with_a_client_certificate(self):
-        cert_dir = Path(temp_dir(self))
-        paths = shared_ca().issue(dns=("svc.b.example",)).write(cert_dir, "svc")
-        c = yield self.client(mechanism=None, cert=paths)
-        self.assertIn("EXTERNAL", c.mechanisms())
-        yield c.auth("EXTERNAL", authzid="svc.b.example")
-        reply = yield c.bind("svc.b.example")
-        self.assertEqual(reply["type"], "result")
 
     @defer.inlineCallbacks
     def test_load_balancing_across_streams(self):
@@ -193,6 +186,14 @@ class ErrorTests(Xep0225Case):
             self.assertEqual(raised.exception.condition, "not-authorized", mechanism)
 
     @defer.inlineCallbacks
+    def test_bind_of_the_gateway_domain_or_an_xep0114_domain(self):
+        c = yield self.client()
+        for hostname in ("b.example", "chat.b.example", "a.example"):
+            reply = yield c.bind(hostname)
+            self.assertEqual(error_condition(reply), "not-allowed", hostname)
+        self.assertEqual(self.b.router.components, {})
+
+    @defer.inlineCallbacks
     def test_client_certificate_for_another_domain(self):
         cert_dir = Path(temp_dir(self))
         paths = shared_ca().issue(dns=("evil.example",)).write(cert_dir, "evil")
@@ -210,3 +211,177 @@ class ErrorTests(Xep0225Case):
         self.assertEqual(c.stream_error, "invalid-from")
         yield task.deferLater(reactor, 0.2, lambda: None)
         self.assertEqual(self.chat.received.pending, [], "nothing was routed")
+
+
+def write_cert(testcase, issued, name: str):
+    return issued.write(Path(temp_dir(testcase)), name)
+
+
+class ExternalWithoutPinsTests(Xep0225Case):
+    """No credential on gateway B enables certificate authentication: a
+    certificate from B's own trust roots proves nothing, whichever name it
+    carries (a component identity, B's own domain, an XEP-0114 component's
+    domain, a remote domain)."""
+
+    def test_external_not_offered(self):
+        return self.assertExternalRefused("svc.b.example", offered=False)
+
+    def test_certificate_trusted_by_the_roots_for_a_component_identity(self):
+        return self.assertExternalRefused("svc.b.example")
+
+    def test_certificate_of_another_identity(self):
+        return self.assertExternalRefused("other.b.example")
+
+    def test_certificate_of_the_gateway_domain(self):
+        return self.assertExternalRefused("b.example")
+
+    def test_certificate_of_an_xep0114_component_domain(self):
+        return self.assertExternalRefused("chat.b.example")
+
+    def test_certificate_of_a_remote_domain(self):
+        return self.assertExternalRefused("a.example")
+
+    @defer.inlineCallbacks
+    def assertExternalRefused(self, name: str, offered: bool = True):
+        paths = write_cert(self, shared_ca().issue(dns=(name,)), "client")
+        c = yield self.client(mechanism=None, cert=paths, sender=name)
+        if not offered:
+            self.assertNotIn("EXTERNAL", c.mechanisms())
+            return
+        try:
+            yield c.auth("EXTERNAL", authzid=name)
+        except SaslFailed as failed:
+            self.assertEqual(failed.condition, "not-authorized")
+        else:  # what the gateway did before the fix: bind the name and take its traffic
+            reply = yield c.bind(name)
+            self.fail(f"EXTERNAL as {name} succeeded; bind answered {reply['type']}")
+        self.assertNotIn(name, self.b.router.components)
+
+
+class PinnedExternalTests(unittest.TestCase):
+    """Gateway B with certificate authentication configured: pinned.b.example
+    by fingerprint (a self-signed certificate: B's trust roots play no part),
+    anchored.b.example by its own CA and exact name, with a load-balanced
+    hostname; svc.b.example by SCRAM only."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.dns = TestDNSServer(reactor)
+        dns_port = self.dns.start()
+        self.addCleanup(self.dns.stop)
+        self.component_ca = TestCA("components")
+        self.pinned = shared_ca().issue(dns=("pinned.b.example",), self_signed=True)
+        b_dir = Path(temp_dir(self))
+        digest = fingerprint(self.pinned.cert)
+        hosted = ["svc.b.example", "pinned.b.example", "web.b.example", "anchored.b.example",
+                  "lb.b.example"]
+        conf = gateway_config(str(b_dir), ["b.example"], {"chat.b.example": "sb"}, extra_hosted=hosted)
+        conf["components"].update({
+            "credentials": {
+                "svc.b.example": credential(allowed=[]),
+                "pinned.b.example": {"certificate_sha256": [
+                    ":".join(digest[i:i + 2] for i in range(0, 64, 2)).upper()], "allowed": ["web.b.example"]},
+                "anchored.b.example": {"trust_anchor": str(self.component_ca.write_root(b_dir / "components.pem")),
+                                       "certificate_name": "anchored.b.example", "allowed": ["lb.b.example"]},
+            },
+            "load_balanced": ["lb.b.example"],
+        })
+        self.ca_file = b_dir / "ca.pem"
+        a_conf = gateway_config(temp_dir(self), ["a.example"], {"chat.a.example": "sa"})
+        self.a = yield start_gateway(reactor, a_conf, dns_port, self)
+        self.b = yield start_gateway(reactor, conf, dns_port, self)
+        publish(self.dns, self.a, ["a.example", "chat.a.example"], "gw-a.example")
+        publish(self.dns, self.b, ["b.example"] + hosted, "gw-b.example")
+        self.chat = yield connect_component(reactor, "127.0.0.1", self.a.port_of("components"),
+                                            "chat.a.example", "sa")
+        self.addCleanup(self.chat.close)
+
+    @defer.inlineCallbacks
+    def external(self, issued, identity: str, sender: str | None = None):
+        """A stream authenticated with EXTERNAL as ``identity`` presenting
+        ``issued``; raises SaslFailed if refused."""
+        c = yield connect(reactor, self.b.port_of("components"), "b.example", sender)
+        self.addCleanup(c.close)
+        yield c.starttls(self.ca_file, *write_cert(self, issued, "client"))
+        offered = "EXTERNAL" in c.mechanisms()  # only to a certificate naming a pinned identity
+        yield c.auth("EXTERNAL", authzid=identity)
+        self.assertTrue(offered, "EXTERNAL succeeded without being offered")
+        return c
+
+    @defer.inlineCallbacks
+    def assertRefused(self, issued, identity: str):
+        failure = yield self.assertFailure(self.external(issued, identity), SaslFailed)
+        self.assertEqual(failure.condition, "not-authorized")
+        self.assertEqual(self.b.router.components, {})
+
+    # -- the controls that work ------------------------------------------------------
+    @defer.inlineCallbacks
+    def test_fingerprint_pin_works(self):
+        c = yield self.external(self.pinned, "", sender="pinned.b.example")  # identity from the header
+        for host in ("pinned.b.example", "web.b.example"):
+            reply = yield c.bind(host)
+            self.assertEqual(reply["type"], "result", host)
+        c.send("<message from='bot@web.b.example' to='u@chat.a.example' id='out'/>")
+        got = yield self.chat.next_element(timeout=TIMEOUT)
+        self.assertEqual((got["from"], got["id"]), ("bot@web.b.example", "out"))
+
+    @defer.inlineCallbacks
+    def test_anchor_and_name_work(self):
+        c = yield self.external(self.component_ca.issue(dns=("anchored.b.example",)), "anchored.b.example")
+        reply = yield c.bind("anchored.b.example")
+        self.assertEqual(reply["type"], "result")
+
+    @defer.inlineCallbacks
+    def test_load_balanced_hostname_bound_by_two_connections_of_one_identity(self):
+        streams = []
+        for _ in range(2):
+            c = yield self.external(self.component_ca.issue(dns=("anchored.b.example",)), "anchored.b.example")
+            reply = yield c.bind("lb.b.example")
+            self.assertEqual(reply["type"], "result")
+            streams.append(c)
+        self.assertEqual(len(self.b.router.components["lb.b.example"].members), 2)
+        for n in range(4):
+            self.chat.send(f"<message from='u@chat.a.example' to='x@lb.b.example' id='lb{n}'/>")
+        got = []
+        for c in streams:
+            for _ in range(2):
+                element = yield c.next()
+                got.append(element["id"])
+        self.assertEqual(sorted(got), ["lb0", "lb1", "lb2", "lb3"])
+
+    # -- one refusal each ----------------------------------------------------------------
+    def test_certificate_trusted_by_the_global_roots_without_a_pin(self):
+        # svc.b.example has SCRAM keys only; B trusts the shared CA.
+        return self.assertRefused(shared_ca().issue(dns=("svc.b.example",)), "svc.b.example")
+
+    def test_wrong_fingerprint(self):
+        same_name = shared_ca().issue(dns=("pinned.b.example",), self_signed=True)
+        return self.assertRefused(same_name, "pinned.b.example")
+
+    def test_pinned_certificate_for_another_identity(self):
+        return self.assertRefused(self.pinned, "anchored.b.example")
+
+    def test_certificate_from_another_anchor(self):
+        # Issued by B's global trust root, with the right name: not the component's anchor.
+        return self.assertRefused(shared_ca().issue(dns=("anchored.b.example",)), "anchored.b.example")
+
+    def test_right_anchor_wrong_name(self):
+        return self.assertRefused(self.component_ca.issue(dns=("other.b.example",)), "anchored.b.example")
+
+    @defer.inlineCallbacks
+    def test_bind_refusals(self):
+        c = yield self.external(self.pinned, "pinned.b.example")
+        for hostname in ("b.example",  # the gateway's own domain
+                         "chat.b.example",  # an XEP-0114 component's
+                         "anchored.b.example", "lb.b.example", "svc.b.example",  # other identities'
+                         "a.example", "remote.example"):  # remote domains
+            reply = yield c.bind(hostname)
+            self.assertEqual(error_condition(reply), "not-allowed", hostname)
+        self.assertEqual(self.b.router.components, {})
+        # The XEP-0114 component still gets its domain.
+        chat = yield connect_component(reactor, "127.0.0.1", self.b.port_of("components"),
+                                       "chat.b.example", "sb")
+        self.addCleanup(chat.close)
+        self.assertIn("chat.b.example", self.b.router.components)

@@ -97,12 +97,18 @@ SCHEMAS = {
         "retry_in_seconds": NULLABLE_NUM, "connection_id": NULLABLE_INT}),
     "DestinationList": _obj(["destinations"], {"destinations": {"type": "array", "items": _ref("Destination")}}),
     "Component": _obj(["domain", "source", "protocols", "secret_set", "password_set",
-                       "allowed_hostnames", "note", "connected", "bound_hostnames", "peer",
+                       "allowed_hostnames", "certificate_sha256", "trust_anchor_set",
+                       "certificate_name", "note", "connected", "bound_hostnames", "peer",
                        "stanzas_in", "stanzas_out"], {
         "domain": {"type": "string"}, "source": {"enum": ["api", "config"]},
         "protocols": {"type": "array", "items": {"enum": ["xep-0114", "xep-0225"]}},
         "secret_set": {"type": "boolean"}, "password_set": {"type": "boolean"},
         "allowed_hostnames": {"type": "array", "items": {"type": "string"}},
+        "certificate_sha256": {"type": "array", "items": {"type": "string"},
+                               "description": "XEP-0225 SASL EXTERNAL: pinned leaf fingerprints"},
+        "trust_anchor_set": {"type": "boolean"},
+        "certificate_name": {**NULLABLE_STR, "description": "the exact name a certificate "
+                             "issued under the trust anchor must carry"},
         "note": {"type": "string"}, "connected": {"type": "boolean"},
         "bound_hostnames": {"type": "array", "items": {"type": "string"}},
         "peer": NULLABLE_STR, "stanzas_in": {"type": "integer"}, "stanzas_out": {"type": "integer"}}),
@@ -113,6 +119,16 @@ SCHEMAS = {
                      "description": "XEP-0225 SASL password; only salted SCRAM keys are kept"},
         "allowed_hostnames": {"type": "array", "items": {"type": "string"},
                               "description": "XEP-0225: hostnames besides its own it may bind"},
+        "certificate_sha256": {"type": ["array", "null"], "items": {"type": "string"}, "maxItems": 16,
+                               "description": "XEP-0225 SASL EXTERNAL: SHA-256 fingerprints of the "
+                                              "DER leaf certificate (hex, colons allowed)"},
+        "trust_anchor_pem": {"type": ["string", "null"], "maxLength": 65536,
+                             "description": "XEP-0225 SASL EXTERNAL: PEM CA certificate(s) the "
+                                            "component's certificate must chain to (instead of "
+                                            "the gateway's trust roots)"},
+        "certificate_name": {"type": ["string", "null"],
+                             "description": "the exact name (dNSName or XmppAddr) a certificate "
+                                            "under trust_anchor_pem must carry; default: the domain"},
         "note": {"type": "string"}}),
     "ComponentList": _obj(["components"], {"components": {"type": "array", "items": _ref("Component")}}),
     "Disconnected": _obj(["domain", "disconnected"], {"domain": {"type": "string"},

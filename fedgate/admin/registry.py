@@ -24,6 +24,9 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from fedgate.admin.web import ApiError, not_found
+from fedgate.component.certauth import CertificateAuth
+from fedgate.component.credentials import Credential, claim_conflicts
+from fedgate.component.scram import ScramKeys
 from fedgate.policy import PeerPolicy
 from fedgate.storage.interface import ComponentCredential
 
@@ -174,8 +177,11 @@ class PeerRegistry:
 
 class ComponentRegistry:
     """Component domains and how they authenticate: XEP-0114 secrets and
-    XEP-0225 credentials (salted SCRAM keys, extra hostnames), in the same
-    two layers as peers.  Secrets are write-only: nothing here hands them out.
+    XEP-0225 credentials (salted SCRAM keys, certificate pins, extra
+    hostnames), in the same two layers as peers.  Secrets are write-only:
+    nothing here hands them out.  No identity may claim a hostname that
+    belongs to someone else (a gateway domain, an XEP-0114 component's
+    domain, another identity's hostname).
     """
 
     def __init__(self, gateway, storage):
@@ -197,11 +203,13 @@ class ComponentRegistry:
                 log.error("Ignoring the stored component {domain}: it is one of the gateway's "
                           "own domains", domain=credential.domain)
                 continue
-            self.stored[credential.domain] = credential
             try:
+                self._check_claims(credential)
+                self.stored[credential.domain] = credential
                 self._apply(credential.domain)
-            except ValueError as exc:
-                del self.stored[credential.domain]
+            except (ValueError, ApiError) as exc:
+                self.stored.pop(credential.domain, None)
+                self._apply(credential.domain)
                 log.error("Ignoring the stored component {domain}: {error}",
                           domain=credential.domain, error=str(exc))
 
@@ -233,11 +241,15 @@ class ComponentRegistry:
         cred = self.config_credentials.get(domain)
         if secret is None and cred is None:
             return None
+        certificate = cred.certificate if cred is not None else None
         return ComponentCredential(
             domain, secret,
             cred.scram_sha1.encode() if cred is not None and cred.scram_sha1 else None,
             cred.scram_sha256.encode() if cred is not None and cred.scram_sha256 else None,
-            tuple(sorted(cred.allowed)) if cred is not None else ())
+            tuple(sorted(cred.allowed)) if cred is not None else (),
+            certificate_sha256=tuple(sorted(certificate.fingerprints)) if certificate else (),
+            trust_anchor_pem=certificate.anchor_pem if certificate else None,
+            certificate_name=certificate.name if certificate else None)
 
     def sessions(self, domain: str) -> list:
         """Live sessions bound to ``domain`` or to a hostname it may bind."""
@@ -273,14 +285,9 @@ class ComponentRegistry:
         else:
             self.secrets.pop(domain, None)
         if self.credentials is not None:
-            if record is not None and (record.scram_sha1 or record.scram_sha256 or record.allowed):
-                from fedgate.component.credentials import Credential
-                from fedgate.component.scram import ScramKeys
-                self.credentials.set(Credential(
-                    domain,
-                    ScramKeys.decode(record.scram_sha1) if record.scram_sha1 else None,
-                    ScramKeys.decode(record.scram_sha256) if record.scram_sha256 else None,
-                    frozenset(record.allowed)))
+            live = live_credential(record) if record is not None else None
+            if live is not None:
+                self.credentials.set(live)
             else:
                 self.credentials.remove(domain)
         hosted = set(self.secrets)
@@ -291,10 +298,23 @@ class ComponentRegistry:
         self.router.component_domains.clear()
         self.router.component_domains.update(hosted - self.own)
 
+    def _check_claims(self, credential: ComponentCredential) -> None:
+        """409 if the component's own domain belongs to someone else, 422
+        naming the field if a hostname it lists does."""
+        if credential.domain in self.own:
+            raise ApiError(409, "a component cannot take one of the gateway's own domains")
+        live = live_credential(credential)
+        others = [c for c in (self.credentials or ()) if c.domain != credential.domain]
+        xep0114 = {d for d in self.secrets if d != credential.domain}
+        hostnames = live.hostnames if live is not None else {credential.domain}
+        for hostname, why in claim_conflicts(credential.domain, hostnames, self.own, xep0114, others):
+            if hostname == credential.domain:
+                raise ApiError(409, f"{hostname} {why}")
+            raise invalid("allowed_hostnames", f"{hostname} {why}")
+
     @defer.inlineCallbacks
     def put(self, credential: ComponentCredential):
-        if credential.domain in self.own or self.own & set(credential.allowed):
-            raise ApiError(409, "a component cannot take one of the gateway's own domains")
+        self._check_claims(credential)
         new = not self.knows(credential.domain)
         yield self.storage.put_component(credential)
         self.stored[credential.domain] = credential
@@ -324,6 +344,26 @@ class ComponentRegistry:
         for session in sessions:
             _end(session, text)
         return bool(sessions)
+
+
+def invalid(field: str, message: str) -> ApiError:
+    return ApiError(422, f"{field}: {message}", field=field)
+
+
+def live_credential(record: ComponentCredential) -> Credential | None:
+    """The XEP-0225 credential a stored record stands for, or None if it
+    has no XEP-0225 part (ValueError for a record that cannot be used)."""
+    if not (record.scram_sha1 or record.scram_sha256 or record.allowed or record.certificate_auth):
+        return None
+    certificate = None
+    if record.certificate_auth:
+        certificate = CertificateAuth(
+            frozenset(record.certificate_sha256), record.trust_anchor_pem or None,
+            (record.certificate_name or record.domain) if record.trust_anchor_pem else None)
+    return Credential(record.domain,
+                      ScramKeys.decode(record.scram_sha1) if record.scram_sha1 else None,
+                      ScramKeys.decode(record.scram_sha256) if record.scram_sha256 else None,
+                      frozenset(record.allowed), certificate)
 
 
 def _end(session, text: str) -> None:

@@ -22,6 +22,8 @@ from fedgate.s2s.pairs import VALID
 MAX_NOTE = 2000
 MAX_ADDRESSES = 16
 MAX_STANZA_LIMIT = 64 * 1024 * 1024
+MAX_ANCHOR_PEM = 64 * 1024
+CERTIFICATE_FIELDS = ("certificate_sha256", "trust_anchor_pem", "certificate_name")
 
 PEER_FIELDS = ("allowed", "encryption", "authentication", "addresses", "max_stanza_bytes",
                "rate_limit", "note")
@@ -219,7 +221,7 @@ def destination_json(dest, now: float, blocked: bool) -> dict:
 def component_json(domain: str, registry) -> dict:
     record = registry.current(domain)
     sessions = registry.sessions(domain)
-    xep0225 = bool(record.scram_sha1 or record.scram_sha256 or record.allowed)
+    xep0225 = bool(record.scram_sha1 or record.scram_sha256 or record.allowed or record.certificate_auth)
     first = sessions[0] if sessions else None
     return {
         "domain": domain,
@@ -228,6 +230,9 @@ def component_json(domain: str, registry) -> dict:
         "secret_set": bool(record.secret),
         "password_set": bool(record.scram_sha1 or record.scram_sha256),
         "allowed_hostnames": list(record.allowed),
+        "certificate_sha256": list(record.certificate_sha256),
+        "trust_anchor_set": bool(record.trust_anchor_pem),
+        "certificate_name": (record.certificate_name or domain) if record.trust_anchor_pem else None,
         "note": record.note,
         "connected": bool(sessions),
         "bound_hostnames": registry.bound_hostnames(domain),
@@ -241,7 +246,7 @@ def parse_component(domain: str, body: Any, base) -> Any:
     """``base`` (a ComponentCredential) with the fields of ``body`` applied;
     a password becomes salted SCRAM keys here and is never kept."""
     body = _object(body)
-    _fields(body, ("secret", "password", "allowed_hostnames", "note"))
+    _fields(body, ("secret", "password", "allowed_hostnames", "note") + CERTIFICATE_FIELDS)
     changes: dict = {}
     if "secret" in body:
         secret = body["secret"]
@@ -273,8 +278,53 @@ def parse_component(domain: str, body: Any, base) -> Any:
         if not isinstance(body["note"], str) or len(body["note"]) > MAX_NOTE:
             raise invalid("note", f"expected text of at most {MAX_NOTE} characters")
         changes["note"] = body["note"]
+    changes.update(_certificate_changes(body))
     result = dataclasses.replace(base, domain=domain, **changes)
-    if not (result.secret or result.scram_sha1 or result.scram_sha256 or result.allowed):
-        raise invalid("secret", "give a secret (XEP-0114), or a password or allowed_hostnames "
-                                "(XEP-0225)")
+    if not result.trust_anchor_pem:
+        if "certificate_name" in body and body["certificate_name"] is not None:
+            raise invalid("certificate_name", "only counts together with trust_anchor_pem")
+        result = dataclasses.replace(result, certificate_name=None)
+    elif not result.certificate_name:
+        result = dataclasses.replace(result, certificate_name=domain)
+    if not (result.secret or result.scram_sha1 or result.scram_sha256 or result.allowed
+            or result.certificate_auth):
+        raise invalid("secret", "give a secret (XEP-0114), or a password, certificate_sha256, "
+                                "trust_anchor_pem or allowed_hostnames (XEP-0225)")
     return result
+
+
+def _certificate_changes(body: dict) -> dict:
+    """XEP-0225 certificate authentication fields (SASL EXTERNAL)."""
+    from fedgate.component.certauth import MAX_FINGERPRINTS, load_anchors, normalize_fingerprint
+    changes: dict = {}
+    if "certificate_sha256" in body:
+        pins = body["certificate_sha256"] if body["certificate_sha256"] is not None else []
+        if not isinstance(pins, list) or len(pins) > MAX_FINGERPRINTS:
+            raise invalid("certificate_sha256", f"expected a list of at most {MAX_FINGERPRINTS} "
+                                                "SHA-256 fingerprints")
+        try:
+            changes["certificate_sha256"] = tuple(sorted({normalize_fingerprint(p) for p in pins}))
+        except ValueError as exc:
+            raise invalid("certificate_sha256", str(exc)) from None
+    if "trust_anchor_pem" in body:
+        pem = body["trust_anchor_pem"]
+        if pem is not None and (not isinstance(pem, str) or len(pem) > MAX_ANCHOR_PEM):
+            raise invalid("trust_anchor_pem", f"expected null or PEM text of at most {MAX_ANCHOR_PEM} "
+                                              "characters")
+        if pem:
+            try:
+                load_anchors(pem)
+            except ValueError as exc:
+                raise invalid("trust_anchor_pem", str(exc)) from None
+        changes["trust_anchor_pem"] = pem or None
+    if "certificate_name" in body:
+        name = body["certificate_name"]
+        if name is not None:
+            try:
+                name = normalize_domain(name) if isinstance(name, str) else None
+            except InvalidDomain as exc:
+                raise invalid("certificate_name", str(exc)) from None
+            if name is None:
+                raise invalid("certificate_name", "expected null or a domain name")
+        changes["certificate_name"] = name
+    return changes

@@ -1,12 +1,15 @@
 """XEP-0225 component connections: TLS, SASL and hostname binding.
 
 States, in order: waiting for the header; (STARTTLS); SASL (SCRAM-SHA-256,
-SCRAM-SHA-1, PLAIN only over TLS, EXTERNAL with a client certificate naming
-the component's domain); after the SASL restart, hostname binding
+SCRAM-SHA-1, PLAIN only over TLS, EXTERNAL only for an identity whose
+credential pins its certificate: see :mod:`fedgate.component.certauth`);
+after the SASL restart, hostname binding
 (``urn:xmpp:component:0``).  Several hostnames bind to one stream; routes
 come only from binding, never from the stream header.  Unbinding the last
 hostname closes the stream (the resource binding rules of XEP-0193 carried
-over to hostnames).
+over to hostnames).  An identity binds only its configured hostnames, never
+a gateway domain, another identity's hostname or a remote domain; a
+load-balanced hostname is shared only among streams of one identity.
 
 A stanza's 'from' must be at one of the stream's bound hostnames, or the
 stream ends with ``invalid-from`` (RFC 6120 4.9.3.9): an explicit wrong
@@ -130,8 +133,11 @@ class Xep0225Stream:
                 starttls.addElement("required")
                 return features
         offered = [m for m in MECHANISMS if io.tls is not None or m != "PLAIN"]
-        if io.tls is not None and io.tls.peer_certificate is not None and io.tls.chain_ok:
-            offered.append("EXTERNAL")
+        tls = io.tls
+        if (tls is not None and tls.peer_certificate is not None and tls.verified_here
+                and self.credentials.certificate_identifies(tls.peer_certificate, tls.peer_chain,
+                                                            self._from)):
+            offered.append("EXTERNAL")  # only to a certificate that names a pinned identity
         features.addChild(sasl_mechanisms(offered))
         return features
 
@@ -231,8 +237,16 @@ class Xep0225Stream:
         except UnicodeDecodeError:
             return self._fail("incorrect-encoding")
         identity = wanted or self._from
-        if tls is None or not identity or not tls.valid_for(identity):
-            return self._fail("not-authorized", "no valid client certificate for that domain")
+        if tls is None or not identity:
+            return self._fail("not-authorized", "no client certificate or no identity")
+        if not tls.verified_here:  # a resumed session: never an authentication
+            refusal = "the certificate was not presented on this handshake"
+        else:
+            refusal = self.credentials.external_refusal(identity, tls.peer_certificate, tls.peer_chain)
+        if refusal is not None:
+            log.info("XEP-0225 EXTERNAL refused for {identity} from {peer}: {reason}",
+                     identity=identity, peer=self.io.peer, reason=refusal)
+            return self._fail("not-authorized", "the certificate does not authenticate that identity")
         self._authenticated(identity, None, None)
 
     def _authenticated(self, username: str, authzid: str | None, verifier: bytes | None) -> None:
@@ -271,11 +285,18 @@ class Xep0225Stream:
             return self._unbind(request, domain)
         if domain in self.bound:
             return self._error(request, "conflict", f"{domain} is already bound on this stream")
-        if not self.credentials.may_bind(self.identity, domain):
+        refusal = self.credentials.bind_refusal(self.identity, domain)
+        if refusal is not None:
+            log.info("XEP-0225 bind of {domain} refused for {identity}: {reason}", domain=domain,
+                     identity=self.identity, reason=refusal)
             return self._error(request, "not-allowed", f"{self.identity} may not bind {domain}")
         if len(self.bound) >= self.settings.max_hostnames:
             return self._error(request, "resource-constraint", "too many hostnames on this stream")
-        if not self.router.bind(domain, self, shared=domain in self.settings.load_balanced):
+        shared = domain in self.settings.load_balanced
+        if shared and any(getattr(m, "identity", None) != self.identity
+                          for m in getattr(self.router.components.get(domain), "members", ())):
+            return self._error(request, "conflict", f"{domain} is bound by another identity")
+        if not self.router.bind(domain, self, shared=shared):
             return self._error(request, "conflict", f"{domain} is bound by another stream")
         self.bound[domain] = hostname
         if self._timer is not None and self._timer.active():

@@ -2,8 +2,8 @@
 
 Three kinds of records: per-peer federation policy (a :class:`PeerPolicy`
 for each remote domain an operator configured), a few named settings (the
-federation mode and the default policy, as JSON values), and XEP-0114
-component credentials.  Every method returns a Deferred, and a write's
+federation mode and the default policy, as JSON values), and component
+credentials (XEP-0114 and XEP-0225).  Every method returns a Deferred, and a write's
 Deferred fires only once the write is durable: the admin API acknowledges a
 change only after that, so an acknowledged change survives a crash.
 
@@ -17,11 +17,12 @@ shared one for a cluster) is done when it passes it.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
 
+from fedgate.domain import normalize_domain
 from fedgate.policy import PeerPolicy
 
 
@@ -34,7 +35,10 @@ class ComponentCredential:
     """A component domain the gateway accepts and how it may authenticate:
     a XEP-0114 handshake ``secret``, and/or XEP-0225 SASL keys (salted SCRAM
     keys in their ``salt:iterations:storedkey:serverkey`` text form, never a
-    password) with the extra hostnames the identity may bind."""
+    password) with the extra hostnames the identity may bind, and/or its
+    certificate pins for SASL EXTERNAL: SHA-256 fingerprints (lower case hex,
+    no colons), or a PEM trust anchor together with the exact name the
+    certificate must carry."""
 
     domain: str
     secret: str | None = field(default=None, repr=False)
@@ -42,6 +46,13 @@ class ComponentCredential:
     scram_sha256: str | None = field(default=None, repr=False)
     allowed: tuple[str, ...] = ()
     note: str = ""
+    certificate_sha256: tuple[str, ...] = ()
+    trust_anchor_pem: str | None = field(default=None, repr=False)
+    certificate_name: str | None = None
+
+    @property
+    def certificate_auth(self) -> bool:
+        return bool(self.certificate_sha256 or self.trust_anchor_pem)
 
 
 class Storage(Protocol):
@@ -81,6 +92,18 @@ class Storage(Protocol):
 
 
 # -- the one way records become rows and back ------------------------------
+
+def normalized_component(credential: ComponentCredential) -> ComponentCredential:
+    """``credential`` as every backend keeps it: domains normalised
+    (:class:`~fedgate.domain.InvalidDomain` for a bad one), hostnames and
+    fingerprints sorted and without duplicates."""
+    return replace(
+        credential, domain=normalize_domain(credential.domain),
+        allowed=tuple(sorted({normalize_domain(h) for h in credential.allowed})),
+        certificate_sha256=tuple(sorted({f.lower() for f in credential.certificate_sha256})),
+        certificate_name=(normalize_domain(credential.certificate_name)
+                          if credential.certificate_name else None))
+
 
 def peer_to_row(policy: PeerPolicy) -> dict:
     """A PeerPolicy as plain JSON-able values (addresses as [host, port])."""

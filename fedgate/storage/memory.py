@@ -15,7 +15,7 @@ from twisted.internet import defer
 
 from fedgate.domain import normalize_domain
 from fedgate.policy import PeerPolicy
-from fedgate.storage.interface import ComponentCredential, StorageError
+from fedgate.storage.interface import ComponentCredential, StorageError, normalized_component
 
 
 class MemoryStorage:
@@ -72,10 +72,9 @@ class MemoryStorage:
 
     def put_component(self, credential: ComponentCredential) -> defer.Deferred:
         def put():
-            key = normalize_domain(credential.domain)
-            new = key not in self._components
-            self._components[key] = replace(credential, domain=key, allowed=tuple(
-                sorted({normalize_domain(h) for h in credential.allowed})))
+            record = normalized_component(credential)
+            new = record.domain not in self._components
+            self._components[record.domain] = record
             return new
         return self._run(put)
 

@@ -30,8 +30,8 @@ from twisted.python.threadpool import ThreadPool
 
 from fedgate.domain import normalize_domain
 from fedgate.policy import PeerPolicy
-from fedgate.storage.interface import (ComponentCredential, StorageError, peer_from_row,
-                                       peer_to_row)
+from fedgate.storage.interface import (ComponentCredential, StorageError, normalized_component,
+                                       peer_from_row, peer_to_row)
 
 log = Logger(namespace="fedgate.storage.sqlite")
 
@@ -82,15 +82,24 @@ MIGRATIONS: list[list[str]] = [
         "DROP TABLE components",
         "ALTER TABLE components_v3 RENAME TO components",
     ],
+    [
+        # XEP-0225 certificate authentication (SASL EXTERNAL).
+        "ALTER TABLE components ADD COLUMN certificate_sha256 TEXT NOT NULL DEFAULT '[]'",
+        "ALTER TABLE components ADD COLUMN trust_anchor_pem TEXT",
+        "ALTER TABLE components ADD COLUMN certificate_name TEXT",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
-_COMPONENT_COLUMNS = "domain, secret, scram_sha1, scram_sha256, allowed, note"
+_COMPONENT_COLUMNS = ("domain, secret, scram_sha1, scram_sha256, allowed, note, certificate_sha256, "
+                      "trust_anchor_pem, certificate_name")
 
 
 def _component(row) -> ComponentCredential:
     return ComponentCredential(row["domain"], row["secret"], row["scram_sha1"], row["scram_sha256"],
-                               tuple(json.loads(row["allowed"] or "[]")), row["note"])
+                               tuple(json.loads(row["allowed"] or "[]")), row["note"],
+                               tuple(json.loads(row["certificate_sha256"] or "[]")),
+                               row["trust_anchor_pem"], row["certificate_name"])
 
 
 _PEER_COLUMNS = ("domain", "allowed", "encryption", "authentication", "addresses",
@@ -289,15 +298,15 @@ class SQLiteStorage:
 
     @_deferred
     def put_component(self, credential: ComponentCredential) -> defer.Deferred:
-        row = (normalize_domain(credential.domain), credential.secret, credential.scram_sha1,
-               credential.scram_sha256,
-               json.dumps(sorted({normalize_domain(h) for h in credential.allowed})),
-               credential.note, self._now())
+        record = normalized_component(credential)
+        row = (record.domain, record.secret, record.scram_sha1, record.scram_sha256,
+               json.dumps(list(record.allowed)), record.note, json.dumps(list(record.certificate_sha256)),
+               record.trust_anchor_pem, record.certificate_name, self._now())
 
         def put(db):
             new = db.execute("SELECT 1 FROM components WHERE domain = ?", (row[0],)).fetchone() is None
             db.execute(f"INSERT OR REPLACE INTO components ({_COMPONENT_COLUMNS}, updated_at) "
-                       "VALUES (?, ?, ?, ?, ?, ?, ?)", row)
+                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
             return new
         return self._write(put)
 

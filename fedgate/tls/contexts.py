@@ -84,6 +84,14 @@ class TLSInfo:
     cipher: str | None
     peer_certificate: x509.Certificate | None = field(default=None, repr=False)
     chain_errors: tuple = ()
+    #: the certificates the peer sent besides its leaf (untrusted)
+    peer_chain: tuple = field(default=(), repr=False)
+
+    @property
+    def verified_here(self) -> bool:
+        """The peer certificate was presented and judged on this very
+        handshake (not carried over from a resumed session)."""
+        return not any(errno == X509_V_NOT_VERIFIED_HERE for _, errno, _ in self.chain_errors)
 
     @property
     def chain_ok(self) -> bool:
@@ -159,10 +167,13 @@ def tls_info(connection: SSL.Connection) -> TLSInfo:
         # The certificate came with a resumed session, or nothing judged it
         # here: its verification outcome is unknown, so it is not valid.
         errors += ((0, X509_V_NOT_VERIFIED_HERE, RESUMED_SESSION_ERROR),)
+    leaf = peer.to_cryptography() if peer is not None else None
+    sent = [c.to_cryptography() for c in connection.get_peer_cert_chain() or ()] if leaf else []
     return TLSInfo(version=connection.get_protocol_version_name(),
                    cipher=connection.get_cipher_name(),
-                   peer_certificate=peer.to_cryptography() if peer is not None else None,
-                   chain_errors=errors)
+                   peer_certificate=leaf,
+                   chain_errors=errors,
+                   peer_chain=tuple(c for c in sent if c != leaf))
 
 
 def _refuse_resumption(ctx: SSL.Context) -> None:
