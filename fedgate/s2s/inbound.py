@@ -201,7 +201,7 @@ class InboundS2S:
             raise StreamFailure("unsupported-stanza-type", f"unexpected element {element.name}")
 
     def reject_stanza(self, stanza: domish.Element, failure: StanzaFailure) -> None:
-        self.ctx.router.bounce(stanza, failure.condition, failure.text)
+        self.ctx.router.bounce(stanza, failure.condition, failure.text, reply_from=failure.reply_from)
 
     def tls_established(self, info) -> None:
         self.record.tls = info.describe()
