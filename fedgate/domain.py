@@ -2,11 +2,13 @@
 
 One function, used by the config, stream headers, the domain-pair table and
 storage alike, so that two spellings of a domain never become two peers.
+Whole addresses (JIDs) are checked in :mod:`fedgate.jid`.
 """
 
 from __future__ import annotations
 
 import functools
+import ipaddress
 import re
 
 import idna
@@ -28,39 +30,23 @@ def normalize_domain(text: str) -> str:
     if not isinstance(text, str) or not text:
         raise InvalidDomain("empty domain")
     candidate = text[:-1] if text.endswith(".") else text
-    if not candidate or len(candidate) > 1023:
-        raise InvalidDomain(f"invalid domain {text!r}")
+    if not candidate:
+        raise InvalidDomain("empty domain")
+    if len(candidate) > 1023 or (not candidate.isascii() and len(candidate.encode("utf-8")) > 1023):
+        raise InvalidDomain("domain longer than 1023 bytes")  # RFC 7622 section 3.2
     lowered = candidate.lower()
     if _PLAIN.match(lowered) and "xn--" not in lowered:
         return lowered
     if lowered.startswith("[") and lowered.endswith("]"):
-        return lowered
+        inner = lowered[1:-1]
+        try:
+            if "%" in inner:  # a zone index is no part of an XMPP address
+                raise ValueError(inner)
+            return f"[{ipaddress.IPv6Address(inner).compressed}]"
+        except ValueError:
+            raise InvalidDomain("invalid IPv6 literal") from None
     try:
         ascii_form = idna.encode(candidate, uts46=True)
         return idna.decode(ascii_form)
     except (idna.IDNAError, UnicodeError) as exc:
-        raise InvalidDomain(f"invalid domain {text!r}: {exc}") from None
-
-
-@functools.lru_cache(maxsize=16384)
-def domain_of(jid: str) -> str:
-    """The normalised domainpart of a JID string (raises InvalidDomain).
-
-    Cached: the same addresses recur on every stanza of a conversation, and
-    this runs on the hot path for both 'to' and 'from'."""
-    if not jid:
-        raise InvalidDomain("empty address")
-    rest = jid
-    at = rest.find("@")
-    slash = rest.find("/")
-    if slash != -1:
-        if at != -1 and at > slash:
-            at = -1
-        rest = rest[:slash]
-    if at != -1:
-        if at == 0:
-            raise InvalidDomain(f"empty localpart in {jid!r}")
-        rest = rest[at + 1:]
-    if slash != -1 and slash == len(jid) - 1:
-        raise InvalidDomain(f"empty resourcepart in {jid!r}")
-    return normalize_domain(rest)
+        raise InvalidDomain(f"invalid domain {text[:80]!r}: {exc}") from None

@@ -13,7 +13,8 @@ from __future__ import annotations
 from twisted.logger import Logger
 from twisted.words.xish import domish
 
-from fedgate.domain import InvalidDomain, domain_of
+from fedgate.domain import InvalidDomain
+from fedgate.jid import domain_of, is_valid_jid
 from fedgate.stream.errors import is_bounceable, make_error_reply
 
 log = Logger(namespace="fedgate.router")
@@ -136,17 +137,24 @@ class Router:
                 return
             self.sender.send(from_domain, to_domain, stanza)
 
-    def bounce(self, stanza: domish.Element, condition: str, text: str | None = None) -> None:
+    def bounce(self, stanza: domish.Element, condition: str, text: str | None = None,
+               reply_from: str | None = None) -> None:
         """Answer ``stanza`` with a stanza error, or log it if it is itself
-        an error or an iq result (those are never answered)."""
+        an error or an iq result (those are never answered), or if its
+        'from' is missing or malformed (RFC 6120 8.3.1: no error goes to an
+        address that is not one).  ``reply_from`` replaces a 'to' that the
+        reply cannot come from."""
         self.bounces[condition] = self.bounces.get(condition, 0) + 1
+        sender = stanza.getAttribute("from")
+        if not sender or not is_valid_jid(sender):
+            self.dropped_errors += 1
+            log.info("Cannot bounce {name} with a missing or malformed 'from': {condition}",
+                     name=stanza.name, condition=condition)
+            return
         if not is_bounceable(stanza):
             self.dropped_errors += 1
             log.info("Not bouncing {name} type={type} from {sender}: {condition}",
                      name=stanza.name, type=stanza.getAttribute("type"),
-                     sender=stanza.getAttribute("from"), condition=condition)
+                     sender=sender, condition=condition)
             return
-        if not stanza.getAttribute("from"):
-            log.info("Cannot bounce a stanza without 'from': {condition}", condition=condition)
-            return
-        self.route(make_error_reply(stanza, condition, text))
+        self.route(make_error_reply(stanza, condition, text, reply_from=reply_from))

@@ -58,6 +58,9 @@ CASES = {
     "processing_instruction": (GOOD + b"<?php system('id'); ?>" + MSG, "restricted-xml", True),
     "billion_laughs": (LAUGHS, "restricted-xml", False),
     "external_entity": (XXE, "restricted-xml", False),
+    # After the header expat calls a DOCTYPE only a bad token; it is still a DTD.
+    "doctype_after_header": (GOOD + b"<!DOCTYPE stream:stream>" + MSG, "restricted-xml", True),
+    "entity_declaration_after_header": (GOOD + b"<!ENTITY lol 'lol'>" + MSG, "restricted-xml", True),
     "undefined_entity": (GOOD + MSG.replace(b">hi<", b">&nbsp;<"), "restricted-xml", True),
     "client_namespace": (DECL + header(xmlns=b"jabber:client") + MSG, "invalid-namespace", False),
     "component_namespace": (DECL + header(xmlns=b"jabber:component:accept"), "invalid-namespace", False),

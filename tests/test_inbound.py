@@ -241,10 +241,17 @@ class StanzaRulesTests(InboundCase):
         stream.feed("<message to='b@chat.gw.example'/>")
         self.assertEqual(stream.stream_error(), "improper-addressing")
 
-    def test_malformed_to(self):
+    def test_malformed_to_is_a_stanza_error(self):
+        # RFC 7622 addresses: one bad address rejects one stanza, not the
+        # stream (more in tests/test_jid.py).
         stream = self.authenticated()
-        stream.feed("<message from='a@remote.example' to='b@@chat..gw'/>")
-        self.assertEqual(stream.stream_error(), "improper-addressing")
+        stream.feed("<message id='m' from='a@remote.example' to='b@@chat..gw'/>")
+        self.assertIsNone(stream.stream_error())
+        self.assertFalse(stream.disconnecting)
+        [(stanza, condition, _)] = self.router.bounced
+        self.assertEqual((stanza["id"], condition), ("m", "jid-malformed"))
+        self.assertEqual(self.router.reply_from, ["chat.gw.example"])
+        self.assertEqual(self.router.routed, [])
 
     def test_from_not_authenticated(self):
         stream = self.authenticated()

@@ -192,6 +192,30 @@ class RestrictedXmlTests(ParserCase):
     def test_doctype(self):
         self.fails("restricted-xml", b"<?xml version='1.0'?><!DOCTYPE stream:stream>", HEADER.encode())
 
+    def test_doctype_after_the_header(self):
+        # RFC 6120 11.1: restricted-xml, not the not-well-formed that expat's
+        # own error would give.
+        rec = self.fails("restricted-xml", OPEN, b"<message/><!DOCTYPE stream:stream>")
+        self.assertEqual(len(rec.elements), 1)
+        self.fails("restricted-xml", OPEN + b"<!DOCTYPE s [<!ENTITY a 'b'>]>")
+        self.fails("restricted-xml", OPEN, b"<message><body><!DOCTYPE x></body></message>")
+        self.fails("restricted-xml", OPEN, b"<!ENTITY lol 'lol'>")
+
+    def test_doctype_after_the_header_split_across_feeds(self):
+        for cut in range(1, len(b"<!DOCTYPE x>")):
+            data = b"<message/><!DOCTYPE x>"
+            self.fails("restricted-xml", OPEN, data[:10 + cut], data[10 + cut:])
+        self.fails("restricted-xml", OPEN + b"<", b"!", b"D", b"OCTYPE x>")
+
+    def test_other_bad_tokens_stay_not_well_formed(self):
+        self.fails("not-well-formed", OPEN, b"<!-x>")
+        self.fails("not-well-formed", OPEN, b"<message></message><!>")
+        self.fails("not-well-formed", OPEN, b"<message><body>a</body><!1></message>")
+        # CDATA is well-formed XML (and allowed); text that looks like a
+        # declaration inside it is just text.
+        rec = Recorder().feed(OPEN, b"<message><body><![CDATA[<!DOCTYPE x>]]></body></message>")
+        self.assertEqual(str(rec.elements[0].body), "<!DOCTYPE x>")
+
     def test_internal_entity_declaration(self):
         self.fails("restricted-xml", b"<!DOCTYPE s [<!ENTITY lol 'lol'><!ENTITY lol2 '&lol;&lol;'>]>",
                    HEADER.encode(), b"<message>&lol2;</message>")

@@ -99,7 +99,11 @@ class ComponentAccept:
 
     def reject_stanza(self, stanza: domish.Element, failure: StanzaFailure) -> None:
         if is_bounceable(stanza):
-            self.io.send(make_error_reply(stanza, failure.condition, failure.text))
+            self.io.send(make_error_reply(stanza, failure.condition, failure.text,
+                                          reply_from=failure.reply_from))
+        else:
+            log.info("Not answering {name} from component {domain}: {condition}",
+                     name=stanza.name, domain=self.domain, condition=failure.condition)
 
     def _auth_timeout(self) -> None:
         self._timer = None

@@ -162,10 +162,30 @@ class InboundS2S:
             self.throttle.stop()
         if self.record is not None:
             self.ctx.table.remove(self.record)
-            # Reverse requests we made here can no longer succeed.
-            for pair in list(self.record.pairs.values()):
-                if pair.origin != REMOTE and pair.state == PENDING:
-                    self.ctx.table.pair_changed(pair.local, pair.remote, False)
+            self._reverse_requests_failed()
+
+    def _reverse_requests_failed(self) -> None:
+        """Reverse requests we made here can no longer succeed."""
+        for pair in list(self.record.pairs.values()):
+            if pair.origin != REMOTE and pair.state == PENDING:
+                self.ctx.table.pair_changed(pair.local, pair.remote, False)
+
+    def _forget_stream(self, keep: tuple[str, str] | None = None) -> None:
+        """Before a stream restart (TLS, SASL): RFC 6120 5.4.3.3 and 6.4.6,
+        the parties discard what they learnt from the old stream.  Every
+        pair goes (but ``keep``, the one SASL has just proved), and
+        verifications still running can no longer make a pair valid: they
+        answer to a closed DialbackPairs, which ignores them."""
+        old, self.dialback = self.dialback, DialbackPairs(self)
+        old.close()
+        self._reverse_requests_failed()
+        self.record.forget_pairs(keep)
+        if keep is None:
+            self.record.remote_domain = None
+        if self._timer is None and not self.record.authenticated:
+            # The authentication deadline had passed while pairs were valid:
+            # the new stream gets one of its own.
+            self._timer = self.ctx.clock.callLater(self.ctx.auth_timeout, self._auth_timeout)
 
     def _auth_timeout(self) -> None:
         self._timer = None
@@ -201,7 +221,7 @@ class InboundS2S:
             raise StreamFailure("unsupported-stanza-type", f"unexpected element {element.name}")
 
     def reject_stanza(self, stanza: domish.Element, failure: StanzaFailure) -> None:
-        self.ctx.router.bounce(stanza, failure.condition, failure.text)
+        self.ctx.router.bounce(stanza, failure.condition, failure.text, reply_from=failure.reply_from)
 
     def tls_established(self, info) -> None:
         self.record.tls = info.describe()
@@ -213,6 +233,7 @@ class InboundS2S:
             return
         self.io.write(f"<proceed xmlns='{ns.TLS}'/>")
         self.record.bidi = False  # a bidi request made before TLS does not survive it
+        self._forget_stream()
         default = self._to or sorted(self.ctx.local_domains)[0]
         self.io.start_tls(self.ctx.tls.server_creator(default))
         self.io.restart()
@@ -247,6 +268,7 @@ class InboundS2S:
         log.info("Authenticated {local} <- {remote} by SASL EXTERNAL from {peer}",
                  local=self._to, remote=self._from, peer=self.io.peer)
         self.io.write(f"<success xmlns='{ns.SASL}'/>")
+        self._forget_stream(keep=(self._to, self._from))
         self.io.restart()
 
     def _bidi(self) -> None:

@@ -56,6 +56,11 @@ class InitiatingStream:
         self._sasl_tried = False
         self._sasl_announced = False
         self.bidi_sent = False
+        #: negotiation is over (ready() was called): pairs may be proved from
+        #: now on, so no TLS or SASL restart may follow (RFC 6120 5.4.3.3 and
+        #: 6.4.6 would have us forget them)
+        self._negotiated = False
+        self._starttls_sent = False
 
     @property
     def policy(self):
@@ -91,12 +96,16 @@ class InitiatingStream:
         if uri == ns.STREAMS and name == "features":
             self._negotiate(element)
         elif uri == ns.TLS and name == "proceed":
+            if not self._starttls_sent or self.io.tls_started:
+                raise StreamFailure("unsupported-stanza-type", "<proceed/> without <starttls/>")
             self.io.start_tls(self.ctx.tls.client_creator(self.local, self.remote))
             self.io.restart(self._send_header)
         elif uri == ns.TLS and name == "failure":
             self.refuse(policy_check.Refusal("remote-server-timeout", f"{self.remote} refused STARTTLS",
                                              "refused"))
         elif uri == ns.SASL and name == "success":
+            if not self._sasl_tried or self.sasl_done:
+                raise StreamFailure("unsupported-stanza-type", "<success/> without <auth/>")
             # The pair counts once the restarted stream is up (its features
             # arrive), so nothing is sent between <success/> and our new header.
             self.sasl_done = True
@@ -116,8 +125,12 @@ class InitiatingStream:
     # -- negotiation -----------------------------------------------------------
     def _negotiate(self, features: domish.Element | None) -> None:
         io = self.io
+        if self._negotiated:
+            log.info("Ignoring features after negotiation from {remote}", remote=self.remote)
+            return
         if features is not None and io.tls is None and not io.tls_started and self.ctx.tls is not None:
             if _child(features, ns.TLS, "starttls") is not None:
+                self._starttls_sent = True
                 io.write(f"<starttls xmlns='{ns.TLS}'/>")
                 return
         policy = self.policy
@@ -144,6 +157,7 @@ class InitiatingStream:
             io.write(f"<auth xmlns='{ns.SASL}' mechanism='EXTERNAL'>"
                      f"{encode_payload(self.local.encode('utf-8'))}</auth>")
             return
+        self._negotiated = True
         self.ready(features)
 
     def _sasl_failed(self, element: domish.Element) -> None:
@@ -154,6 +168,7 @@ class InitiatingStream:
                 "policy-violation", f"{self.remote} refused SASL EXTERNAL ({condition}) and policy "
                                     "requires certificate authentication"))
             return
+        self._negotiated = True
         self.ready(None)  # fall back to dialback on this stream
 
     def refuse(self, refusal: policy_check.Refusal) -> None:

@@ -72,6 +72,13 @@ class ConnectionRecord:
             self._valid.discard(key)
         return pair
 
+    def forget_pairs(self, keep: tuple[str, str] | None = None) -> None:
+        """Drop every pair but ``keep`` (a (local, remote) key): after a
+        stream restart nothing the old stream established counts."""
+        for key in [k for k in self.pairs if k != keep]:
+            del self.pairs[key]
+            self._valid.discard(key)
+
     def state_of(self, local: str, remote: str) -> str | None:
         pair = self.pairs.get((local, remote))
         return pair.state if pair else None

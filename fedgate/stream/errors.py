@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from twisted.words.xish import domish
 
+from fedgate.jid import domain_part, is_valid_jid
 from fedgate.stream import namespaces as ns
 
 STREAM_CONDITIONS = frozenset({
@@ -62,13 +63,17 @@ class StreamFailure(Exception):
 class StanzaFailure(Exception):
     """A condition that rejects one stanza; the stream carries on."""
 
-    def __init__(self, condition: str, text: str | None = None, type: str | None = None):
+    def __init__(self, condition: str, text: str | None = None, type: str | None = None,
+                 reply_from: str | None = None):
         if condition not in STANZA_CONDITIONS:
             raise ValueError(f"unknown stanza error condition {condition!r}")
         super().__init__(condition if text is None else f"{condition}: {text}")
         self.condition = condition
         self.text = text
         self.type = type or STANZA_CONDITIONS[condition]
+        #: the address the error reply comes from, when the stanza's own
+        #: 'to' cannot be (it was malformed)
+        self.reply_from = reply_from
 
 
 def stream_error_element(condition: str, text: str | None = None) -> domish.Element:
@@ -95,26 +100,36 @@ def is_bounceable(stanza: domish.Element) -> bool:
     """Whether an error reply may be sent for this stanza.
 
     Never answer an error with an error, nor an iq result (RFC 6120 8.3.1);
-    both would risk loops.
+    both would risk loops.  Nor a stanza whose 'from' is not a well-formed
+    address: the reply would be addressed to it.
     """
     kind = stanza.getAttribute("type")
     if kind == "error":
         return False
     if stanza.name == "iq" and kind == "result":
         return False
-    return True
+    sender = stanza.getAttribute("from")
+    return sender is None or is_valid_jid(sender)
 
 
 def make_error_reply(stanza: domish.Element, condition: str, text: str | None = None,
-                     type: str | None = None, by: str | None = None) -> domish.Element:
+                     type: str | None = None, by: str | None = None,
+                     reply_from: str | None = None) -> domish.Element:
     """The error reply to ``stanza``: addresses swapped, original children kept.
 
-    The caller must first check :func:`is_bounceable`.
+    The caller must first check :func:`is_bounceable`.  The reply comes from
+    ``reply_from`` if given, else from the stanza's 'to', or its domain when
+    the 'to' is malformed (no reply carries a malformed address), or from no
+    one in particular when even that is malformed.
     """
     reply = domish.Element((stanza.uri, stanza.name), defaultUri=stanza.defaultUri)
     for key, value in stanza.attributes.items():
         reply.attributes[key] = value
     sender, recipient = stanza.getAttribute("from"), stanza.getAttribute("to")
+    if reply_from is not None:
+        recipient = reply_from
+    elif recipient is not None and not is_valid_jid(recipient):
+        recipient = domain_part(recipient)
     if recipient is not None:
         reply["from"] = recipient
     elif "from" in reply.attributes:

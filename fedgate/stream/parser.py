@@ -3,7 +3,8 @@
 XMPP forbids comments, processing instructions, DTDs and entity declarations
 (RFC 6120 section 11.1); Twisted's own expat stream installs no handlers for
 them, so they would pass silently.  This parser rejects each with
-``restricted-xml``, never expands an entity, checks the UTF-8 of every byte
+``restricted-xml`` (a DOCTYPE or other declaration after the stream header
+too, which expat itself only calls a bad token), never expands an entity, checks the UTF-8 of every byte
 before expat sees it (expat would call bad UTF-8 merely "not well-formed"),
 and bounds every stanza by size, depth and element count so a peer cannot
 make us buffer without limit.
@@ -51,6 +52,7 @@ class StreamHeader:
 
 
 _XML_LANG = ns.XML + " lang"
+_TAIL = 16
 
 
 @functools.lru_cache(maxsize=1024)
@@ -84,6 +86,7 @@ class StreamParser:
         self._stanza_start = 0
         self._elements = 0
         self._fed = 0
+        self._tail = b""  # the last bytes fed, to read an error's context
         self._mark = 0  # byte offset of the last complete piece of markup
         self._ns_decls: dict = {}
         self._header_seen = False
@@ -123,9 +126,22 @@ class StreamParser:
         try:
             self._parser.Parse(data, False)
         except expat.ExpatError as exc:
+            if self._is_declaration(exc, data):
+                raise StreamFailure("restricted-xml", "DTD markup is not allowed in XMPP") from None
             raise self._translate(exc) from None
+        self._tail = (self._tail + data)[-_TAIL:] if len(data) < _TAIL else data[-_TAIL:]
         if self._fed - self._mark > self.limits.max_stanza_bytes:
             raise StreamFailure("policy-violation", "stanza too large")
+
+    def _is_declaration(self, exc: expat.ExpatError, data: bytes) -> bool:
+        """Was the error a markup declaration (``<!DOCTYPE``, ``<!ENTITY``...)
+        inside the stream?  Before the root element expat reports a DOCTYPE
+        to its handler; after it, only as an invalid token at the name."""
+        if exc.code != expat.errors.codes[expat.errors.XML_ERROR_INVALID_TOKEN]:
+            return False
+        window = self._tail + data
+        pos = self._parser.ErrorByteIndex - (self._fed - len(window))
+        return 2 <= pos < len(window) and window[pos - 2:pos] == b"<!" and window[pos:pos + 1].isalpha()
 
     def _translate(self, exc: expat.ExpatError) -> StreamFailure:
         code = exc.code

@@ -91,6 +91,7 @@ class RecordingRouter:
     def __init__(self, fail_on_route: Exception | None = None):
         self.routed: list = []
         self.bounced: list = []
+        self.reply_from: list = []  # the reply_from of each bounce
         self.fail_on_route = fail_on_route
 
     def route(self, stanza, to_domain=None, from_domain=None) -> None:
@@ -98,5 +99,6 @@ class RecordingRouter:
             raise self.fail_on_route
         self.routed.append(stanza)
 
-    def bounce(self, stanza, condition, text=None) -> None:
+    def bounce(self, stanza, condition, text=None, reply_from=None) -> None:
         self.bounced.append((stanza, condition, text))
+        self.reply_from.append(reply_from)
