@@ -230,6 +230,15 @@ class StreamTests(unittest.TestCase):
             self.assertEqual(self.bind(mem, hostname), "not-allowed", hostname)
         self.assertEqual(sorted(self.router.components), ["weather.example"])
 
+    def test_bound_hostname_resource_follows_rfc7622(self):
+        """Stanzas are stamped with the bound hostname, so its resource must
+        be a valid resourcepart: 1023 bytes bind, 1024 bytes do not."""
+        reg = registry(**{"bots.example": Credential("bots.example", certificate=CertificateAuth(self.pins))})
+        mem, handler, _ = self.open(reg, self.bot, sender=None)
+        self.assertEqual(self.external(mem, "bots.example"), "success")
+        self.assertEqual(self.bind(mem, "bots.example/" + "r" * 1024), "bad-request")
+        self.assertEqual(self.bind(mem, "bots.example/" + "r" * 1023), "result")
+
     def test_stream_from_names_the_identity(self):
         reg = registry(**{"bots.example": Credential("bots.example", certificate=CertificateAuth(self.pins))})
         mem, handler, _ = self.open(reg, self.bot, sender="bots.example")

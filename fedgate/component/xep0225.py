@@ -28,6 +28,7 @@ from fedgate.component.credentials import CredentialRegistry
 from fedgate.component.scram import ScramError, ScramServer
 from fedgate.component.addressing import checked_domains
 from fedgate.domain import InvalidDomain, normalize_domain
+from fedgate.jid import check_resourcepart
 from fedgate.stream import namespaces as ns
 from fedgate.stream.errors import StanzaFailure, StreamFailure, is_bounceable, make_error_reply
 from fedgate.stream.protocol import new_stream_id
@@ -57,10 +58,12 @@ def _hostname(element: domish.Element) -> tuple[str, str] | None:
     text = str(names[0]).strip()
     if not text or "@" in text:
         return None
-    domain_part = text.split("/", 1)[0]
+    domain_part, slash, resource = text.partition("/")
     try:
+        if slash:
+            check_resourcepart(resource)  # stanzas get stamped with it: RFC 7622 applies
         return normalize_domain(domain_part), text
-    except InvalidDomain:
+    except InvalidDomain:  # InvalidJID included
         return None
 
 
