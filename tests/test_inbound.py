@@ -23,9 +23,14 @@ LOCAL = frozenset({"gw.example", "chat.gw.example"})
 class FakeVerifier:
     def __init__(self):
         self.calls: list = []
+        self.cancelled: list = []
 
-    def verify(self, receiving, originating, stream_id, key):
-        d = defer.Deferred()
+    def verify(self, receiving, originating, stream_id, key, finished=None):
+        # Like a verification whose connection ends with its answer (or
+        # with its cancellation): ``finished`` comes then.
+        d = defer.Deferred(lambda _: self.cancelled.append((receiving, originating)))
+        if finished is not None:
+            d.addBoth(lambda result: (finished(), result)[1])
         self.calls.append(((receiving, originating, stream_id, key), d))
         return d
 
@@ -135,15 +140,34 @@ class ReceivingServerTests(InboundCase):
         self.assertEqual([m["to"] for m in self.router.routed], ["b@chat.gw.example"])
         self.assertEqual(record.pairs[("chat.gw.example", "remote.example")].stanzas_in, 1)
 
-    def test_invalid_key(self):
+    def test_invalid_key_on_the_first_pair_closes_the_stream(self):
+        # XEP-0220 2.2.1: "invalid", then the stream is closed.
         stream = self.open()
         stream.take()
         stream.feed("<db:result from='remote.example' to='chat.gw.example'>bad</db:result>")
         self.verifier.calls[0][1].callback(False)
         [answer] = stream.take()
-        self.assertEqual(answer["type"], "invalid")
+        self.assertEqual((answer.name, answer["type"]), ("result", "invalid"))
+        self.assertEqual(self.handler.record.state_of("chat.gw.example", "remote.example"), INVALID)
+        self.assertTrue(stream.disconnecting)
+        self.assertTrue(stream.ended, "our stream is closed with </stream:stream>")
+
+    def test_invalid_key_with_other_valid_pairs_is_forbidden(self):
+        # XEP-0220 2.2.1: with valid pairs on the stream, a <forbidden/>
+        # dialback error instead, and the valid pairs keep working.
+        stream = self.open()
+        stream.take()
+        self.authenticate(stream, local="gw.example")
+        stream.feed("<db:result from='remote.example' to='chat.gw.example'>bad</db:result>")
+        self.verifier.calls[-1][1].callback(False)
+        [answer] = stream.take()
+        self.assertEqual((answer["type"], error_condition(answer)), ("error", "forbidden"))
         self.assertEqual(self.handler.record.state_of("chat.gw.example", "remote.example"), INVALID)
         self.assertFalse(stream.disconnecting)
+        stream.feed("<message from='a@remote.example' to='b@gw.example'/>")
+        self.assertEqual([m["to"] for m in self.router.routed], ["b@gw.example"])
+        stream.feed("<message from='a@remote.example' to='b@chat.gw.example'/>")
+        self.assertEqual(stream.stream_error(), "host-unknown")
 
     def test_verification_error_leaves_other_pairs_alone(self):
         stream = self.open()
@@ -198,11 +222,12 @@ class ReceivingServerTests(InboundCase):
         self.assertEqual(stream.stream_error(), "not-authorized")
         self.assertEqual(self.router.routed, [])
 
-    def test_answer_after_close_is_dropped(self):
+    def test_close_cancels_pending_verifications(self):
         stream = self.open()
         stream.feed("<db:result from='remote.example' to='gw.example'>k</db:result>")
         stream.stream.connectionLost(None)
-        self.verifier.calls[0][1].callback(True)
+        self.assertEqual(self.verifier.cancelled, [("gw.example", "remote.example")])
+        self.assertEqual(self.budget.in_use, 0)
         self.assertEqual(len(self.table), 0)
 
 

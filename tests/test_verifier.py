@@ -95,7 +95,7 @@ class VerifierTests(unittest.TestCase):
         peer = self.start()
         peer.stream.connectionLost(None)
         [failure] = self.results
-        self.assertEqual(failure.value.condition, "remote-connection-failed")
+        self.assertEqual(failure.value.condition, "remote-server-timeout")
 
     def test_timeout(self):
         self.start()
