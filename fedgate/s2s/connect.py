@@ -20,6 +20,7 @@ from typing import Callable
 from twisted.internet import defer
 from twisted.internet import protocol as _protocol
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.error import ConnectingCancelledError
 from twisted.logger import Logger
 
 from fedgate.s2s.addresses import AddressPolicy, is_ip_literal
@@ -118,8 +119,8 @@ class DomainConnector:
                 endpoint = kind(self.reactor, address, target.port, timeout=self.timeout)
                 try:
                     protocol = yield endpoint.connect(_OneProtocol(protocol_factory(target)))
-                except defer.CancelledError:
-                    raise
+                except (defer.CancelledError, ConnectingCancelledError):
+                    raise defer.CancelledError() from None  # stopped: no next address
                 except Exception as exc:
                     log.info("Connecting to {domain} at {address}:{port} failed: {error}",
                              domain=domain, address=address, port=target.port, error=exc)
