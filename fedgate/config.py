@@ -19,6 +19,7 @@ from fedgate.component.credentials import Credential, claim_conflicts
 from fedgate.component.scram import ScramKeys
 from fedgate.domain import InvalidDomain, normalize_domain
 from fedgate.policy import AUTHENTICATIONS, ENCRYPTIONS, MODES, MODE_OPEN, PeerPolicy
+from fedgate.s2s.addresses import allowed_networks
 
 
 class ConfigError(Exception):
@@ -54,6 +55,11 @@ class S2SConfig:
     backoff_max: float = 600.0
     max_pending_verifications_per_stream: int = 10
     max_pending_verifications: int = 1000
+    #: domain pairs one S2S connection may carry (XEP-0220 multiplexing)
+    max_pairs_per_connection: int = 1000
+    #: non-global address ranges outbound S2S may reach for peers that are
+    #: not static: names from fedgate.s2s.addresses.RANGE_NAMES or CIDR
+    allow_private_ranges: tuple[str, ...] = ()
     #: "open" federation or "allowlist" only
     mode: str = MODE_OPEN
     #: the policy for peers without an override
@@ -230,6 +236,15 @@ def _endpoints(reader: _Reader, name: str, default: tuple) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _ranges(reader: _Reader, name: str) -> tuple[str, ...]:
+    values = tuple(reader.get(name, list, []))
+    try:
+        allowed_networks(values)
+    except ValueError as exc:
+        raise reader.error(name, str(exc)) from None
+    return values
+
+
 def _choice(reader: _Reader, name: str, choices, default: str) -> str:
     value = reader.get(name, str, default)
     if value not in choices:
@@ -315,6 +330,9 @@ def parse_config(data: dict, path="<config>") -> Config:
             "max_pending_verifications_per_stream", int, S2SConfig.max_pending_verifications_per_stream),
         max_pending_verifications=s.positive(
             "max_pending_verifications", int, S2SConfig.max_pending_verifications),
+        max_pairs_per_connection=s.positive(
+            "max_pairs_per_connection", int, S2SConfig.max_pairs_per_connection),
+        allow_private_ranges=_ranges(s, "allow_private_ranges"),
         mode=mode,
         default_policy=default_policy,
         peers=peers,

@@ -32,6 +32,7 @@ from fedgate.config import Config, ConfigError, dialback_secret, load_config
 from fedgate.local import LocalHandler
 from fedgate.policy import PolicyTable
 from fedgate.router import Router
+from fedgate.s2s.addresses import AddressPolicy
 from fedgate.s2s.connect import DomainConnector
 from fedgate.s2s.context import S2SContext, VerificationBudget
 from fedgate.s2s.inbound import InboundS2S
@@ -81,7 +82,10 @@ class Gateway(service.Service):
         self.tls = self._tls_contexts(config)
         self.resolver = S2SResolver(dns_resolver, static_addresses=self.policy.static_addresses,
                                     rng=self.rng, include_direct_tls=True)
-        self.connector = DomainConnector(reactor, self.resolver, timeout=s2s.connect_timeout)
+        self.connector = DomainConnector(
+            reactor, self.resolver, timeout=s2s.connect_timeout,
+            addresses=AddressPolicy.from_config(s2s.allow_private_ranges),
+            is_static=lambda domain: bool(self.policy.static_addresses(domain)))
         self.verifier = DialbackVerifier(self.connector, reactor, self.make_stream,
                                          timeout=s2s.connect_timeout + s2s.auth_timeout)
         self.ctx = S2SContext(
@@ -95,6 +99,7 @@ class Gateway(service.Service):
             limits=self.limits,
             auth_timeout=s2s.auth_timeout,
             max_pending_per_stream=s2s.max_pending_verifications_per_stream,
+            max_pairs_per_connection=s2s.max_pairs_per_connection,
             policy=self.policy,
             tls=self.tls,
             bidi=s2s.bidi,

@@ -39,8 +39,12 @@ class Verifier:
     def __init__(self):
         self.calls = []
 
-    def verify(self, receiving, originating, stream_id, key):
+    def verify(self, receiving, originating, stream_id, key, finished=None):
+        # Like a verification whose connection ends with its answer (or
+        # with its cancellation): ``finished`` comes then.
         d = defer.Deferred()
+        if finished is not None:
+            d.addBoth(lambda result: (finished(), result)[1])
         self.calls.append(((receiving, originating, stream_id, key), d))
         return d
 

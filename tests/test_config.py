@@ -28,7 +28,8 @@ def test_example_config_is_valid_and_documents_every_key():
                 "max_pending_verifications_per_stream", "max_pending_verifications",
                 "dialback_secret", "max_stanza_bytes", "max_depth", "max_elements",
                 "xml_traffic", "xml_bodies", "addresses", "secret", "listen", "state_dir",
-                "mode", "encryption", "authentication", "blocked", "note"]:
+                "mode", "encryption", "authentication", "blocked", "note",
+                "max_pairs_per_connection", "allow_private_ranges"]:
         assert key in text, key
 
 
@@ -58,6 +59,15 @@ def test_peer_policy():
     assert config.s2s.mode == "allowlist"
 
 
+def test_outbound_address_settings():
+    config = parse_config(minimal())
+    assert (config.s2s.allow_private_ranges, config.s2s.max_pairs_per_connection) == ((), 1000)
+    config = parse_config(minimal(s2s={"allow_private_ranges": ["loopback", "shared", "10.20.0.0/16"],
+                                       "max_pairs_per_connection": 5}))
+    assert config.s2s.allow_private_ranges == ("loopback", "shared", "10.20.0.0/16")
+    assert config.s2s.max_pairs_per_connection == 5
+
+
 @pytest.mark.parametrize("data, key, words", [
     (minimal(s2s={"lisen": []}), "s2s.lisen", "unknown key"),
     (minimal(bogus=1), "bogus", "unknown key"),
@@ -74,6 +84,11 @@ def test_peer_policy():
     (minimal(s2s={"peers": {"p.example": {"addresses": ["host:99999"]}}}), "s2s.peers.p.example.addresses", "bad address"),
     (minimal(logging={"xml_traffic": "yes"}), "logging.xml_traffic", "expected bool"),
     (minimal(s2s={"policy": {"mode": "closed"}}), "s2s.policy.mode", "must be one of"),
+    (minimal(s2s={"allow_private_ranges": ["lan"]}), "s2s.allow_private_ranges", "'lan' is neither"),
+    (minimal(s2s={"allow_private_ranges": ["10.0.0.1/8"]}), "s2s.allow_private_ranges", "CIDR"),
+    (minimal(s2s={"allow_private_ranges": "loopback"}), "s2s.allow_private_ranges", "expected list"),
+    (minimal(s2s={"allow_private_ranges": [10]}), "s2s.allow_private_ranges", "range names"),
+    (minimal(s2s={"max_pairs_per_connection": 0}), "s2s.max_pairs_per_connection", "greater than zero"),
     (minimal(s2s={"peers": {"p.example": {"encryption": "maybe"}}}), "s2s.peers.p.example.encryption", "must be one of"),
 ])
 def test_errors_name_the_key(data, key, words):

@@ -23,9 +23,20 @@ LOCAL = frozenset({"gw.example", "chat.gw.example"})
 class FakeVerifier:
     def __init__(self):
         self.calls: list = []
+        self.cancelled: list = []
+        #: False: the test says when each verification's connection is gone
+        self.finish_with_answer = True
+        self.finishers: list = []
 
-    def verify(self, receiving, originating, stream_id, key):
-        d = defer.Deferred()
+    def verify(self, receiving, originating, stream_id, key, finished=None):
+        # Like a verification whose connection ends with its answer (or
+        # with its cancellation): ``finished`` comes then.
+        d = defer.Deferred(lambda _: self.cancelled.append((receiving, originating)))
+        if finished is not None:
+            if self.finish_with_answer:
+                d.addBoth(lambda result: (finished(), result)[1])
+            else:
+                self.finishers.append(finished)
         self.calls.append(((receiving, originating, stream_id, key), d))
         return d
 
@@ -38,13 +49,14 @@ class InboundCase(unittest.TestCase):
         self.verifier = FakeVerifier()
         self.budget = VerificationBudget(100)
 
-    def open(self, per_stream=10, blocked=(), **header) -> MemoryStream:
+    def open(self, per_stream=10, blocked=(), max_pairs=1000, **header) -> MemoryStream:
         # Plaintext dialback (no TLS contexts here): encryption optional.
         policy = PolicyTable(PeerPolicy(encryption="optional"),
                              {d: PeerPolicy(d, allowed=False) for d in blocked})
         ctx = S2SContext(clock=self.clock, local_domains=LOCAL, secret=SECRET, table=self.table,
                          router=self.router, verifier=self.verifier, budget=self.budget,
-                         auth_timeout=90.0, max_pending_per_stream=per_stream, policy=policy)
+                         auth_timeout=90.0, max_pending_per_stream=per_stream, policy=policy,
+                         max_pairs_per_connection=max_pairs)
         self.handler = InboundS2S(ctx)
         stream = MemoryStream(self.handler, self.clock)
         attrs = {"to": "gw.example", "from": "remote.example", "version": "1.0"}
@@ -135,15 +147,34 @@ class ReceivingServerTests(InboundCase):
         self.assertEqual([m["to"] for m in self.router.routed], ["b@chat.gw.example"])
         self.assertEqual(record.pairs[("chat.gw.example", "remote.example")].stanzas_in, 1)
 
-    def test_invalid_key(self):
+    def test_invalid_key_on_the_first_pair_closes_the_stream(self):
+        # XEP-0220 2.2.1: "invalid", then the stream is closed.
         stream = self.open()
         stream.take()
         stream.feed("<db:result from='remote.example' to='chat.gw.example'>bad</db:result>")
         self.verifier.calls[0][1].callback(False)
         [answer] = stream.take()
-        self.assertEqual(answer["type"], "invalid")
+        self.assertEqual((answer.name, answer["type"]), ("result", "invalid"))
+        self.assertEqual(self.handler.record.state_of("chat.gw.example", "remote.example"), INVALID)
+        self.assertTrue(stream.disconnecting)
+        self.assertTrue(stream.ended, "our stream is closed with </stream:stream>")
+
+    def test_invalid_key_with_other_valid_pairs_is_forbidden(self):
+        # XEP-0220 2.2.1: with valid pairs on the stream, a <forbidden/>
+        # dialback error instead, and the valid pairs keep working.
+        stream = self.open()
+        stream.take()
+        self.authenticate(stream, local="gw.example")
+        stream.feed("<db:result from='remote.example' to='chat.gw.example'>bad</db:result>")
+        self.verifier.calls[-1][1].callback(False)
+        [answer] = stream.take()
+        self.assertEqual((answer["type"], error_condition(answer)), ("error", "forbidden"))
         self.assertEqual(self.handler.record.state_of("chat.gw.example", "remote.example"), INVALID)
         self.assertFalse(stream.disconnecting)
+        stream.feed("<message from='a@remote.example' to='b@gw.example'/>")
+        self.assertEqual([m["to"] for m in self.router.routed], ["b@gw.example"])
+        stream.feed("<message from='a@remote.example' to='b@chat.gw.example'/>")
+        self.assertEqual(stream.stream_error(), "host-unknown")
 
     def test_verification_error_leaves_other_pairs_alone(self):
         stream = self.open()
@@ -178,6 +209,40 @@ class ReceivingServerTests(InboundCase):
         stream.feed("<db:result from='r3.example' to='gw.example'>k</db:result>")
         self.assertEqual(len(self.verifier.calls), 3)
 
+    def test_pending_cap_counts_until_the_connection_is_gone(self):
+        self.verifier.finish_with_answer = False
+        stream = self.open(per_stream=2)
+        stream.take()
+        for n in range(2):
+            stream.feed(f"<db:result from='r{n}.example' to='gw.example'>k</db:result>")
+        for _, d in self.verifier.calls:
+            d.callback(True)
+        self.assertEqual([a["type"] for a in stream.take()], ["valid", "valid"])
+        self.assertEqual(self.budget.in_use, 2, "answered, but both connections are still open")
+        stream.feed("<db:result from='r2.example' to='gw.example'>k</db:result>")
+        [answer] = stream.take()
+        self.assertEqual((answer["to"], error_condition(answer)), ("r2.example", "resource-constraint"))
+        self.verifier.finishers.pop(0)()  # one verification connection closes
+        self.assertEqual(self.budget.in_use, 1)
+        stream.feed("<db:result from='r2.example' to='gw.example'>k</db:result>")
+        self.assertEqual(len(self.verifier.calls), 3)
+
+    def test_pair_cap_per_connection(self):
+        stream = self.open(max_pairs=3)
+        stream.take()
+        for n in range(3):
+            self.authenticate(stream, local="gw.example", remote=f"r{n}.example")
+        stream.feed("<db:result from='r3.example' to='gw.example'>k</db:result>")
+        [answer] = stream.take()
+        self.assertEqual((answer["type"], answer["to"], error_condition(answer)),
+                         ("error", "r3.example", "resource-constraint"))
+        self.assertEqual(len(self.verifier.calls), 3, "no verification for a refused pair")
+        self.assertEqual(len(self.handler.record.pairs), 3)
+        self.assertFalse(stream.disconnecting)
+        # A pair the connection already has is not a new one.
+        stream.feed("<db:result from='r1.example' to='gw.example'>k</db:result>")
+        self.assertEqual(len(self.verifier.calls), 4)
+
     def test_global_budget(self):
         self.budget = VerificationBudget(1)
         first, second = self.open(), self.open()
@@ -198,11 +263,12 @@ class ReceivingServerTests(InboundCase):
         self.assertEqual(stream.stream_error(), "not-authorized")
         self.assertEqual(self.router.routed, [])
 
-    def test_answer_after_close_is_dropped(self):
+    def test_close_cancels_pending_verifications(self):
         stream = self.open()
         stream.feed("<db:result from='remote.example' to='gw.example'>k</db:result>")
         stream.stream.connectionLost(None)
-        self.verifier.calls[0][1].callback(True)
+        self.assertEqual(self.verifier.cancelled, [("gw.example", "remote.example")])
+        self.assertEqual(self.budget.in_use, 0)
         self.assertEqual(len(self.table), 0)
 
 

@@ -13,7 +13,7 @@ from fedgate.s2s.connect import ConnectError
 from fedgate.s2s.context import S2SContext, VerificationBudget
 from fedgate.policy import PeerPolicy, PolicyTable
 from fedgate.s2s import dialback
-from fedgate.s2s.pairs import OUTBOUND, VALID, ConnectionTable
+from fedgate.s2s.pairs import INVALID, OUTBOUND, VALID, ConnectionTable
 from fedgate.s2s.sender import BACKOFF, IDLE, S2SSender, SenderSettings
 from tests.support.memory import MemoryStream, RecordingRouter, server_header
 
@@ -146,6 +146,26 @@ class QueueAndDialbackTests(SenderCase):
         self.answer(peer, "chat.gw.example", "error",
                     "<error type='cancel'><remote-server-not-found xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error>")
         self.assertEqual(self.bounced(), [("m0", "remote-server-not-found")])
+
+    def test_unknown_dialback_error_condition_fails_that_pair_only(self):
+        # remote-connection-failed is a stream error condition, unknown as a
+        # stanza condition: it is taken as undefined-condition for the pair.
+        self.sender.send("chat.gw.example", "remote.example", message(0))
+        peer = self.connector.succeed()
+        self.open_peer(peer)
+        self.answer(peer, "chat.gw.example", "valid")
+        self.sender.send("gw.example", "remote.example", message(1, sender="gw.example"))
+        self.answer(peer, "gw.example", "error",
+                    "<error type='cancel'><remote-connection-failed xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error>")
+        self.assertIsNone(peer.stream_error())
+        self.assertFalse(peer.disconnecting)
+        [(stanza_id, _)] = self.bounced()
+        self.assertEqual(stanza_id, "m1")
+        [record] = list(self.table)
+        self.assertEqual(record.state_of("gw.example", "remote.example"), INVALID)
+        self.sender.send("chat.gw.example", "remote.example", message(2))
+        peer.read()
+        self.assertEqual(self.delivered_ids(peer), ["m0", "m2"], "the valid pair still carries stanzas")
 
     def test_full_queue_bounces_resource_constraint(self):
         for n in range(7):

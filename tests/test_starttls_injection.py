@@ -117,9 +117,12 @@ class FakeVerifier:
     def __init__(self):
         self.calls: list = []
 
-    def verify(self, *args):
+    def verify(self, *args, finished=None):
         self.calls.append(args)
-        return defer.Deferred()
+        d = defer.Deferred()
+        if finished is not None:
+            d.addBoth(lambda result: (finished(), result)[1])
+        return d
 
 
 class FakeOwner:

@@ -48,14 +48,19 @@ class KeepingVerifier:
     def __init__(self):
         self.calls: list = []
 
-    def verify(self, receiving, originating, stream_id, key):
-        d = defer.Deferred()
+    def verify(self, receiving, originating, stream_id, key, finished=None):
+        # Like the real verifier: its connection is gone (``finished``) once
+        # it has answered or been cancelled.
+        d = defer.Deferred(lambda _: None)
+        if finished is not None:
+            d.addBoth(lambda result: (finished(), result)[1])
         self.calls.append(((receiving, originating, stream_id, key), d))
         return d
 
     def answer(self, receiving, originating, valid=True):
         [d] = [d for (args, d) in self.calls if args[:2] == (receiving, originating)]
-        d.callback(valid)
+        if not d.called:  # a cancelled verification's answer never arrives
+            d.callback(valid)
 
 
 def dialback_answers(data: bytes) -> list:

@@ -41,7 +41,10 @@ class VerifierTests(unittest.TestCase):
         self.results = []
 
     def start(self):
-        d = self.verifier.verify("gw.example", "remote.example", "SID", "KEY")
+        self.finished = []
+        d = self.verifier.verify("gw.example", "remote.example", "SID", "KEY",
+                                 finished=lambda: self.finished.append(True))
+        self.d = d
         d.addBoth(self.results.append)
         domain, factory, connecting = self.connector.attempts[-1]
         self.assertEqual(domain, "remote.example")
@@ -84,18 +87,73 @@ class VerifierTests(unittest.TestCase):
         self.assertEqual(failure.value.condition, "remote-server-not-found")
 
     def test_connect_failure(self):
-        d = self.verifier.verify("gw.example", "remote.example", "SID", "KEY")
+        finished = []
+        d = self.verifier.verify("gw.example", "remote.example", "SID", "KEY",
+                                 finished=lambda: finished.append(True))
         d.addBoth(self.results.append)
-        self.connector.attempts[-1][2].errback(ConnectError("remote-server-not-found", "nothing"))
+        self.connector.attempts[-1][2].errback(ConnectError(
+            "remote-server-not-found", "could not connect to the servers of remote.example",
+            "tried 10.0.0.7:5269 refused: private address; ::1:5269 refused: loopback address"))
         [failure] = self.results
         self.assertIsInstance(failure.value, DialbackError)
         self.assertEqual(failure.value.condition, "remote-server-not-found")
+        # What goes back to the remote server names no address; the log keeps them.
+        self.assertNotIn("10.0.0.7", failure.value.text)
+        self.assertNotIn("::1", failure.value.text)
+        self.assertIn("10.0.0.7", failure.value.detail)
+        self.assertEqual(finished, [True])
+
+    def test_only_xep_0220_conditions(self):
+        with self.assertRaises(ValueError):
+            DialbackError("remote-connection-failed")
+
+    def test_in_flight_until_the_connection_is_gone(self):
+        peer = self.start()
+        self.answer(peer, "valid")
+        self.assertEqual(self.results, [True])
+        self.assertTrue(peer.disconnecting)
+        self.assertEqual(self.finished, [], "the connection is still closing")
+        peer.stream.connectionLost(None)
+        self.assertEqual(self.finished, [True])
+        self.clock.advance(100)
+        self.assertEqual(self.finished, [True], "once only")
+
+    def test_cancel_while_connecting_stops_the_attempt(self):
+        finished = []
+        d = self.verifier.verify("gw.example", "remote.example", "SID", "KEY",
+                                 finished=lambda: finished.append(True))
+        d.addBoth(self.results.append)
+        connecting = self.connector.attempts[-1][2]
+        d.cancel()
+        self.assertTrue(connecting.called, "the connect attempt was cancelled")
+        [failure] = self.results
+        self.assertTrue(failure.check(defer.CancelledError))
+        self.assertEqual(finished, [True])
+        self.clock.advance(100)
+        self.assertEqual(finished, [True])
+
+    def test_cancel_when_connected_closes_the_connection(self):
+        peer = self.start()
+        self.d.cancel()
+        [failure] = self.results
+        self.assertTrue(failure.check(defer.CancelledError))
+        self.assertTrue(peer.disconnecting, "the verification connection is closed")
+        self.assertEqual(self.finished, [])
+        peer.stream.connectionLost(None)
+        self.assertEqual(self.finished, [True])
+
+    def test_timeout_aborts_the_connection(self):
+        peer = self.start()
+        self.clock.advance(31)
+        [failure] = self.results
+        self.assertEqual(failure.value.condition, "remote-server-timeout")
+        self.assertTrue(peer.transport.disconnecting)
 
     def test_closed_without_answer(self):
         peer = self.start()
         peer.stream.connectionLost(None)
         [failure] = self.results
-        self.assertEqual(failure.value.condition, "remote-connection-failed")
+        self.assertEqual(failure.value.condition, "remote-server-timeout")
 
     def test_timeout(self):
         self.start()

@@ -2,7 +2,8 @@
 
 The steps are those of a real outbound connection, each timed and reported
 as structured data: our policy for the domain, DNS (SRV or static or
-fallback targets and their addresses), TCP (every address tried), the
+fallback targets and their addresses), TCP (every address tried, and why
+any was refused by the outbound address rule), the
 stream header and the features offered, TLS (version, cipher, the
 certificate and whether it is valid for the domain), and authentication
 (SASL EXTERNAL where offered and possible, else Server Dialback, with the
@@ -221,6 +222,12 @@ class Diagnosis:
             kind = TCP6ClientEndpoint if ":" in address else TCP4ClientEndpoint
             began = self.reactor.seconds()
             attempt = {"host": host, "address": address, "port": port, "direct_tls": direct_tls}
+            # The same address rule as every outbound connection (connect.py).
+            refused = self.gateway.connector.refusal(self.remote, address)
+            if refused is not None:
+                attempt.update(ok=False, refused=refused, error=f"not connecting: {refused}", ms=0.0)
+                step["attempts"].append(attempt)
+                continue
             try:
                 self.stream = yield kind(self.reactor, address, port, timeout=timeout).connect(
                     _Factory(lambda: self.gateway.make_stream(self.probe)))

@@ -2,6 +2,15 @@
 
 Targets come from the resolver (static addresses, SRV, or the domain itself
 on 5269); each target's addresses are tried in order until one answers.
+
+Every outbound S2S connection goes through :class:`DomainConnector` (our own
+streams, dialback verifications) or asks it first (``/diagnose``), so the
+address rule lives here once: for a domain that is not a static peer, IP
+literal domains and addresses that are not globally routable are refused
+unless ``s2s.allow_private_ranges`` names them (see
+:mod:`fedgate.s2s.addresses`).  What was tried, and why it was refused, is
+logged and kept on the error for operators; the text that may reach a
+remote server names no address.
 """
 
 from __future__ import annotations
@@ -11,18 +20,25 @@ from typing import Callable
 from twisted.internet import defer
 from twisted.internet import protocol as _protocol
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.error import ConnectingCancelledError
 from twisted.logger import Logger
+
+from fedgate.s2s.addresses import AddressPolicy, is_ip_literal
 
 log = Logger(namespace="fedgate.s2s.connect")
 
 
 class ConnectError(Exception):
-    """No connection could be made; ``condition`` is the bounce condition."""
+    """No connection could be made; ``condition`` is the bounce condition.
 
-    def __init__(self, condition: str, text: str):
+    ``text`` is safe to send anywhere (it names the domain, never an address
+    or an internal error); ``detail`` is for logs and diagnostics only."""
+
+    def __init__(self, condition: str, text: str, detail: str | None = None):
         super().__init__(f"{condition}: {text}")
         self.condition = condition
         self.text = text
+        self.detail = detail
 
 
 class _OneProtocol(_protocol.Factory):
@@ -38,17 +54,45 @@ class _OneProtocol(_protocol.Factory):
 
 
 class DomainConnector:
-    def __init__(self, reactor, resolver, timeout: float = 20.0):
+    """Connects to remote domains, only where the address rule allows.
+
+    ``addresses`` judges each resolved address; ``is_static(domain)`` says
+    whether the operator configured the domain's addresses (static peers
+    are exempt from the rule)."""
+
+    def __init__(self, reactor, resolver, timeout: float = 20.0,
+                 addresses: AddressPolicy | None = None,
+                 is_static: Callable[[str], bool] | None = None):
         self.reactor = reactor
         self.resolver = resolver
         self.timeout = timeout
+        self.addresses = addresses if addresses is not None else AddressPolicy()
+        self.is_static = is_static if is_static is not None else (lambda domain: False)
+
+    def domain_refusal(self, domain: str) -> str | None:
+        """Why no connection may be made for ``domain`` at all, or None."""
+        if is_ip_literal(domain) and not self.is_static(domain):
+            return "the domain is an IP address and not a static peer"
+        return None
+
+    def refusal(self, domain: str, address: str) -> str | None:
+        """Why we must not connect to ``address`` for ``domain``, or None."""
+        if self.is_static(domain):
+            return None
+        return self.domain_refusal(domain) or self.addresses.refusal(address)
 
     @defer.inlineCallbacks
     def connect(self, domain: str, protocol_factory: Callable):
         """Connect to ``domain``; fires with the connected protocol.
 
         ``protocol_factory(target)`` builds the protocol for one attempt, so a
-        Direct TLS target (XEP-0368) can start TLS at once."""
+        Direct TLS target (XEP-0368) can start TLS at once.  Cancelling the
+        returned Deferred stops the attempt, wherever it is."""
+        public = f"could not connect to the servers of {domain}"
+        why = self.domain_refusal(domain)
+        if why is not None:
+            log.warn("Not connecting to {domain}: {why}", domain=domain, why=why)
+            raise ConnectError("remote-server-not-found", public, why)
         targets = yield self.resolver.resolve(domain)
         if not targets:
             raise ConnectError("remote-server-not-found", f"{domain} offers no XMPP server service")
@@ -56,19 +100,33 @@ class DomainConnector:
         for target in targets:
             try:
                 addresses = yield self.resolver.resolve_host(target.host)
+            except defer.CancelledError:
+                raise
             except Exception as exc:
                 tried.append(f"{target.host}: {exc}")
                 continue
+            if not addresses:
+                tried.append(f"{target.host}: no address")
             for address in addresses:
+                why = self.refusal(domain, address)
+                if why is not None:
+                    log.warn("Not connecting to {domain} at {address}:{port} ({host}): {why}",
+                             domain=domain, address=address, port=target.port, host=target.host,
+                             why=why)
+                    tried.append(f"{address}:{target.port} refused: {why}")
+                    continue
                 kind = TCP6ClientEndpoint if ":" in address else TCP4ClientEndpoint
                 endpoint = kind(self.reactor, address, target.port, timeout=self.timeout)
                 try:
                     protocol = yield endpoint.connect(_OneProtocol(protocol_factory(target)))
+                except (defer.CancelledError, ConnectingCancelledError):
+                    raise defer.CancelledError() from None  # stopped: no next address
                 except Exception as exc:
                     log.info("Connecting to {domain} at {address}:{port} failed: {error}",
                              domain=domain, address=address, port=target.port, error=exc)
-                    tried.append(f"{address}:{target.port}")
+                    tried.append(f"{address}:{target.port}: {exc}")
                     continue
                 return protocol
-        raise ConnectError("remote-server-not-found",
-                           f"could not connect to {domain} (tried {', '.join(tried) or 'nothing'})")
+        detail = f"tried {'; '.join(tried) or 'nothing'}"
+        log.info("Could not connect to {domain}: {detail}", domain=domain, detail=detail)
+        raise ConnectError("remote-server-not-found", public, detail)

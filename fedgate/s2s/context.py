@@ -17,7 +17,9 @@ from fedgate.stream.parser import Limits
 
 class VerificationBudget:
     """Caps dialback verifications in flight across all streams: each one
-    makes us open a connection, so an unbounded number is an amplifier."""
+    makes us open a connection, so an unbounded number is an amplifier.  A
+    place is held from the request until the verification's connection is
+    gone, not just until its answer."""
 
     def __init__(self, limit: int):
         self.limit = limit
@@ -45,6 +47,8 @@ class S2SContext:
     limits: Limits = Limits()
     auth_timeout: float = 90.0
     max_pending_per_stream: int = 10
+    #: domain pairs one connection may carry, however they were proven
+    max_pairs_per_connection: int = 1000
     policy: PolicyTable = field(default_factory=PolicyTable)
     tls: TLSContexts | None = None
     bidi: bool = True  # offer and request bidirectional streams (XEP-0288)

@@ -15,6 +15,23 @@ from twisted.words.xish import domish
 from fedgate.stream import namespaces as ns
 from fedgate.stream.errors import stanza_error_element
 
+#: The dialback error conditions of XEP-0220 section 2.5, the only ones we
+#: send.  The table also lists <remote-connection-failed/>, but that is an
+#: RFC 6120 stream error condition, not the stanza error condition the same
+#: section requires inside <error/>, and peers do not understand it there;
+#: a failed connection to the Authoritative Server is reported as
+#: <remote-server-not-found/> or <remote-server-timeout/>, as the table says.
+DIALBACK_CONDITIONS = frozenset({
+    "item-not-found",           # the target domain is not hosted here
+    "remote-server-not-found",  # the Authoritative Server cannot be reached
+    "remote-server-timeout",    # the connection to it failed without an answer
+    "policy-violation",         # TLS required before dialback
+    "not-authorized",           # a certificate (or other proof) is required
+    "forbidden",                # the Authoritative Server said "invalid"
+    "not-acceptable",           # the asserted identity could not be established
+    "resource-constraint",      # no room for another pair or verification now
+})
+
 
 def dialback_key(secret: str | bytes, receiving: str, originating: str, stream_id: str) -> str:
     """The XEP-0185 dialback key (hex)."""
@@ -60,7 +77,14 @@ def verify_answer(originating: str, receiving: str, stream_id: str, valid: bool)
     return _db("verify", originating, receiving, id=stream_id, type="valid" if valid else "invalid")
 
 
+def _checked(condition: str) -> str:
+    if condition not in DIALBACK_CONDITIONS:
+        raise ValueError(f"not a dialback error condition (XEP-0220 2.5): {condition!r}")
+    return condition
+
+
 def result_error(receiving: str, originating: str, condition: str, text: str | None = None) -> domish.Element:
+    _checked(condition)
     element = _db("result", receiving, originating, type="error")
     element.addChild(stanza_error_element(condition, text=text))
     return element
@@ -68,6 +92,7 @@ def result_error(receiving: str, originating: str, condition: str, text: str | N
 
 def verify_error(originating: str, receiving: str, stream_id: str, condition: str,
                  text: str | None = None) -> domish.Element:
+    _checked(condition)
     element = _db("verify", originating, receiving, id=stream_id, type="error")
     element.addChild(stanza_error_element(condition, text=text))
     return element

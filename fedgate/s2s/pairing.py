@@ -26,7 +26,7 @@ from fedgate.s2s import dialback
 from fedgate.s2s.pairs import INVALID, LOCAL, PENDING, REMOTE, VALID
 from fedgate.s2s.policy_check import DIALBACK, DIALBACK_WITH_CERT, dialback_request
 from fedgate.s2s.verifier import DialbackError
-from fedgate.stream.errors import StanzaFailure, StreamFailure, error_condition, error_text
+from fedgate.stream.errors import STANZA_CONDITIONS, StanzaFailure, StreamFailure, error_condition, error_text
 
 log = Logger(namespace="fedgate.s2s.pairing")
 
@@ -90,7 +90,15 @@ def _malformed(record, to: str, sender: str, local_domains):
 
 class DialbackPairs:
     """Dialback state of one stream.  ``stream`` is the role handler; it
-    provides ``ctx``, ``io``, ``record`` and ``dialback_stream_id``."""
+    provides ``ctx``, ``io``, ``record`` and ``dialback_stream_id``.
+
+    Bounds: at most ``ctx.max_pairs_per_connection`` domain pairs on the
+    connection (whatever proved them), and verifications in flight (from
+    the request until their connection is gone) at most
+    ``ctx.max_pending_per_stream`` for this stream and ``ctx.budget`` in all.
+    Past a bound the request gets a ``<resource-constraint/>`` dialback
+    error (XEP-0220 2.5).  When the stream goes, its pending verifications
+    are cancelled, which closes their connections."""
 
     def __init__(self, stream, may_accept=None, on_result=None):
         self.stream = stream
@@ -101,6 +109,8 @@ class DialbackPairs:
         #: on_result(local, state, condition, text) for our own requests
         self.on_result = on_result
         self.pending: dict = {}
+        #: verifications of this stream whose connection is not gone yet
+        self.in_flight = 0
         self.gone = False
 
     @property
@@ -134,25 +144,36 @@ class DialbackPairs:
             return  # already being verified; the one answer will serve both
         if not key:
             return answer_error("not-authorized", "empty dialback key")
+        if pair not in record.pairs and len(record.pairs) >= ctx.max_pairs_per_connection:
+            log.info("Dialback for {local} <- {remote} refused: {count} domain pairs on the "
+                     "connection from {peer}", local=receiving, remote=originating,
+                     count=len(record.pairs), peer=io.peer)
+            return answer_error("resource-constraint", "too many domain pairs on this connection")
         if record.remote_domain is None:
             record.remote_domain = originating
         if method == DIALBACK_WITH_CERT:
             # XEP-0344: the certificate already proves the domain.
             self._accepted(receiving, originating, True, method)
             return
-        if len(self.pending) >= ctx.max_pending_per_stream or not ctx.budget.acquire():
+        if self.in_flight >= ctx.max_pending_per_stream or not ctx.budget.acquire():
             return answer_error("resource-constraint", "too many verifications in progress")
+        self.in_flight += 1
         record.set_pair(receiving, originating, PENDING, DIALBACK, ctx.clock.seconds(), REMOTE)
-        d = ctx.verifier.verify(receiving, originating, stream.dialback_stream_id, key)
+        d = ctx.verifier.verify(receiving, originating, stream.dialback_stream_id, key,
+                                finished=self._verification_over)
         self.pending[pair] = d
         d.addCallbacks(self._verified, self._verify_failed,
                        callbackArgs=(receiving, originating), errbackArgs=(receiving, originating))
         d.addErrback(lambda f: log.failure("Dialback answer failed", f))
 
+    def _verification_over(self) -> None:
+        """A verification's connection is gone: it counts no more."""
+        self.in_flight -= 1
+        self.ctx.budget.release()
+
     def _finish(self, receiving: str, originating: str) -> bool:
         if self.pending.pop((receiving, originating), None) is None:
             return False
-        self.ctx.budget.release()
         return not self.gone
 
     def _accepted(self, receiving: str, originating: str, valid: bool, method: str) -> None:
@@ -161,9 +182,20 @@ class DialbackPairs:
         stream.record.set_pair(receiving, originating, state, method, self.ctx.clock.seconds(), REMOTE)
         log.info("Dialback {state} ({method}) for {local} <- {remote} from {peer}", state=state,
                  method=method, local=receiving, remote=originating, peer=stream.io.peer)
-        stream.io.send(dialback.result_answer(receiving, originating, valid))
-        if valid and stream.record.bidi:
-            self.ctx.table.pair_changed(receiving, originating, True)
+        if valid:
+            stream.io.send(dialback.result_answer(receiving, originating, True))
+            if stream.record.bidi:
+                self.ctx.table.pair_changed(receiving, originating, True)
+        elif stream.record.authenticated:
+            # XEP-0220 2.2.1: other pairs are valid here, so the sender
+            # domain may merely be misconfigured: a <forbidden/> dialback
+            # error, and the stream keeps serving the valid pairs.
+            stream.io.send(dialback.result_error(receiving, originating, "forbidden",
+                                                 "the authoritative server rejected the key"))
+        else:
+            # XEP-0220 2.2.1: "invalid" on the first pair, and the stream closes.
+            stream.io.send(dialback.result_answer(receiving, originating, False))
+            stream.io.close()
 
     def _verified(self, valid: bool, receiving: str, originating: str) -> None:
         if self._finish(receiving, originating):
@@ -176,7 +208,7 @@ class DialbackPairs:
             condition, text = failure.value.condition, failure.value.text
         else:
             log.failure("Dialback verification error", failure)
-            condition, text = "remote-connection-failed", None
+            condition, text = "remote-server-timeout", "the key could not be verified"
         self.stream.record.set_pair(receiving, originating, INVALID, DIALBACK,
                                     self.ctx.clock.seconds(), REMOTE)
         log.info("Dialback error {condition} for {local} <- {remote}", condition=condition,
@@ -210,7 +242,14 @@ class DialbackPairs:
             if kind == "invalid":
                 self._notify(local, remote, INVALID, None, None)
             else:
-                self._notify(local, remote, "error", error_condition(element), error_text(element))
+                condition = error_condition(element)
+                if condition not in STANZA_CONDITIONS:
+                    # A condition we do not know (remote-connection-failed
+                    # is common) fails this pair, never the stream.
+                    log.info("Unknown dialback error condition {condition} from {remote}; "
+                             "taken as undefined-condition", condition=condition, remote=remote)
+                    condition = "undefined-condition"
+                self._notify(local, remote, "error", condition, error_text(element))
         else:
             log.warn("Ignoring db:result with type {type}", type=kind)
 
@@ -221,8 +260,9 @@ class DialbackPairs:
             self.ctx.table.pair_changed(local, remote, state == VALID)
 
     def close(self) -> None:
-        """The stream is gone: free verification places; fail our requests."""
+        """The stream is gone: cancel its verifications (which closes their
+        connections; their places are freed once those are gone)."""
         self.gone = True
-        for _ in range(len(self.pending)):
-            self.ctx.budget.release()
-        self.pending.clear()
+        pending, self.pending = list(self.pending.values()), {}
+        for d in pending:
+            d.cancel()

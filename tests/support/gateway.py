@@ -45,7 +45,9 @@ def gateway_config(state_dir: str, domains, components: dict, *, certificates: b
 
     Each hosted domain gets a certificate from the shared test CA, which the
     gateway trusts (instead of the system store)."""
-    s2s_table = {"listen": ["tcp:0:interface=127.0.0.1"]}
+    # Test peers resolve to 127.0.0.1 through the test DNS server, which the
+    # outbound address rule refuses unless loopback is allowed.
+    s2s_table = {"listen": ["tcp:0:interface=127.0.0.1"], "allow_private_ranges": ["loopback"]}
     s2s_table.update(s2s)
     tls_table = {}
     if certificates:

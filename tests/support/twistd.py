@@ -36,6 +36,7 @@ domains = [{own}]
 [s2s]
 listen = ["tcp:{s2s}:interface=127.0.0.1"]
 dns_servers = ["127.0.0.1:1"]
+allow_private_ranges = ["loopback"]
 [tls]
 certificates = "{directory / 'certs'}"
 [components]
