@@ -10,19 +10,34 @@ backoff period, not one per stanza.
 
 Every stanza accepted ends delivered (written to an authenticated stream) or
 bounced with the condition from :data:`BOUNCE`; the counters prove it.
+
+A destination's stream carries further local domains by dialback
+(piggybacking) only where the peer offered dialback after the last restart;
+otherwise such a domain gets a stream of its own to the same remote domain,
+authenticated by SASL EXTERNAL with that domain's certificate (or dialback
+where policy allows).  :meth:`Destination._stream_for` and
+:meth:`Destination._authenticate` are the one place that chooses.  Every
+pair we wait for has a timeout (``pair_timeout``); stanzas waiting on a pair
+that failed or timed out bounce at once.
+
+Destinations are bounded: one is created only for a domain policy allows,
+forgotten after ``idle_timeout`` seconds with no queue, no stream and no
+backoff to remember, and there are at most ``max_destinations``; past that
+the idle ones go first, and if none is idle the stanza bounces with
+``resource-constraint``.
 """
 
 from __future__ import annotations
 
 import random
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 from twisted.logger import Logger
 from twisted.words.xish import domish
 
 from fedgate.s2s.connect import ConnectError
-from fedgate.s2s.outbound import OutboundS2S
+from fedgate.s2s.outbound import TIMEOUT, OutboundS2S
 from fedgate.s2s.pairs import INVALID, VALID
 
 log = Logger(namespace="fedgate.s2s.sender")
@@ -34,6 +49,9 @@ BOUNCE = {
     "invalid": "internal-server-error",         # dialback invalid (XEP-0220 2.1.1)
     "policy": "policy-violation",               # blocked by policy
     "queue-full": "resource-constraint",
+    "pair-timeout": "remote-server-timeout",  # a pending pair got no answer in time
+    "dialback-error": "remote-server-timeout",  # the peer answered db:result type='error' (XEP-0220 2.4)
+    "too-many-destinations": "resource-constraint",
 }
 
 IDLE, CONNECTING, OPEN, BACKOFF = "idle", "connecting", "open", "backoff"
@@ -47,6 +65,12 @@ class SenderSettings:
     max_wait: float = 60.0
     backoff_initial: float = 2.0
     backoff_max: float = 600.0
+    #: seconds a pair we asked for may stay pending
+    pair_timeout: float = 30.0
+    #: seconds before an idle destination (nothing queued, no stream, no
+    #: backoff to remember) is forgotten
+    idle_timeout: float = 300.0
+    max_destinations: int = 10000
 
 
 @dataclass
@@ -74,7 +98,11 @@ class Destination:
         self.sender = sender
         self.remote = remote
         self.state = IDLE
+        #: the shared stream: opened for the first local domain, carrying
+        #: further ones where the peer allows piggybacking
         self.stream: OutboundS2S | None = None
+        #: streams of their own for local domains that could not piggyback
+        self.side: dict[str, OutboundS2S] = {}
         self.queue: deque[_Queued] = deque()
         self.queued_bytes = 0
         self.failures = 0
@@ -90,9 +118,7 @@ class Destination:
     def send(self, local: str, stanza: domish.Element) -> None:
         sender = self.sender
         sender.accepted += 1
-        stream = self.stream
-        if stream is not None and stream is self._operator_closed:
-            stream = None  # closing: what comes now waits for the next connection
+        stream = self._stream_for(local)
         if stream is not None and stream.is_valid(local):
             stream.send_stanza(local, stanza)
             sender.delivered += 1
@@ -111,14 +137,47 @@ class Destination:
         self.queue.append(_Queued(local, stanza, size, sender.clock.seconds()))
         self.queued_bytes += size
         self._schedule_expiry()
-        if self.state == IDLE:
+        if local not in self.side and self.state in (IDLE, REVERSE) and self.stream is None:
             self._start(local)
-        elif stream is not None:
-            stream.authenticate(local)
-        elif self.state == REVERSE:
-            self._start(local)
+        else:
+            self._authenticate(local)
+
+    def is_idle(self) -> bool:
+        """Nothing to remember but the domain: no queue, no stream, no backoff
+        timer running, no reverse request waiting."""
+        return (self.state == IDLE and not self.queue and self.stream is None and not self.side
+                and self._retry_timer is None)
 
     # -- choosing the stream: one place -------------------------------------
+    def _stream_for(self, local: str) -> OutboundS2S | None:
+        """The stream of ours that carries, or will carry, ``local``: its own
+        stream if it has one, else the shared one (None while closing)."""
+        stream = self.side.get(local) or self.stream
+        if stream is not None and stream is self._operator_closed:
+            return None
+        return stream
+
+    def _authenticate(self, local: str) -> None:
+        """Get ``local`` authenticated to the remote domain: on the shared
+        stream when it was opened for ``local`` or the peer lets further
+        domains piggyback; otherwise on a stream of its own.  Until the
+        shared stream is open the choice waits (see :meth:`stream_open`)."""
+        if local in self.side:
+            return  # its own stream authenticates it as it opens
+        main = self.stream
+        if main is None or main is self._operator_closed:
+            return
+        if local in main.timed_out:
+            self._open_side(local)  # the peer ignored our request there
+        elif local == main.first_local:
+            main.authenticate(local)
+        elif not main.is_open:
+            return
+        elif main.can_piggyback(local):
+            main.authenticate(local)
+        else:
+            self._open_side(local)
+
     def _route(self, local: str):
         """A bidi connection that may carry local -> remote, if any (cached
         per local domain, checked on every use)."""
@@ -164,37 +223,53 @@ class Destination:
             self.queue = keep
             if self.state == REVERSE and not self.queue:
                 self.state = IDLE
+                self.sender.note_idle(self)
         elif self.state == REVERSE:
             self._connect(local)
 
     # -- connection lifecycle ---------------------------------------------
-    def _connect(self, local: str) -> None:
-        self.state = CONNECTING
-        stream = OutboundS2S(self.sender.ctx, self.remote, local, self)
-        self.stream = stream
-        for item in self.queue:
-            stream.authenticate(item.local)
+    def _new_stream(self, local: str) -> OutboundS2S:
+        stream = OutboundS2S(self.sender.ctx, self.remote, local, self,
+                             pair_timeout=self.sender.settings.pair_timeout)
+        stream.authenticate(local)
         d = self.sender.connector.connect(
             self.remote, lambda target=None: self.sender.make_stream(stream.for_target(target)))
         d.addErrback(self._connect_failed, stream)
+        return stream
+
+    def _connect(self, local: str) -> None:
+        self.state = CONNECTING
+        self.stream = self._new_stream(local)
+
+    def _open_side(self, local: str) -> None:
+        log.info("Opening a stream of its own for {local} -> {remote}", local=local, remote=self.remote)
+        self.side[local] = self._new_stream(local)
+
+    def _owns(self, stream: OutboundS2S) -> bool:
+        return stream is self.stream or any(stream is side for side in self.side.values())
 
     def _connect_failed(self, failure, stream: OutboundS2S) -> None:
-        if self.stream is not stream:
-            return
-        self.stream = None
         if failure.check(ConnectError):
             text = failure.value.text
         else:
             text = f"could not connect to {self.remote}: {failure.getErrorMessage()}"
-        self._failed(BOUNCE["connect"], text)
+        if stream is self.stream:
+            self.stream = None
+            self._failed(BOUNCE["connect"], text)
+        elif self.side.get(stream.first_local) is stream:
+            self._side_failed(stream, BOUNCE["connect"], text)
 
     def stream_open(self, stream: OutboundS2S) -> None:
-        if stream is self.stream:
-            self.state = OPEN
+        if stream is not self.stream:
+            return
+        self.state = OPEN
+        # Now the peer's features tell whether further domains may piggyback.
+        for local in dict.fromkeys(item.local for item in self.queue):
+            self._authenticate(local)
 
     def pair_result(self, stream: OutboundS2S, local: str, state: str, condition: str | None,
                     text: str | None = None) -> None:
-        if stream is not self.stream:
+        if not self._owns(stream):
             return
         if state == VALID:
             self.failures = 0
@@ -202,15 +277,23 @@ class Destination:
             self._flush(local, stream)
             return
         if state == INVALID:
-            self._bounce_local(local, BOUNCE["invalid"], f"{self.remote} rejected our dialback key")
+            cond, why = BOUNCE["invalid"], f"{self.remote} rejected our dialback key"
+        elif state == TIMEOUT:
+            cond, why = BOUNCE["pair-timeout"], text or f"{self.remote} did not answer dialback"
         else:
-            cond = condition if condition in _BOUNCEABLE_DB_ERRORS else BOUNCE["connect"]
-            self._bounce_local(local, cond, f"{self.remote} answered dialback with {condition}"
-                               + (f": {text}" if text else ""))
-        self.last_error = condition or state
+            # XEP-0220 2.4: queued stanzas bounce with remote-server-timeout;
+            # the peer's own condition goes into the text.
+            cond = BOUNCE["dialback-error"]
+            why = f"{self.remote} answered dialback with {condition}" + (f": {text}" if text else "")
+        self._bounce_local(local, cond, why)
+        self.last_error = why if state == TIMEOUT else (condition or state)
+        if stream is not self.stream and not stream.is_valid(local):
+            stream.close()  # a stream of its own that cannot carry its domain
 
     def stream_closed(self, stream: OutboundS2S) -> None:
         if stream is not self.stream:
+            if self.side.get(stream.first_local) is stream:
+                self._side_closed(stream)
             return
         self.stream = None
         if stream is self._operator_closed:
@@ -221,32 +304,66 @@ class Destination:
                 self._connect(self.queue[0].local)
             else:
                 self.state = IDLE
+                self.sender.note_idle(self)
             return
         if self.queue:
-            if stream.failure is not None:  # a refusal (policy, or TLS refused), with its reason
-                condition = stream.failure.condition
-                if condition == "not-authorized":
-                    condition = BOUNCE["policy"]
-                self._failed(condition, stream.failure.text)
-                return
-            what = stream.stream_error or "the connection closed"
-            self._failed(BOUNCE["stream"], f"stream to {self.remote} failed: {what}")
+            condition, text = self._close_reason(stream)
+            self._failed(condition, text)
         else:
             self.state = IDLE
+            self.sender.note_idle(self)
+
+    def _close_reason(self, stream: OutboundS2S) -> tuple[str, str]:
+        if stream.failure is not None:  # a refusal (policy, or TLS refused), with its reason
+            condition = stream.failure.condition
+            if condition == "not-authorized":
+                condition = BOUNCE["policy"]
+            return condition, stream.failure.text
+        what = stream.stream_error or "the connection closed"
+        return BOUNCE["stream"], f"stream to {self.remote} failed: {what}"
+
+    def _side_closed(self, stream: OutboundS2S) -> None:
+        local = stream.first_local
+        if stream is self._operator_closed:
+            self._operator_closed = None
+            del self.side[local]
+            if any(item.local == local for item in self.queue):
+                self._open_side(local)
+            return
+        condition, text = self._close_reason(stream)
+        self._side_failed(stream, condition, text)
+
+    def _side_failed(self, stream: OutboundS2S, condition: str, text: str) -> None:
+        """A stream of its own for one local domain failed: bounce what waits
+        for that domain; the destination's backoff is for the shared stream."""
+        del self.side[stream.first_local]
+        log.info("Sending {local} -> {remote} failed: {text}", local=stream.first_local,
+                 remote=self.remote, text=text)
+        self.last_error = text
+        self._bounce_local(stream.first_local, condition, text)
+        self.sender.note_idle(self)
 
     def keep_queue_on_close(self, stream: OutboundS2S) -> None:
         """``stream`` is about to be closed by an operator: when it is gone,
         reconnect for the queued stanzas instead of bouncing them."""
-        if stream is self.stream:
+        if self._owns(stream):
             self._operator_closed = stream
+
+    def streams(self) -> list[OutboundS2S]:
+        """Our outbound streams to this domain, the shared one first."""
+        return ([self.stream] if self.stream is not None else []) + list(self.side.values())
+
+    def pending_pairs(self) -> list:
+        """(stream, pair) for every pair we asked for and still wait on."""
+        return [(stream, pair) for stream in self.streams() for pair in stream.pending_pairs()]
 
     def bounce_queue(self, condition: str, text: str) -> None:
         """Bounce everything queued now (the peer was just blocked)."""
         self._bounce_all(condition, text)
 
     def close(self) -> None:
-        if self.stream is not None:
-            self.stream.close()
+        for stream in self.streams():
+            stream.close()
 
     # -- queue handling ---------------------------------------------------
     def _flush(self, local: str, stream: OutboundS2S) -> None:
@@ -297,6 +414,7 @@ class Destination:
             self._connect(self.queue[0].local)
         else:
             self.state = IDLE
+            self.sender.note_idle(self)
 
     def reset(self) -> None:
         """Clear the backoff and try again now (an operator action)."""
@@ -322,6 +440,9 @@ class Destination:
                                f"could not deliver to {self.remote} within {limit:g} s"
                                + (f" ({self.last_error})" if self.last_error else ""))
         self._schedule_expiry()
+        if not self.queue and self.state == REVERSE:
+            self.state = IDLE  # nothing waits for the reverse request any more
+        self.sender.note_idle(self)
 
     def cancel_timers(self) -> None:
         for timer in (self._retry_timer, self._expiry_timer):
@@ -330,11 +451,6 @@ class Destination:
         self._retry_timer = self._expiry_timer = None
 
 
-_BOUNCEABLE_DB_ERRORS = frozenset({
-    "remote-server-not-found", "remote-server-timeout", "remote-connection-failed",
-    "policy-violation", "not-authorized", "forbidden", "resource-constraint", "item-not-found",
-    "internal-server-error", "service-unavailable",
-})
 
 
 class S2SSender:
@@ -349,7 +465,12 @@ class S2SSender:
         self.settings = settings
         self.rng = rng or random.Random()
         self.destinations: dict[str, Destination] = {}
+        #: remote -> when its destination became idle, oldest first
+        self._idle: OrderedDict[str, float] = OrderedDict()
+        self._sweep_timer = None
+        self._stopped = False
         self.accepted = self.delivered = self.bounced = 0
+        self.evicted = 0
         ctx.table.on_pair_changed(self._pair_changed)
 
     def _pair_changed(self, local: str, remote: str, usable: bool) -> None:
@@ -358,20 +479,100 @@ class S2SSender:
             destination.pair_changed(local, usable)
 
     def send(self, local: str, remote: str, stanza: domish.Element) -> None:
+        if self.ctx.is_blocked(remote):
+            # Checked first: a refused domain leaves nothing behind.
+            self.accepted += 1
+            self.bounce(stanza, BOUNCE["policy"], self.ctx.policy.why_blocked(remote))
+            return
         destination = self.destinations.get(remote)
         if destination is None:
+            if len(self.destinations) >= self.settings.max_destinations and not self._evict_one():
+                self.accepted += 1
+                self.bounce(stanza, BOUNCE["too-many-destinations"],
+                            f"too many remote domains in use ({self.settings.max_destinations})")
+                return
             destination = self.destinations[remote] = Destination(self, remote)
-        if self.ctx.is_blocked(remote):
-            self.accepted += 1
-            self.bounce(stanza, BOUNCE["policy"], f"federation with {remote} is not allowed")
-            return
+        else:
+            self._idle.pop(remote, None)
         destination.send(local, stanza)
+        self.note_idle(destination)
 
+    # -- the bound on destinations ---------------------------------------------
+    def note_idle(self, destination: Destination) -> None:
+        """Remember when ``destination`` became idle, so it can be forgotten
+        later (called wherever one may have become idle; cheap otherwise)."""
+        if not destination.is_idle() or self.destinations.get(destination.remote) is not destination:
+            return
+        self._idle.pop(destination.remote, None)
+        self._idle[destination.remote] = self.clock.seconds()
+        if self._sweep_timer is None and not self._stopped:
+            self._sweep_timer = self.clock.callLater(self.settings.idle_timeout, self._sweep)
+
+    def _backoff_memory(self, destination: Destination) -> float:
+        """How long an idle destination that failed is kept beyond the idle
+        time: the delay its next attempt would wait, so that forgetting it
+        never shortens a backoff."""
+        if not destination.failures:
+            return 0.0
+        s = self.settings
+        return min(s.backoff_max, s.backoff_initial * 2 ** destination.failures)
+
+    def _evictable(self, remote: str, since: float, now: float, at_capacity: bool) -> bool | None:
+        """True to evict, False to keep for now, None if no longer idle."""
+        destination = self.destinations.get(remote)
+        if destination is None or not destination.is_idle():
+            return None
+        due = since + self._backoff_memory(destination)
+        if not at_capacity:
+            due += self.settings.idle_timeout
+        return now >= due
+
+    def _evict(self, remote: str) -> None:
+        self._idle.pop(remote, None)
+        destination = self.destinations.pop(remote)
+        destination.cancel_timers()
+        self.evicted += 1
+
+    def _evict_one(self) -> bool:
+        """Make room for a new destination by forgetting the longest idle one
+        (never one whose backoff still counts).  False if none may go."""
+        now = self.clock.seconds()
+        for remote, since in list(self._idle.items()):
+            verdict = self._evictable(remote, since, now, at_capacity=True)
+            if verdict is None:
+                del self._idle[remote]
+            elif verdict:
+                self._evict(remote)
+                return True
+        return False
+
+    def _sweep(self) -> None:
+        self._sweep_timer = None
+        now = self.clock.seconds()
+        limit = self.settings.idle_timeout
+        for remote, since in list(self._idle.items()):
+            if since + limit > now:
+                break  # the rest became idle later
+            verdict = self._evictable(remote, since, now, at_capacity=False)
+            if verdict is None:
+                del self._idle[remote]
+            elif verdict:
+                self._evict(remote)
+        if self._idle and not self._stopped:
+            oldest = next(iter(self._idle.values()))
+            delay = max(oldest + limit - now, limit / 10)
+            self._sweep_timer = self.clock.callLater(delay, self._sweep)
+
+    # ---------------------------------------------------------------------------
     def bounce(self, stanza: domish.Element, condition: str, text: str | None) -> None:
         self.bounced += 1
         self.ctx.router.bounce(stanza, condition, text)
 
     def stop(self) -> None:
+        self._stopped = True
+        if self._sweep_timer is not None and self._sweep_timer.active():
+            self._sweep_timer.cancel()
+        self._sweep_timer = None
         for destination in self.destinations.values():
             destination.cancel_timers()
             destination._bounce_all("remote-server-timeout", "the gateway is shutting down")
