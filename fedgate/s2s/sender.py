@@ -501,10 +501,10 @@ class S2SSender:
     def note_idle(self, destination: Destination) -> None:
         """Remember when ``destination`` became idle, so it can be forgotten
         later (called wherever one may have become idle; cheap otherwise)."""
-        if not destination.is_idle() or self.destinations.get(destination.remote) is not destination:
-            return
-        self._idle.pop(destination.remote, None)
-        self._idle[destination.remote] = self.clock.seconds()
+        remote = destination.remote
+        if remote in self._idle or not destination.is_idle() or self.destinations.get(remote) is not destination:
+            return  # idle since earlier (use takes it out), busy, or forgotten
+        self._idle[remote] = self.clock.seconds()
         if self._sweep_timer is None and not self._stopped:
             self._sweep_timer = self.clock.callLater(self.settings.idle_timeout, self._sweep)
 
@@ -517,15 +517,14 @@ class S2SSender:
         s = self.settings
         return min(s.backoff_max, s.backoff_initial * 2 ** destination.failures)
 
-    def _evictable(self, remote: str, since: float, now: float, at_capacity: bool) -> bool | None:
-        """True to evict, False to keep for now, None if no longer idle."""
+    def _due(self, remote: str, since: float, at_capacity: bool) -> float | None:
+        """When the idle destination ``remote`` may be forgotten (None if it
+        is no longer idle)."""
         destination = self.destinations.get(remote)
         if destination is None or not destination.is_idle():
             return None
         due = since + self._backoff_memory(destination)
-        if not at_capacity:
-            due += self.settings.idle_timeout
-        return now >= due
+        return due if at_capacity else due + self.settings.idle_timeout
 
     def _evict(self, remote: str) -> None:
         self._idle.pop(remote, None)
@@ -538,10 +537,10 @@ class S2SSender:
         (never one whose backoff still counts).  False if none may go."""
         now = self.clock.seconds()
         for remote, since in list(self._idle.items()):
-            verdict = self._evictable(remote, since, now, at_capacity=True)
-            if verdict is None:
+            due = self._due(remote, since, at_capacity=True)
+            if due is None:
                 del self._idle[remote]
-            elif verdict:
+            elif now >= due:
                 self._evict(remote)
                 return True
         return False
@@ -550,18 +549,21 @@ class S2SSender:
         self._sweep_timer = None
         now = self.clock.seconds()
         limit = self.settings.idle_timeout
+        next_due = None
         for remote, since in list(self._idle.items()):
             if since + limit > now:
-                break  # the rest became idle later
-            verdict = self._evictable(remote, since, now, at_capacity=False)
-            if verdict is None:
+                # The rest became idle later.
+                next_due = since + limit if next_due is None else min(next_due, since + limit)
+                break
+            due = self._due(remote, since, at_capacity=False)
+            if due is None:
                 del self._idle[remote]
-            elif verdict:
+            elif now >= due:
                 self._evict(remote)
-        if self._idle and not self._stopped:
-            oldest = next(iter(self._idle.values()))
-            delay = max(oldest + limit - now, limit / 10)
-            self._sweep_timer = self.clock.callLater(delay, self._sweep)
+            else:  # kept for its backoff
+                next_due = due if next_due is None else min(next_due, due)
+        if next_due is not None and not self._stopped:
+            self._sweep_timer = self.clock.callLater(max(0.0, next_due - now), self._sweep)
 
     # ---------------------------------------------------------------------------
     def bounce(self, stanza: domish.Element, condition: str, text: str | None) -> None:
