@@ -140,7 +140,7 @@ class QueueAndDialbackTests(SenderCase):
         self.assertEqual(self.bounced(), [("m0", "internal-server-error")])
 
     def test_dialback_error_bounces_with_remote_server_timeout(self):
-        """XEP-0220 2.4: after db:result type='error' the queued stanzas
+        """XEP-0220: after db:result type='error' the queued stanzas
         bounce with remote-server-timeout; the peer's condition is in the text."""
         self.sender.send("chat.gw.example", "remote.example", message(0))
         peer = self.connector.succeed()

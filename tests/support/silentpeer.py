@@ -30,10 +30,16 @@ DIALBACK_ONLY = (b"<stream:features><dialback xmlns='urn:xmpp:features:dialback'
 class _ServerTLS:
     def __init__(self, issued):
         self.context = SSL.Context(SSL.TLS_METHOD)
-        self.context.use_certificate(crypto.X509.from_cryptography(issued.cert))
-        for cert in issued.chain:
-            self.context.add_extra_chain_cert(crypto.X509.from_cryptography(cert))
-        self.context.use_privatekey(crypto.PKey.from_cryptography_key(issued.key))
+        try:  # pyOpenSSL >= 24.3 takes cryptography objects (and deprecates its own)
+            self.context.use_certificate(issued.cert)
+            for cert in issued.chain:
+                self.context.add_extra_chain_cert(cert)
+            self.context.use_privatekey(issued.key)
+        except TypeError:  # older pyOpenSSL (Debian bookworm's 23.0)
+            self.context.use_certificate(crypto.X509.from_cryptography(issued.cert))
+            for cert in issued.chain:
+                self.context.add_extra_chain_cert(crypto.X509.from_cryptography(cert))
+            self.context.use_privatekey(crypto.PKey.from_cryptography_key(issued.key))
 
     def serverConnectionForTLS(self, tls_protocol):
         return SSL.Connection(self.context, None)
