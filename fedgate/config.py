@@ -53,6 +53,11 @@ class S2SConfig:
     queue_max_wait: float = 60.0
     backoff_initial: float = 2.0
     backoff_max: float = 600.0
+    #: seconds a domain pair we asked for may stay pending (below queue_max_wait)
+    pair_timeout: float = 30.0
+    #: idle destinations (no queue, stream or backoff) are forgotten after this
+    destination_idle_timeout: float = 300.0
+    max_destinations: int = 10000
     max_pending_verifications_per_stream: int = 10
     max_pending_verifications: int = 1000
     #: domain pairs one S2S connection may carry (XEP-0220 multiplexing)
@@ -312,6 +317,11 @@ def parse_config(data: dict, path="<config>") -> Config:
             note=pr.get("note", str, ""),
         )
         pr.done()
+    queue_max_wait = s.positive("queue_max_wait", float, S2SConfig.queue_max_wait)
+    pair_timeout = s.positive("pair_timeout", float, S2SConfig.pair_timeout)
+    if pair_timeout >= queue_max_wait:
+        raise s.error("pair_timeout", "must be less than s2s.queue_max_wait, so that stanzas "
+                                      "waiting on a stuck pair bounce with remote-server-timeout")
     s2s = S2SConfig(
         listen=_endpoints(s, "listen", S2SConfig.listen),
         direct_tls_listen=_endpoints(s, "direct_tls_listen", S2SConfig.direct_tls_listen),
@@ -323,9 +333,13 @@ def parse_config(data: dict, path="<config>") -> Config:
         auth_timeout=s.positive("auth_timeout", float, S2SConfig.auth_timeout),
         queue_max_stanzas=s.positive("queue_max_stanzas", int, S2SConfig.queue_max_stanzas),
         queue_max_bytes=s.positive("queue_max_bytes", int, S2SConfig.queue_max_bytes),
-        queue_max_wait=s.positive("queue_max_wait", float, S2SConfig.queue_max_wait),
+        queue_max_wait=queue_max_wait,
         backoff_initial=s.positive("backoff_initial", float, S2SConfig.backoff_initial),
         backoff_max=s.positive("backoff_max", float, S2SConfig.backoff_max),
+        pair_timeout=pair_timeout,
+        destination_idle_timeout=s.positive("destination_idle_timeout", float,
+                                            S2SConfig.destination_idle_timeout),
+        max_destinations=s.positive("max_destinations", int, S2SConfig.max_destinations),
         max_pending_verifications_per_stream=s.positive(
             "max_pending_verifications_per_stream", int, S2SConfig.max_pending_verifications_per_stream),
         max_pending_verifications=s.positive(

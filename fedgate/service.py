@@ -111,7 +111,9 @@ class Gateway(service.Service):
         self.sender = S2SSender(self.ctx, self.connector, self.make_stream, SenderSettings(
             max_stanzas=s2s.queue_max_stanzas, max_bytes=s2s.queue_max_bytes,
             max_wait=s2s.queue_max_wait, backoff_initial=s2s.backoff_initial,
-            backoff_max=s2s.backoff_max), rng=self.rng)
+            backoff_max=s2s.backoff_max, pair_timeout=s2s.pair_timeout,
+            idle_timeout=s2s.destination_idle_timeout, max_destinations=s2s.max_destinations),
+            rng=self.rng)
         self.router.sender = self.sender
         self.verifier.ctx = self.ctx
         self.component_secrets = {d: c.secret for d, c in config.components.domains.items()}

@@ -29,7 +29,8 @@ def test_example_config_is_valid_and_documents_every_key():
                 "dialback_secret", "max_stanza_bytes", "max_depth", "max_elements",
                 "xml_traffic", "xml_bodies", "addresses", "secret", "listen", "state_dir",
                 "mode", "encryption", "authentication", "blocked", "note",
-                "max_pairs_per_connection", "allow_private_ranges"]:
+                "max_pairs_per_connection", "allow_private_ranges",
+                "pair_timeout", "destination_idle_timeout", "max_destinations"]:
         assert key in text, key
 
 
@@ -44,6 +45,8 @@ def test_defaults_and_normalisation():
     assert config.s2s.max_pending_verifications_per_stream == 10
     assert config.limits.max_stanza_bytes == 512 * 1024
     assert config.s2s.queue_max_wait == 60.0
+    assert (config.s2s.pair_timeout, config.s2s.destination_idle_timeout,
+            config.s2s.max_destinations) == (30.0, 300.0, 10000)
     assert (config.s2s.mode, config.s2s.default_policy.encryption,
             config.s2s.default_policy.authentication) == ("open", "required", "dialback")
 
@@ -75,6 +78,11 @@ def test_outbound_address_settings():
     (minimal(s2s={"auth_timeout": "soon"}), "s2s.auth_timeout", "expected a number"),
     (minimal(s2s={"auth_timeout": 0}), "s2s.auth_timeout", "greater than zero"),
     (minimal(s2s={"queue_max_stanzas": True}), "s2s.queue_max_stanzas", "boolean"),
+    (minimal(s2s={"pair_timeout": 60}), "s2s.pair_timeout", "less than s2s.queue_max_wait"),
+    (minimal(s2s={"queue_max_wait": 20}), "s2s.pair_timeout", "less than s2s.queue_max_wait"),
+    (minimal(s2s={"pair_timeout": 0}), "s2s.pair_timeout", "greater than zero"),
+    (minimal(s2s={"max_destinations": 0}), "s2s.max_destinations", "greater than zero"),
+    (minimal(s2s={"destination_idle_timeout": "long"}), "s2s.destination_idle_timeout", "expected a number"),
     (minimal(domains=["bad domain"]), "domains", "invalid domain"),
     (minimal(domains=[]), "domains", "at least one"),
     ({"domains": ["a.example"]}, "state_dir", "required"),

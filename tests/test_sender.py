@@ -139,13 +139,17 @@ class QueueAndDialbackTests(SenderCase):
         self.answer(peer, "chat.gw.example", "invalid")
         self.assertEqual(self.bounced(), [("m0", "internal-server-error")])
 
-    def test_dialback_error_bounces_with_its_condition(self):
+    def test_dialback_error_bounces_with_remote_server_timeout(self):
+        """XEP-0220: after db:result type='error' the queued stanzas
+        bounce with remote-server-timeout; the peer's condition is in the text."""
         self.sender.send("chat.gw.example", "remote.example", message(0))
         peer = self.connector.succeed()
         self.open_peer(peer)
         self.answer(peer, "chat.gw.example", "error",
-                    "<error type='cancel'><remote-server-not-found xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error>")
-        self.assertEqual(self.bounced(), [("m0", "remote-server-not-found")])
+                    "<error type='cancel'><item-not-found xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error>")
+        self.assertEqual(self.bounced(), [("m0", "remote-server-timeout")])
+        [(_, _, text)] = self.router.bounced
+        self.assertIn("item-not-found", text)
 
     def test_unknown_dialback_error_condition_fails_that_pair_only(self):
         # remote-connection-failed is a stream error condition, unknown as a

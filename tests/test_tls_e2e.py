@@ -108,7 +108,11 @@ def _make(kind: str, maker, direction: str, good: bool):
             [out] = [r for r in self.a.table if r.direction == OUTBOUND]
             self.assertTrue(out.tls["chain_ok"], out.tls)
         elif direction == "inbound":
-            got = yield self.expect_bounced("not-authorized")
+            # B answers dialback with an error (not-authorized); XEP-0220 2.4:
+            # the queued stanza bounces with remote-server-timeout, the
+            # peer's condition and reason in the text.
+            got = yield self.expect_bounced("remote-server-timeout")
+            self.assertIn("not-authorized", str(got.error.text))
             self.assertIn("certificate", str(got.error.text))
         else:
             got = yield self.expect_bounced("policy-violation")

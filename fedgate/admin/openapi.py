@@ -86,7 +86,7 @@ SCHEMAS = {
         "id": {"type": "integer"}, "closed": {"type": "boolean"}, "condition": {"type": "string"},
         "text": {"type": "string"}}),
     "Destination": _obj(["domain", "state", "blocked", "queue", "failures", "last_error", "retry_at",
-                         "retry_in_seconds", "connection_id"], {
+                         "retry_in_seconds", "connection_id", "connection_ids", "pending_pairs"], {
         "domain": {"type": "string"}, "state": {"type": "string", "description": "idle, connecting, open, backoff, or "
                   "reverse (authenticating over a peer's bidi stream)"},
         "blocked": {"type": "boolean"},
@@ -94,7 +94,15 @@ SCHEMAS = {
             "stanzas": {"type": "integer"}, "bytes": {"type": "integer"},
             "oldest_age_seconds": NULLABLE_NUM}),
         "failures": {"type": "integer"}, "last_error": NULLABLE_STR, "retry_at": NULLABLE_NUM,
-        "retry_in_seconds": NULLABLE_NUM, "connection_id": NULLABLE_INT}),
+        "retry_in_seconds": NULLABLE_NUM, "connection_id": NULLABLE_INT,
+        "connection_ids": {"type": "array", "items": {"type": "integer"}, "description":
+                           "our outbound connections to the domain: the shared one first, then any "
+                           "opened for a local domain that could not piggyback"},
+        "pending_pairs": {"type": "array", "description": "pairs we asked for and still wait on "
+                          "(each times out after s2s.pair_timeout; its stanzas then bounce)",
+                          "items": _obj(["local", "connection_id", "age_seconds"], {
+                              "local": {"type": "string"}, "connection_id": {"type": "integer"},
+                              "age_seconds": {"type": "number"}})}}),
     "DestinationList": _obj(["destinations"], {"destinations": {"type": "array", "items": _ref("Destination")}}),
     "Component": _obj(["domain", "source", "protocols", "secret_set", "password_set",
                        "allowed_hostnames", "certificate_sha256", "trust_anchor_set",

@@ -209,8 +209,9 @@ class AdminApi:
     def close_connection(self, request: ApiRequest) -> Reply:
         record = self._record(request)
         dest = self.gateway.sender.destinations.get(record.remote_domain or "")
-        if dest is not None and dest.stream is not None and getattr(dest.stream, "record", None) is record:
-            dest.keep_queue_on_close(dest.stream)
+        for stream in dest.streams() if dest is not None else ():
+            if stream.record is record:
+                dest.keep_queue_on_close(stream)
         if not self.gateway.table.close(record.id, "policy-violation", CLOSE_TEXT):
             raise not_found("connection")
         return Reply({"id": record.id, "closed": True, "condition": "policy-violation",

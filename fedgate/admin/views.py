@@ -215,6 +215,10 @@ def destination_json(dest, now: float, blocked: bool) -> dict:
         "retry_at": dest.retry_at,
         "retry_in_seconds": round(max(0.0, dest.retry_at - now), 3) if dest.retry_at else None,
         "connection_id": record.id if record is not None else None,
+        "connection_ids": [s.record.id for s in dest.streams() if s.record is not None],
+        "pending_pairs": [{"local": pair.local, "connection_id": stream.record.id,
+                           "age_seconds": round(max(0.0, now - pair.since), 3)}
+                          for stream, pair in dest.pending_pairs()],
     }
 
 

@@ -14,6 +14,10 @@ connection (Receiving Server asking the Authoritative Server).  The steps:
 5. SASL EXTERNAL when wanted and offered (authzid: our domain, XEP-0178);
    on failure, dialback if policy allows.
 6. :meth:`ready` with the final features; subclasses go on from there.
+
+The features of the latest stream (after the last restart) are kept in
+:attr:`features`: whether the peer offers dialback there
+(:attr:`offers_dialback`) decides whether further domains may piggyback.
 """
 
 from __future__ import annotations
@@ -61,6 +65,17 @@ class InitiatingStream:
         #: 6.4.6 would have us forget them)
         self._negotiated = False
         self._starttls_sent = False
+        #: the peer's features since the last restart (None before they come)
+        self.features: domish.Element | None = None
+        self.pre_1_0 = False
+
+    @property
+    def offers_dialback(self) -> bool:
+        """Did the peer offer dialback (XEP-0220 stream feature) after the
+        last restart?  A pre-1.0 peer has no features and only dialback."""
+        if self.pre_1_0:
+            return True
+        return self.features is not None and _child(self.features, ns.DIALBACK_FEATURE, "dialback") is not None
 
     @property
     def policy(self):
@@ -89,6 +104,7 @@ class InitiatingStream:
             raise StreamFailure("invalid-namespace", "S2S streams use jabber:server")
         self.stream_id = header.get("id")
         if header.get("version") is None:
+            self.pre_1_0 = True
             self._negotiate(None)  # pre-1.0 peer: no features will come
 
     def element_received(self, element: domish.Element) -> None:
@@ -99,6 +115,7 @@ class InitiatingStream:
             if not self._starttls_sent or self.io.tls_started:
                 raise StreamFailure("unsupported-stanza-type", "<proceed/> without <starttls/>")
             self.io.start_tls(self.ctx.tls.client_creator(self.local, self.remote))
+            self.features = None
             self.io.restart(self._send_header)
         elif uri == ns.TLS and name == "failure":
             self.refuse(policy_check.Refusal("remote-server-timeout", f"{self.remote} refused STARTTLS",
@@ -109,6 +126,7 @@ class InitiatingStream:
             # The pair counts once the restarted stream is up (its features
             # arrive), so nothing is sent between <success/> and our new header.
             self.sasl_done = True
+            self.features = None
             self.io.restart(self._send_header)
         elif uri == ns.SASL and name == "failure":
             self._sasl_failed(element)
@@ -128,6 +146,8 @@ class InitiatingStream:
         if self._negotiated:
             log.info("Ignoring features after negotiation from {remote}", remote=self.remote)
             return
+        if features is not None:
+            self.features = features
         if features is not None and io.tls is None and not io.tls_started and self.ctx.tls is not None:
             if _child(features, ns.TLS, "starttls") is not None:
                 self._starttls_sent = True

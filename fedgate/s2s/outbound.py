@@ -1,10 +1,17 @@
 """Outbound S2S streams: the Originating Server role (XEP-0220 2.1.1).
 
-One outbound stream per remote domain carries every local domain that has
+An outbound stream to a remote domain carries every local domain that has
 authenticated on it.  The first local domain opens the stream and, over TLS
 with a certificate the peer accepts, authenticates by SASL EXTERNAL; further
 local domains piggyback with a ``<db:result>`` each (verified by certificate
-under XEP-0344 where the peer supports it, or by the callback otherwise).
+under XEP-0344 where the peer supports it, or by the callback otherwise), but
+only where the peer offered dialback after the last restart: a peer set up
+for certificates only ignores the request, so the owner opens a stream of
+that domain's own instead (:meth:`can_piggyback`).
+
+Every pair we ask for has ``pair_timeout`` seconds to be answered; then it
+counts as failed (``remote-server-timeout``) and this stream is not asked to
+carry that domain again.
 
 Negotiation (header, STARTTLS, SASL) is in :mod:`fedgate.s2s.initiating`.
 The owner (a Destination in the sender) hears about every change through
@@ -18,13 +25,16 @@ from twisted.words.xish import domish
 
 from fedgate.s2s.initiating import InitiatingStream
 from fedgate.s2s.pairing import DialbackPairs, check_incoming
-from fedgate.s2s.pairs import OUTBOUND, PENDING, VALID, ConnectionRecord
-from fedgate.s2s.policy_check import SASL_EXTERNAL
+from fedgate.s2s.pairs import INVALID, LOCAL, OUTBOUND, PENDING, VALID, ConnectionRecord
+from fedgate.s2s.policy_check import DIALBACK, SASL_EXTERNAL
 from fedgate.stream import namespaces as ns
 from fedgate.stream.errors import StreamFailure
 from fedgate.stream.serialize import serialize
 
 log = Logger(namespace="fedgate.s2s.outbound")
+
+#: the state reported to the owner for a pair whose request went unanswered
+TIMEOUT = "timeout"
 
 
 class OutboundS2S(InitiatingStream):
@@ -33,14 +43,18 @@ class OutboundS2S(InitiatingStream):
     use_sasl = True
     use_bidi = True
 
-    def __init__(self, ctx, remote: str, first_local: str, owner):
+    def __init__(self, ctx, remote: str, first_local: str, owner, pair_timeout: float = 30.0):
         super().__init__(ctx, first_local, remote)
         self.owner = owner
+        self.pair_timeout = pair_timeout
         self.record: ConnectionRecord | None = None
         self.dialback: DialbackPairs | None = None
         self.is_open = False
         self._wanted: list[str] = []
         self._timer = None
+        self._pair_timers: dict = {}
+        #: local domains whose request here went unanswered
+        self.timed_out: set[str] = set()
 
     @property
     def first_local(self) -> str:
@@ -91,6 +105,19 @@ class OutboundS2S(InitiatingStream):
                 self._wanted.append(local)
             return
         self.dialback.ask(local, self.remote)
+        self._pair_timers[local] = self.ctx.clock.callLater(self.pair_timeout, self._pair_timed_out, local)
+
+    def can_piggyback(self, local: str) -> bool:
+        """May ``local`` (not the domain this stream was opened for) ask to
+        be accepted here?  Only once open, where the peer offered dialback
+        after the last restart, and not again after it ignored a request."""
+        return self.is_open and self.offers_dialback and local not in self.timed_out
+
+    def pending_pairs(self) -> list:
+        """Our pairs on this stream still waiting for an answer."""
+        if self.record is None:
+            return []
+        return [p for p in self.record.pairs.values() if p.state == PENDING and p.origin == LOCAL]
 
     def is_valid(self, local: str) -> bool:
         return self.record is not None and self.record.can_send(local, self.remote)
@@ -133,9 +160,27 @@ class OutboundS2S(InitiatingStream):
         return self.record.proven_local(receiving)
 
     def _pair_result(self, local: str, state: str, condition, text) -> None:
+        self._cancel_pair_timer(local)
         if state == VALID:
             self._cancel_timer()
         self.owner.pair_result(self, local, state, condition, text)
+
+    def _pair_timed_out(self, local: str) -> None:
+        self._pair_timers.pop(local, None)
+        if self.record is None or self.record.state_of(local, self.remote) != PENDING:
+            return
+        self.record.set_pair(local, self.remote, INVALID, DIALBACK, self.ctx.clock.seconds(), LOCAL)
+        self.timed_out.add(local)
+        log.info("No dialback answer for {local} -> {remote} within {timeout} s", local=local,
+                 remote=self.remote, timeout=self.pair_timeout)
+        self.owner.pair_result(self, local, TIMEOUT, "remote-server-timeout",
+                               f"{self.remote} did not answer dialback for {local} "
+                               f"within {self.pair_timeout:g} s")
+
+    def _cancel_pair_timer(self, local: str) -> None:
+        timer = self._pair_timers.pop(local, None)
+        if timer is not None and timer.active():
+            timer.cancel()
 
     def reject_stanza(self, stanza, failure) -> None:
         self.ctx.router.bounce(stanza, failure.condition, failure.text)
@@ -156,6 +201,8 @@ class OutboundS2S(InitiatingStream):
 
     def disconnected(self, reason) -> None:
         self._cancel_timer()
+        for local in list(self._pair_timers):
+            self._cancel_pair_timer(local)
         if self.dialback is not None:
             self.dialback.close()
         if self.record is not None:

@@ -1,0 +1,433 @@
+"""One remote domain's sender: a bounded queue, our streams to it, backoff.
+
+Stanzas for a remote domain go straight onto our outbound stream when the
+(local, remote) pair is valid there; otherwise they wait in the domain's
+queue while the stream is set up.  The queue is bounded by count and bytes;
+stanzas wait at most ``max_wait`` seconds.  After a failure the destination
+backs off for a jittered, exponentially growing, capped delay before the
+next attempt (reset on success), so a dead peer costs us one attempt per
+backoff period, not one per stanza.
+
+Every stanza accepted ends delivered (written to an authenticated stream) or
+bounced with the condition from :data:`BOUNCE`.
+
+The shared stream carries further local domains by dialback (piggybacking)
+only where the peer offered dialback after the last restart; otherwise such
+a domain gets a stream of its own to the same remote domain, authenticated
+by SASL EXTERNAL with that domain's certificate (or dialback where policy
+allows).  :meth:`Destination._stream_for` and :meth:`Destination._authenticate`
+are the one place that chooses.  Every pair we wait for has a timeout
+(``pair_timeout``); stanzas waiting on a pair that failed, timed out or got
+a dialback error bounce at once.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from twisted.logger import Logger
+from twisted.words.xish import domish
+
+from fedgate.s2s.connect import ConnectError
+from fedgate.s2s.outbound import TIMEOUT, OutboundS2S
+from fedgate.s2s.pairs import INVALID, VALID
+
+if TYPE_CHECKING:
+    from fedgate.s2s.sender import S2SSender
+
+log = Logger(namespace="fedgate.s2s.sender")
+
+#: Why a stanza could not be sent -> the stanza error it bounces with.
+BOUNCE = {
+    "connect": "remote-server-not-found",       # could not resolve or connect
+    "stream": "remote-server-timeout",          # connected, but the stream failed or timed out
+    "invalid": "internal-server-error",         # dialback invalid (XEP-0220 2.1.1)
+    "policy": "policy-violation",               # blocked by policy
+    "queue-full": "resource-constraint",
+    "pair-timeout": "remote-server-timeout",    # a pending pair got no answer in time
+    "dialback-error": "remote-server-timeout",  # db:result type='error' (XEP-0220: MUST)
+    "too-many-destinations": "resource-constraint",
+}
+
+IDLE, CONNECTING, OPEN, BACKOFF = "idle", "connecting", "open", "backoff"
+REVERSE = "reverse"  # authenticating in the reverse direction on a bidi stream
+
+
+@dataclass
+class _Queued:
+    local: str
+    stanza: domish.Element
+    size: int
+    since: float
+
+
+def stanza_size(stanza: domish.Element) -> int:
+    """A cheap estimate of a stanza's size for queue accounting."""
+    total = 64
+    for key, value in stanza.attributes.items():
+        total += len(value) + 8
+    for child in stanza.children:
+        total += len(child) if isinstance(child, str) else stanza_size(child)
+    return total
+
+
+class Destination:
+    """Everything about sending to one remote domain."""
+
+    def __init__(self, sender: "S2SSender", remote: str):
+        self.sender = sender
+        self.remote = remote
+        self.state = IDLE
+        #: the shared stream: opened for the first local domain, carrying
+        #: further ones where the peer allows piggybacking
+        self.stream: OutboundS2S | None = None
+        #: streams of their own for local domains that could not piggyback
+        self.side: dict[str, OutboundS2S] = {}
+        self.queue: deque[_Queued] = deque()
+        self.queued_bytes = 0
+        self.failures = 0
+        self.last_error: str | None = None
+        self.retry_at: float | None = None
+        self._last_condition: str | None = None
+        self._routes: dict = {}
+        self._retry_timer = None
+        self._expiry_timer = None
+        self._operator_closed: OutboundS2S | None = None
+
+    # -- entry ------------------------------------------------------------
+    def send(self, local: str, stanza: domish.Element) -> None:
+        sender = self.sender
+        sender.accepted += 1
+        stream = self._stream_for(local)
+        if stream is not None and stream.is_valid(local):
+            stream.send_stanza(local, stanza)
+            sender.delivered += 1
+            return
+        route = self._route(local)
+        if route is not None and route is not self._operator_closed:
+            # an inbound bidi stream already carries the pair
+            route.write_stanza(local, self.remote, stanza)
+            sender.delivered += 1
+            return
+        size = stanza_size(stanza)
+        settings = sender.settings
+        if len(self.queue) >= settings.max_stanzas or self.queued_bytes + size > settings.max_bytes:
+            sender.bounce(stanza, BOUNCE["queue-full"], f"queue for {self.remote} is full")
+            return
+        self.queue.append(_Queued(local, stanza, size, sender.clock.seconds()))
+        self.queued_bytes += size
+        self._schedule_expiry()
+        if local not in self.side and self.state in (IDLE, REVERSE) and self.stream is None:
+            self._start(local)
+        else:
+            self._authenticate(local)
+
+    def is_idle(self) -> bool:
+        """Nothing to remember but the domain: no queue, no stream, no backoff
+        timer running, no reverse request waiting."""
+        return (self.state == IDLE and not self.queue and self.stream is None and not self.side
+                and self._retry_timer is None)
+
+    # -- choosing the stream: one place -------------------------------------
+    def _stream_for(self, local: str) -> OutboundS2S | None:
+        """The stream of ours that carries, or will carry, ``local``: its own
+        stream if it has one, else the shared one (None while closing)."""
+        stream = self.side.get(local) or self.stream
+        if stream is not None and stream is self._operator_closed:
+            return None
+        return stream
+
+    def _authenticate(self, local: str) -> None:
+        """Get ``local`` authenticated to the remote domain: on the shared
+        stream when it was opened for ``local`` or the peer lets further
+        domains piggyback; otherwise on a stream of its own.  Until the
+        shared stream is open the choice waits (see :meth:`stream_open`)."""
+        if local in self.side:
+            return  # its own stream authenticates it as it opens
+        main = self.stream
+        if main is None or main is self._operator_closed:
+            return
+        if local in main.timed_out:
+            self._open_side(local)  # the peer ignored our request there
+        elif local == main.first_local:
+            main.authenticate(local)
+        elif not main.is_open:
+            return
+        elif main.can_piggyback(local):
+            main.authenticate(local)
+        else:
+            self._open_side(local)
+
+    def _route(self, local: str):
+        """A bidi connection that may carry local -> remote, if any (cached
+        per local domain, checked on every use)."""
+        table = self.sender.ctx.table
+        cached = self._routes.get(local)
+        if cached is not None:
+            record_id, route = cached
+            record = table.get(record_id)
+            if record is not None and record.can_send(local, self.remote):
+                return route
+            del self._routes[local]
+        found = table.route_for(local, self.remote)
+        if found is None:
+            return None
+        record, route = found
+        self._routes[local] = (record.id, route)
+        return route
+
+    def _start(self, local: str) -> None:
+        """Reuse a bidi stream on which the remote domain is proven (asking
+        it to accept ``local`` in the reverse direction); else connect."""
+        found = self.sender.ctx.table.reverse_route(self.remote) if self.sender.ctx.reverse_dialback else None
+        if found is not None and found[1].authenticate_reverse(local, self.remote):
+            self.state = REVERSE
+            return
+        self._connect(local)
+
+    def pair_changed(self, local: str, usable: bool) -> None:
+        """A pair for this destination became usable on a bidi stream, or a
+        reverse request failed (then a connection of our own is the way)."""
+        if usable:
+            route = self._route(local)
+            if route is None:
+                return
+            keep: deque[_Queued] = deque()
+            for item in self.queue:
+                if item.local == local:
+                    route.write_stanza(local, self.remote, item.stanza)
+                    self.sender.delivered += 1
+                    self.queued_bytes -= item.size
+                else:
+                    keep.append(item)
+            self.queue = keep
+            if self.state == REVERSE and not self.queue:
+                self.state = IDLE
+                self.sender.note_idle(self)
+        elif self.state == REVERSE:
+            self._connect(local)
+
+    # -- connection lifecycle ---------------------------------------------
+    def _new_stream(self, local: str) -> OutboundS2S:
+        stream = OutboundS2S(self.sender.ctx, self.remote, local, self,
+                             pair_timeout=self.sender.settings.pair_timeout)
+        stream.authenticate(local)
+        d = self.sender.connector.connect(
+            self.remote, lambda target=None: self.sender.make_stream(stream.for_target(target)))
+        d.addErrback(self._connect_failed, stream)
+        return stream
+
+    def _connect(self, local: str) -> None:
+        self.state = CONNECTING
+        self.stream = self._new_stream(local)
+
+    def _open_side(self, local: str) -> None:
+        log.info("Opening a stream of its own for {local} -> {remote}", local=local, remote=self.remote)
+        self.side[local] = self._new_stream(local)
+
+    def _owns(self, stream: OutboundS2S) -> bool:
+        return stream is self.stream or any(stream is side for side in self.side.values())
+
+    def _connect_failed(self, failure, stream: OutboundS2S) -> None:
+        if failure.check(ConnectError):
+            text = failure.value.text
+        else:
+            text = f"could not connect to {self.remote}: {failure.getErrorMessage()}"
+        if stream is self.stream:
+            self.stream = None
+            self._failed(BOUNCE["connect"], text)
+        elif self.side.get(stream.first_local) is stream:
+            self._side_failed(stream, BOUNCE["connect"], text)
+
+    def stream_open(self, stream: OutboundS2S) -> None:
+        if stream is not self.stream:
+            return
+        self.state = OPEN
+        # Now the peer's features tell whether further domains may piggyback.
+        for local in dict.fromkeys(item.local for item in self.queue):
+            self._authenticate(local)
+
+    def pair_result(self, stream: OutboundS2S, local: str, state: str, condition: str | None,
+                    text: str | None = None) -> None:
+        if not self._owns(stream):
+            return
+        if state == VALID:
+            self.failures = 0
+            self.last_error = None
+            self._flush(local, stream)
+            return
+        if state == INVALID:
+            cond, why = BOUNCE["invalid"], f"{self.remote} rejected our dialback key"
+        elif state == TIMEOUT:
+            cond, why = BOUNCE["pair-timeout"], text or f"{self.remote} did not answer dialback"
+        else:
+            # XEP-0220: queued stanzas bounce with remote-server-timeout;
+            # the peer's own condition goes into the text.
+            cond = BOUNCE["dialback-error"]
+            why = f"{self.remote} answered dialback with {condition}" + (f": {text}" if text else "")
+        self._bounce_local(local, cond, why)
+        self.last_error = why if state == TIMEOUT else (condition or state)
+        if stream is not self.stream and not stream.is_valid(local):
+            stream.close()  # a stream of its own that cannot carry its domain
+
+    def stream_closed(self, stream: OutboundS2S) -> None:
+        if stream is not self.stream:
+            if self.side.get(stream.first_local) is stream:
+                self._side_closed(stream)
+            return
+        self.stream = None
+        if stream is self._operator_closed:
+            # An operator closed this stream (admin API): not a failure of the
+            # peer, so keep what is queued and try again on a new connection.
+            self._operator_closed = None
+            if self.queue:
+                self._connect(self.queue[0].local)
+            else:
+                self.state = IDLE
+                self.sender.note_idle(self)
+            return
+        if self.queue:
+            condition, text = self._close_reason(stream)
+            self._failed(condition, text)
+        else:
+            self.state = IDLE
+            self.sender.note_idle(self)
+
+    def _close_reason(self, stream: OutboundS2S) -> tuple[str, str]:
+        if stream.failure is not None:  # a refusal (policy, or TLS refused), with its reason
+            condition = stream.failure.condition
+            if condition == "not-authorized":
+                condition = BOUNCE["policy"]
+            return condition, stream.failure.text
+        what = stream.stream_error or "the connection closed"
+        return BOUNCE["stream"], f"stream to {self.remote} failed: {what}"
+
+    def _side_closed(self, stream: OutboundS2S) -> None:
+        local = stream.first_local
+        if stream is self._operator_closed:
+            self._operator_closed = None
+            del self.side[local]
+            if any(item.local == local for item in self.queue):
+                self._open_side(local)
+            return
+        condition, text = self._close_reason(stream)
+        self._side_failed(stream, condition, text)
+
+    def _side_failed(self, stream: OutboundS2S, condition: str, text: str) -> None:
+        """A stream of its own for one local domain failed: bounce what waits
+        for that domain; the destination's backoff is for the shared stream."""
+        del self.side[stream.first_local]
+        log.info("Sending {local} -> {remote} failed: {text}", local=stream.first_local,
+                 remote=self.remote, text=text)
+        self.last_error = text
+        self._bounce_local(stream.first_local, condition, text)
+        self.sender.note_idle(self)
+
+    def keep_queue_on_close(self, stream: OutboundS2S) -> None:
+        """``stream`` is about to be closed by an operator: when it is gone,
+        reconnect for the queued stanzas instead of bouncing them."""
+        if self._owns(stream):
+            self._operator_closed = stream
+
+    def streams(self) -> list[OutboundS2S]:
+        """Our outbound streams to this domain, the shared one first."""
+        return ([self.stream] if self.stream is not None else []) + list(self.side.values())
+
+    def pending_pairs(self) -> list:
+        """(stream, pair) for every pair we asked for and still wait on."""
+        return [(stream, pair) for stream in self.streams() for pair in stream.pending_pairs()]
+
+    def bounce_queue(self, condition: str, text: str) -> None:
+        """Bounce everything queued now (the peer was just blocked)."""
+        self._bounce_all(condition, text)
+
+    def close(self) -> None:
+        for stream in self.streams():
+            stream.close()
+
+    # -- queue handling ---------------------------------------------------
+    def _flush(self, local: str, stream: OutboundS2S) -> None:
+        keep: deque[_Queued] = deque()
+        for item in self.queue:
+            if item.local == local:
+                stream.send_stanza(local, item.stanza)
+                self.sender.delivered += 1
+                self.queued_bytes -= item.size
+            else:
+                keep.append(item)
+        self.queue = keep
+
+    def _bounce_local(self, local: str, condition: str, text: str) -> None:
+        keep: deque[_Queued] = deque()
+        for item in self.queue:
+            if item.local == local:
+                self.queued_bytes -= item.size
+                self.sender.bounce(item.stanza, condition, text)
+            else:
+                keep.append(item)
+        self.queue = keep
+
+    def _bounce_all(self, condition: str, text: str) -> None:
+        queue, self.queue, self.queued_bytes = self.queue, deque(), 0
+        for item in queue:
+            self.sender.bounce(item.stanza, condition, text)
+
+    def _failed(self, condition: str, text: str) -> None:
+        log.info("Sending to {remote} failed: {text}", remote=self.remote, text=text)
+        self.last_error = text
+        self._last_condition = condition
+        self._bounce_all(condition, text)
+        self.failures += 1
+        settings = self.sender.settings
+        delay = min(settings.backoff_max, settings.backoff_initial * 2 ** (self.failures - 1))
+        delay *= 0.5 + self.sender.rng.random() / 2
+        self.state = BACKOFF
+        self.retry_at = self.sender.clock.seconds() + delay
+        self._retry_timer = self.sender.clock.callLater(delay, self._retry)
+
+    def _retry(self) -> None:
+        self._retry_timer = None
+        self.retry_at = None
+        if self.state != BACKOFF:
+            return
+        if self.queue:
+            self._connect(self.queue[0].local)
+        else:
+            self.state = IDLE
+            self.sender.note_idle(self)
+
+    def reset(self) -> None:
+        """Clear the backoff and try again now (an operator action)."""
+        self.failures = 0
+        if self._retry_timer is not None and self._retry_timer.active():
+            self._retry_timer.cancel()
+            self._retry()
+
+    def _schedule_expiry(self) -> None:
+        if self._expiry_timer is None and self.queue:
+            due = self.queue[0].since + self.sender.settings.max_wait - self.sender.clock.seconds()
+            self._expiry_timer = self.sender.clock.callLater(max(0.0, due), self._expire)
+
+    def _expire(self) -> None:
+        self._expiry_timer = None
+        now = self.sender.clock.seconds()
+        limit = self.sender.settings.max_wait
+        condition = self._last_condition or BOUNCE["stream"]
+        while self.queue and now - self.queue[0].since >= limit:
+            item = self.queue.popleft()
+            self.queued_bytes -= item.size
+            self.sender.bounce(item.stanza, condition,
+                               f"could not deliver to {self.remote} within {limit:g} s"
+                               + (f" ({self.last_error})" if self.last_error else ""))
+        self._schedule_expiry()
+        if not self.queue and self.state == REVERSE:
+            self.state = IDLE  # nothing waits for the reverse request any more
+        self.sender.note_idle(self)
+
+    def cancel_timers(self) -> None:
+        for timer in (self._retry_timer, self._expiry_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._retry_timer = self._expiry_timer = None
