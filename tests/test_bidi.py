@@ -204,6 +204,18 @@ class OutboundBidiTests(BidiCase):
         self.assertEqual(peer.stream_error(), "host-unknown")
         self.assertEqual([s["id"] for s in self.router.routed], ["ok"])
 
+    def test_malformed_to_is_answered_from_a_domain_of_the_pair(self):
+        """A malformed 'to' on an outbound bidi stream is a jid-malformed
+        bounce from one of our domains the sender may hear from, and the
+        stream stays up (as on inbound streams)."""
+        peer = self.outbound()
+        peer.feed("<db:result from='remote.example' to='gw.example' type='valid'/>")
+        peer.feed(f"<message from='a@remote.example' to='b@{'d' * 1024}.example' id='bad'/>")
+        [(stanza, condition, _)] = self.router.bounced
+        self.assertEqual((stanza["id"], condition), ("bad", "jid-malformed"))
+        self.assertEqual(self.router.reply_from, ["gw.example"])
+        self.assertIsNone(peer.stream_error())
+
     def test_reverse_request_only_towards_proven_local_domains(self):
         peer = self.outbound()
         peer.feed("<db:result from='remote.example' to='gw.example' type='valid'/>")

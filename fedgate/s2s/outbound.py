@@ -183,7 +183,7 @@ class OutboundS2S(InitiatingStream):
             timer.cancel()
 
     def reject_stanza(self, stanza, failure) -> None:
-        self.ctx.router.bounce(stanza, failure.condition, failure.text)
+        self.ctx.router.bounce(stanza, failure.condition, failure.text, reply_from=failure.reply_from)
 
     def _auth_timeout(self) -> None:
         self._timer = None
