@@ -27,7 +27,7 @@ DIRECTIONS = (INBOUND, OUTBOUND)
 CONNECTION_STATES = ("authenticating", "authenticated")
 PAIR_STATES = (PENDING, VALID, INVALID)
 AUTH_METHODS = ("dialback", "dialback-with-valid-cert", "sasl-external")
-DESTINATION_STATES = ("idle", "connecting", "open", "backoff", "reverse")
+DESTINATION_STATES = ("idle", "connecting", "open", "backoff", "reverse", "closing")
 TLS_FAILURE_REASONS = ("handshake", "untrusted-certificate", "name-mismatch", "expired-certificate",
                        "no-certificate", "refused", "required-but-unavailable", "timeout")
 HANDSHAKE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 90.0)
