@@ -15,6 +15,7 @@ from twisted.words.xish import domish
 
 from fedgate.domain import InvalidDomain
 from fedgate.jid import domain_of, is_valid_jid
+from fedgate.local import LocalHandler
 from fedgate.stream.errors import is_bounceable, make_error_reply
 
 log = Logger(namespace="fedgate.router")
@@ -61,10 +62,14 @@ class SessionGroup:
 
 
 class Router:
+    """``sender`` is anything with ``send(local, remote, stanza)`` (the S2S
+    sender, or the service's link to it); ``local_handler`` answers stanzas
+    to the gateway's own domains (by default a :class:`LocalHandler`)."""
+
     def __init__(self, own_domains, component_domains, local_handler=None, sender=None):
         self.own_domains = frozenset(own_domains)
         self.component_domains = set(component_domains)
-        self.local_handler = local_handler
+        self.local_handler = local_handler if local_handler is not None else LocalHandler(self)
         self.sender = sender
         self.components: dict[str, object] = {}
         self.dropped_errors = 0

@@ -19,17 +19,16 @@ from fedgate.admin.resources import AdminApi
 from fedgate.admin.web import AdminResource, AdminSite
 from fedgate.config import Config
 from fedgate.metrics import GatewayMetrics
-from fedgate.storage.sqlite import SQLiteStorage
 
 log = Logger(namespace="fedgate.admin")
 
 
 class AdminService:
-    def __init__(self, gateway, config: Config, reactor, storage=None):
+    def __init__(self, gateway, config: Config, reactor, storage):
         self.gateway = gateway
         self.config = config
         self.reactor = reactor
-        self.storage = storage if storage is not None else SQLiteStorage.in_state_dir(config.state_dir, reactor)
+        self.storage = storage
         self.peers = PeerRegistry(gateway, self.storage)
         self.components = ComponentRegistry(gateway, self.storage)
         self.enforcer = PolicyEnforcer(gateway)
@@ -79,5 +78,5 @@ class AdminService:
             yield self.storage.close()
 
 
-def make_admin_service(gateway, config: Config, reactor, storage=None) -> AdminService:
+def make_admin_service(gateway, config: Config, reactor, storage) -> AdminService:
     return AdminService(gateway, config, reactor, storage)
