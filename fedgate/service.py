@@ -245,6 +245,21 @@ class Gateway(service.Service):
                  domains=", ".join(self.config.domains),
                  components=", ".join(sorted(self.config.components.domains)) or "none")
 
+    def listeners(self) -> list[dict]:
+        """The XMPP listeners: kind, host and port of each."""
+        out = []
+        for kind, ports in self.ports.items():
+            for port in ports:
+                address = port.getHost()
+                out.append({"kind": kind, "host": address.host, "port": address.port})
+        return out
+
+    def components_authenticated_as(self, identity: str) -> list:
+        """Live XEP-0225 sessions authenticated as ``identity``, bound or not."""
+        return [stream.handler for stream in list(self.streams)
+                if isinstance(stream.handler, Xep0225Stream) and stream.handler.identity == identity
+                and not stream.closed]
+
     def port_of(self, kind: str, index: int = 0) -> int:
         return self.ports[kind][index].getHost().port
 

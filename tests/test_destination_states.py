@@ -86,3 +86,74 @@ class OperatorCloseStateTests(SenderCase):
         self.connector.fail()
         self.assertEqual(destination.state, BACKOFF)
         self.assertEqual(self.bounced(), [("m0", "remote-server-not-found")])
+
+
+class NarrowViewTests(SenderCase):
+    """What the admin API and the metrics may ask the sender, and do."""
+
+    def test_counts_and_statuses(self):
+        self.sender.send("chat.gw.example", "remote.example", message(0))
+        self.sender.send("chat.gw.example", "remote.example", message(1))
+        self.sender.send("chat.gw.example", "other.example", message(2, to="b@other.example"))
+        self.assertEqual(self.sender.pending_stanza_count("remote.example"), 2)
+        self.assertEqual(self.sender.pending_stanza_count("nowhere.example"), 0)
+        self.assertEqual(self.sender.pending_stanza_count(), 3)
+        self.assertEqual(self.sender.state_counts(), {CONNECTING: 2})
+        self.assertEqual(self.sender.outcomes(), {"accepted": 3, "delivered": 0, "bounced": 0})
+        self.assertEqual([s.domain for s in self.sender.statuses()], ["other.example", "remote.example"])
+        status = self.sender.status("remote.example")
+        self.assertEqual((status.state, status.queued_stanzas), (CONNECTING, 2))
+        self.assertGreater(self.sender.pending_bytes(), 0)
+        self.assertIsNone(self.sender.status("nowhere.example"))
+
+    def test_bounce_queued_says_how_many(self):
+        self.sender.send("chat.gw.example", "remote.example", message(0))
+        self.sender.send("chat.gw.example", "remote.example", message(1))
+        self.assertEqual(self.sender.bounce_queued("remote.example", "policy-violation", "blocked"), 2)
+        self.assertEqual(self.sender.bounce_queued("remote.example", "policy-violation", "blocked"), 0)
+        self.assertEqual(self.sender.bounce_queued("nowhere.example", "policy-violation", "blocked"), 0)
+        self.assertEqual(self.bounced(), [("m0", "policy-violation"), ("m1", "policy-violation")])
+
+    def test_reset_destination(self):
+        self.assertIsNone(self.sender.reset_destination("nowhere.example"))
+        self.sender.send("chat.gw.example", "remote.example", message(0))
+        self.connector.fail()
+        self.assertEqual(self.sender.status("remote.example").state, BACKOFF)
+        self.sender.send("chat.gw.example", "remote.example", message(1))
+        status = self.sender.reset_destination("remote.example")
+        self.assertEqual((status.state, status.failures), (CONNECTING, 0))
+        self.assertEqual(len(self.connector.attempts), 2)
+
+    def test_keep_queue_on_close_by_connection_record(self):
+        self.sender.send("chat.gw.example", "remote.example", message(0))
+        peer = self.connector.succeed()
+        self.open_peer(peer)
+        [record] = list(self.table)
+        self.sender.keep_queue_on_close(record)
+        self.assertEqual(self.sender.status("remote.example").state, CLOSING)
+        self.assertEqual(self.sender.status("remote.example").connection_ids, (record.id,))
+
+
+class RouterViewTests(SenderCase):
+    """The router's narrow views for the admin API and the metrics."""
+
+    def test_component_domains_sessions_and_bounces(self):
+        from fedgate.router import Router
+        router = Router(["gw.example"], ["chat.gw.example"])
+        router.set_component_domains({"chat.gw.example", "bots.gw.example", "gw.example"})
+        self.assertTrue(router.serves("bots.gw.example"))
+        self.assertTrue(router.serves("gw.example"))
+        self.assertEqual(router.component_domains, {"chat.gw.example", "bots.gw.example"})
+        one, two, three = object(), object(), object()
+        router.bind("chat.gw.example", one)
+        router.bind("bots.gw.example", two, shared=True)
+        router.bind("bots.gw.example", three, shared=True)
+        self.assertEqual(router.connected_components(), ["bots.gw.example", "chat.gw.example"])
+        self.assertEqual(router.sessions_for("bots.gw.example"), [two, three])
+        self.assertEqual(router.sessions_for("nowhere.example"), [])
+        self.assertEqual(router.names_bound_by([three]), ["bots.gw.example"])
+        router.set_component_domains(set())
+        self.assertFalse(router.serves("bots.gw.example"))
+        counts = router.bounce_counts()
+        counts["made-up"] = 1
+        self.assertEqual(router.bounce_counts(), {}, "a copy, not the live table")

@@ -137,6 +137,26 @@ def stanza_size(stanza: domish.Element) -> int:
     return total
 
 
+@dataclass(frozen=True)
+class DestinationStatus:
+    """What the admin API and the metrics may know of one destination: a
+    snapshot, so that they never hold the queue or a stream."""
+
+    domain: str
+    state: str
+    queued_stanzas: int
+    queued_bytes: int
+    oldest_since: float | None
+    failures: int
+    last_error: str | None
+    retry_at: float | None
+    #: the shared stream's connection, then every one of ours
+    connection_id: int | None
+    connection_ids: tuple[int, ...]
+    #: (local domain, connection id, since) of every pair we still wait on
+    pending_pairs: tuple[tuple[str, int, float], ...]
+
+
 @dataclass(eq=False)
 class _Side:
     """A stream of its own for one local domain, and its state."""
@@ -428,6 +448,17 @@ class Destination:
     def streams(self) -> list[OutboundS2S]:
         """Our outbound streams to this domain, the shared one first."""
         return ([self.stream] if self.stream is not None else []) + [s.stream for s in self.side.values()]
+
+    def status(self) -> DestinationStatus:
+        record = self.stream.record if self.stream is not None else None
+        return DestinationStatus(
+            domain=self.remote, state=self.state, queued_stanzas=len(self.queue),
+            queued_bytes=self.queued_bytes, oldest_since=self.queue[0].since if self.queue else None,
+            failures=self.failures, last_error=self.last_error, retry_at=self.retry_at,
+            connection_id=record.id if record is not None else None,
+            connection_ids=tuple(s.record.id for s in self.streams() if s.record is not None),
+            pending_pairs=tuple((pair.local, stream.record.id, pair.since)
+                                for stream, pair in self.pending_pairs()))
 
     def pending_pairs(self) -> list:
         """(stream, pair) for every pair we asked for and still wait on."""
