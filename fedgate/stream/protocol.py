@@ -67,7 +67,7 @@ class XmppStream(protocol.Protocol):
 
     def __init__(self, handler: StreamHandler, clock, limits: Limits = Limits(),
                  log_traffic: bool = False, log_bodies: bool = False,
-                 stream_ns: str = ns.SERVER):
+                 stream_ns: str = ns.SERVER, on_tls_failure=None):
         self.handler = handler
         self.clock = clock
         self.limits = limits
@@ -86,7 +86,7 @@ class XmppStream(protocol.Protocol):
         self.tls: TLSInfo | None = None
         self.tls_started = False
         #: called with a reason when TLS fails here (the metrics count them)
-        self.on_tls_failure = None
+        self.on_tls_failure = on_tls_failure  # on_tls_failure(reason): the metrics count it
 
     def wait_closed(self):
         """A Deferred that fires once the connection is gone."""
