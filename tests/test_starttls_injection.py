@@ -22,14 +22,12 @@ from twisted.internet import defer, protocol, reactor, ssl, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.internet.interfaces import IHandshakeListener, IOpenSSLServerConnectionCreator
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 from twisted.words.xish import domish
 from zope.interface import implementer
 
-from fedgate.policy import PeerPolicy, PolicyTable
 from fedgate.s2s import dialback
-from fedgate.s2s.context import S2SContext, VerificationBudget
+from fedgate.s2s.context import VerificationBudget
 from fedgate.s2s.inbound import InboundS2S
 from fedgate.s2s.outbound import OutboundS2S
 from fedgate.s2s.pairs import INBOUND, OUTBOUND, PENDING, VALID, ConnectionTable
@@ -41,6 +39,7 @@ from tests.support.dnsserver import TestDNSServer
 from tests.support.gateway import gateway_config, start_gateway, temp_dir, shared_ca
 from tests.support.memory import RecordingRouter
 from tests.support.rawpeer import Reply
+from tests.support.s2s import FakeOwner, FakeTLS, FakeVerifier, TLSRecordingTransport, make_context
 
 TIMEOUT = 10.0
 DECL = b"<?xml version='1.0'?>"
@@ -81,64 +80,6 @@ OUTBOUND_INJECTIONS = {
 
 # -- in memory -------------------------------------------------------------------
 
-class TLSRecordingTransport(StringTransport):
-    """A StringTransport that notes where in its output TLS would start."""
-
-    def __init__(self):
-        super().__init__()
-        self.tls_calls: list = []  # (creator, bytes written before the switch)
-
-    def startTLS(self, creator):
-        self.tls_calls.append((creator, len(self.value())))
-
-    def before_tls(self) -> bytes:
-        return self.value()[:self.tls_calls[0][1]]
-
-    def after_tls(self) -> bytes:
-        return self.value()[self.tls_calls[0][1]:]
-
-
-class FakeTLS:
-    """Stands in for TLSContexts: creators are just labels here."""
-
-    class store:
-        @staticmethod
-        def pair_for(domain):
-            return None
-
-    def server_creator(self, default_domain, alpn=None):
-        return ("server", default_domain)
-
-    def client_creator(self, local, remote, alpn=None):
-        return ("client", local, remote)
-
-
-class FakeVerifier:
-    def __init__(self):
-        self.calls: list = []
-
-    def verify(self, *args, finished=None):
-        self.calls.append(args)
-        d = defer.Deferred()
-        if finished is not None:
-            d.addBoth(lambda result: (finished(), result)[1])
-        return d
-
-
-class FakeOwner:
-    def __init__(self):
-        self.events: list = []
-
-    def stream_open(self, stream):
-        self.events.append(("open",))
-
-    def pair_result(self, stream, local, state, condition, text=None):
-        self.events.append(("pair", local, state))
-
-    def stream_closed(self, stream):
-        self.events.append(("closed",))
-
-
 class MemoryCase(unittest.TestCase):
     def setUp(self):
         self.clock = Clock()
@@ -148,10 +89,9 @@ class MemoryCase(unittest.TestCase):
         self.budget = VerificationBudget(10)
 
     def connect(self, handler, encryption: str) -> tuple[XmppStream, TLSRecordingTransport]:
-        ctx = S2SContext(clock=self.clock, local_domains=frozenset({"a.example", "chat.a.example"}),
-                         secret="s3cret", table=self.table, router=self.router, verifier=self.verifier,
-                         budget=self.budget, policy=PolicyTable(PeerPolicy(encryption=encryption)),
-                         tls=FakeTLS())
+        ctx = make_context(self.clock, local_domains={"a.example", "chat.a.example"},
+                           secret="s3cret", table=self.table, router=self.router, verifier=self.verifier,
+                           budget=self.budget, encryption=encryption, tls=FakeTLS())
         handler = handler(ctx)
         stream = XmppStream(handler, self.clock)
         transport = TLSRecordingTransport()

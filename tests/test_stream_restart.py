@@ -33,34 +33,13 @@ from tests.support.dnsserver import TestDNSServer
 from tests.support.gateway import gateway_config, publish, shared_ca, start_gateway, temp_dir
 from tests.support.rawpeer import Reply
 from tests.test_starttls_injection import (
-    DIALBACK_FEATURES, PROCEED, STARTTLS, TIMEOUT, FakeOwner, MemoryCase, TLSPeer, s2s_header,
+    DIALBACK_FEATURES, PROCEED, STARTTLS, TIMEOUT, MemoryCase, TLSPeer, s2s_header,
     wait_until)
+from tests.support.s2s import FakeOwner, FakeVerifier
 
 RESULT = b"<db:result from='evil.example' to='a.example'>k3y</db:result>"
 MESSAGE = (b"<message from='eve@evil.example' to='bob@chat.a.example' id='after'>"
            b"<body>over the old pair</body></message>")
-
-
-class KeepingVerifier:
-    """Hands out a Deferred per verification and keeps it, so a test can
-    answer as the Authoritative Server would, at the moment it chooses."""
-
-    def __init__(self):
-        self.calls: list = []
-
-    def verify(self, receiving, originating, stream_id, key, finished=None):
-        # Like the real verifier: its connection is gone (``finished``) once
-        # it has answered or been cancelled.
-        d = defer.Deferred(lambda _: None)
-        if finished is not None:
-            d.addBoth(lambda result: (finished(), result)[1])
-        self.calls.append(((receiving, originating, stream_id, key), d))
-        return d
-
-    def answer(self, receiving, originating, valid=True):
-        [d] = [d for (args, d) in self.calls if args[:2] == (receiving, originating)]
-        if not d.called:  # a cancelled verification's answer never arrives
-            d.callback(valid)
 
 
 def dialback_answers(data: bytes) -> list:
@@ -71,7 +50,7 @@ def dialback_answers(data: bytes) -> list:
 class InboundRestartInMemoryTests(MemoryCase):
     def setUp(self):
         super().setUp()
-        self.verifier = KeepingVerifier()
+        self.verifier = FakeVerifier()
 
     def open(self):
         stream, transport = self.connect(InboundS2S, "optional")
