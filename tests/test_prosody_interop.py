@@ -51,7 +51,7 @@ from twisted.words.protocols.jabber import client, jid
 
 from fedgate.s2s.pairs import INBOUND, OUTBOUND
 from tests.support.component_client import ComponentClient, connect_component
-from tests.support.dnsserver import TestDNSServer
+from tests.support.federation import add_component, start_dns
 from tests.support.gateway import gateway_config, publish, start_gateway, temp_dir
 from tests.support.gateway import shared_ca
 from tests.support.pki import TestCA
@@ -127,9 +127,7 @@ class _Federation:
 
     @defer.inlineCallbacks
     def setUp(self):
-        self.dns = TestDNSServer(reactor)
-        dns_port = self.dns.start()
-        self.addCleanup(self.dns.stop)
+        self.dns, dns_port = start_dns(self)
 
         self.prosody = ProsodyServer(PROSODY, components={PROSODY_COMPONENT: "secret-p"},
                                      dns_port=dns_port, s2s_require_encryption=True,
@@ -154,10 +152,7 @@ class _Federation:
                 "xmpp.gw.example")
         self.publish_more()
 
-        self.gw_comp = yield connect_component(
-            reactor, "127.0.0.1", self.gateway.port_of("components"),
-            GW_COMPONENT, "secret-gw", timeout=TIMEOUT)
-        self.addCleanup(self.gw_comp.close)
+        self.gw_comp = yield add_component(self, self.gateway, GW_COMPONENT, "secret-gw", timeout=TIMEOUT)
         self.prosody_comp = yield connect_component(
             reactor, "127.0.0.1", self.prosody.component_port,
             PROSODY_COMPONENT, "secret-p", timeout=TIMEOUT)

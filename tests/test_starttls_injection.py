@@ -34,8 +34,7 @@ from fedgate.s2s.pairs import INBOUND, OUTBOUND, PENDING, VALID, ConnectionTable
 from fedgate.stream import namespaces as ns
 from fedgate.stream.protocol import XmppStream
 from fedgate.tls.contexts import TLSInfo
-from tests.support.component_client import connect_component
-from tests.support.dnsserver import TestDNSServer
+from tests.support.federation import add_component, start_dns
 from tests.support.gateway import gateway_config, start_gateway, temp_dir, shared_ca
 from tests.support.memory import RecordingRouter
 from tests.support.rawpeer import Reply
@@ -257,9 +256,7 @@ class GatewayCase(unittest.TestCase):
 
     @defer.inlineCallbacks
     def start(self, **s2s):
-        self.dns = TestDNSServer(reactor)
-        dns_port = self.dns.start()
-        self.addCleanup(self.dns.stop)
+        self.dns, dns_port = start_dns(self)
         s2s.setdefault("policy", {"encryption": self.encryption})
         config = gateway_config(temp_dir(self), ["a.example"], {"chat.a.example": "secret-a"}, **s2s)
         self.gateway = gateway = yield start_gateway(reactor, config, dns_port, self)
@@ -271,9 +268,7 @@ class GatewayCase(unittest.TestCase):
         self._record(gateway.connector, "connect", self.connect_calls)
         self._record(gateway.router, "route", self.routed)
         self._record(gateway.router, "bounce", self.bounced)
-        self.component = yield connect_component(reactor, "127.0.0.1", gateway.port_of("components"),
-                                                 "chat.a.example", "secret-a")
-        self.addCleanup(self.component.close)
+        self.component = yield add_component(self, gateway, "chat.a.example", "secret-a")
 
     @staticmethod
     def _record(obj, name: str, calls: list) -> None:

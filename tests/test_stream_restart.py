@@ -28,9 +28,8 @@ from fedgate.s2s.policy_check import SASL_EXTERNAL
 from fedgate.stream import namespaces as ns
 from fedgate.tls.contexts import TLSInfo
 from tests.support.admin import AdminClient
-from tests.support.component_client import connect_component
-from tests.support.dnsserver import TestDNSServer
-from tests.support.gateway import gateway_config, publish, shared_ca, start_gateway, temp_dir
+from tests.support.federation import TwoGatewaysFixture
+from tests.support.gateway import gateway_config, shared_ca, temp_dir
 from tests.support.rawpeer import Reply
 from tests.test_starttls_injection import (
     DIALBACK_FEATURES, PROCEED, STARTTLS, TIMEOUT, MemoryCase, TLSPeer, s2s_header,
@@ -176,7 +175,7 @@ class OutboundRestartInMemoryTests(MemoryCase):
         self.assertFalse(handler.sasl_done)
 
 
-class RestartOverLoopbackTests(unittest.TestCase):
+class RestartOverLoopbackTests(TwoGatewaysFixture, unittest.TestCase):
     """A real gateway a.example; a real gateway b.example as the Authoritative
     Server; a raw peer as b.example's Originating Server."""
 
@@ -184,19 +183,11 @@ class RestartOverLoopbackTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def setUp(self):
-        self.dns = TestDNSServer(reactor)
-        dns_port = self.dns.start()
-        self.addCleanup(self.dns.stop)
         optional = {"encryption": "optional"}
-        self.a = yield start_gateway(reactor, gateway_config(
-            temp_dir(self), ["a.example"], {"chat.a.example": "secret-a"}, policy=optional), dns_port, self)
-        self.b = yield start_gateway(reactor, gateway_config(
-            temp_dir(self), ["b.example"], {}, policy=optional), dns_port, self)
-        publish(self.dns, self.a, ["a.example", "chat.a.example"], "gw-a.example")
-        publish(self.dns, self.b, ["b.example"], "gw-b.example")
-        self.component = yield connect_component(reactor, "127.0.0.1", self.a.port_of("components"),
-                                                 "chat.a.example", "secret-a")
-        self.addCleanup(self.component.close)
+        yield self.start_two_gateways(
+            gateway_config(temp_dir(self), ["a.example"], {"chat.a.example": "secret-a"}, policy=optional),
+            gateway_config(temp_dir(self), ["b.example"], {}, policy=optional))
+        self.component = yield self.add_component(self.a, "chat.a.example", "secret-a")
 
     def inbound_record(self):
         records = [r for r in self.a.table if r.direction == INBOUND and r.remote_address.endswith(
