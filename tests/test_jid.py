@@ -30,6 +30,7 @@ from tests.support.federation import TwoGatewaysFixture, add_component, start_dn
 from tests.support.gateway import gateway_config, start_gateway, temp_dir
 from tests.support.memory import MemoryStream
 from tests.support.rawpeer import RawPeer, Reply
+from tests.support.s2s import RecordingSender
 from tests.test_inbound import InboundCase
 from tests.test_starttls_injection import TIMEOUT, s2s_header, wait_until
 from tests.test_xep0225 import Xep0225Case
@@ -108,19 +109,11 @@ def message(sender, to, id="m"):
     return el
 
 
-class Sender:
-    def __init__(self):
-        self.sent = []
-
-    def send(self, local, remote, stanza):
-        self.sent.append((local, remote, stanza))
-
-
 class BounceTests(unittest.TestCase):
     def setUp(self):
         self.router = Router(["gw.example"], ["chat.gw.example"])
         self.router.local_handler = LocalHandler(self.router)
-        self.router.sender = self.sender = Sender()
+        self.router.sender = self.sender = RecordingSender()
 
     def test_never_addressed_to_a_malformed_jid(self):
         self.router.bounce(message(f"{L1024}@remote.example", "b@chat.gw.example"), "service-unavailable")
@@ -152,7 +145,7 @@ class S2SInMemoryTests(InboundCase):
         super().setUp()
         self.router = Router(["gw.example"], ["chat.gw.example"])
         self.router.local_handler = LocalHandler(self.router)
-        self.router.sender = self.sender = Sender()
+        self.router.sender = self.sender = RecordingSender()
         self.component = []
         self.router.bind("chat.gw.example", type("C", (), {"deliver": self.component.append})())
 
@@ -222,7 +215,7 @@ class ComponentInMemoryTests(unittest.TestCase):
     def setUp(self):
         self.router = Router(["gw.example"], ["chat.gw.example"])
         self.router.local_handler = LocalHandler(self.router)
-        self.router.sender = self.sender = Sender()
+        self.router.sender = self.sender = RecordingSender()
         self.handler = ComponentAccept({"chat.gw.example": "s"}, self.router, task.Clock())
         self.stream = MemoryStream(self.handler, stream_ns=ns.COMPONENT_ACCEPT)
         self.stream.feed("<stream:stream xmlns='jabber:component:accept' "

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 
-from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 from twisted.words.xish import domish
@@ -13,33 +12,10 @@ from fedgate.s2s.connect import ConnectError
 from fedgate.s2s import dialback
 from fedgate.s2s.pairs import INVALID, OUTBOUND, VALID, ConnectionTable
 from fedgate.s2s.sender import BACKOFF, IDLE, S2SSender, SenderSettings
-from tests.support.memory import MemoryStream, RecordingRouter, server_header
-from tests.support.s2s import make_context
+from tests.support.memory import RecordingRouter, server_header
+from tests.support.s2s import FakeConnector, make_context
 
 SECRET = "s3cret"
-
-
-class FakeConnector:
-    """Connection attempts the test completes or fails by hand."""
-
-    def __init__(self, clock):
-        self.clock = clock
-        self.attempts: list = []
-
-    def connect(self, domain, factory):
-        d = defer.Deferred()
-        self.attempts.append((domain, factory, d))
-        return d
-
-    def succeed(self, index=-1) -> MemoryStream:
-        domain, factory, d = self.attempts[index]
-        protocol = factory(None)
-        peer = MemoryStream(None, self.clock, stream=protocol)
-        d.callback(protocol)
-        return peer
-
-    def fail(self, index=-1, condition="remote-server-not-found"):
-        self.attempts[index][2].errback(ConnectError(condition, "nothing there"))
 
 
 def message(n, sender="a@chat.gw.example", to="b@remote.example", **attrs):

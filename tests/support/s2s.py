@@ -1,6 +1,7 @@
 """Fixtures for the S2S roles in memory: a context with test defaults, and
 the fakes a role talks to (the dialback verifier, the sender's owner of an
-outbound stream, TLS contexts and a transport that accepts startTLS).
+outbound stream, TLS contexts, a transport that accepts startTLS, the
+connector of outbound streams and the sender behind a router).
 
 Each fake keeps every call for the test to inspect or answer, and behaves
 like the real part where a role depends on it: a verification's
@@ -14,8 +15,10 @@ from twisted.internet import defer
 from twisted.internet.testing import StringTransport
 
 from fedgate.policy import PeerPolicy, PolicyTable
+from fedgate.s2s.connect import ConnectError
 from fedgate.s2s.context import S2SContext, VerificationBudget
 from fedgate.s2s.pairs import ConnectionTable
+from tests.support.memory import MemoryStream
 
 #: The domains a test gateway hosts, unless a test names others.
 LOCAL_DOMAINS = frozenset({"gw.example", "chat.gw.example"})
@@ -122,3 +125,36 @@ class TLSRecordingTransport(StringTransport):
 
     def after_tls(self) -> bytes:
         return self.value()[self.tls_calls[0][1]:]
+
+
+class RecordingSender:
+    """Stands in for the S2S sender behind a router: keeps what it is given."""
+
+    def __init__(self):
+        self.sent: list = []
+
+    def send(self, local, remote, stanza):
+        self.sent.append((local, remote, stanza))
+
+
+class FakeConnector:
+    """Connection attempts the test completes or fails by hand."""
+
+    def __init__(self, clock):
+        self.clock = clock
+        self.attempts: list = []
+
+    def connect(self, domain, factory):
+        d = defer.Deferred()
+        self.attempts.append((domain, factory, d))
+        return d
+
+    def succeed(self, index=-1) -> MemoryStream:
+        domain, factory, d = self.attempts[index]
+        protocol = factory(None)
+        peer = MemoryStream(None, self.clock, stream=protocol)
+        d.callback(protocol)
+        return peer
+
+    def fail(self, index=-1, condition="remote-server-not-found"):
+        self.attempts[index][2].errback(ConnectError(condition, "nothing there"))
