@@ -19,7 +19,7 @@ from fedgate.stream import namespaces as ns
 from tests.support.federation import add_component, start_dns
 from tests.support.gateway import gateway_config, publish, shared_ca, start_gateway, temp_dir
 from tests.support.rawpeer import RawPeer, Reply
-from tests.test_starttls_injection import PROCEED, STARTTLS, TLSPeer, s2s_header, wait_until
+from tests.support.s2speer import PROCEED, STARTTLS, TLSPeer, s2s_header, wait_until
 
 GW = "gw.example"
 

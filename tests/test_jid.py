@@ -31,8 +31,8 @@ from tests.support.gateway import gateway_config, start_gateway, temp_dir
 from tests.support.memory import MemoryStream
 from tests.support.rawpeer import RawPeer, Reply
 from tests.support.s2s import RecordingSender
+from tests.support.s2speer import TIMEOUT, s2s_header, wait_until
 from tests.test_inbound import InboundCase
-from tests.test_starttls_injection import TIMEOUT, s2s_header, wait_until
 from tests.test_xep0225 import Xep0225Case
 
 L1023, L1024 = "u" * 1023, "u" * 1024

@@ -15,7 +15,7 @@ from fedgate.stream import namespaces as ns
 from tests.support.federation import start_dns
 from tests.support.gateway import gateway_config, start_gateway, temp_dir
 from tests.support.rawpeer import RawPeer, Reply
-from tests.test_starttls_injection import s2s_header, wait_until
+from tests.support.s2speer import s2s_header, wait_until
 
 GW = "gw.example"
 

@@ -17,9 +17,9 @@ from fedgate.policy import PeerPolicy
 from fedgate.tap import reload_on_sighup
 from tests.support.federation import add_component, start_dns
 from tests.support.gateway import gateway_config, publish, shared_ca, start_gateway, temp_dir, write_config
+from tests.support.s2speer import PROCEED, STARTTLS, TLSPeer, s2s_header, wait_until
 from tests.test_admin_api import TIMEOUT, wait_for
 from tests.test_admin_live import error_of
-from tests.test_starttls_injection import PROCEED, STARTTLS, TLSPeer, s2s_header, wait_until
 
 
 class ReloadCase(unittest.TestCase):

@@ -31,10 +31,10 @@ from tests.support.admin import AdminClient
 from tests.support.federation import TwoGatewaysFixture
 from tests.support.gateway import gateway_config, shared_ca, temp_dir
 from tests.support.rawpeer import Reply
-from tests.test_starttls_injection import (
-    DIALBACK_FEATURES, PROCEED, STARTTLS, TIMEOUT, MemoryCase, TLSPeer, s2s_header,
-    wait_until)
 from tests.support.s2s import FakeOwner, FakeVerifier
+from tests.support.s2speer import (
+    DIALBACK_FEATURES, PROCEED, STARTTLS, TIMEOUT, TLSPeer, s2s_header, wait_until)
+from tests.test_starttls_injection import MemoryCase
 
 RESULT = b"<db:result from='evil.example' to='a.example'>k3y</db:result>"
 MESSAGE = (b"<message from='eve@evil.example' to='bob@chat.a.example' id='after'>"

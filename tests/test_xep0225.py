@@ -364,5 +364,5 @@ class PinnedExternalTests(TwoGatewaysFixture, unittest.TestCase):
             self.assertEqual(error_condition(reply), "not-allowed", hostname)
         self.assertEqual(self.b.router.components, {})
         # The XEP-0114 component still gets its domain.
-        chat = yield add_component(self, self.b, "chat.b.example", "sb")
+        yield add_component(self, self.b, "chat.b.example", "sb")
         self.assertIn("chat.b.example", self.b.router.components)
