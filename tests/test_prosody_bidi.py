@@ -45,7 +45,8 @@ from fedgate.s2s.pairs import INBOUND, LOCAL, OUTBOUND, REMOTE
 from tests.support.component_client import connect_component
 from tests.support.federation import add_component, start_dns
 from tests.support.gateway import gateway_config, publish, shared_ca, start_gateway, temp_dir
-from tests.support.prosody import BIDI_MODULE, ProsodyError, ProsodyServer, prosody_available
+from tests.support.prosody import BIDI_MODULE, prosody_available
+from tests.support.prosody_federation import start_prosody
 
 if not prosody_available():
     pytest.skip("prosody is not installed (scripts/bootstrap --test installs it)",
@@ -92,18 +93,8 @@ class _BidiFederation:
     @defer.inlineCallbacks
     def setUp(self):
         self.dns, dns_port = start_dns(self)
-        self.prosody = ProsodyServer(PROSODY, components={PROSODY_COMPONENT: "secret-p"},
-                                     dns_port=dns_port, s2s_require_encryption=True,
-                                     modules_enabled=[BIDI_MODULE], **self.prosody_options())
-        self.addCleanup(self.prosody.cleanup)
-        self.dns.add_a("xmpp.prosody.example", "127.0.0.1")
-        for domain in (PROSODY, PROSODY_COMPONENT):
-            self.dns.add_srv(f"_xmpp-server._tcp.{domain}", 0, 0, self.prosody.s2s_port,
-                             "xmpp.prosody.example")
-        try:
-            self.prosody.start()
-        except ProsodyError as e:
-            self.fail(str(e))
+        self.prosody = start_prosody(self, self.dns, dns_port, modules_enabled=[BIDI_MODULE],
+                                     **self.prosody_options())
         # fedgate starts after Prosody so that it stops first (see
         # test_prosody_interop).
         self.gateway = yield start_gateway(reactor, gateway_config(
