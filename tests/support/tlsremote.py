@@ -8,13 +8,14 @@ CA, and then plays a dialback server over TLS, answering 'valid'.
 
 from __future__ import annotations
 
-from OpenSSL import SSL, crypto
+from OpenSSL import SSL
 from twisted.internet import defer, protocol
 from twisted.internet.interfaces import IHandshakeListener, IOpenSSLServerConnectionCreator
 from twisted.words.xish import domish
 from zope.interface import implementer
 
 from fedgate.stream import namespaces as ns
+from tests.support.pki import server_context
 from tests.support.s2speer import DIALBACK_FEATURES, PROCEED, s2s_header
 
 #: The 'valid' answer remote.example gives to chat.a.example's dialback request.
@@ -27,11 +28,7 @@ class ServerTLS:
 
     def __init__(self, issued):
         self.server_names: list = []
-        self.context = SSL.Context(SSL.TLS_METHOD)
-        self.context.use_certificate(crypto.X509.from_cryptography(issued.cert))
-        for cert in issued.chain:
-            self.context.add_extra_chain_cert(crypto.X509.from_cryptography(cert))
-        self.context.use_privatekey(crypto.PKey.from_cryptography_key(issued.key))
+        self.context = server_context(issued)
         self.context.set_tlsext_servername_callback(
             lambda connection: self.server_names.append(connection.get_servername()))
 
