@@ -7,9 +7,8 @@ from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from tests.support.admin import AdminClient
-from tests.support.component_client import connect_component
-from tests.support.dnsserver import TestDNSServer
-from tests.support.gateway import gateway_config, publish, start_gateway, temp_dir
+from tests.support.federation import TwoGatewaysFixture, add_component
+from tests.support.gateway import gateway_config, temp_dir
 
 TIMEOUT = 15
 V1 = "/api/v1"
@@ -27,15 +26,12 @@ def wait_for(predicate, timeout: float = 10.0):
     return poll()
 
 
-class AdminCase(unittest.TestCase):
+class AdminCase(TwoGatewaysFixture, unittest.TestCase):
     timeout = 60
     config_a: dict = {}
 
     @defer.inlineCallbacks
     def setUp(self):
-        self.dns = TestDNSServer(reactor)
-        dns_port = self.dns.start()
-        self.addCleanup(self.dns.stop)
         # A wildcard certificate covers components added at run time.
         config = gateway_config(temp_dir(self), ["a.example"], {"chat.a.example": "secret-a"},
                                 extra_hosted=["*.a.example"])
@@ -43,21 +39,15 @@ class AdminCase(unittest.TestCase):
         for key, value in self.config_a.items():
             config.setdefault(key, {}).update(value)
         self.config_dict = config
-        self.a = yield start_gateway(reactor, config, dns_port, self)
-        self.b = yield start_gateway(reactor, gateway_config(
-            temp_dir(self), ["b.example"], {"chat.b.example": "secret-b"}), dns_port, self)
-        publish(self.dns, self.a, ["a.example", "chat.a.example"], "gw-a.example")
-        publish(self.dns, self.b, ["b.example", "chat.b.example"], "gw-b.example")
+        yield self.start_two_gateways(
+            config, gateway_config(temp_dir(self), ["b.example"], {"chat.b.example": "secret-b"}),
+            a_published=["a.example", "chat.a.example"])
         self.api = AdminClient(reactor, self.a)
 
     @defer.inlineCallbacks
     def components(self):
-        ca = yield connect_component(reactor, "127.0.0.1", self.a.port_of("components"),
-                                     "chat.a.example", "secret-a")
-        self.addCleanup(ca.close)
-        cb = yield connect_component(reactor, "127.0.0.1", self.b.port_of("components"),
-                                     "chat.b.example", "secret-b")
-        self.addCleanup(cb.close)
+        ca = yield add_component(self, self.a, "chat.a.example", "secret-a")
+        cb = yield add_component(self, self.b, "chat.b.example", "secret-b")
         return ca, cb
 
     @defer.inlineCallbacks

@@ -14,8 +14,8 @@ from fedgate.s2s.pairs import INBOUND, OUTBOUND, VALID, ConnectionRecord
 from fedgate.service import Gateway
 from fedgate.tap import choose_storage
 from tests.support.admin import AdminClient
-from tests.support.component_client import connect_component
 from tests.support.dnsserver import make_client_resolver
+from tests.support.federation import add_component
 from tests.support.gateway import publish
 from tests.test_admin_api import TIMEOUT, V1, AdminCase, wait_for
 
@@ -88,9 +88,7 @@ class LivePolicyTests(AdminCase):
         got = yield api.get(f"{V1}/peers/chat.b.example")
         self.assertEqual((got.json["allowed"], got.json["note"], got.json["source"]), (False, "abuse", "api"))
         self.assertTrue(restarted.policy.is_blocked("chat.b.example"))
-        ca2 = yield connect_component(reactor, "127.0.0.1", restarted.port_of("components"),
-                                      "chat.a.example", "secret-a")
-        self.addCleanup(ca2.close)
+        ca2 = yield add_component(self, restarted, "chat.a.example", "secret-a")
         ca2.send("<message from='x@chat.a.example' to='y@chat.b.example' id='m3'/>")
         bounce = yield ca2.next_element(timeout=TIMEOUT)
         self.assertEqual((bounce["id"], error_of(bounce)), ("m3", "policy-violation"))

@@ -3,14 +3,10 @@ reverse-direction dialback, and no stanza over an unauthenticated pair."""
 
 from __future__ import annotations
 
-from twisted.internet import defer
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
-from fedgate.policy import PeerPolicy, PolicyTable
 from fedgate.s2s import dialback
-from fedgate.s2s.context import S2SContext, VerificationBudget
 from fedgate.s2s.inbound import InboundS2S
 from fedgate.s2s.outbound import OutboundS2S
 from fedgate.s2s.pairs import LOCAL, PENDING, REMOTE, VALID, ConnectionTable
@@ -18,49 +14,10 @@ from fedgate.stream import namespaces as ns
 from fedgate.stream.errors import error_condition
 from fedgate.stream.protocol import XmppStream
 from tests.support.memory import MemoryStream, RecordingRouter, server_header
+from tests.support.s2s import FakeOwner, FakeTLS, FakeVerifier, TLSRecordingTransport, make_context
 
 SECRET = "bidi secret"
 LOCAL_DOMAINS = frozenset({"gw.example", "muc.gw.example"})
-
-
-class TLSTransport(StringTransport):
-    """A StringTransport that accepts startTLS (nothing is encrypted here)."""
-
-    def startTLS(self, creator):
-        self.tls_creator = creator
-
-
-class FakeTLS:
-    def server_creator(self, domain, alpn=None):
-        return ("server", domain)
-
-
-class Verifier:
-    def __init__(self):
-        self.calls = []
-
-    def verify(self, receiving, originating, stream_id, key, finished=None):
-        # Like a verification whose connection ends with its answer (or
-        # with its cancellation): ``finished`` comes then.
-        d = defer.Deferred()
-        if finished is not None:
-            d.addBoth(lambda result: (finished(), result)[1])
-        self.calls.append(((receiving, originating, stream_id, key), d))
-        return d
-
-
-class Owner:
-    def __init__(self):
-        self.events = []
-
-    def stream_open(self, stream):
-        self.events.append("open")
-
-    def pair_result(self, stream, local, state, condition, text=None):
-        self.events.append((local, state))
-
-    def stream_closed(self, stream):
-        self.events.append("closed")
 
 
 class BidiCase(unittest.TestCase):
@@ -70,18 +27,17 @@ class BidiCase(unittest.TestCase):
         self.changes = []
         self.table.on_pair_changed(lambda *args: self.changes.append(args))
         self.router = RecordingRouter()
-        self.verifier = Verifier()
+        self.verifier = FakeVerifier()
 
     def ctx(self, tls=None):
-        return S2SContext(clock=self.clock, local_domains=LOCAL_DOMAINS, secret=SECRET, table=self.table,
-                          router=self.router, verifier=self.verifier, budget=VerificationBudget(10),
-                          policy=PolicyTable(PeerPolicy(encryption="optional")), tls=tls)
+        return make_context(self.clock, local_domains=LOCAL_DOMAINS, secret=SECRET, table=self.table,
+                            router=self.router, verifier=self.verifier, tls=tls)
 
     def inbound(self, tls=None) -> MemoryStream:
         self.handler = InboundS2S(self.ctx(tls))
         stream = XmppStream(self.handler, self.clock)
         peer = MemoryStream(None, self.clock, stream=stream)
-        peer.transport = TLSTransport()
+        peer.transport = TLSRecordingTransport()
         stream.makeConnection(peer.transport)
         stream.dataReceived(server_header(to="gw.example", **{"from": "remote.example"}, version="1.0"))
         peer.read()
@@ -169,7 +125,7 @@ class InboundBidiTests(BidiCase):
 
 class OutboundBidiTests(BidiCase):
     def outbound(self, offer_bidi=True):
-        self.owner = Owner()
+        self.owner = FakeOwner()
         self.handler = OutboundS2S(self.ctx(), "remote.example", "gw.example", self.owner)
         peer = MemoryStream(None, self.clock, stream=XmppStream(self.handler, self.clock))
         peer.read()

@@ -11,24 +11,17 @@ from fedgate.component.accept import ComponentAccept
 from fedgate.router import Router
 from fedgate.stream import namespaces as ns
 from tests.support.memory import MemoryStream
+from tests.support.s2s import RecordingSender
 
 HEADER = ("<stream:stream xmlns='jabber:component:accept' "
           "xmlns:stream='http://etherx.jabber.org/streams' to='{to}'>")
-
-
-class FakeSender:
-    def __init__(self):
-        self.sent = []
-
-    def send(self, local, remote, stanza):
-        self.sent.append((local, remote, stanza))
 
 
 class ComponentTests(unittest.TestCase):
     def setUp(self):
         self.clock = Clock()
         self.router = Router(["gw.example"], ["chat.gw.example", "muc.gw.example"])
-        self.sender = self.router.sender = FakeSender()
+        self.sender = self.router.sender = RecordingSender()
         self.secrets = {"chat.gw.example": "chat-secret", "muc.gw.example": "muc-secret"}
 
     def connect(self, to="chat.gw.example", ns_uri=None):

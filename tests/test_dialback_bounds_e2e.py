@@ -16,11 +16,10 @@ from twisted.trial import unittest
 
 from fedgate.s2s.dialback import dialback_key
 from fedgate.stream import namespaces as ns
-from tests.support.component_client import connect_component
-from tests.support.dnsserver import TestDNSServer
+from tests.support.federation import add_component, start_dns
 from tests.support.gateway import gateway_config, publish, shared_ca, start_gateway, temp_dir
 from tests.support.rawpeer import RawPeer, Reply
-from tests.test_starttls_injection import PROCEED, STARTTLS, TLSPeer, s2s_header, wait_until
+from tests.support.s2speer import PROCEED, STARTTLS, TLSPeer, s2s_header, wait_until
 
 GW = "gw.example"
 
@@ -76,9 +75,7 @@ class Case(unittest.TestCase):
 
     @defer.inlineCallbacks
     def start(self, **s2s):
-        self.dns = TestDNSServer(reactor)
-        self.dns_port = self.dns.start()
-        self.addCleanup(self.dns.stop)
+        self.dns, self.dns_port = start_dns(self)
         s2s.setdefault("policy", {"encryption": "optional"})
         config = gateway_config(temp_dir(self), [GW], {"chat.gw.example": "sc"}, **s2s)
         self.gateway = yield start_gateway(reactor, config, self.dns_port, self)
@@ -196,9 +193,7 @@ class InvalidTests(Case):
 
     @defer.inlineCallbacks
     def test_invalid_with_a_valid_pair_is_forbidden_and_the_stream_stays(self):
-        component = yield connect_component(reactor, "127.0.0.1", self.gateway.port_of("components"),
-                                            "chat.gw.example", "sc")
-        self.addCleanup(component.close)
+        component = yield add_component(self, self.gateway, "chat.gw.example", "sc")
         peer = yield self.peer("b.example")
         stream_id = Reply(bytes(peer.data)).root["id"]
         good = dialback_key(self.b.ctx.secret, "chat.gw.example", "b.example", stream_id)
@@ -286,9 +281,7 @@ class UnknownConditionTests(Case):
         yield self.start(bidi=False)
         remote = FakeRemote()
         self.point(["far.example"], self.listen(remote), host="far-host.example")
-        component = yield connect_component(reactor, "127.0.0.1", self.gateway.port_of("components"),
-                                            "chat.gw.example", "sc")
-        self.addCleanup(component.close)
+        component = yield add_component(self, self.gateway, "chat.gw.example", "sc")
         component.send("<message from='u@chat.gw.example' to='v@far.example' id='m1'><body>hi</body></message>")
         bounce = yield component.next_element(timeout=10)
         self.assertEqual((bounce["id"], bounce["type"]), ("m1", "error"))

@@ -32,9 +32,8 @@ from twisted.trial import unittest
 
 from fedgate.s2s.pairs import OUTBOUND
 from tests.support.admin import AdminClient
-from tests.support.component_client import connect_component
-from tests.support.dnsserver import TestDNSServer
 from tests.support.ejabberd import SRV_TARGET, EjabberdError, EjabberdServer, ejabberd_available
+from tests.support.federation import add_component, start_dns
 from tests.support.gateway import gateway_config, publish, shared_ca, start_gateway, temp_dir
 
 if not ejabberd_available():
@@ -64,9 +63,7 @@ class _WithEjabberd:
 
     @defer.inlineCallbacks
     def setUp(self):
-        self.dns = TestDNSServer(reactor)
-        dns_port = self.dns.start()
-        self.addCleanup(self.dns.stop)
+        self.dns, dns_port = start_dns(self)
         self.ejabberd = EjabberdServer(EJ, dns_port=dns_port, tls_issuer=self.ejabberd_issuer(),
                                        trusted_cas=(shared_ca(),))
         self.addCleanup(self.ejabberd.cleanup)
@@ -85,9 +82,7 @@ class _WithEjabberd:
         publish(self.dns, self.gateway, [GW, CHAT, NEWS, NOCERT], SRV_TARGET)
         self.clients = {}
         for domain, secret in ((CHAT, "s-chat"), (NEWS, "s-news"), (NOCERT, "s-nocert")):
-            client = yield connect_component(reactor, "127.0.0.1", self.gateway.port_of("components"),
-                                             domain, secret, timeout=TIMEOUT)
-            self.addCleanup(client.close)
+            client = yield add_component(self, self.gateway, domain, secret, timeout=TIMEOUT)
             self.clients[domain] = client
 
     def ping(self, local: str, n: int) -> None:

@@ -12,14 +12,13 @@ from twisted.internet import defer, reactor, task, utils
 from twisted.trial import unittest
 
 from fedgate.s2s.pairs import INBOUND, OUTBOUND, VALID
-from tests.support.component_client import connect_component
-from tests.support.dnsserver import TestDNSServer
-from tests.support.gateway import gateway_config, publish, start_gateway, temp_dir
+from tests.support.federation import TwoGatewaysFixture
+from tests.support.gateway import gateway_config, temp_dir
 
 TIMEOUT = 15
 
 
-class TwoGateways(unittest.TestCase):
+class TwoGateways(TwoGatewaysFixture, unittest.TestCase):
     """Without bidi: each side opens its own outbound stream."""
 
     timeout = 60
@@ -27,21 +26,11 @@ class TwoGateways(unittest.TestCase):
 
     @defer.inlineCallbacks
     def setUp(self):
-        self.dns = TestDNSServer(reactor)
-        dns_port = self.dns.start()
-        self.addCleanup(self.dns.stop)
-        self.a = yield start_gateway(reactor, gateway_config(
-            temp_dir(self), ["a.example"], {"chat.a.example": "secret-a"}, bidi=self.bidi), dns_port, self)
-        self.b = yield start_gateway(reactor, gateway_config(
-            temp_dir(self), ["b.example"], {"chat.b.example": "secret-b"}, bidi=self.bidi), dns_port, self)
-        publish(self.dns, self.a, ["a.example", "chat.a.example"], "gw-a.example")
-        publish(self.dns, self.b, ["b.example", "chat.b.example"], "gw-b.example")
-        self.ca = yield connect_component(reactor, "127.0.0.1", self.a.port_of("components"),
-                                          "chat.a.example", "secret-a")
-        self.addCleanup(self.ca.close)
-        self.cb = yield connect_component(reactor, "127.0.0.1", self.b.port_of("components"),
-                                          "chat.b.example", "secret-b")
-        self.addCleanup(self.cb.close)
+        yield self.start_two_gateways(
+            gateway_config(temp_dir(self), ["a.example"], {"chat.a.example": "secret-a"}, bidi=self.bidi),
+            gateway_config(temp_dir(self), ["b.example"], {"chat.b.example": "secret-b"}, bidi=self.bidi))
+        self.ca = yield self.add_component(self.a, "chat.a.example", "secret-a")
+        self.cb = yield self.add_component(self.b, "chat.b.example", "secret-b")
 
     @defer.inlineCallbacks
     def test_messages_both_ways(self):
@@ -112,7 +101,7 @@ class TwoGateways(unittest.TestCase):
         self.assertEqual(self.a.sender.accepted, self.a.sender.delivered + self.a.sender.bounced)
 
 
-class TwoGatewaysBidi(unittest.TestCase):
+class TwoGatewaysBidi(TwoGatewaysFixture, unittest.TestCase):
     """With bidi (the default): one long-lived TCP connection carries both
     directions, and B adds a further domain in the reverse direction instead
     of opening a connection of its own (XEP-0288's conference.montague.lit)."""
@@ -121,25 +110,13 @@ class TwoGatewaysBidi(unittest.TestCase):
 
     @defer.inlineCallbacks
     def setUp(self):
-        self.dns = TestDNSServer(reactor)
-        dns_port = self.dns.start()
-        self.addCleanup(self.dns.stop)
-        self.a = yield start_gateway(reactor, gateway_config(
-            temp_dir(self), ["a.example"], {"chat.a.example": "secret-a"}), dns_port, self)
-        self.b = yield start_gateway(reactor, gateway_config(
-            temp_dir(self), ["b.example"], {"chat.b.example": "secret-b", "muc.b.example": "secret-m"},
-            reverse_dialback=True), dns_port, self)
-        publish(self.dns, self.a, ["a.example", "chat.a.example"], "gw-a.example")
-        publish(self.dns, self.b, ["b.example", "chat.b.example", "muc.b.example"], "gw-b.example")
-        self.ca = yield connect_component(reactor, "127.0.0.1", self.a.port_of("components"),
-                                          "chat.a.example", "secret-a")
-        self.addCleanup(self.ca.close)
-        self.cb = yield connect_component(reactor, "127.0.0.1", self.b.port_of("components"),
-                                          "chat.b.example", "secret-b")
-        self.addCleanup(self.cb.close)
-        self.muc = yield connect_component(reactor, "127.0.0.1", self.b.port_of("components"),
-                                           "muc.b.example", "secret-m")
-        self.addCleanup(self.muc.close)
+        yield self.start_two_gateways(
+            gateway_config(temp_dir(self), ["a.example"], {"chat.a.example": "secret-a"}),
+            gateway_config(temp_dir(self), ["b.example"], {"chat.b.example": "secret-b", "muc.b.example": "secret-m"},
+                           reverse_dialback=True))
+        self.ca = yield self.add_component(self.a, "chat.a.example", "secret-a")
+        self.cb = yield self.add_component(self.b, "chat.b.example", "secret-b")
+        self.muc = yield self.add_component(self.b, "muc.b.example", "secret-m")
 
     @defer.inlineCallbacks
     def test_both_directions_over_one_connection(self):

@@ -18,8 +18,7 @@ from twisted.trial import unittest
 
 from fedgate.s2s.pairs import INBOUND
 from fedgate.stream import namespaces as ns
-from tests.support.component_client import connect_component
-from tests.support.dnsserver import TestDNSServer
+from tests.support.federation import add_component, start_dns
 from tests.support.rawpeer import RawPeer, Reply
 from tests.support.gateway import gateway_config, start_gateway, temp_dir
 
@@ -102,9 +101,7 @@ class GatewayCase(unittest.TestCase):
 
     @defer.inlineCallbacks
     def setUp(self):
-        self.dns = TestDNSServer(reactor)
-        dns_port = self.dns.start()
-        self.addCleanup(self.dns.stop)
+        self.dns, dns_port = start_dns(self)
         config = gateway_config(temp_dir(self), [DOMAIN], {COMPONENT: SECRET},
                                 auth_timeout=self.auth_timeout)
         config["limits"] = {"max_stanza_bytes": MAX_STANZA, "max_depth": MAX_DEPTH,
@@ -114,9 +111,7 @@ class GatewayCase(unittest.TestCase):
         router = self.gateway.router
         original = router.route
         router.route = lambda stanza, *args: (self.routed.append(stanza), original(stanza, *args))[1]
-        self.component = yield connect_component(
-            reactor, "127.0.0.1", self.gateway.port_of("components"), COMPONENT, SECRET)
-        self.addCleanup(self.component.close)
+        self.component = yield add_component(self, self.gateway, COMPONENT, SECRET)
 
     @defer.inlineCallbacks
     def send_and_wait_for_close(self, payload: bytes):

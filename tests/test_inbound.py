@@ -2,43 +2,22 @@
 
 from __future__ import annotations
 
-from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from fedgate.policy import PeerPolicy, PolicyTable
 from fedgate.s2s import dialback
-from fedgate.s2s.context import S2SContext, VerificationBudget
+from fedgate.s2s.context import VerificationBudget
 from fedgate.s2s.inbound import InboundS2S
 from fedgate.s2s.pairs import INVALID, PENDING, VALID, ConnectionTable
 from fedgate.s2s.verifier import DialbackError
 from fedgate.stream import namespaces as ns
 from fedgate.stream.errors import error_condition
 from tests.support.memory import MemoryStream, RecordingRouter, server_header
+from tests.support.s2s import FakeVerifier, make_context
 
 SECRET = "authoritative secret"
 LOCAL = frozenset({"gw.example", "chat.gw.example"})
-
-
-class FakeVerifier:
-    def __init__(self):
-        self.calls: list = []
-        self.cancelled: list = []
-        #: False: the test says when each verification's connection is gone
-        self.finish_with_answer = True
-        self.finishers: list = []
-
-    def verify(self, receiving, originating, stream_id, key, finished=None):
-        # Like a verification whose connection ends with its answer (or
-        # with its cancellation): ``finished`` comes then.
-        d = defer.Deferred(lambda _: self.cancelled.append((receiving, originating)))
-        if finished is not None:
-            if self.finish_with_answer:
-                d.addBoth(lambda result: (finished(), result)[1])
-            else:
-                self.finishers.append(finished)
-        self.calls.append(((receiving, originating, stream_id, key), d))
-        return d
 
 
 class InboundCase(unittest.TestCase):
@@ -53,10 +32,10 @@ class InboundCase(unittest.TestCase):
         # Plaintext dialback (no TLS contexts here): encryption optional.
         policy = PolicyTable(PeerPolicy(encryption="optional"),
                              {d: PeerPolicy(d, allowed=False) for d in blocked})
-        ctx = S2SContext(clock=self.clock, local_domains=LOCAL, secret=SECRET, table=self.table,
-                         router=self.router, verifier=self.verifier, budget=self.budget,
-                         auth_timeout=90.0, max_pending_per_stream=per_stream, policy=policy,
-                         max_pairs_per_connection=max_pairs)
+        ctx = make_context(self.clock, local_domains=LOCAL, secret=SECRET, table=self.table,
+                           router=self.router, verifier=self.verifier, budget=self.budget,
+                           auth_timeout=90.0, max_pending_per_stream=per_stream, policy=policy,
+                           max_pairs_per_connection=max_pairs)
         self.handler = InboundS2S(ctx)
         stream = MemoryStream(self.handler, self.clock)
         attrs = {"to": "gw.example", "from": "remote.example", "version": "1.0"}
@@ -372,9 +351,9 @@ class TLSPolicyTests(InboundCase):
 
     def open_with_tls(self, **policy):
         ctx_policy = PolicyTable(PeerPolicy(**policy))
-        ctx = S2SContext(clock=self.clock, local_domains=LOCAL, secret=SECRET, table=self.table,
-                         router=self.router, verifier=self.verifier, budget=self.budget,
-                         policy=ctx_policy, tls=object())
+        ctx = make_context(self.clock, local_domains=LOCAL, secret=SECRET, table=self.table,
+                           router=self.router, verifier=self.verifier, budget=self.budget,
+                           policy=ctx_policy, tls=object())
         self.handler = InboundS2S(ctx)
         stream = MemoryStream(self.handler, self.clock)
         stream.feed(server_header(to="gw.example", **{"from": "remote.example"}, version="1.0"))
@@ -426,8 +405,8 @@ class PeerLimitTests(InboundCase):
         self.table = ConnectionTable()
         policy = PolicyTable(PeerPolicy(encryption="optional"),
                              {"remote.example": PeerPolicy("remote.example", encryption="optional", **limits)})
-        ctx = S2SContext(clock=self.clock, local_domains=LOCAL, secret=SECRET, table=self.table,
-                         router=self.router, verifier=self.verifier, budget=self.budget, policy=policy)
+        ctx = make_context(self.clock, local_domains=LOCAL, secret=SECRET, table=self.table,
+                           router=self.router, verifier=self.verifier, budget=self.budget, policy=policy)
         self.handler = InboundS2S(ctx)
         stream = MemoryStream(self.handler, self.clock)
         stream.feed(server_header(to="gw.example", **{"from": "remote.example"}, version="1.0"))

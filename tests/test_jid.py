@@ -26,13 +26,13 @@ from fedgate.s2s.inbound import InboundS2S
 from fedgate.stream import namespaces as ns
 from fedgate.stream.errors import error_condition, is_bounceable, make_error_reply
 from tests.support.admin import AdminClient
-from tests.support.component_client import connect_component
-from tests.support.dnsserver import TestDNSServer
-from tests.support.gateway import gateway_config, publish, start_gateway, temp_dir
+from tests.support.federation import TwoGatewaysFixture, add_component, start_dns
+from tests.support.gateway import gateway_config, start_gateway, temp_dir
 from tests.support.memory import MemoryStream
 from tests.support.rawpeer import RawPeer, Reply
+from tests.support.s2s import RecordingSender
+from tests.support.s2speer import TIMEOUT, s2s_header, wait_until
 from tests.test_inbound import InboundCase
-from tests.test_starttls_injection import TIMEOUT, s2s_header, wait_until
 from tests.test_xep0225 import Xep0225Case
 
 L1023, L1024 = "u" * 1023, "u" * 1024
@@ -109,19 +109,11 @@ def message(sender, to, id="m"):
     return el
 
 
-class Sender:
-    def __init__(self):
-        self.sent = []
-
-    def send(self, local, remote, stanza):
-        self.sent.append((local, remote, stanza))
-
-
 class BounceTests(unittest.TestCase):
     def setUp(self):
         self.router = Router(["gw.example"], ["chat.gw.example"])
         self.router.local_handler = LocalHandler(self.router)
-        self.router.sender = self.sender = Sender()
+        self.router.sender = self.sender = RecordingSender()
 
     def test_never_addressed_to_a_malformed_jid(self):
         self.router.bounce(message(f"{L1024}@remote.example", "b@chat.gw.example"), "service-unavailable")
@@ -153,7 +145,7 @@ class S2SInMemoryTests(InboundCase):
         super().setUp()
         self.router = Router(["gw.example"], ["chat.gw.example"])
         self.router.local_handler = LocalHandler(self.router)
-        self.router.sender = self.sender = Sender()
+        self.router.sender = self.sender = RecordingSender()
         self.component = []
         self.router.bind("chat.gw.example", type("C", (), {"deliver": self.component.append})())
 
@@ -223,7 +215,7 @@ class ComponentInMemoryTests(unittest.TestCase):
     def setUp(self):
         self.router = Router(["gw.example"], ["chat.gw.example"])
         self.router.local_handler = LocalHandler(self.router)
-        self.router.sender = self.sender = Sender()
+        self.router.sender = self.sender = RecordingSender()
         self.handler = ComponentAccept({"chat.gw.example": "s"}, self.router, task.Clock())
         self.stream = MemoryStream(self.handler, stream_ns=ns.COMPONENT_ACCEPT)
         self.stream.feed("<stream:stream xmlns='jabber:component:accept' "
@@ -260,7 +252,7 @@ class ComponentInMemoryTests(unittest.TestCase):
 
 # -- over loopback ---------------------------------------------------------------
 
-class S2SOverLoopbackTests(unittest.TestCase):
+class S2SOverLoopbackTests(TwoGatewaysFixture, unittest.TestCase):
     """Gateway a.example (bidi on, so our bounces come back on the peer's own
     stream), gateway b.example as b.example's Authoritative Server, a raw
     peer as b.example's Originating Server."""
@@ -269,19 +261,11 @@ class S2SOverLoopbackTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def setUp(self):
-        self.dns = TestDNSServer(reactor)
-        dns_port = self.dns.start()
-        self.addCleanup(self.dns.stop)
         optional = {"encryption": "optional"}
-        self.a = yield start_gateway(reactor, gateway_config(
-            temp_dir(self), ["a.example"], {"chat.a.example": "secret-a"}, policy=optional), dns_port, self)
-        self.b = yield start_gateway(reactor, gateway_config(
-            temp_dir(self), ["b.example"], {}, policy=optional), dns_port, self)
-        publish(self.dns, self.a, ["a.example", "chat.a.example"], "gw-a.example")
-        publish(self.dns, self.b, ["b.example"], "gw-b.example")
-        self.component = yield connect_component(reactor, "127.0.0.1", self.a.port_of("components"),
-                                                 "chat.a.example", "secret-a")
-        self.addCleanup(self.component.close)
+        yield self.start_two_gateways(
+            gateway_config(temp_dir(self), ["a.example"], {"chat.a.example": "secret-a"}, policy=optional),
+            gateway_config(temp_dir(self), ["b.example"], {}, policy=optional))
+        self.component = yield self.add_component(self.a, "chat.a.example", "secret-a")
 
     @defer.inlineCallbacks
     def authenticated_peer(self):
@@ -336,14 +320,10 @@ class ComponentOverLoopbackTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def setUp(self):
-        self.dns = TestDNSServer(reactor)
-        dns_port = self.dns.start()
-        self.addCleanup(self.dns.stop)
+        self.dns, dns_port = start_dns(self)
         self.a = yield start_gateway(reactor, gateway_config(
             temp_dir(self), ["a.example"], {"chat.a.example": "secret-a"}), dns_port, self)
-        self.component = yield connect_component(reactor, "127.0.0.1", self.a.port_of("components"),
-                                                 "chat.a.example", "secret-a")
-        self.addCleanup(self.component.close)
+        self.component = yield add_component(self, self.a, "chat.a.example", "secret-a")
 
     @defer.inlineCallbacks
     def test_1024_byte_parts_get_jid_malformed(self):
@@ -381,9 +361,7 @@ class AdminOverLoopbackTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_domains_past_1023_bytes_are_refused(self):
-        dns = TestDNSServer(reactor)
-        dns_port = dns.start()
-        self.addCleanup(dns.stop)
+        dns, dns_port = start_dns(self)
         gateway = yield start_gateway(reactor, gateway_config(temp_dir(self), ["a.example"], {}), dns_port, self)
         admin = AdminClient(reactor, gateway)
         bad = yield admin.put(f"/api/v1/peers/{D1024}", {"allowed": False})

@@ -12,10 +12,10 @@ from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
 from fedgate.stream import namespaces as ns
-from tests.support.dnsserver import TestDNSServer
+from tests.support.federation import start_dns
 from tests.support.gateway import gateway_config, start_gateway, temp_dir
 from tests.support.rawpeer import RawPeer, Reply
-from tests.test_starttls_injection import s2s_header, wait_until
+from tests.support.s2speer import s2s_header, wait_until
 
 GW = "gw.example"
 
@@ -52,9 +52,7 @@ class AddressRuleCase(unittest.TestCase):
 
     @defer.inlineCallbacks
     def setUp(self):
-        self.dns = TestDNSServer(reactor)
-        dns_port = self.dns.start()
-        self.addCleanup(self.dns.stop)
+        self.dns, dns_port = start_dns(self)
         self.listener = Listener()
         port = reactor.listenTCP(0, self.listener, interface="127.0.0.1")
         self.addCleanup(port.stopListening)

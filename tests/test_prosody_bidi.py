@@ -43,9 +43,10 @@ from twisted.trial import unittest
 
 from fedgate.s2s.pairs import INBOUND, LOCAL, OUTBOUND, REMOTE
 from tests.support.component_client import connect_component
-from tests.support.dnsserver import TestDNSServer
+from tests.support.federation import add_component, start_dns
 from tests.support.gateway import gateway_config, publish, shared_ca, start_gateway, temp_dir
-from tests.support.prosody import BIDI_MODULE, ProsodyError, ProsodyServer, prosody_available
+from tests.support.prosody import BIDI_MODULE, prosody_available
+from tests.support.prosody_federation import start_prosody
 
 if not prosody_available():
     pytest.skip("prosody is not installed (scripts/bootstrap --test installs it)",
@@ -91,21 +92,9 @@ class _BidiFederation:
 
     @defer.inlineCallbacks
     def setUp(self):
-        self.dns = TestDNSServer(reactor)
-        dns_port = self.dns.start()
-        self.addCleanup(self.dns.stop)
-        self.prosody = ProsodyServer(PROSODY, components={PROSODY_COMPONENT: "secret-p"},
-                                     dns_port=dns_port, s2s_require_encryption=True,
-                                     modules_enabled=[BIDI_MODULE], **self.prosody_options())
-        self.addCleanup(self.prosody.cleanup)
-        self.dns.add_a("xmpp.prosody.example", "127.0.0.1")
-        for domain in (PROSODY, PROSODY_COMPONENT):
-            self.dns.add_srv(f"_xmpp-server._tcp.{domain}", 0, 0, self.prosody.s2s_port,
-                             "xmpp.prosody.example")
-        try:
-            self.prosody.start()
-        except ProsodyError as e:
-            self.fail(str(e))
+        self.dns, dns_port = start_dns(self)
+        self.prosody = start_prosody(self, self.dns, dns_port, modules_enabled=[BIDI_MODULE],
+                                     **self.prosody_options())
         # fedgate starts after Prosody so that it stops first (see
         # test_prosody_interop).
         self.gateway = yield start_gateway(reactor, gateway_config(
@@ -114,10 +103,7 @@ class _BidiFederation:
         publish(self.dns, self.gateway, [GW, GW_COMPONENT, GW_ROOM], "xmpp.gw.example")
         self.gone = []  # every S2S record that left fedgate's table during the test
         self.gateway.table.on_removed(self.gone.append)
-        self.gw_comp = yield connect_component(
-            reactor, "127.0.0.1", self.gateway.port_of("components"), GW_COMPONENT, "secret-gw",
-            timeout=TIMEOUT)
-        self.addCleanup(self.gw_comp.close)
+        self.gw_comp = yield add_component(self, self.gateway, GW_COMPONENT, "secret-gw", timeout=TIMEOUT)
         self.prosody_comp = yield connect_component(
             reactor, "127.0.0.1", self.prosody.component_port, PROSODY_COMPONENT, "secret-p",
             timeout=TIMEOUT)
@@ -247,9 +233,7 @@ class SaslExternalBidi(_BidiFederation, unittest.TestCase):
         request as an answer: invalid-id), so fedgate leaves it off by default
         (s2s.reverse_dialback) and opens a connection of its own instead;
         Prosody's stream survives."""
-        room = yield connect_component(reactor, "127.0.0.1", self.gateway.port_of("components"),
-                                       GW_ROOM, "secret-room", timeout=TIMEOUT)
-        self.addCleanup(room.close)
+        room = yield add_component(self, self.gateway, GW_ROOM, "secret-room", timeout=TIMEOUT)
         yield self.converse(self.prosody_comp, self.gw_comp, rounds=1)
         [prosody_stream] = list(self.gateway.table)
         room.send(f"<message from='r@{GW_ROOM}' to='b@{PROSODY_COMPONENT}' id='room'/>")

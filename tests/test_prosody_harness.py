@@ -17,7 +17,7 @@ from twisted.internet import defer, protocol, reactor
 from twisted.trial import unittest
 
 from tests.support.component_client import connect_component
-from tests.support.dnsserver import TestDNSServer
+from tests.support.federation import start_dns
 from tests.support.prosody import KEEP_ENV, ProsodyError, ProsodyServer, prosody_available
 
 if not prosody_available():
@@ -167,9 +167,7 @@ class ProsodyComponentTests(unittest.TestCase):
         self.addCleanup(listening.stopListening)
         self.addCleanup(peer.close_all)
 
-        dns_server = TestDNSServer(reactor)
-        dns_port = dns_server.start()
-        self.addCleanup(dns_server.stop)
+        dns_server, dns_port = start_dns(self)
         dns_server.add_srv(
             "_xmpp-server._tcp.gw.example", 0, 0, listening.getHost().port, "xmpp.gw.example"
         )

@@ -23,9 +23,10 @@ runs with ``s2s_require_encryption = true``.  Two ways to authenticate:
   pair authenticates by dialback, with fedgate calling Prosody back over a
   TLS connection of its own.
 
-Besides: Direct TLS (XEP-0368) both ways, each side preferring the other's
-``_xmpps-server`` records; fedgate's certificate policy refusing a Prosody
-whose certificate it does not trust; and Prosody shutting down mid-session.
+Besides: Prosody shutting down mid-session.  Direct TLS (XEP-0368) and
+fedgate's certificate policy refusing a Prosody whose certificate it does
+not trust are in test_prosody_tls_interop.py; the shared setup is in
+tests/support/prosody_federation.py.
 
 What Prosody 0.12 does that a peer must cope with: it opens its streams
 with an empty ``id``; it tries SASL EXTERNAL whenever it is offered over
@@ -43,188 +44,24 @@ from __future__ import annotations
 import re
 
 import pytest
-from twisted.internet import defer, reactor, ssl, task
-from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet import defer, reactor, task
 from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
-from twisted.words.protocols.jabber import client, jid
 
 from fedgate.s2s.pairs import INBOUND, OUTBOUND
-from tests.support.component_client import ComponentClient, connect_component
-from tests.support.dnsserver import TestDNSServer
-from tests.support.gateway import gateway_config, publish, start_gateway, temp_dir
 from tests.support.gateway import shared_ca
 from tests.support.pki import TestCA
-from tests.support.prosody import ProsodyError, ProsodyServer, prosody_available
+from tests.support.prosody import prosody_available
+from tests.support.prosody_federation import (
+    DIALBACK, GW, GW_COMPONENT, GW_OFFLINE, GW_UNKNOWN, PROSODY, PROSODY_COMPONENT, SASL_EXTERNAL,
+    ProsodyFederation, connect_user, untrusted_ca)
 
 if not prosody_available():
     pytest.skip("prosody is not installed (scripts/bootstrap --test installs it)",
                 allow_module_level=True)
 
-TIMEOUT = 15
 
-GW = "gw.example"
-GW_COMPONENT = "chat.gw.example"
-GW_OFFLINE = "offline.gw.example"  # configured, but no component connects
-GW_UNKNOWN = "elsewhere.gw.example"  # its SRV points at fedgate, which does not serve it
-PROSODY = "prosody.example"
-PROSODY_COMPONENT = "svc.prosody.example"
-
-SASL_EXTERNAL = "sasl-external"
-DIALBACK = "dialback"
-TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
-
-_untrusted_ca: TestCA | None = None
-
-
-def untrusted_ca() -> TestCA:
-    """A CA nobody in these tests trusts (made once: key generation is cheap,
-    but not free)."""
-    global _untrusted_ca
-    if _untrusted_ca is None:
-        _untrusted_ca = shared_ca().other_ca()
-    return _untrusted_ca
-
-
-@defer.inlineCallbacks
-def connect_user(port: int, user_jid: str, password: str, ca: TestCA):
-    """Log a Prosody user in over c2s with STARTTLS (required; Prosody's
-    certificate checked against ``ca``), SASL, bind and session.  Fires
-    with a client that has the same interface as the component client
-    (``send``, ``next_element``, ``close``) and ``jid``, the bound full JID."""
-    user = ComponentClient(reactor, user_jid, password)
-    trust = ssl.Certificate.loadPEM(ca.root_pem())
-    authenticator = client.XMPPAuthenticator(
-        jid.JID(user_jid), password,
-        configurationForTLS=ssl.optionsForClientTLS(jid.JID(user_jid).host, trustRoot=trust))
-    user.factory.args = (authenticator,)  # XmlStreamFactoryMixin builds streams with these
-    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=TIMEOUT)
-    connecting = endpoint.connect(user.factory)
-    connecting.addErrback(user._fail_authentication)
-    try:
-        yield user.when_authenticated().addTimeout(TIMEOUT, reactor)
-    except Exception:
-        if user.xmlstream is not None and user.xmlstream.transport is not None:
-            user.xmlstream.transport.abortConnection()
-        raise
-    user.jid = authenticator.jid.full()
-    return user
-
-
-class _Federation:
-    """Starts the DNS server, fedgate with two components, and Prosody with
-    one; subclasses say how each side is configured for TLS."""
-
-    timeout = 90
-
-    #: ProsodyServer keyword arguments for TLS and authentication
-    def prosody_options(self) -> dict:
-        raise NotImplementedError
-
-    #: extra [s2s] settings for fedgate
-    def gateway_s2s(self) -> dict:
-        return {}
-
-    @defer.inlineCallbacks
-    def setUp(self):
-        self.dns = TestDNSServer(reactor)
-        dns_port = self.dns.start()
-        self.addCleanup(self.dns.stop)
-
-        self.prosody = ProsodyServer(PROSODY, components={PROSODY_COMPONENT: "secret-p"},
-                                     dns_port=dns_port, s2s_require_encryption=True,
-                                     **self.prosody_options())
-        self.addCleanup(self.prosody.cleanup)
-        self.dns.add_a("xmpp.prosody.example", "127.0.0.1")
-        for domain in (PROSODY, PROSODY_COMPONENT):
-            self.dns.add_srv(f"_xmpp-server._tcp.{domain}", 0, 0, self.prosody.s2s_port,
-                             "xmpp.prosody.example")
-        try:
-            self.prosody.start()
-        except ProsodyError as e:
-            self.fail(str(e))
-
-        # fedgate starts after Prosody so that it stops first: Prosody sent
-        # SIGTERM with s2s sessions still open lingers for a second (its
-        # main loop retries closing them on a one-second timer).
-        self.gateway = yield start_gateway(reactor, gateway_config(
-            temp_dir(self), [GW], {GW_COMPONENT: "secret-gw", GW_OFFLINE: "secret-off"},
-            **self.gateway_s2s()), dns_port, self)
-        publish(self.dns, self.gateway, [GW, GW_COMPONENT, GW_OFFLINE, GW_UNKNOWN],
-                "xmpp.gw.example")
-        self.publish_more()
-
-        self.gw_comp = yield connect_component(
-            reactor, "127.0.0.1", self.gateway.port_of("components"),
-            GW_COMPONENT, "secret-gw", timeout=TIMEOUT)
-        self.addCleanup(self.gw_comp.close)
-        self.prosody_comp = yield connect_component(
-            reactor, "127.0.0.1", self.prosody.component_port,
-            PROSODY_COMPONENT, "secret-p", timeout=TIMEOUT)
-        self.addCleanup(self.prosody_comp.close)
-
-    def publish_more(self) -> None:
-        """Further DNS records, once both servers listen."""
-
-    @defer.inlineCallbacks
-    def receive(self, peer, what: str):
-        """The next element ``peer`` receives; on timeout fail with both
-        sides' state and Prosody's log."""
-        try:
-            element = yield peer.next_element(timeout=TIMEOUT)
-        except defer.TimeoutError:
-            self.fail(f"{peer.domain} received no {what} within {TIMEOUT} s\n"
-                      + self.diagnostics())
-        return element
-
-    def diagnostics(self) -> str:
-        records = [(r.direction, r.remote_domain, r.remote_address, r.tls,
-                    sorted((p.local, p.remote, p.state, p.method) for p in r.pairs.values()))
-                   for r in self.gateway.table]
-        return (f"fedgate connections: {records}\n"
-                f"DNS queries: {self.dns.queries}\n{self.prosody.log_tail(150)}")
-
-    def assertAttrs(self, element, expected: dict):
-        got = {k: element.getAttribute(k) for k in expected}
-        self.assertEqual(got, expected, f"{element.toXml()}\n{self.diagnostics()}")
-
-    def valid_pairs(self, direction: str) -> list[tuple[str, str, str]]:
-        """(local, remote, method) of every valid pair fedgate has in one
-        direction, after checking that each stream carrying one is
-        encrypted and that its certificate check came out as expected."""
-        found = []
-        for record in self.gateway.table:
-            if record.direction != direction or not record.valid_pairs():
-                continue
-            self.assertIsNotNone(record.tls, f"unencrypted {direction} stream\n{self.diagnostics()}")
-            self.assertIn(record.tls["version"], TLS_VERSIONS, self.diagnostics())
-            self.assertEqual(record.tls["chain_ok"], self.chain_ok, self.diagnostics())
-            found += [(p.local, p.remote, p.method) for p in record.valid_pairs()]
-        return sorted(found)
-
-    @staticmethod
-    def conditions(stanza) -> list[str]:
-        """The defined conditions of an error stanza."""
-        return [c.name for c in stanza.error.elements()
-                if c.uri == "urn:ietf:params:xml:ns:xmpp-stanzas" and c.name != "text"]
-
-    @defer.inlineCallbacks
-    def exchange_messages(self):
-        """One message each way between the components."""
-        self.gw_comp.send(f"<message from='a@{GW_COMPONENT}' to='b@{PROSODY_COMPONENT}' "
-                          "id='x1'><body>1</body></message>")
-        got = yield self.receive(self.prosody_comp, "message from fedgate")
-        self.assertAttrs(got, {"id": "x1"})
-        self.prosody_comp.send(f"<message from='b@{PROSODY_COMPONENT}' to='a@{GW_COMPONENT}' "
-                               "id='x2'><body>2</body></message>")
-        got = yield self.receive(self.gw_comp, "message from Prosody")
-        self.assertAttrs(got, {"id": "x2"})
-
-    def assert_prosody_logged(self, pattern: str) -> None:
-        self.assertRegex(self.prosody.log_text(), pattern, self.prosody.log_tail(150))
-
-
-class _Scenarios(_Federation):
+class _Scenarios(ProsodyFederation):
     """What must work whatever the authentication method: ``method`` is the
     one expected on each first stream, in both directions."""
 
@@ -516,97 +353,3 @@ class DialbackOverTLSInterop(_Scenarios, unittest.TestCase):
             self.assertRegex(log, pattern, self.prosody.log_tail(150))
         self.assertNotRegex(log, r"Accepting SASL EXTERNAL|Initiating SASL EXTERNAL",
                             self.prosody.log_tail(150))
-
-
-class DirectTLSInterop(_Federation, unittest.TestCase):
-    """XEP-0368 both ways: each side publishes ``_xmpps-server`` SRV records
-    for a Direct TLS port, which the other prefers over STARTTLS; SASL
-    EXTERNAL as with STARTTLS (Prosody sends SNI, fedgate SNI and ALPN)."""
-
-    chain_ok = True
-
-    def prosody_options(self) -> dict:
-        return {"s2s_secure_auth": True, "tls_issuer": shared_ca(), "trusted_cas": [shared_ca()],
-                "s2s_direct_tls": True}
-
-    def gateway_s2s(self) -> dict:
-        return {"direct_tls_listen": ["tcp:0:interface=127.0.0.1"],
-                "peers": {d: {"authentication": "certificate"}
-                          for d in (PROSODY, PROSODY_COMPONENT)}}
-
-    def publish_more(self) -> None:
-        gateway_port = self.gateway.port_of("s2s_direct_tls")
-        for domain in (GW, GW_COMPONENT):
-            self.dns.add_srv(f"_xmpps-server._tcp.{domain}", 0, 0, gateway_port, "xmpp.gw.example")
-        for domain in (PROSODY, PROSODY_COMPONENT):
-            self.dns.add_srv(f"_xmpps-server._tcp.{domain}", 0, 0,
-                             self.prosody.s2s_direct_tls_port, "xmpp.prosody.example")
-
-    @defer.inlineCallbacks
-    def test_messages_both_ways_over_direct_tls(self):
-        yield self.exchange_messages()
-        pair = [(GW_COMPONENT, PROSODY_COMPONENT, SASL_EXTERNAL)]
-        self.assertEqual(self.valid_pairs(OUTBOUND), pair, self.diagnostics())
-        self.assertEqual(self.valid_pairs(INBOUND), pair, self.diagnostics())
-        outbound = [r for r in self.gateway.table if r.direction == OUTBOUND]
-        self.assertEqual([r.remote_address for r in outbound],
-                         [f"127.0.0.1:{self.prosody.s2s_direct_tls_port}"], self.diagnostics())
-        self.assertIn((f"_xmpps-server._tcp.{GW_COMPONENT}", "SRV"), self.dns.queries)
-        self.assertIn((f"_xmpps-server._tcp.{PROSODY_COMPONENT}", "SRV"), self.dns.queries)
-        # Neither side asked the other for STARTTLS.
-        self.assertNotRegex(self.prosody.log_text(), r"TLS negotiation started|offering TLS",
-                            self.prosody.log_tail(150))
-
-
-class UntrustedCertificateRefused(_Federation, unittest.TestCase):
-    """fedgate requires certificate authentication from the Prosody domains,
-    whose certificate it does not trust: nothing gets through, and each
-    side's sender gets an error back."""
-
-    chain_ok = False
-
-    def prosody_options(self) -> dict:
-        return {"s2s_secure_auth": False, "tls_issuer": untrusted_ca(),
-                "trusted_cas": [shared_ca()]}
-
-    def gateway_s2s(self) -> dict:
-        return {"peers": {d: {"authentication": "certificate"}
-                          for d in (PROSODY, PROSODY_COMPONENT)}}
-
-    @defer.inlineCallbacks
-    def test_both_directions_bounce(self):
-        """fedgate's sender bounces with the policy's reason after STARTTLS;
-        fedgate answers Prosody's dialback request (it never offers SASL
-        EXTERNAL to such a peer) with an error, and Prosody bounces."""
-        self.gw_comp.send(f"<message from='a@{GW_COMPONENT}' to='b@{PROSODY_COMPONENT}' "
-                          "id='r1'><body>1</body></message>")
-        got = yield self.receive(self.gw_comp, "bounce from fedgate")
-        self.assertAttrs(got, {"type": "error", "id": "r1", "from": f"b@{PROSODY_COMPONENT}"})
-        self.assertEqual(self.conditions(got), ["policy-violation"], got.toXml())
-        self.assertIn(f"policy requires a valid certificate from {PROSODY_COMPONENT}",
-                      str(got.error.text))
-
-        self.prosody_comp.send(f"<message from='b@{PROSODY_COMPONENT}' to='a@{GW_COMPONENT}' "
-                               "id='r2'><body>2</body></message>")
-        got = yield self.receive(self.prosody_comp, "bounce from Prosody")
-        self.assertAttrs(got, {"type": "error", "id": "r2", "from": f"a@{GW_COMPONENT}"})
-        # Prosody 0.12 reports any failed s2s stream as remote-server-timeout.
-        self.assertIn("dialback authentication failed", str(got.error.text), got.toXml())
-        self.assertEqual(self.valid_pairs(INBOUND), [], self.diagnostics())
-        self.assertEqual(self.valid_pairs(OUTBOUND), [], self.diagnostics())
-        self.assertNotRegex(self.prosody.log_text(), r"Initiating SASL EXTERNAL",
-                            self.prosody.log_tail(150))
-
-
-def test_unloadable_certificate_is_reported():
-    """The harness does not start a Prosody that silently runs without TLS:
-    a key Prosody cannot load fails start() with certmanager's words."""
-    server = ProsodyServer(PROSODY, components={PROSODY_COMPONENT: "s"}, tls_issuer=shared_ca(),
-                           trusted_cas=[shared_ca()])
-    try:
-        (server.cert_dir / f"{PROSODY_COMPONENT}.key").write_text("not a key\n")
-        with pytest.raises(ProsodyError, match=rf"could not set up TLS: .*{PROSODY_COMPONENT}"):
-            server.start()
-        assert not server.running
-    finally:
-        server.cleanup()

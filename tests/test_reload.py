@@ -15,12 +15,11 @@ from twisted.trial import unittest
 
 from fedgate.policy import PeerPolicy
 from fedgate.tap import reload_on_sighup
-from tests.support.component_client import connect_component
-from tests.support.dnsserver import TestDNSServer
+from tests.support.federation import add_component, start_dns
 from tests.support.gateway import gateway_config, publish, shared_ca, start_gateway, temp_dir, write_config
+from tests.support.s2speer import PROCEED, STARTTLS, TLSPeer, s2s_header, wait_until
 from tests.test_admin_api import TIMEOUT, wait_for
 from tests.test_admin_live import error_of
-from tests.test_starttls_injection import PROCEED, STARTTLS, TLSPeer, s2s_header, wait_until
 
 
 class ReloadCase(unittest.TestCase):
@@ -28,9 +27,7 @@ class ReloadCase(unittest.TestCase):
 
     @defer.inlineCallbacks
     def setUp(self):
-        self.dns = TestDNSServer(reactor)
-        self.dns_port = self.dns.start()
-        self.addCleanup(self.dns.stop)
+        self.dns, self.dns_port = start_dns(self)
         self.state = Path(temp_dir(self))
         self.config_dict = gateway_config(str(self.state), ["a.example"], {"chat.a.example": "sa"})
         self.config_file = self.state / "fedgate.toml"
@@ -58,9 +55,7 @@ class ReloadCase(unittest.TestCase):
         gateway = yield start_gateway(reactor, gateway_config(
             temp_dir(self), [domain], {f"chat.{domain}": secret}), self.dns_port, self)
         publish(self.dns, gateway, [domain, f"chat.{domain}"], f"gw-{domain}")
-        component = yield connect_component(reactor, "127.0.0.1", gateway.port_of("components"),
-                                            f"chat.{domain}", secret)
-        self.addCleanup(component.close)
+        component = yield add_component(self, gateway, f"chat.{domain}", secret)
         return component
 
     @defer.inlineCallbacks
@@ -81,9 +76,7 @@ class ReloadCase(unittest.TestCase):
 class ReloadTests(ReloadCase):
     @defer.inlineCallbacks
     def test_new_block_and_certificate_leave_another_peers_connection_alone(self):
-        ca = yield connect_component(reactor, "127.0.0.1", self.a.port_of("components"),
-                                     "chat.a.example", "sa")
-        self.addCleanup(ca.close)
+        ca = yield add_component(self, self.a, "chat.a.example", "sa")
         cb = yield self.peer("b.example", "sb")
         cc = yield self.peer("c.example", "sc")
         for n, (to, client) in enumerate([("chat.b.example", cb), ("chat.c.example", cc)]):

@@ -8,6 +8,7 @@ from twisted.words.xish import domish
 from fedgate.local import LocalHandler
 from fedgate.router import Router
 from fedgate.stream import namespaces as ns
+from tests.support.s2s import RecordingSender
 
 
 class Session:
@@ -16,14 +17,6 @@ class Session:
 
     def deliver(self, stanza):
         self.got.append(stanza)
-
-
-class Sender:
-    def __init__(self):
-        self.sent = []
-
-    def send(self, local, remote, stanza):
-        self.sent.append((local, remote, stanza))
 
 
 def stanza(name="message", sender="a@chat.gw.example", to="b@remote.example", **attrs):
@@ -41,7 +34,7 @@ class RouterTests(unittest.TestCase):
     def setUp(self):
         self.router = Router(["gw.example"], ["chat.gw.example", "muc.gw.example"])
         self.router.local_handler = LocalHandler(self.router)
-        self.router.sender = self.sender = Sender()
+        self.router.sender = self.sender = RecordingSender()
         self.chat = Session()
         self.router.bind("chat.gw.example", self.chat)
 

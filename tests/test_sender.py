@@ -4,43 +4,18 @@ from __future__ import annotations
 
 import random
 
-from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 from twisted.words.xish import domish
 
 from fedgate.s2s.connect import ConnectError
-from fedgate.s2s.context import S2SContext, VerificationBudget
-from fedgate.policy import PeerPolicy, PolicyTable
 from fedgate.s2s import dialback
 from fedgate.s2s.pairs import INVALID, OUTBOUND, VALID, ConnectionTable
 from fedgate.s2s.sender import BACKOFF, IDLE, S2SSender, SenderSettings
-from tests.support.memory import MemoryStream, RecordingRouter, server_header
+from tests.support.memory import RecordingRouter, server_header
+from tests.support.s2s import FakeConnector, make_context
 
 SECRET = "s3cret"
-
-
-class FakeConnector:
-    """Connection attempts the test completes or fails by hand."""
-
-    def __init__(self, clock):
-        self.clock = clock
-        self.attempts: list = []
-
-    def connect(self, domain, factory):
-        d = defer.Deferred()
-        self.attempts.append((domain, factory, d))
-        return d
-
-    def succeed(self, index=-1) -> MemoryStream:
-        domain, factory, d = self.attempts[index]
-        protocol = factory(None)
-        peer = MemoryStream(None, self.clock, stream=protocol)
-        d.callback(protocol)
-        return peer
-
-    def fail(self, index=-1, condition="remote-server-not-found"):
-        self.attempts[index][2].errback(ConnectError(condition, "nothing there"))
 
 
 def message(n, sender="a@chat.gw.example", to="b@remote.example", **attrs):
@@ -58,10 +33,8 @@ class SenderCase(unittest.TestCase):
         self.router = RecordingRouter()
         self.table = ConnectionTable()
         self.connector = FakeConnector(self.clock)
-        self.ctx = S2SContext(clock=self.clock, local_domains=frozenset({"chat.gw.example", "gw.example"}),
-                              secret=SECRET, table=self.table, router=self.router, verifier=None,
-                              budget=VerificationBudget(10), auth_timeout=30.0,
-                              policy=PolicyTable(PeerPolicy(encryption="optional")))
+        self.ctx = make_context(self.clock, secret=SECRET, table=self.table, router=self.router,
+                                auth_timeout=30.0)
         self.settings = SenderSettings(max_stanzas=5, max_bytes=100_000, max_wait=60.0,
                                        backoff_initial=2.0, backoff_max=30.0)
         from fedgate.stream.protocol import XmppStream

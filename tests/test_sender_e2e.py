@@ -8,8 +8,7 @@ from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from tests.support.admin import AdminClient
-from tests.support.component_client import connect_component
-from tests.support.dnsserver import TestDNSServer
+from tests.support.federation import add_component, start_dns
 from tests.support.gateway import gateway_config, publish, shared_ca, start_gateway, temp_dir
 from tests.support.silentpeer import SilentDialbackPeer
 
@@ -28,15 +27,11 @@ class SenderEndToEnd(unittest.TestCase):
 
     @defer.inlineCallbacks
     def start(self, **s2s):
-        self.dns = TestDNSServer(reactor)
-        dns_port = self.dns.start()
-        self.addCleanup(self.dns.stop)
+        self.dns, dns_port = start_dns(self)
         self.gateway = yield start_gateway(reactor, gateway_config(
             temp_dir(self), ["gw.example"], {CHAT: "s-chat"}, **s2s), dns_port, self)
         publish(self.dns, self.gateway, ["gw.example", CHAT], "xmpp.gw.example")
-        self.client = yield connect_component(reactor, "127.0.0.1", self.gateway.port_of("components"),
-                                              CHAT, "s-chat", timeout=TIMEOUT)
-        self.addCleanup(self.client.close)
+        self.client = yield add_component(self, self.gateway, CHAT, "s-chat", timeout=TIMEOUT)
         self.admin = AdminClient(reactor, self.gateway)
 
     def send(self, n: int, domain: str) -> None:

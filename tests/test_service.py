@@ -6,7 +6,7 @@ from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.trial import unittest
 
-from tests.support.dnsserver import TestDNSServer
+from tests.support.federation import start_dns
 from tests.support.gateway import gateway_config, start_gateway, temp_dir
 from tests.support.rawpeer import RawPeer, Reply
 
@@ -20,9 +20,7 @@ class ShutdownTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_stop_closes_streams_with_system_shutdown(self):
-        dns = TestDNSServer(reactor)
-        dns_port = dns.start()
-        self.addCleanup(dns.stop)
+        dns, dns_port = start_dns(self)
         gateway = yield start_gateway(reactor, gateway_config(
             temp_dir(self), ["gw.example"], {"chat.gw.example": "s"}), dns_port)
         peer = RawPeer()

@@ -10,8 +10,7 @@ from pathlib import Path
 from twisted.internet import defer, protocol, reactor
 from twisted.trial import unittest
 
-from tests.support.component_client import connect_component
-from tests.support.dnsserver import TestDNSServer
+from tests.support.federation import add_component, start_dns
 from tests.support.gateway import gateway_config, publish, start_gateway, temp_dir
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,9 +47,7 @@ class SlixmppComponentTests(unittest.TestCase):
     def test_echo_component_across_federation(self):
         if slixmpp is None:
             raise unittest.SkipTest("slixmpp is not installed (scripts/bootstrap installs it)")
-        dns = TestDNSServer(reactor)
-        dns_port = dns.start()
-        self.addCleanup(dns.stop)
+        dns, dns_port = start_dns(self)
         a = yield start_gateway(reactor, gateway_config(temp_dir(self), ["a.example"], {"chat.a.example": "sa"}),
                                 dns_port, self)
         b = yield start_gateway(reactor, gateway_config(temp_dir(self), ["b.example"], {"echo.b.example": "se"}),
@@ -71,8 +68,7 @@ class SlixmppComponentTests(unittest.TestCase):
         self.addCleanup(stop)
         yield watcher.ready.addTimeout(20, reactor)
         self.assertIn("echo.b.example", b.router.components)
-        chat = yield connect_component(reactor, "127.0.0.1", a.port_of("components"), "chat.a.example", "sa")
-        self.addCleanup(chat.close)
+        chat = yield add_component(self, a, "chat.a.example", "sa")
         chat.send("<message from='u@chat.a.example' to='bot@echo.b.example' type='chat' id='m1'>"
                   "<body>hello slixmpp</body></message>")
         got = yield chat.next_element(timeout=15)

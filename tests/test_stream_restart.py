@@ -28,39 +28,17 @@ from fedgate.s2s.policy_check import SASL_EXTERNAL
 from fedgate.stream import namespaces as ns
 from fedgate.tls.contexts import TLSInfo
 from tests.support.admin import AdminClient
-from tests.support.component_client import connect_component
-from tests.support.dnsserver import TestDNSServer
-from tests.support.gateway import gateway_config, publish, shared_ca, start_gateway, temp_dir
+from tests.support.federation import TwoGatewaysFixture
+from tests.support.gateway import gateway_config, shared_ca, temp_dir
 from tests.support.rawpeer import Reply
-from tests.test_starttls_injection import (
-    DIALBACK_FEATURES, PROCEED, STARTTLS, TIMEOUT, FakeOwner, MemoryCase, TLSPeer, s2s_header,
-    wait_until)
+from tests.support.s2s import FakeOwner, FakeVerifier
+from tests.support.s2speer import (
+    DIALBACK_FEATURES, PROCEED, STARTTLS, TIMEOUT, TLSPeer, s2s_header, wait_until)
+from tests.test_starttls_injection import MemoryCase
 
 RESULT = b"<db:result from='evil.example' to='a.example'>k3y</db:result>"
 MESSAGE = (b"<message from='eve@evil.example' to='bob@chat.a.example' id='after'>"
            b"<body>over the old pair</body></message>")
-
-
-class KeepingVerifier:
-    """Hands out a Deferred per verification and keeps it, so a test can
-    answer as the Authoritative Server would, at the moment it chooses."""
-
-    def __init__(self):
-        self.calls: list = []
-
-    def verify(self, receiving, originating, stream_id, key, finished=None):
-        # Like the real verifier: its connection is gone (``finished``) once
-        # it has answered or been cancelled.
-        d = defer.Deferred(lambda _: None)
-        if finished is not None:
-            d.addBoth(lambda result: (finished(), result)[1])
-        self.calls.append(((receiving, originating, stream_id, key), d))
-        return d
-
-    def answer(self, receiving, originating, valid=True):
-        [d] = [d for (args, d) in self.calls if args[:2] == (receiving, originating)]
-        if not d.called:  # a cancelled verification's answer never arrives
-            d.callback(valid)
 
 
 def dialback_answers(data: bytes) -> list:
@@ -71,7 +49,7 @@ def dialback_answers(data: bytes) -> list:
 class InboundRestartInMemoryTests(MemoryCase):
     def setUp(self):
         super().setUp()
-        self.verifier = KeepingVerifier()
+        self.verifier = FakeVerifier()
 
     def open(self):
         stream, transport = self.connect(InboundS2S, "optional")
@@ -197,7 +175,7 @@ class OutboundRestartInMemoryTests(MemoryCase):
         self.assertFalse(handler.sasl_done)
 
 
-class RestartOverLoopbackTests(unittest.TestCase):
+class RestartOverLoopbackTests(TwoGatewaysFixture, unittest.TestCase):
     """A real gateway a.example; a real gateway b.example as the Authoritative
     Server; a raw peer as b.example's Originating Server."""
 
@@ -205,19 +183,11 @@ class RestartOverLoopbackTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def setUp(self):
-        self.dns = TestDNSServer(reactor)
-        dns_port = self.dns.start()
-        self.addCleanup(self.dns.stop)
         optional = {"encryption": "optional"}
-        self.a = yield start_gateway(reactor, gateway_config(
-            temp_dir(self), ["a.example"], {"chat.a.example": "secret-a"}, policy=optional), dns_port, self)
-        self.b = yield start_gateway(reactor, gateway_config(
-            temp_dir(self), ["b.example"], {}, policy=optional), dns_port, self)
-        publish(self.dns, self.a, ["a.example", "chat.a.example"], "gw-a.example")
-        publish(self.dns, self.b, ["b.example"], "gw-b.example")
-        self.component = yield connect_component(reactor, "127.0.0.1", self.a.port_of("components"),
-                                                 "chat.a.example", "secret-a")
-        self.addCleanup(self.component.close)
+        yield self.start_two_gateways(
+            gateway_config(temp_dir(self), ["a.example"], {"chat.a.example": "secret-a"}, policy=optional),
+            gateway_config(temp_dir(self), ["b.example"], {}, policy=optional))
+        self.component = yield self.add_component(self.a, "chat.a.example", "secret-a")
 
     def inbound_record(self):
         records = [r for r in self.a.table if r.direction == INBOUND and r.remote_address.endswith(

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer
 from twisted.trial import unittest
 
 from fedgate.s2s.pairs import INBOUND, OUTBOUND
 from fedgate.tls.certs import CertificateStore
-from tests.support.component_client import connect_component
-from tests.support.dnsserver import TestDNSServer
-from tests.support.gateway import gateway_config, publish, start_gateway, temp_dir, shared_ca
+from tests.support.federation import TwoGatewaysFixture
+from tests.support.gateway import gateway_config, temp_dir, shared_ca
 from tests.support.pki import DAY, NOW
 
 TIMEOUT = 10
@@ -39,28 +38,18 @@ def _without_chain(issued):
     return issued
 
 
-class TLSCase(unittest.TestCase):
+class TLSCase(TwoGatewaysFixture, unittest.TestCase):
     timeout = 60
 
     @defer.inlineCallbacks
     def start(self, a_s2s=None, b_s2s=None, b_config=None):
-        self.dns = TestDNSServer(reactor)
-        dns_port = self.dns.start()
-        self.addCleanup(self.dns.stop)
         a_conf = gateway_config(temp_dir(self), ["a.example"], {"chat.a.example": "sa"}, **(a_s2s or {}))
         b_conf = gateway_config(temp_dir(self), ["b.example"], {"chat.b.example": "sb"}, **(b_s2s or {}))
         if b_config:
             b_config(b_conf)
-        self.a = yield start_gateway(reactor, a_conf, dns_port, self)
-        self.b = yield start_gateway(reactor, b_conf, dns_port, self)
-        publish(self.dns, self.a, ["a.example", "chat.a.example"], "gw-a.example")
-        publish(self.dns, self.b, ["b.example", "chat.b.example"], "gw-b.example")
-        self.ca_client = yield connect_component(reactor, "127.0.0.1", self.a.port_of("components"),
-                                                 "chat.a.example", "sa")
-        self.addCleanup(self.ca_client.close)
-        self.cb_client = yield connect_component(reactor, "127.0.0.1", self.b.port_of("components"),
-                                                 "chat.b.example", "sb")
-        self.addCleanup(self.cb_client.close)
+        yield self.start_two_gateways(a_conf, b_conf)
+        self.ca_client = yield self.add_component(self.a, "chat.a.example", "sa")
+        self.cb_client = yield self.add_component(self.b, "chat.b.example", "sb")
 
     def present(self, gateway, domain, issued):
         """Make ``gateway`` present ``issued`` for ``domain`` (no start-up check:

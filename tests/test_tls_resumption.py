@@ -34,8 +34,7 @@ from fedgate.s2s.policy_check import DIALBACK_WITH_CERT
 from fedgate.tls.certs import CertificateStore
 from fedgate.tls import contexts as tls_contexts
 from fedgate.tls.contexts import TLSContexts, TLSSettings, VerifyResult, tls_info
-from tests.support.component_client import connect_component
-from tests.support.dnsserver import TestDNSServer
+from tests.support.federation import add_component, start_dns
 from tests.support.gateway import gateway_config, publish, shared_ca, start_gateway, temp_dir
 
 TIMEOUT = 10
@@ -172,9 +171,7 @@ class ResumptionCase(unittest.TestCase):
 
     @defer.inlineCallbacks
     def setUp(self):
-        self.dns = TestDNSServer(reactor)
-        dns_port = self.dns.start()
-        self.addCleanup(self.dns.stop)
+        self.dns, dns_port = start_dns(self)
         conf = gateway_config(temp_dir(self), ["b.example"], {"chat.b.example": "sb"}, extra_hosted=[COMPONENT])
         conf["s2s"]["direct_tls_listen"] = ["tcp:0:interface=127.0.0.1"]
         conf["components"]["credentials"] = {COMPONENT: {
@@ -183,9 +180,7 @@ class ResumptionCase(unittest.TestCase):
             "trust_anchor": conf["tls"]["trust_roots"], "certificate_name": COMPONENT}}
         self.b = yield start_gateway(reactor, conf, dns_port, self)
         publish(self.dns, self.b, ["b.example", "chat.b.example"], "gw-b.example")
-        self.chat = yield connect_component(reactor, "127.0.0.1", self.b.port_of("components"),
-                                            "chat.b.example", "sb")
-        self.addCleanup(self.chat.close)
+        self.chat = yield add_component(self, self.b, "chat.b.example", "sb")
         self.cert_dir = Path(temp_dir(self))
 
     def untrusted(self, domain: str):

@@ -28,7 +28,7 @@ from OpenSSL import SSL
 from twisted.internet import defer, error, protocol, reactor
 from twisted.trial import unittest
 
-from tests.support.dnsserver import TestDNSServer
+from tests.support.federation import start_dns
 from tests.support.gateway import gateway_config, start_gateway, temp_dir, test_ca
 from tests.support.pki import DAY, NOW, Issued
 
@@ -167,9 +167,7 @@ class ScannerTests(unittest.TestCase):
     def setUp(self):
         if OPENSSL is None:
             raise unittest.SkipTest("the openssl command-line tool is not installed")
-        self.dns = TestDNSServer(reactor)
-        dns_port = self.dns.start()
-        self.addCleanup(self.dns.stop)
+        self.dns, dns_port = start_dns(self)
         state = temp_dir(self)
         config = gateway_config(state, ["a.example", "rsa.a.example"], {"chat.a.example": "secret-a"})
         cert, key = rsa_certificate("rsa.a.example").write(Path(state) / "rsa", "rsa.a.example")

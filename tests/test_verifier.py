@@ -6,35 +6,20 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from fedgate.policy import PeerPolicy, PolicyTable
 from fedgate.s2s.connect import ConnectError
-from fedgate.s2s.context import S2SContext, VerificationBudget
-from fedgate.s2s.pairs import ConnectionTable
 from fedgate.s2s.verifier import DialbackError, DialbackVerifier
 from fedgate.stream.protocol import XmppStream
 from tests.support.memory import MemoryStream, server_header
+from tests.support.s2s import FakeConnector, make_context
 
 FEATURES = b"<stream:features><dialback xmlns='urn:xmpp:features:dialback'><errors/></dialback></stream:features>"
-
-
-class Connector:
-    def __init__(self):
-        self.attempts = []
-
-    def connect(self, domain, factory):
-        d = defer.Deferred()
-        self.attempts.append((domain, factory, d))
-        return d
 
 
 class VerifierTests(unittest.TestCase):
     def setUp(self):
         self.clock = Clock()
-        self.connector = Connector()
-        ctx = S2SContext(clock=self.clock, local_domains=frozenset({"gw.example"}), secret="s",
-                         table=ConnectionTable(), router=None, verifier=None,
-                         budget=VerificationBudget(10),
-                         policy=PolicyTable(PeerPolicy(encryption="optional")))
+        self.connector = FakeConnector(self.clock)
+        ctx = make_context(self.clock, local_domains={"gw.example"}, secret="s")
         self.verifier = DialbackVerifier(self.connector, self.clock,
                                          lambda handler: XmppStream(handler, self.clock), timeout=30,
                                          ctx=ctx)

@@ -10,9 +10,8 @@ from twisted.trial import unittest
 
 from fedgate.component.certauth import fingerprint
 from fedgate.component.scram import derive
-from tests.support.component_client import connect_component
-from tests.support.dnsserver import TestDNSServer
-from tests.support.gateway import gateway_config, publish, start_gateway, temp_dir, shared_ca
+from tests.support.federation import TwoGatewaysFixture, add_component
+from tests.support.gateway import gateway_config, temp_dir, shared_ca
 from tests.support.pki import TestCA
 from tests.support.xep0225_client import SaslFailed, connect, error_condition
 
@@ -26,14 +25,11 @@ def credential(password=PASSWORD, allowed=HOSTNAMES):
             "scram_sha1": derive(password, "sha1").encode(), "allowed": list(allowed)}
 
 
-class Xep0225Case(unittest.TestCase):
+class Xep0225Case(TwoGatewaysFixture, unittest.TestCase):
     timeout = 60
 
     @defer.inlineCallbacks
     def setUp(self):
-        self.dns = TestDNSServer(reactor)
-        dns_port = self.dns.start()
-        self.addCleanup(self.dns.stop)
         a_conf = gateway_config(temp_dir(self), ["a.example"], {"chat.a.example": "sa"})
         b_dir = temp_dir(self)
         b_conf = gateway_config(b_dir, ["b.example"], {"chat.b.example": "sb"},
@@ -44,13 +40,8 @@ class Xep0225Case(unittest.TestCase):
             "load_balanced": ["lb.b.example"],
         })
         self.ca_file = Path(b_dir) / "ca.pem"
-        self.a = yield start_gateway(reactor, a_conf, dns_port, self)
-        self.b = yield start_gateway(reactor, b_conf, dns_port, self)
-        publish(self.dns, self.a, ["a.example", "chat.a.example"], "gw-a.example")
-        publish(self.dns, self.b, ["b.example"] + HOSTNAMES, "gw-b.example")
-        self.chat = yield connect_component(reactor, "127.0.0.1", self.a.port_of("components"),
-                                            "chat.a.example", "sa")
-        self.addCleanup(self.chat.close)
+        yield self.start_two_gateways(a_conf, b_conf, b_published=["b.example"] + HOSTNAMES)
+        self.chat = yield add_component(self, self.a, "chat.a.example", "sa")
 
     @defer.inlineCallbacks
     def client(self, to="b.example", sender="svc.b.example", tls=True, mechanism="SCRAM-SHA-256",
@@ -258,7 +249,7 @@ class ExternalWithoutPinsTests(Xep0225Case):
         self.assertNotIn(name, self.b.router.components)
 
 
-class PinnedExternalTests(unittest.TestCase):
+class PinnedExternalTests(TwoGatewaysFixture, unittest.TestCase):
     """Gateway B with certificate authentication configured: pinned.b.example
     by fingerprint (a self-signed certificate: B's trust roots play no part),
     anchored.b.example by its own CA and exact name, with a load-balanced
@@ -268,9 +259,6 @@ class PinnedExternalTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def setUp(self):
-        self.dns = TestDNSServer(reactor)
-        dns_port = self.dns.start()
-        self.addCleanup(self.dns.stop)
         self.component_ca = TestCA("components")
         self.pinned = shared_ca().issue(dns=("pinned.b.example",), self_signed=True)
         b_dir = Path(temp_dir(self))
@@ -290,13 +278,8 @@ class PinnedExternalTests(unittest.TestCase):
         })
         self.ca_file = b_dir / "ca.pem"
         a_conf = gateway_config(temp_dir(self), ["a.example"], {"chat.a.example": "sa"})
-        self.a = yield start_gateway(reactor, a_conf, dns_port, self)
-        self.b = yield start_gateway(reactor, conf, dns_port, self)
-        publish(self.dns, self.a, ["a.example", "chat.a.example"], "gw-a.example")
-        publish(self.dns, self.b, ["b.example"] + hosted, "gw-b.example")
-        self.chat = yield connect_component(reactor, "127.0.0.1", self.a.port_of("components"),
-                                            "chat.a.example", "sa")
-        self.addCleanup(self.chat.close)
+        yield self.start_two_gateways(a_conf, conf, b_published=["b.example"] + hosted)
+        self.chat = yield add_component(self, self.a, "chat.a.example", "sa")
 
     @defer.inlineCallbacks
     def external(self, issued, identity: str, sender: str | None = None):
@@ -381,7 +364,5 @@ class PinnedExternalTests(unittest.TestCase):
             self.assertEqual(error_condition(reply), "not-allowed", hostname)
         self.assertEqual(self.b.router.components, {})
         # The XEP-0114 component still gets its domain.
-        chat = yield connect_component(reactor, "127.0.0.1", self.b.port_of("components"),
-                                       "chat.b.example", "sb")
-        self.addCleanup(chat.close)
+        yield add_component(self, self.b, "chat.b.example", "sb")
         self.assertIn("chat.b.example", self.b.router.components)

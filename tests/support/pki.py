@@ -15,6 +15,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
+from OpenSSL import SSL, crypto
 
 XMPP_ADDR = ObjectIdentifier("1.3.6.1.5.5.7.8.5")
 SRV_NAME = ObjectIdentifier("1.3.6.1.5.5.7.8.7")
@@ -122,3 +123,20 @@ class TestCA:
     def other_ca(self) -> "TestCA":
         """An unrelated CA the gateway does not trust."""
         return TestCA("untrusted")
+
+
+def server_context(issued: Issued) -> SSL.Context:
+    """A pyOpenSSL server context presenting ``issued`` (and its chain), for
+    the fake TLS servers of the tests."""
+    context = SSL.Context(SSL.TLS_METHOD)
+    try:  # pyOpenSSL >= 24.3 takes cryptography objects (and deprecates its own)
+        context.use_certificate(issued.cert)
+        for cert in issued.chain:
+            context.add_extra_chain_cert(cert)
+        context.use_privatekey(issued.key)
+    except TypeError:  # older pyOpenSSL (Debian bookworm's 23.0)
+        context.use_certificate(crypto.X509.from_cryptography(issued.cert))
+        for cert in issued.chain:
+            context.add_extra_chain_cert(crypto.X509.from_cryptography(cert))
+        context.use_privatekey(crypto.PKey.from_cryptography_key(issued.key))
+    return context

@@ -11,7 +11,7 @@ only: whatever else arrives is recorded too.
 
 from __future__ import annotations
 
-from OpenSSL import SSL, crypto
+from OpenSSL import SSL
 from twisted.internet import defer, protocol
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.words.xish import domish
@@ -19,6 +19,7 @@ from zope.interface import implementer
 
 from fedgate.stream import namespaces as ns
 from fedgate.stream.serialize import escape_attr
+from tests.support.pki import server_context
 
 STARTTLS_REQUIRED = (b"<stream:features><starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'><required/>"
                      b"</starttls></stream:features>")
@@ -29,17 +30,7 @@ DIALBACK_ONLY = (b"<stream:features><dialback xmlns='urn:xmpp:features:dialback'
 @implementer(IOpenSSLServerConnectionCreator)
 class _ServerTLS:
     def __init__(self, issued):
-        self.context = SSL.Context(SSL.TLS_METHOD)
-        try:  # pyOpenSSL >= 24.3 takes cryptography objects (and deprecates its own)
-            self.context.use_certificate(issued.cert)
-            for cert in issued.chain:
-                self.context.add_extra_chain_cert(cert)
-            self.context.use_privatekey(issued.key)
-        except TypeError:  # older pyOpenSSL (Debian bookworm's 23.0)
-            self.context.use_certificate(crypto.X509.from_cryptography(issued.cert))
-            for cert in issued.chain:
-                self.context.add_extra_chain_cert(crypto.X509.from_cryptography(cert))
-            self.context.use_privatekey(crypto.PKey.from_cryptography_key(issued.key))
+        self.context = server_context(issued)
 
     def serverConnectionForTLS(self, tls_protocol):
         return SSL.Connection(self.context, None)
