@@ -124,6 +124,7 @@ class XmppStream(protocol.Protocol):
 
     def connectionLost(self, reason) -> None:
         self.closed = True
+        self._parser.close()
         if self._close_timer is not None and self._close_timer.active():
             self._close_timer.cancel()
         self._close_timer = None
@@ -222,6 +223,7 @@ class XmppStream(protocol.Protocol):
         if self.header_sent:
             self.write("</stream:stream>")
         self.closing = True
+        self._parser.close()  # nothing more is parsed; free it now
         self.transport.loseConnection()
         self._close_timer = self.clock.callLater(CLOSE_GRACE, self._abort)
 
@@ -232,6 +234,8 @@ class XmppStream(protocol.Protocol):
 
     # -- parser callbacks -------------------------------------------------
     def _new_parser(self) -> None:
+        if self._parser is not None:
+            self._parser.close()  # break its cycle with expat: freed at once
         self._parser = StreamParser(self._on_header, self._on_element, self._on_end, self.limits)
 
     def _on_header(self, header: StreamHeader) -> None:
