@@ -111,12 +111,19 @@ class LimitsConfig:
     max_stanza_bytes: int = 512 * 1024
     max_depth: int = 32
     max_elements: int = 2000
+    max_attributes: int = 64
+    max_namespace_declarations: int = 32
+    max_name_bytes: int = 256
+    max_attribute_bytes: int = 64 * 1024
 
 
 @dataclass(frozen=True)
 class LoggingConfig:
     xml_traffic: bool = False
     xml_bodies: bool = False
+    #: lines of one kind one connection may log at once, then per second
+    peer_lines_burst: int = 20
+    peer_lines_per_second: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -491,6 +498,11 @@ def _limits(lr: _Reader) -> LimitsConfig:
         max_stanza_bytes=lr.positive("max_stanza_bytes", int, LimitsConfig.max_stanza_bytes),
         max_depth=lr.positive("max_depth", int, LimitsConfig.max_depth),
         max_elements=lr.positive("max_elements", int, LimitsConfig.max_elements),
+        max_attributes=lr.positive("max_attributes", int, LimitsConfig.max_attributes),
+        max_namespace_declarations=lr.positive("max_namespace_declarations", int,
+                                               LimitsConfig.max_namespace_declarations),
+        max_name_bytes=lr.positive("max_name_bytes", int, LimitsConfig.max_name_bytes),
+        max_attribute_bytes=lr.positive("max_attribute_bytes", int, LimitsConfig.max_attribute_bytes),
     )
     lr.done()
     return limits
@@ -501,6 +513,9 @@ def _logging(gr: _Reader) -> LoggingConfig:
     logging = LoggingConfig(
         xml_traffic=gr.get("xml_traffic", bool, False),
         xml_bodies=gr.get("xml_bodies", bool, False),
+        peer_lines_burst=gr.positive("peer_lines_burst", int, LoggingConfig.peer_lines_burst),
+        peer_lines_per_second=gr.positive("peer_lines_per_second", float,
+                                          LoggingConfig.peer_lines_per_second),
     )
     gr.done()
     return logging

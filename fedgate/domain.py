@@ -20,13 +20,24 @@ class InvalidDomain(ValueError):
     """The text is not a valid XMPP domainpart."""
 
 
-@functools.lru_cache(maxsize=4096)
+#: Domains longer than this (in characters) are normalised without the
+#: cache: 4096 entries of at most 256 characters bound it to a few megabytes
+#: whatever names a peer sends (a valid domain may have 1023 bytes).
+_CACHED_LENGTH = 256
+
+
 def normalize_domain(text: str) -> str:
     """Return the canonical form of a domain: lower case U-labels, no final dot.
 
     IDNA2008 through the ``idna`` package (with UTS 46 mapping), not Python's
     built-in IDNA2003 codec.  IP literals are accepted as they are.
     """
+    if isinstance(text, str) and len(text) <= _CACHED_LENGTH:
+        return _normalize_cached(text)
+    return _normalize(text)
+
+
+def _normalize(text: str) -> str:
     if not isinstance(text, str) or not text:
         raise InvalidDomain("empty domain")
     candidate = text[:-1] if text.endswith(".") else text
@@ -50,3 +61,6 @@ def normalize_domain(text: str) -> str:
         return idna.decode(ascii_form)
     except (idna.IDNAError, UnicodeError) as exc:
         raise InvalidDomain(f"invalid domain {text[:80]!r}: {exc}") from None
+
+
+_normalize_cached = functools.lru_cache(maxsize=4096)(_normalize)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from twisted.logger import Logger
 from twisted.words.xish import domish
 
+from fedgate.logsafe import short
 from fedgate.domain import InvalidDomain
 from fedgate.jid import domain_of, is_valid_jid
 from fedgate.local import LocalHandler
@@ -186,12 +187,12 @@ class Router:
         if not sender or not is_valid_jid(sender):
             self.dropped_errors += 1
             log.info("Cannot bounce {name} with a missing or malformed 'from': {condition}",
-                     name=stanza.name, condition=condition)
+                     name=short(stanza.name), condition=condition)
             return
         if not is_bounceable(stanza):
             self.dropped_errors += 1
             log.info("Not bouncing {name} type={type} from {sender}: {condition}",
-                     name=stanza.name, type=stanza.getAttribute("type"),
-                     sender=sender, condition=condition)
+                     name=short(stanza.name), type=short(stanza.getAttribute("type")),
+                     sender=short(sender), condition=condition)
             return
         self.route(make_error_reply(stanza, condition, text, reply_from=reply_from))

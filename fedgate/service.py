@@ -50,6 +50,7 @@ from fedgate.s2s.resolver import S2SResolver
 from fedgate.s2s.sender import S2SSender, SenderSettings
 from fedgate.s2s.verifier import DialbackVerifier
 from fedgate.stream import namespaces as ns
+from fedgate.logsafe import LineRate, set_line_rate
 from fedgate.stream.parser import Limits
 from fedgate.stream.protocol import XmppStream
 from fedgate.tls.certs import CertificateError, CertificateStore
@@ -95,9 +96,8 @@ class Gateway(service.Service):
         self.reactor = reactor
         self.rng = rng or random.Random()
         s2s = config.s2s
-        self.limits = Limits(max_stanza_bytes=config.limits.max_stanza_bytes,
-                             max_depth=config.limits.max_depth,
-                             max_elements=config.limits.max_elements)
+        self.limits = Limits.from_config(config.limits)
+        set_line_rate(LineRate(config.logging.peer_lines_burst, config.logging.peer_lines_per_second))
         self.streams: weakref.WeakSet = weakref.WeakSet()
         self.table = ConnectionTable()
         self.router = Router(config.domains, config.local_domains - frozenset(config.domains),

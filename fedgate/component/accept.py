@@ -15,6 +15,7 @@ import hmac
 from twisted.logger import Logger
 from twisted.words.xish import domish
 
+from fedgate.logsafe import short, throttled
 from fedgate.component.addressing import checked_domains
 from fedgate.domain import InvalidDomain, normalize_domain
 from fedgate.stream import namespaces as ns
@@ -82,7 +83,7 @@ class ComponentAccept:
     def _handshake(self, presented: str) -> None:
         expected = handshake_digest(self.stream_id, self.secrets[self.domain])
         if not hmac.compare_digest(expected.encode(), presented.strip().lower().encode("utf-8", "replace")):
-            log.info("Bad handshake for component {domain} from {peer}", domain=self.domain, peer=self.io.peer)
+            log.info("Bad handshake for component {domain} from {peer}", domain=short(self.domain), peer=self.io.peer)
             raise StreamFailure("not-authorized", "bad handshake")
         if not self.router.bind(self.domain, self):
             raise StreamFailure("conflict", f"{self.domain} is already connected")
@@ -102,8 +103,8 @@ class ComponentAccept:
             self.io.send(make_error_reply(stanza, failure.condition, failure.text,
                                           reply_from=failure.reply_from))
         else:
-            log.info("Not answering {name} from component {domain}: {condition}",
-                     name=stanza.name, domain=self.domain, condition=failure.condition)
+            throttled(log, self.io).info("Not answering {name} from component {domain}: {condition}",
+                                         name=short(stanza.name), domain=self.domain, condition=failure.condition)
 
     def _auth_timeout(self) -> None:
         self._timer = None

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from twisted.logger import Logger
 from twisted.words.xish import domish
 
+from fedgate.logsafe import short, throttled
 from fedgate.component.credentials import CredentialRegistry
 from fedgate.component.scram import ScramError, ScramServer
 from fedgate.component.addressing import checked_domains
@@ -182,7 +183,8 @@ class Xep0225Stream:
 
     # -- SASL -----------------------------------------------------------------
     def _fail(self, condition: str, text: str | None = None) -> None:
-        log.info("XEP-0225 SASL failure {condition} from {peer}", condition=condition, peer=self.io.peer)
+        throttled(log, self.io).info("XEP-0225 SASL failure {condition} from {peer}", condition=condition,
+                                     peer=self.io.peer)
         self._scram = None
         self.io.write(sasl_failure(condition, text))
 
@@ -248,7 +250,7 @@ class Xep0225Stream:
             refusal = self.credentials.external_refusal(identity, tls.peer_certificate, tls.peer_chain)
         if refusal is not None:
             log.info("XEP-0225 EXTERNAL refused for {identity} from {peer}: {reason}",
-                     identity=identity, peer=self.io.peer, reason=refusal)
+                     identity=short(identity), peer=self.io.peer, reason=short(refusal))
             return self._fail("not-authorized", "the certificate does not authenticate that identity")
         self._authenticated(identity, None, None)
 
@@ -290,8 +292,8 @@ class Xep0225Stream:
             return self._error(request, "conflict", f"{domain} is already bound on this stream")
         refusal = self.credentials.bind_refusal(self.identity, domain)
         if refusal is not None:
-            log.info("XEP-0225 bind of {domain} refused for {identity}: {reason}", domain=domain,
-                     identity=self.identity, reason=refusal)
+            log.info("XEP-0225 bind of {domain} refused for {identity}: {reason}", domain=short(domain),
+                     identity=self.identity, reason=short(refusal))
             return self._error(request, "not-allowed", f"{self.identity} may not bind {domain}")
         if len(self.bound) >= self.settings.max_hostnames:
             return self._error(request, "resource-constraint", "too many hostnames on this stream")

@@ -24,6 +24,7 @@ from __future__ import annotations
 from twisted.logger import Logger
 from twisted.words.xish import domish
 
+from fedgate.logsafe import short, throttled
 from fedgate.domain import InvalidDomain, normalize_domain
 from fedgate.stream.serialize import serialize
 from fedgate.s2s import dialback
@@ -214,9 +215,9 @@ class InboundS2S:
             # Never answered with a stream error of our own (RFC 6120
             # 4.9.1.1); the peer's </stream:stream> follows and closes.
             log.info("Stream error {condition} from {peer}", peer=self.io.peer,
-                     condition=next((c.name for c in element.elements()
+                     condition=short(next((c.name for c in element.elements()
                                      if c.uri == ns.STREAM_ERRORS and c.name != "text"),
-                                    "undefined-condition"))
+                                    "undefined-condition")))
         else:
             raise StreamFailure("unsupported-stanza-type", f"unexpected element {element.name}")
 
@@ -254,8 +255,8 @@ class InboundS2S:
             elif authzid not in ("", self._from):
                 condition = "invalid-authzid"
         if condition is not None:
-            log.info("SASL EXTERNAL refused ({condition}) for {remote} from {peer}",
-                     condition=condition, remote=self._from, peer=self.io.peer)
+            throttled(log, self.io).info("SASL EXTERNAL refused ({condition}) for {remote} from {peer}",
+                                         condition=condition, remote=short(self._from), peer=self.io.peer)
             self.io.write(sasl_failure(condition))
             if policy.requires_certificate:
                 self.io.close()  # no dialback fallback under the certificate policy
@@ -304,8 +305,8 @@ class InboundS2S:
 
     def _verify(self, element: domish.Element) -> None:
         if element.getAttribute("type"):
-            log.warn("Ignoring unsolicited db:verify type={type} from {peer}",
-                     type=element["type"], peer=self.io.peer)
+            throttled(log, self.io).warn("Ignoring unsolicited db:verify type={type} from {peer}",
+                                         type=short(element["type"]), peer=self.io.peer)
             return
         receiving, originating = addresses(element)
         stream_id = element.getAttribute("id")

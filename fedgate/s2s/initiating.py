@@ -25,6 +25,7 @@ from __future__ import annotations
 from twisted.logger import Logger
 from twisted.words.xish import domish
 
+from fedgate.logsafe import short, throttled
 from fedgate.s2s import policy_check
 from fedgate.stream import namespaces as ns
 from fedgate.stream.errors import StreamFailure
@@ -135,8 +136,8 @@ class InitiatingStream:
                                       if c.uri == ns.STREAM_ERRORS and c.name != "text"),
                                      "undefined-condition")
             text = next((str(c) for c in element.elements() if c.name == "text"), "")
-            log.info("Stream error {condition} from {remote}: {text}", condition=self.stream_error,
-                     remote=self.remote, text=text)
+            log.info("Stream error {condition} from {remote}: {text}", condition=short(self.stream_error),
+                     remote=self.remote, text=short(text))
         else:
             self.negotiated_element(element)
 
@@ -144,7 +145,7 @@ class InitiatingStream:
     def _negotiate(self, features: domish.Element | None) -> None:
         io = self.io
         if self._negotiated:
-            log.info("Ignoring features after negotiation from {remote}", remote=self.remote)
+            throttled(log, self.io).info("Ignoring features after negotiation from {remote}", remote=self.remote)
             return
         if features is not None:
             self.features = features

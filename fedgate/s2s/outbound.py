@@ -23,6 +23,7 @@ from __future__ import annotations
 from twisted.logger import Logger
 from twisted.words.xish import domish
 
+from fedgate.logsafe import throttled
 from fedgate.s2s.initiating import InitiatingStream
 from fedgate.s2s.pairing import DialbackPairs, check_incoming
 from fedgate.s2s.pairs import INVALID, LOCAL, OUTBOUND, PENDING, VALID, ConnectionRecord
@@ -146,7 +147,7 @@ class OutboundS2S(InitiatingStream):
             else:
                 raise StreamFailure("unsupported-stanza-type", "dialback requests need bidi here")
         elif uri == ns.DIALBACK and name == "verify":
-            log.warn("Ignoring db:verify on an outbound stream from {remote}", remote=self.remote)
+            throttled(log, self.io).warn("Ignoring db:verify on an outbound stream from {remote}", remote=self.remote)
         elif uri == ns.SERVER and name in ns.STANZA_NAMES and self.record.bidi:
             to_domain, from_domain = check_incoming(self.record, element, self.ctx.local_domains)
             self.record.pairs[(to_domain, from_domain)].stanzas_in += 1

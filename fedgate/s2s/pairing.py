@@ -20,6 +20,7 @@ from __future__ import annotations
 from twisted.logger import Logger
 from twisted.words.xish import domish
 
+from fedgate.logsafe import short, throttled
 from fedgate.domain import InvalidDomain, normalize_domain
 from fedgate.jid import domain_of, domain_part, is_valid_jid
 from fedgate.s2s import dialback
@@ -135,7 +136,8 @@ class DialbackPairs:
             return answer_error("policy-violation", ctx.policy.why_blocked(originating))
         refusal, method = dialback_request(ctx.policy.for_peer(originating), io.tls, originating)
         if refusal is not None:
-            log.info("Dialback from {remote} refused: {text}", remote=originating, text=refusal.text)
+            throttled(log, io).info("Dialback from {remote} refused: {text}", remote=short(originating),
+                                    text=short(refusal.text))
             if refusal.reason:
                 ctx.tls_failure(refusal.reason)
             return answer_error(refusal.condition, refusal.text)
@@ -145,8 +147,8 @@ class DialbackPairs:
         if not key:
             return answer_error("not-authorized", "empty dialback key")
         if pair not in record.pairs and len(record.pairs) >= ctx.max_pairs_per_connection:
-            log.info("Dialback for {local} <- {remote} refused: {count} domain pairs on the "
-                     "connection from {peer}", local=receiving, remote=originating,
+            throttled(log, io).info("Dialback for {local} <- {remote} refused: {count} domain pairs on the "
+                                    "connection from {peer}", local=receiving, remote=short(originating),
                      count=len(record.pairs), peer=io.peer)
             return answer_error("resource-constraint", "too many domain pairs on this connection")
         if record.remote_domain is None:
@@ -180,8 +182,9 @@ class DialbackPairs:
         stream = self.stream
         state = VALID if valid else INVALID
         stream.record.set_pair(receiving, originating, state, method, self.ctx.clock.seconds(), REMOTE)
-        log.info("Dialback {state} ({method}) for {local} <- {remote} from {peer}", state=state,
-                 method=method, local=receiving, remote=originating, peer=stream.io.peer)
+        throttled(log, stream.io).info("Dialback {state} ({method}) for {local} <- {remote} from {peer}",
+                                       state=state, method=method, local=receiving,
+                                       remote=short(originating), peer=stream.io.peer)
         if valid:
             stream.io.send(dialback.result_answer(receiving, originating, True))
             if stream.record.bidi:
@@ -228,8 +231,8 @@ class DialbackPairs:
         remote, local = addresses(element)
         pair = stream.record.pairs.get((local, remote))
         if pair is None or pair.state != PENDING or pair.origin != LOCAL:
-            log.warn("Ignoring db:result for a request not made on this stream: {local} -> {remote}",
-                     local=local, remote=remote)
+            throttled(log, stream.io).warn("Ignoring db:result for a request not made on this stream: "
+                                           "{local} -> {remote}", local=short(local), remote=short(remote))
             return
         kind = element.getAttribute("type")
         now = self.ctx.clock.seconds()
@@ -246,12 +249,13 @@ class DialbackPairs:
                 if condition not in STANZA_CONDITIONS:
                     # A condition we do not know (remote-connection-failed
                     # is common) fails this pair, never the stream.
-                    log.info("Unknown dialback error condition {condition} from {remote}; "
-                             "taken as undefined-condition", condition=condition, remote=remote)
+                    throttled(log, stream.io).info("Unknown dialback error condition {condition} from {remote}; "
+                                                   "taken as undefined-condition", condition=short(condition),
+                                                   remote=short(remote))
                     condition = "undefined-condition"
                 self._notify(local, remote, "error", condition, error_text(element))
         else:
-            log.warn("Ignoring db:result with type {type}", type=kind)
+            throttled(log, stream.io).warn("Ignoring db:result with type {type}", type=short(kind))
 
     def _notify(self, local, remote, state, condition, text) -> None:
         if self.on_result is not None:

@@ -36,6 +36,8 @@ from twisted.logger import Logger
 from twisted.names import dns, error
 from twisted.python.failure import Failure
 
+from fedgate.logsafe import short
+
 __all__ = ["DEFAULT_PORT", "S2SResolver", "Target"]
 
 DEFAULT_PORT = 5269
@@ -120,7 +122,7 @@ class S2SResolver:
         try:
             name = _dns_name(domain)
         except ValueError:
-            log.warn("Cannot resolve invalid domain {domain!r}", domain=domain)
+            log.warn("Cannot resolve invalid domain {domain!r}", domain=short(domain))
             return defer.succeed([])
         addresses = self._static_lookup(name)
         if addresses:
@@ -149,7 +151,7 @@ class S2SResolver:
         try:
             name = _dns_name(host)
         except ValueError:
-            log.warn("Cannot resolve invalid host {host!r}", host=host)
+            log.warn("Cannot resolve invalid host {host!r}", host=short(host))
             return defer.succeed([])
         lookups = [
             self._lookup_addresses(self._resolver.lookupAddress, name, dns.A, socket.AF_INET),
@@ -173,7 +175,7 @@ class S2SResolver:
         if failure.check(error.DNSNameError, error.AuthoritativeDomainError):
             log.debug("No SRV records at {qname} (NXDOMAIN)", qname=qname)
         else:
-            log.info(
+            log.debug(
                 "SRV lookup for {qname} failed, treating as absent: {reason}",
                 qname=qname,
                 reason=failure.getErrorMessage() or failure.type.__name__,
@@ -189,7 +191,7 @@ class S2SResolver:
         if answers[0].declined:
             # Only the STARTTLS service's '.' counts: a '.' for direct TLS
             # says nothing about the ordinary service and its fallback.
-            log.info("{domain} declares no XMPP server service (SRV target '.')", domain=domain)
+            log.debug("{domain} declares no XMPP server service (SRV target '.')", domain=domain)
             return []
         log.debug(
             "No SRV records for {domain}, falling back to port {port}", domain=domain, port=DEFAULT_PORT
@@ -241,7 +243,7 @@ def _srv_answer(result, qname: str, direct_tls: bool) -> _SrvAnswer:
     if len(srvs) == 1 and not usable:
         return _SrvAnswer(declined=True)
     if len(usable) != len(srvs):
-        log.warn("Ignoring '.' SRV target among other records at {qname}", qname=qname)
+        log.debug("Ignoring '.' SRV target among other records at {qname}", qname=qname)
     records = []
     for srv in usable:
         host = srv.target.name.decode("ascii", "replace").rstrip(".").lower()

@@ -25,6 +25,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.words.xish import domish
 
+from fedgate.logsafe import short, throttled
 from fedgate.s2s import dialback
 from fedgate.s2s.connect import ConnectError
 from fedgate.stream import namespaces as ns
@@ -86,7 +87,7 @@ class VerifyStream(InitiatingStream):
         if (not self._sent or element.getAttribute("id") != self.verify_id
                 or element.getAttribute("from") != self.originating
                 or element.getAttribute("to") != self.receiving):
-            log.warn("Ignoring db:verify answer we did not ask for from {peer}", peer=self.io.peer)
+            throttled(log, self.io).warn("Ignoring db:verify answer we did not ask for from {peer}", peer=self.io.peer)
             return
         kind = element.getAttribute("type")
         if kind == "valid":
@@ -127,7 +128,7 @@ class _Verification:
         if not self.done.called:
             if isinstance(result, Exception):
                 log.info("Dialback verification with {domain} failed: {condition} ({detail})",
-                         domain=self.originating, condition=result.condition, detail=result.detail)
+                         domain=self.originating, condition=result.condition, detail=short(result.detail))
                 self.done.errback(result)
             else:
                 self.done.callback(result)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from twisted.words.xish import domish
 
 from fedgate.jid import domain_part, is_valid_jid
+from fedgate.logsafe import short
 from fedgate.stream import namespaces as ns
 
 STREAM_CONDITIONS = frozenset({
@@ -55,6 +56,7 @@ class StreamFailure(Exception):
     def __init__(self, condition: str, text: str | None = None):
         if condition not in STREAM_CONDITIONS:
             raise ValueError(f"unknown stream error condition {condition!r}")
+        text = short(text)  # texts often quote a peer's value: kept short
         super().__init__(condition if text is None else f"{condition}: {text}")
         self.condition = condition
         self.text = text
@@ -67,6 +69,7 @@ class StanzaFailure(Exception):
                  reply_from: str | None = None):
         if condition not in STANZA_CONDITIONS:
             raise ValueError(f"unknown stanza error condition {condition!r}")
+        text = short(text)
         super().__init__(condition if text is None else f"{condition}: {text}")
         self.condition = condition
         self.text = text
@@ -80,7 +83,7 @@ def stream_error_element(condition: str, text: str | None = None) -> domish.Elem
     error = domish.Element((ns.STREAMS, "error"))
     error.addElement((ns.STREAM_ERRORS, condition))
     if text:
-        error.addElement((ns.STREAM_ERRORS, "text"), content=text)
+        error.addElement((ns.STREAM_ERRORS, "text"), content=short(text))
     return error
 
 
@@ -92,7 +95,7 @@ def stanza_error_element(condition: str, type: str | None = None,
         error["by"] = by
     error.addElement((ns.STANZA_ERRORS, condition))
     if text:
-        error.addElement((ns.STANZA_ERRORS, "text"), content=text)
+        error.addElement((ns.STANZA_ERRORS, "text"), content=short(text))
     return error
 
 

@@ -7,7 +7,16 @@ them, so they would pass silently.  This parser rejects each with
 too, which expat itself only calls a bad token), never expands an entity, checks the UTF-8 of every byte
 before expat sees it (expat would call bad UTF-8 merely "not well-formed"),
 and bounds every stanza by size, depth and element count so a peer cannot
-make us buffer without limit.
+make us buffer without limit.  Names, namespace declarations and attribute
+values are bounded too: each is checked at the start of its element, before
+anything is cached or kept, so that a peer cannot pin memory with one huge
+header or with unique names (``policy-violation`` for each: these are local
+size limits on well-formed, permitted XML, RFC 6120 section 4.9.3.15).
+
+A parser and its expat object refer to each other through the handlers;
+:meth:`StreamParser.close` breaks that cycle (and drops expat's buffers and
+namespace bindings) at once, so a closed or restarted stream's memory is
+freed without waiting for the cyclic garbage collector.
 
 Parse results go to three callbacks: the stream header (attributes of the
 root element with their namespaces), each complete top-level element, and the
@@ -18,7 +27,7 @@ from __future__ import annotations
 
 import codecs
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable
 from xml.parsers import expat
 
@@ -36,6 +45,23 @@ class Limits:
     max_depth: int = 32
     max_elements: int = 2000
     max_attributes: int = 64
+    #: namespace declarations on one element, the stream header included
+    max_namespace_declarations: int = 32
+    #: bytes in one element or attribute name, prefix or namespace name
+    max_name_bytes: int = 256
+    #: bytes in one attribute value
+    max_attribute_bytes: int = 64 * 1024
+
+    @classmethod
+    def from_config(cls, config) -> "Limits":
+        """The parser's bounds from the ``[limits]`` table (other keys ignored)."""
+        return cls(**{f.name: getattr(config, f.name) for f in fields(cls) if hasattr(config, f.name)})
+
+
+#: A stream header's attributes ('to', 'from', 'id', 'version', 'xml:lang')
+#: are addresses or short tokens; the longest legitimate one is a full JID,
+#: 3 x 1023 bytes plus two separators (RFC 7622 section 3.1).
+MAX_HEADER_ATTRIBUTE_BYTES = 3071
 
 
 @dataclass(frozen=True)
@@ -53,17 +79,58 @@ class StreamHeader:
 
 _XML_LANG = ns.XML + " lang"
 _TAIL = 16
+#: Expat names ('uri local prefix') longer than this are split without the
+#: cache: 1024 entries of at most 256 characters (and their parts) bound it
+#: to about a megabyte whatever names a peer sends.
+_CACHED_NAME = 256
 
 
-@functools.lru_cache(maxsize=1024)
-def _split(name: str) -> tuple[str | None, str, str | None]:
-    """Split an expat name 'uri local prefix' into its parts."""
+def _split_name(name: str) -> tuple[str | None, str, str | None]:
     parts = name.split(" ")
     if len(parts) == 1:
         return None, parts[0], None
     if len(parts) == 2:
         return parts[0], parts[1], None
     return parts[0], parts[1], parts[2]
+
+
+_split_cached = functools.lru_cache(maxsize=1024)(_split_name)
+
+
+def _split(name: str) -> tuple[str | None, str, str | None]:
+    """Split an expat name 'uri local prefix' into its parts."""
+    if len(name) <= _CACHED_NAME:
+        return _split_cached(name)
+    return _split_name(name)
+
+
+def _too_long(text: str, limit: int) -> bool:
+    if len(text) > limit:
+        return True
+    return not text.isascii() and len(text.encode("utf-8")) > limit
+
+
+class _Stopped(Exception):
+    """Raised by the handlers of a closed parser to stop expat mid-chunk."""
+
+
+def _stop(*args):
+    raise _Stopped()
+
+
+def _local(name: str) -> str:
+    """The local part of an expat name 'uri local prefix' (without caching)."""
+    first = name.find(" ")
+    if first < 0:
+        return name
+    second = name.find(" ", first + 1)
+    return name[first + 1:] if second < 0 else name[first + 1:second]
+
+
+_HANDLERS = ("CharacterDataHandler", "StartNamespaceDeclHandler", "XmlDeclHandler",
+             "CommentHandler", "ProcessingInstructionHandler", "StartDoctypeDeclHandler",
+             "EntityDeclHandler", "UnparsedEntityDeclHandler", "NotationDeclHandler",
+             "ExternalEntityRefHandler", "SkippedEntityHandler")
 
 
 class StreamParser:
@@ -114,9 +181,29 @@ class StreamParser:
     def header_seen(self) -> bool:
         return self._header_seen
 
+    @property
+    def closed(self) -> bool:
+        return self._parser is None
+
+    def close(self) -> None:
+        """Forget the expat parser and the callbacks, so that nothing is left
+        in a reference cycle; idempotent, and safe inside a callback (expat
+        then stops at the next tag and the rest of the chunk is dropped)."""
+        p, self._parser = self._parser, None
+        self._ended = True
+        self._on_header = self._on_element = self._on_end = None
+        self._current = None
+        self._ns_decls = {}
+        if p is None:
+            return
+        for name in _HANDLERS:
+            setattr(p, name, None)
+        p.StartElementHandler = _stop
+        p.EndElementHandler = _stop
+
     def feed(self, data: bytes) -> None:
         """Parse ``data``; raises :class:`StreamFailure` on any violation."""
-        if self._ended:
+        if self._ended or self._parser is None:
             return
         try:
             self._utf8.decode(data)
@@ -124,11 +211,24 @@ class StreamParser:
             raise StreamFailure("unsupported-encoding", "stream is not valid UTF-8") from None
         self._fed += len(data)
         try:
+            self._parse(data)
+        except StreamFailure:
+            self.close()  # a failed stream is over: free expat's memory now
+            raise
+
+    def _parse(self, data: bytes) -> None:
+        try:
             self._parser.Parse(data, False)
+        except _Stopped:
+            return  # closed by a callback: the rest of the chunk is dropped
         except expat.ExpatError as exc:
+            if self._parser is None:
+                return  # closed by a callback before expat found the error
             if self._is_declaration(exc, data):
                 raise StreamFailure("restricted-xml", "DTD markup is not allowed in XMPP") from None
             raise self._translate(exc) from None
+        if self._parser is None:
+            return
         self._tail = (self._tail + data)[-_TAIL:] if len(data) < _TAIL else data[-_TAIL:]
         if self._fed - self._mark > self.limits.max_stanza_bytes:
             raise StreamFailure("policy-violation", "stanza too large")
@@ -167,14 +267,38 @@ class StreamParser:
             raise StreamFailure("unsupported-encoding", "only UTF-8 is allowed")
 
     def _ns_decl(self, prefix, uri):
-        self._ns_decls[prefix] = uri
+        decls = self._ns_decls
+        limits = self.limits
+        if len(decls) >= limits.max_namespace_declarations:
+            raise StreamFailure("policy-violation", "too many namespace declarations")
+        if (prefix is not None and _too_long(prefix, limits.max_name_bytes)) or (
+                uri is not None and _too_long(uri, limits.max_name_bytes)):
+            raise StreamFailure("policy-violation", "namespace prefix or name too long")
+        decls[prefix] = uri
+
+    def _check_names(self, name: str, attrs: dict) -> None:
+        """Bound the element's name and its attributes' names and values,
+        before any of them is split, cached or copied.  The namespace and
+        prefix parts were bounded by :meth:`_ns_decl` already."""
+        limits = self.limits
+        max_name = limits.max_name_bytes
+        if _too_long(name, 3 * max_name + 2) or _too_long(_local(name), max_name):
+            raise StreamFailure("policy-violation", "element name too long")
+        if len(attrs) > limits.max_attributes:
+            raise StreamFailure("policy-violation", "too many attributes")
+        max_value = limits.max_attribute_bytes if self._depth > 1 else min(
+            limits.max_attribute_bytes, MAX_HEADER_ATTRIBUTE_BYTES)
+        for key, value in attrs.items():
+            if _too_long(key, 3 * max_name + 2) or _too_long(_local(key), max_name):
+                raise StreamFailure("policy-violation", "attribute name too long")
+            if _too_long(value, max_value):
+                raise StreamFailure("policy-violation", "attribute value too long")
 
     def _start(self, name: str, attrs: dict) -> None:
         depth = self._depth
         self._depth = depth + 1
         limits = self.limits
-        if len(attrs) > limits.max_attributes:
-            raise StreamFailure("policy-violation", "too many attributes")
+        self._check_names(name, attrs)
         if depth == 0:
             self._header(name, attrs)
             return

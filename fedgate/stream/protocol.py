@@ -27,6 +27,7 @@ from zope.interface import implementer
 from twisted.logger import Logger
 from twisted.words.xish import domish
 
+from fedgate.logsafe import short
 from fedgate.stream import namespaces as ns
 from fedgate.stream.errors import StreamFailure, StanzaFailure, stream_error_element
 from fedgate.stream.parser import Limits, StreamHeader, StreamParser
@@ -124,6 +125,8 @@ class XmppStream(protocol.Protocol):
 
     def connectionLost(self, reason) -> None:
         self.closed = True
+        if self._parser is not None:
+            self._parser.close()
         if self._close_timer is not None and self._close_timer.active():
             self._close_timer.cancel()
         self._close_timer = None
@@ -205,7 +208,7 @@ class XmppStream(protocol.Protocol):
         if self.closing or self.closed:
             return
         log.info("Stream error {condition} to {peer}: {text}", condition=condition,
-                 peer=self.peer, text=text or "")
+                 peer=self.peer, text=short(text) or "")
         if not self.header_sent:
             try:
                 attrs = self.handler.error_header()
@@ -222,6 +225,8 @@ class XmppStream(protocol.Protocol):
         if self.header_sent:
             self.write("</stream:stream>")
         self.closing = True
+        if self._parser is not None:
+            self._parser.close()  # nothing more is parsed; free it now
         self.transport.loseConnection()
         self._close_timer = self.clock.callLater(CLOSE_GRACE, self._abort)
 
@@ -232,6 +237,8 @@ class XmppStream(protocol.Protocol):
 
     # -- parser callbacks -------------------------------------------------
     def _new_parser(self) -> None:
+        if self._parser is not None:
+            self._parser.close()  # break its cycle with expat: freed at once
         self._parser = StreamParser(self._on_header, self._on_element, self._on_end, self.limits)
 
     def _on_header(self, header: StreamHeader) -> None:
@@ -272,4 +279,4 @@ class XmppStream(protocol.Protocol):
         text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
         if not self.log_bodies:
             text = _BODY.sub(r"\1[redacted]\2", text)
-        log.info("XML {direction} {peer}: {xml}", direction=direction, peer=self.peer, xml=text)
+        log.debug("XML {direction} {peer}: {xml}", direction=direction, peer=self.peer, xml=text)
