@@ -23,18 +23,19 @@ from __future__ import annotations
 
 from twisted.logger import Logger
 from twisted.words.xish import domish
+from zope.interface import implementer
 
 from fedgate.domain import InvalidDomain, normalize_domain
-from fedgate.stream.serialize import serialize
 from fedgate.s2s import dialback
 from fedgate.s2s.context import S2SContext
-from fedgate.s2s.pairing import DialbackPairs, addresses, check_incoming
+from fedgate.s2s.paired import PairedStream
+from fedgate.s2s.pairing import DialbackPairs, addresses
 from fedgate.s2s.pairs import INBOUND, PENDING, REMOTE, VALID, ConnectionRecord
 from fedgate.s2s.policy_check import SASL_EXTERNAL, sasl_external_offer
-from fedgate.s2s.throttle import StreamThrottle
 from fedgate.stream.sasl import decode_external, sasl_failure, sasl_mechanisms
 from fedgate.stream import namespaces as ns
-from fedgate.stream.errors import StanzaFailure, StreamFailure
+from fedgate.stream.errors import StreamFailure
+from fedgate.stream.interfaces import IStreamHandler
 from fedgate.stream.parser import StreamHeader
 from fedgate.stream.protocol import new_stream_id
 from fedgate.tls.contexts import ALPN_S2S
@@ -57,7 +58,8 @@ def check_version(header: StreamHeader) -> bool:
     raise StreamFailure("unsupported-version", "only XMPP 1.0 is supported")
 
 
-class InboundS2S:
+@implementer(IStreamHandler)
+class InboundS2S(PairedStream):
     """The handler of one inbound S2S connection."""
 
     def __init__(self, ctx: S2SContext, direct_tls: bool = False):
@@ -77,11 +79,8 @@ class InboundS2S:
 
     # -- stream lifecycle -------------------------------------------------
     def connected(self, io) -> None:
-        self.io = io
-        self.record = self.ctx.table.add(
-            ConnectionRecord(INBOUND, io.peer, self.ctx.clock.seconds()), closer=io.fail, route=self)
+        self.attach(io, ConnectionRecord(INBOUND, io.peer, self.ctx.clock.seconds()))
         self.dialback = DialbackPairs(self)
-        self.throttle = StreamThrottle(io, self.ctx.clock)
         self._timer = self.ctx.clock.callLater(self.ctx.auth_timeout, self._auth_timeout)
         if self.direct_tls:
             # XEP-0368: TLS from the first byte; SNI picks the certificate.
@@ -159,9 +158,8 @@ class InboundS2S:
             self._timer.cancel()
         if self.dialback is not None:
             self.dialback.close()
-            self.throttle.stop()
+        self.detach()
         if self.record is not None:
-            self.ctx.table.remove(self.record)
             self._reverse_requests_failed()
 
     def _reverse_requests_failed(self) -> None:
@@ -220,12 +218,6 @@ class InboundS2S:
         else:
             raise StreamFailure("unsupported-stanza-type", f"unexpected element {element.name}")
 
-    def reject_stanza(self, stanza: domish.Element, failure: StanzaFailure) -> None:
-        self.ctx.router.bounce(stanza, failure.condition, failure.text, reply_from=failure.reply_from)
-
-    def tls_established(self, info) -> None:
-        self.record.tls = info.describe()
-
     def _starttls(self) -> None:
         if self.ctx.tls is None or self.io.tls_started:
             self.io.write(f"<failure xmlns='{ns.TLS}'/>")
@@ -278,11 +270,7 @@ class InboundS2S:
         for pair in self.record.valid_pairs():  # pairs proven before the request
             self.ctx.table.pair_changed(pair.local, pair.remote, True)
 
-    # -- a route for our stanzas once bidi is on --------------------------------
-    def write_stanza(self, local: str, remote: str, stanza: domish.Element) -> None:
-        self.record.pairs[(local, remote)].stanzas_out += 1
-        self.io.write(serialize(stanza, ns.SERVER))
-
+    # -- a route for our stanzas once bidi is on (write_stanza: PairedStream) ----
     def authenticate_reverse(self, local: str, remote: str) -> bool:
         """Ask the peer to accept ``local`` in the reverse direction; only
         towards a domain the peer proved here (XEP-0288)."""
@@ -294,13 +282,9 @@ class InboundS2S:
         return True
 
     def _stanza(self, stanza: domish.Element) -> None:
-        record = self.record
-        if not record.authenticated:
+        if not self.record.authenticated:
             raise StreamFailure("not-authorized", "no domain pair is authenticated on this stream")
-        to_domain, from_domain = check_incoming(record, stanza, self.ctx.local_domains)
-        record.pairs[(to_domain, from_domain)].stanzas_in += 1
-        self.throttle.stanza(from_domain, self.ctx.policy.rate_limit(from_domain))
-        self.ctx.router.route(stanza, to_domain, from_domain)
+        self.receive_stanza(stanza)
 
     def _verify(self, element: domish.Element) -> None:
         if element.getAttribute("type"):

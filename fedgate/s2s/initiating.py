@@ -24,10 +24,12 @@ from __future__ import annotations
 
 from twisted.logger import Logger
 from twisted.words.xish import domish
+from zope.interface import implementer
 
 from fedgate.s2s import policy_check
 from fedgate.stream import namespaces as ns
 from fedgate.stream.errors import StreamFailure
+from fedgate.stream.interfaces import IStreamHandler
 from fedgate.stream.sasl import encode_payload, offered_mechanisms
 from fedgate.tls.contexts import ALPN_S2S
 
@@ -41,6 +43,7 @@ def _child(features: domish.Element, uri: str, name: str):
     return None
 
 
+@implementer(IStreamHandler)
 class InitiatingStream:
     """Base handler for streams we initiate to ``remote`` as ``local``."""
 
@@ -213,4 +216,7 @@ class InitiatingStream:
         pass
 
     def reject_stanza(self, stanza, failure) -> None:
+        pass
+
+    def tls_established(self, info) -> None:
         pass

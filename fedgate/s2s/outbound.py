@@ -24,12 +24,12 @@ from twisted.logger import Logger
 from twisted.words.xish import domish
 
 from fedgate.s2s.initiating import InitiatingStream
-from fedgate.s2s.pairing import DialbackPairs, check_incoming
+from fedgate.s2s.paired import PairedStream
+from fedgate.s2s.pairing import DialbackPairs
 from fedgate.s2s.pairs import INVALID, LOCAL, OUTBOUND, PENDING, VALID, ConnectionRecord
 from fedgate.s2s.policy_check import DIALBACK, SASL_EXTERNAL
 from fedgate.stream import namespaces as ns
 from fedgate.stream.errors import StreamFailure
-from fedgate.stream.serialize import serialize
 
 log = Logger(namespace="fedgate.s2s.outbound")
 
@@ -37,7 +37,7 @@ log = Logger(namespace="fedgate.s2s.outbound")
 TIMEOUT = "timeout"
 
 
-class OutboundS2S(InitiatingStream):
+class OutboundS2S(PairedStream, InitiatingStream):
     """The handler of one outbound S2S connection to ``remote``."""
 
     use_sasl = True
@@ -65,15 +65,11 @@ class OutboundS2S(InitiatingStream):
         return self.stream_id
 
     def connected(self, io) -> None:
-        self.record = self.ctx.table.add(
-            ConnectionRecord(OUTBOUND, io.peer, self.ctx.clock.seconds(), remote_domain=self.remote),
-            closer=io.fail, route=self)
+        self.attach(io, ConnectionRecord(OUTBOUND, io.peer, self.ctx.clock.seconds(),
+                                         remote_domain=self.remote))
         self.dialback = DialbackPairs(self, may_accept=self._may_accept, on_result=self._pair_result)
         self._timer = self.ctx.clock.callLater(self.ctx.auth_timeout, self._auth_timeout)
         super().connected(io)
-
-    def tls_established(self, info) -> None:
-        self.record.tls = info.describe()
 
     def header_received(self, header) -> None:
         super().header_received(header)
@@ -125,11 +121,7 @@ class OutboundS2S(InitiatingStream):
     def send_stanza(self, local: str, stanza: domish.Element) -> None:
         self.write_stanza(local, self.remote, stanza)
 
-    # -- a route for other destinations once bidi allows ------------------------
-    def write_stanza(self, local: str, remote: str, stanza: domish.Element) -> None:
-        self.record.pairs[(local, remote)].stanzas_out += 1
-        self.io.write(serialize(stanza, ns.SERVER))
-
+    # -- a route for other destinations once bidi allows (write_stanza: PairedStream)
     def authenticate_reverse(self, local: str, remote: str) -> bool:
         return False  # further remote domains get their own outbound stream
 
@@ -148,9 +140,7 @@ class OutboundS2S(InitiatingStream):
         elif uri == ns.DIALBACK and name == "verify":
             log.warn("Ignoring db:verify on an outbound stream from {remote}", remote=self.remote)
         elif uri == ns.SERVER and name in ns.STANZA_NAMES and self.record.bidi:
-            to_domain, from_domain = check_incoming(self.record, element, self.ctx.local_domains)
-            self.record.pairs[(to_domain, from_domain)].stanzas_in += 1
-            self.ctx.router.route(element, to_domain, from_domain)
+            self.receive_stanza(element)  # the same path, and rate limit, as inbound
         else:
             raise StreamFailure("unsupported-stanza-type",
                                 "stanzas are not accepted on this stream (no bidi)")
@@ -182,9 +172,6 @@ class OutboundS2S(InitiatingStream):
         if timer is not None and timer.active():
             timer.cancel()
 
-    def reject_stanza(self, stanza, failure) -> None:
-        self.ctx.router.bounce(stanza, failure.condition, failure.text, reply_from=failure.reply_from)
-
     def _auth_timeout(self) -> None:
         self._timer = None
         if not self.record.authenticated:
@@ -205,6 +192,5 @@ class OutboundS2S(InitiatingStream):
             self._cancel_pair_timer(local)
         if self.dialback is not None:
             self.dialback.close()
-        if self.record is not None:
-            self.ctx.table.remove(self.record)
+        self.detach()
         self.owner.stream_closed(self)

@@ -21,12 +21,11 @@ from twisted.logger import Logger
 from twisted.words.xish import domish
 
 from fedgate.domain import InvalidDomain, normalize_domain
-from fedgate.jid import domain_of, domain_part, is_valid_jid
 from fedgate.s2s import dialback
 from fedgate.s2s.pairs import INVALID, LOCAL, PENDING, REMOTE, VALID
 from fedgate.s2s.policy_check import DIALBACK, DIALBACK_WITH_CERT, dialback_request
 from fedgate.s2s.verifier import DialbackError
-from fedgate.stream.errors import STANZA_CONDITIONS, StanzaFailure, StreamFailure, error_condition, error_text
+from fedgate.stream.errors import STANZA_CONDITIONS, StreamFailure, error_condition, error_text
 
 log = Logger(namespace="fedgate.s2s.pairing")
 
@@ -38,54 +37,6 @@ def addresses(element: domish.Element) -> tuple[str, str]:
                 normalize_domain(element.getAttribute("to") or ""))
     except InvalidDomain:
         raise StreamFailure("improper-addressing", f"malformed address on db:{element.name}") from None
-
-
-def check_incoming(record, stanza: domish.Element, local_domains) -> tuple[str, str]:
-    """The RFC 6120 checks on a stanza arriving over S2S: (to, from) domains,
-    or the error that the stanza deserves.
-
-    A domain that is not authenticated on this stream is a stream error; a
-    malformed address (RFC 7622) is a ``jid-malformed`` stanza error, because
-    one remote user's bad address must not end a stream that carries other
-    users' stanzas."""
-    to, sender = stanza.getAttribute("to"), stanza.getAttribute("from")
-    if not to or not sender:
-        raise StreamFailure("improper-addressing", "stanza without 'to' or 'from'")
-    try:
-        to_domain, from_domain = domain_of(to), domain_of(sender)
-    except InvalidDomain:
-        _malformed(record, to, sender, local_domains)
-    _check_domains(record, to_domain, from_domain, local_domains)
-    return to_domain, from_domain
-
-
-def _check_domains(record, to_domain: str, from_domain: str, local_domains) -> None:
-    if not record.can_receive(to_domain, from_domain):
-        # Work out which rule failed only on the slow path.
-        if not record.has_valid_remote(from_domain):
-            raise StreamFailure("invalid-from", f"{from_domain} is not authenticated on this stream")
-        raise StreamFailure("host-unknown", f"{to_domain} is not authenticated for {from_domain}")
-    if to_domain not in local_domains:
-        raise StreamFailure("host-unknown", f"{to_domain} is not served here")
-
-
-def _malformed(record, to: str, sender: str, local_domains):
-    """Raise the error for a stanza with a malformed 'to' or 'from': the
-    stream errors still apply to whichever domainparts are well-formed."""
-    to_domain, from_domain = domain_part(to), domain_part(sender)
-    if from_domain is not None:
-        if not record.has_valid_remote(from_domain):
-            raise StreamFailure("invalid-from", f"{from_domain} is not authenticated on this stream")
-        if to_domain is not None:
-            _check_domains(record, to_domain, from_domain, local_domains)
-    if from_domain is None or not is_valid_jid(sender):
-        # The router will not answer a malformed address: it logs and drops.
-        raise StanzaFailure("jid-malformed", "malformed 'from' address")
-    # The 'from' is fine, so the 'to' is not: the reply comes from the
-    # domain it named, or else from one of ours that the sender may hear from.
-    reply_from = to_domain or min(local for local, remote in record.pairs
-                                  if remote == from_domain and record.can_receive(local, remote))
-    raise StanzaFailure("jid-malformed", "malformed 'to' address", reply_from=reply_from)
 
 
 class DialbackPairs:

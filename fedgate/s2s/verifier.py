@@ -174,7 +174,7 @@ class _Verification:
                                     "verification timed out"))
         if self.handler.io is not None and not self.handler.io.closed:
             # Do not wait for the peer's close handshake either.
-            self.handler.io.transport.abortConnection()
+            self.handler.io.abort()
 
     def _cancel(self, _d) -> None:
         # Deferred calls this, then errbacks ``done`` with CancelledError.
