@@ -1,10 +1,22 @@
 """Inbound S2S streams: the Receiving and the Authoritative Server roles.
 
-States: before the peer's header we wait; after it we have answered with
-our header (and features on a 1.0 stream) and the stream is open.  On an open
-stream the peer may ask us to verify keys (``<db:result>``, Receiving Server),
-ask us to vouch for our own keys (``<db:verify>``, Authoritative Server), and
-send stanzas over the pairs that became valid.
+States, and every move between them (:data:`TRANSITIONS`)::
+
+    AWAIT_HEADER  --header----> OPEN           answered with our header (and features)
+    AWAIT_HEADER  --tls-------> TLS_HANDSHAKE  Direct TLS (XEP-0368): TLS from the first byte
+    OPEN          --starttls--> TLS_HANDSHAKE  <proceed/> sent, TLS starts, the stream restarts
+    TLS_HANDSHAKE --header----> SECURE         the header over TLS
+    OPEN, SECURE  --sasl------> SASL_RESTART   <success/> sent, the stream restarts
+    SASL_RESTART  --header----> AUTHENTICATED  the header after SASL
+    (any)         --lost------> CLOSED
+
+STARTTLS is offered and taken only in OPEN; SASL EXTERNAL only before it
+succeeded (OPEN or SECURE, over TLS).  In every open state (OPEN, SECURE,
+AUTHENTICATED) the peer may ask us to verify keys (``<db:result>``,
+Receiving Server), ask us to vouch for our own keys (``<db:verify>``,
+Authoritative Server), ask for bidi (XEP-0288, :mod:`fedgate.s2s.bidi`), and
+send stanzas over the pairs that became valid (the receive path of
+:mod:`fedgate.s2s.paired`, shared with outbound streams).
 
 With TLS: STARTTLS is offered before any authentication (required when the
 peer's policy says so, and then alone); after the TLS restart, SASL EXTERNAL
@@ -27,9 +39,10 @@ from zope.interface import implementer
 
 from fedgate.domain import InvalidDomain, normalize_domain
 from fedgate.s2s import dialback
+from fedgate.s2s.bidi import Bidi
 from fedgate.s2s.context import S2SContext
+from fedgate.s2s.dialback import Authoritative, StreamDialback
 from fedgate.s2s.paired import PairedStream
-from fedgate.s2s.pairing import DialbackPairs, addresses
 from fedgate.s2s.pairs import INBOUND, PENDING, REMOTE, VALID, ConnectionRecord
 from fedgate.s2s.policy_check import SASL_EXTERNAL, sasl_external_offer
 from fedgate.stream.sasl import decode_external, sasl_failure, sasl_mechanisms
@@ -38,9 +51,32 @@ from fedgate.stream.errors import StreamFailure
 from fedgate.stream.interfaces import IStreamHandler
 from fedgate.stream.parser import StreamHeader
 from fedgate.stream.protocol import new_stream_id
+from fedgate.stream.states import Machine
 from fedgate.tls.contexts import ALPN_S2S
 
 log = Logger(namespace="fedgate.s2s.inbound")
+
+AWAIT_HEADER = "await-header"
+OPEN = "open"
+TLS_HANDSHAKE = "tls-handshake"
+SECURE = "secure"
+SASL_RESTART = "sasl-restart"
+AUTHENTICATED = "authenticated"
+CLOSED = "closed"
+
+TRANSITIONS = {
+    (AWAIT_HEADER, "header"): OPEN,
+    (AWAIT_HEADER, "tls"): TLS_HANDSHAKE,
+    (OPEN, "starttls"): TLS_HANDSHAKE,
+    (TLS_HANDSHAKE, "header"): SECURE,
+    (OPEN, "sasl"): SASL_RESTART,
+    (SECURE, "sasl"): SASL_RESTART,
+    (SASL_RESTART, "header"): AUTHENTICATED,
+    **{(state, "lost"): CLOSED for state in (AWAIT_HEADER, OPEN, TLS_HANDSHAKE, SECURE,
+                                             SASL_RESTART, AUTHENTICATED)},
+}
+#: states in which the stream is open (our header answered the peer's)
+OPEN_STATES = frozenset({OPEN, SECURE, AUTHENTICATED})
 
 
 def check_version(header: StreamHeader) -> bool:
@@ -70,21 +106,25 @@ class InboundS2S(PairedStream):
         self.record: ConnectionRecord | None = None
         self._to: str | None = None
         self._from: str | None = None
-        self._headers = 0
-        self.dialback: DialbackPairs | None = None
-        self._bidi_requested = False
+        self.machine = Machine("InboundS2S", TRANSITIONS, AWAIT_HEADER)
+        self.dialback: StreamDialback | None = None
+        self.authoritative = Authoritative(ctx)
+        self.bidi = Bidi(self)
         self._timer = None
-        self._gone = False
-        self._sasl_done = False
+
+    @property
+    def state(self) -> str:
+        return self.machine.state
 
     # -- stream lifecycle -------------------------------------------------
     def connected(self, io) -> None:
         self.attach(io, ConnectionRecord(INBOUND, io.peer, self.ctx.clock.seconds()))
-        self.dialback = DialbackPairs(self)
+        self.dialback = StreamDialback(self)
         self._timer = self.ctx.clock.callLater(self.ctx.auth_timeout, self._auth_timeout)
         if self.direct_tls:
             # XEP-0368: TLS from the first byte; SNI picks the certificate.
             default = sorted(self.ctx.local_domains)[0]
+            self.machine.fire("tls")
             io.start_tls(self.ctx.tls.server_creator(default, ALPN_S2S))
 
     @property
@@ -95,13 +135,13 @@ class InboundS2S(PairedStream):
         return {"id": self.stream_id or new_stream_id(), "from": self._to, "version": "1.0"}
 
     def header_received(self, header: StreamHeader) -> None:
-        self._headers += 1
         if header.default_ns != ns.SERVER:
             raise StreamFailure("invalid-namespace", "S2S streams use jabber:server")
         is_v1 = check_version(header)
         to = self._header_domain(header.get("to"), "host-unknown")
         sender = self._header_domain(header.get("from"), "invalid-from")
-        if self._headers > 1 and (to != self._to or sender != self._from):
+        restarted = self.stream_id is not None  # a header came before this one
+        if restarted and (to != self._to or sender != self._from):
             raise StreamFailure("improper-addressing", "stream addresses changed on restart")
         if to is None:
             if ns.DIALBACK not in header.namespaces.values():
@@ -116,6 +156,7 @@ class InboundS2S(PairedStream):
             if limit:
                 self.io.tighten_stanza_limit(limit)
         self.stream_id = new_stream_id()
+        self.machine.fire("header")
         attrs = {"id": self.stream_id, "from": to, "to": sender}
         if is_v1:
             attrs["version"] = "1.0"
@@ -128,7 +169,7 @@ class InboundS2S(PairedStream):
         and dialback."""
         tls = self.io.tls
         extra = []
-        if tls is None and self.ctx.tls is not None and not self.io.tls_started:
+        if self.state == OPEN and tls is None and self.ctx.tls is not None:
             policy = self.ctx.policy.for_peer(self._from) if self._from else self.ctx.policy.default
             starttls = domish.Element((ns.TLS, "starttls"))
             if policy.requires_tls:
@@ -137,10 +178,11 @@ class InboundS2S(PairedStream):
                 features.addChild(starttls)
                 return features  # nothing else until the channel is encrypted
             extra.append(starttls)
-        if not self._sasl_done and sasl_external_offer(tls, self._from):
+        if self.state != AUTHENTICATED and sasl_external_offer(tls, self._from):
             extra.append(sasl_mechanisms(["EXTERNAL"]))
-        if self.ctx.bidi and not self.record.bidi:
-            extra.append(domish.Element((ns.BIDI_FEATURE, "bidi")))
+        bidi = self.bidi.feature()
+        if bidi is not None:
+            extra.append(bidi)
         return dialback.features_element(extra)
 
     @staticmethod
@@ -153,7 +195,7 @@ class InboundS2S(PairedStream):
             raise StreamFailure(condition, "malformed domain in stream header") from None
 
     def disconnected(self, reason) -> None:
-        self._gone = True
+        self.machine.fire("lost")
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         if self.dialback is not None:
@@ -173,8 +215,8 @@ class InboundS2S(PairedStream):
         the parties discard what they learnt from the old stream.  Every
         pair goes (but ``keep``, the one SASL has just proved), and
         verifications still running can no longer make a pair valid: they
-        answer to a closed DialbackPairs, which ignores them."""
-        old, self.dialback = self.dialback, DialbackPairs(self)
+        answer to a closed Receiving half, which ignores them."""
+        old, self.dialback = self.dialback, StreamDialback(self)
         old.close()
         self._reverse_requests_failed()
         self.record.forget_pairs(keep)
@@ -187,7 +229,7 @@ class InboundS2S(PairedStream):
 
     def _auth_timeout(self) -> None:
         self._timer = None
-        if not self.record.authenticated and not self._gone:
+        if not self.record.authenticated and self.state != CLOSED:
             self.io.fail("connection-timeout", "no domain pair authenticated in time")
 
     # -- elements ---------------------------------------------------------
@@ -197,13 +239,13 @@ class InboundS2S(PairedStream):
             self._stanza(element)
         elif uri == ns.DIALBACK and element.name == "result":
             if element.getAttribute("type"):
-                self.dialback.answer(element)  # only answers to our own (reverse) requests
+                self.dialback.originating.answer(element)  # only answers to our own (reverse) requests
             else:
-                self.dialback.request(element)
+                self.dialback.receiving.request(element)
         elif uri == ns.BIDI and element.name == "bidi" and self.ctx.bidi:
-            self._bidi()
+            self.bidi.requested()
         elif uri == ns.DIALBACK and element.name == "verify":
-            self._verify(element)
+            self.authoritative.verify(self.io, element)
         elif uri == ns.TLS and element.name == "starttls":
             self._starttls()
         elif uri == ns.SASL and element.name == "auth":
@@ -219,12 +261,13 @@ class InboundS2S(PairedStream):
             raise StreamFailure("unsupported-stanza-type", f"unexpected element {element.name}")
 
     def _starttls(self) -> None:
-        if self.ctx.tls is None or self.io.tls_started:
+        if self.ctx.tls is None or self.state != OPEN:
             self.io.write(f"<failure xmlns='{ns.TLS}'/>")
             self.io.close()
             return
         self.io.write(f"<proceed xmlns='{ns.TLS}'/>")
-        self.record.bidi = False  # a bidi request made before TLS does not survive it
+        self.bidi.forget()  # a bidi request made before TLS does not survive it
+        self.machine.fire("starttls")
         self._forget_stream()
         default = self._to or sorted(self.ctx.local_domains)[0]
         self.io.start_tls(self.ctx.tls.server_creator(default))
@@ -237,7 +280,7 @@ class InboundS2S(PairedStream):
             condition = "invalid-mechanism"
         elif self.io.tls is None:
             condition = "encryption-required"
-        elif self._sasl_done or not sasl_external_offer(self.io.tls, self._from) or not self._to:
+        elif self.state not in (OPEN, SECURE) or not sasl_external_offer(self.io.tls, self._from) or not self._to:
             condition = "not-authorized"
         else:
             authzid = decode_external(str(element))
@@ -252,10 +295,10 @@ class InboundS2S(PairedStream):
             if policy.requires_certificate:
                 self.io.close()  # no dialback fallback under the certificate policy
             return
-        self._sasl_done = True
+        self.machine.fire("sasl")
         self.record.remote_domain = self._from
         self.record.set_pair(self._to, self._from, VALID, SASL_EXTERNAL, self.ctx.clock.seconds())
-        if self.record.bidi:
+        if self.bidi.on:
             self.ctx.table.pair_changed(self._to, self._from, True)
         log.info("Authenticated {local} <- {remote} by SASL EXTERNAL from {peer}",
                  local=self._to, remote=self._from, peer=self.io.peer)
@@ -263,42 +306,18 @@ class InboundS2S(PairedStream):
         self._forget_stream(keep=(self._to, self._from))
         self.io.restart()
 
-    def _bidi(self) -> None:
-        """XEP-0288: the peer asks to use this stream both ways."""
-        self.record.bidi = True
-        log.info("Bidirectional stream with {peer}", peer=self.io.peer)
-        for pair in self.record.valid_pairs():  # pairs proven before the request
-            self.ctx.table.pair_changed(pair.local, pair.remote, True)
-
     # -- a route for our stanzas once bidi is on (write_stanza: PairedStream) ----
     def authenticate_reverse(self, local: str, remote: str) -> bool:
         """Ask the peer to accept ``local`` in the reverse direction; only
         towards a domain the peer proved here (XEP-0288)."""
-        if not (self.record.bidi and self.record.proven_remote(remote)):
+        if not self.bidi.may_prove_reverse(remote):
             return False
         if self.record.state_of(local, remote) in (PENDING, VALID):
             return True
-        self.dialback.ask(local, remote)
+        self.dialback.originating.ask(local, remote)
         return True
 
     def _stanza(self, stanza: domish.Element) -> None:
         if not self.record.authenticated:
             raise StreamFailure("not-authorized", "no domain pair is authenticated on this stream")
         self.receive_stanza(stanza)
-
-    def _verify(self, element: domish.Element) -> None:
-        if element.getAttribute("type"):
-            log.warn("Ignoring unsolicited db:verify type={type} from {peer}",
-                     type=element["type"], peer=self.io.peer)
-            return
-        receiving, originating = addresses(element)
-        stream_id = element.getAttribute("id")
-        if not stream_id:
-            raise StreamFailure("improper-addressing", "db:verify without an id")
-        if originating not in self.ctx.local_domains:
-            self.io.send(dialback.verify_error(originating, receiving, stream_id, "item-not-found"))
-            return
-        valid = dialback.key_matches(self.ctx.secret, receiving, originating, stream_id, str(element))
-        log.info("Authoritative answer {valid} for {local} -> {remote}", valid=valid,
-                 local=originating, remote=receiving)
-        self.io.send(dialback.verify_answer(originating, receiving, stream_id, valid))

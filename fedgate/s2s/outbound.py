@@ -13,8 +13,11 @@ Every pair we ask for has ``pair_timeout`` seconds to be answered; then it
 counts as failed (``remote-server-timeout``) and this stream is not asked to
 carry that domain again.
 
-Negotiation (header, STARTTLS, SASL) is in :mod:`fedgate.s2s.initiating`.
-The owner (a Destination in the sender) hears about every change through
+Negotiation (header, STARTTLS, bidi, SASL) and the states of this role are
+in :mod:`fedgate.s2s.initiating` (the stream is open in READY); dialback's
+Originating half (and, on a bidi stream, its Receiving half) in
+:mod:`fedgate.s2s.dialback`; the receive path, shared with inbound streams,
+in :mod:`fedgate.s2s.paired`.  The owner (a Destination in the sender) hears about every change through
 ``stream_open``, ``pair_result`` and ``stream_closed``.
 """
 
@@ -23,9 +26,9 @@ from __future__ import annotations
 from twisted.logger import Logger
 from twisted.words.xish import domish
 
-from fedgate.s2s.initiating import InitiatingStream
+from fedgate.s2s.dialback import StreamDialback
+from fedgate.s2s.initiating import READY, InitiatingStream
 from fedgate.s2s.paired import PairedStream
-from fedgate.s2s.pairing import DialbackPairs
 from fedgate.s2s.pairs import INVALID, LOCAL, OUTBOUND, PENDING, VALID, ConnectionRecord
 from fedgate.s2s.policy_check import DIALBACK, SASL_EXTERNAL
 from fedgate.stream import namespaces as ns
@@ -48,13 +51,17 @@ class OutboundS2S(PairedStream, InitiatingStream):
         self.owner = owner
         self.pair_timeout = pair_timeout
         self.record: ConnectionRecord | None = None
-        self.dialback: DialbackPairs | None = None
-        self.is_open = False
+        self.dialback: StreamDialback | None = None
         self._wanted: list[str] = []
         self._timer = None
         self._pair_timers: dict = {}
         #: local domains whose request here went unanswered
         self.timed_out: set[str] = set()
+
+    @property
+    def is_open(self) -> bool:
+        """Negotiation is over: domains may be proved (and stanzas sent)."""
+        return self.state == READY
 
     @property
     def first_local(self) -> str:
@@ -67,7 +74,7 @@ class OutboundS2S(PairedStream, InitiatingStream):
     def connected(self, io) -> None:
         self.attach(io, ConnectionRecord(OUTBOUND, io.peer, self.ctx.clock.seconds(),
                                          remote_domain=self.remote))
-        self.dialback = DialbackPairs(self, may_accept=self._may_accept, on_result=self._pair_result)
+        self.dialback = StreamDialback(self, may_accept=self._may_accept, on_result=self._pair_result)
         self._timer = self.ctx.clock.callLater(self.ctx.auth_timeout, self._auth_timeout)
         super().connected(io)
 
@@ -83,9 +90,6 @@ class OutboundS2S(PairedStream, InitiatingStream):
         self.owner.pair_result(self, self.local, VALID, None)
 
     def ready(self, features) -> None:
-        if self.is_open:
-            return
-        self.is_open = True
         wanted, self._wanted = self._wanted, []
         for local in wanted:
             self.authenticate(local)
@@ -96,11 +100,11 @@ class OutboundS2S(PairedStream, InitiatingStream):
         state = self.record.state_of(local, self.remote) if self.record else None
         if state in (PENDING, VALID):
             return
-        if not self.is_open:
+        if self.state != READY:
             if local not in self._wanted:
                 self._wanted.append(local)
             return
-        self.dialback.ask(local, self.remote)
+        self.dialback.originating.ask(local, self.remote)
         self._pair_timers[local] = self.ctx.clock.callLater(self.pair_timeout, self._pair_timed_out, local)
 
     def can_piggyback(self, local: str) -> bool:
@@ -125,21 +129,18 @@ class OutboundS2S(PairedStream, InitiatingStream):
     def authenticate_reverse(self, local: str, remote: str) -> bool:
         return False  # further remote domains get their own outbound stream
 
-    def bidi_enabled(self) -> None:
-        self.record.bidi = True
-
     def negotiated_element(self, element: domish.Element) -> None:
         uri, name = element.uri, element.name
         if uri == ns.DIALBACK and name == "result":
             if element.getAttribute("type"):
-                self.dialback.answer(element)
-            elif self.record.bidi:
-                self.dialback.request(element)  # the peer adds a domain in reverse
+                self.dialback.originating.answer(element)
+            elif self.bidi.on:
+                self.dialback.receiving.request(element)  # the peer adds a domain in reverse
             else:
                 raise StreamFailure("unsupported-stanza-type", "dialback requests need bidi here")
         elif uri == ns.DIALBACK and name == "verify":
             log.warn("Ignoring db:verify on an outbound stream from {remote}", remote=self.remote)
-        elif uri == ns.SERVER and name in ns.STANZA_NAMES and self.record.bidi:
+        elif uri == ns.SERVER and name in ns.STANZA_NAMES and self.bidi.on:
             self.receive_stanza(element)  # the same path, and rate limit, as inbound
         else:
             raise StreamFailure("unsupported-stanza-type",
@@ -187,6 +188,7 @@ class OutboundS2S(PairedStream, InitiatingStream):
             self.io.close()
 
     def disconnected(self, reason) -> None:
+        super().disconnected(reason)
         self._cancel_timer()
         for local in list(self._pair_timers):
             self._cancel_pair_timer(local)
