@@ -41,7 +41,12 @@ TIMEOUT = "timeout"
 
 
 class OutboundS2S(PairedStream, InitiatingStream):
-    """The handler of one outbound S2S connection to ``remote``."""
+    """The handler of one outbound S2S connection to ``remote``.
+
+    States: those of :data:`fedgate.s2s.initiating.TRANSITIONS`
+    (AWAIT_FEATURES -> [STARTTLS | SASL] -> READY, or FAILED; CLOSED at the
+    end); bidi's OFF/ON are in :mod:`fedgate.s2s.bidi`.  It is open (may
+    carry pairs) exactly in READY."""
 
     use_sasl = True
     use_bidi = True
