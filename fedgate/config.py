@@ -2,6 +2,12 @@
 
 Every error names the file and the key, and unknown keys are errors rather
 than silently ignored: a typo in a security setting must not pass unnoticed.
+
+:func:`parse_config` reads the top-level keys and hands each section to its
+own reader (``_s2s`` with ``_s2s_policy`` and ``_s2s_peers``, ``_components``
+with ``_component_domains`` and ``_component_credentials``, ``_tls``,
+``_limits``, ``_logging``, ``_admin``); each reader gets a :class:`_Reader`
+whose prefix puts the section's name into every error.
 """
 
 from __future__ import annotations
@@ -186,6 +192,10 @@ class _Reader:
     def table_of(self, name: str) -> dict:
         return self.get(name, dict, {})
 
+    def section(self, name: str) -> "_Reader":
+        """A reader for the table ``name`` in this one (empty if absent)."""
+        return _Reader(self.path, self.table_of(name), f"{self.key(name)}.")
+
     def done(self) -> None:
         unknown = sorted(set(self.table) - self.used)
         if unknown:
@@ -285,6 +295,8 @@ def load_config(path: str | os.PathLike) -> Config:
 
 
 def parse_config(data: dict, path="<config>") -> Config:
+    """The whole file: top-level keys here, each section by its own reader
+    (in the order the file's sections are documented)."""
     top = _Reader(path, data, "")
     state_dir = top.get("state_dir", str, None)
     if not state_dir:
@@ -292,20 +304,35 @@ def parse_config(data: dict, path="<config>") -> Config:
     domains = tuple(_domain(top, "domains", d) for d in top.get("domains", list, []))
     if not domains:
         raise top.error("domains", "at least one domain is required")
+    s2s = _s2s(top.section("s2s"))
+    components = _components(top.section("components"), domains)
+    tls = _tls(top.section("tls"))
+    limits = _limits(top.section("limits"))
+    logging = _logging(top.section("logging"))
+    admin = _admin(top.section("admin"))
+    top.done()
+    return Config(path=str(path), state_dir=state_dir, domains=domains, s2s=s2s,
+                  components=components, tls=tls, limits=limits, logging=logging, admin=admin)
 
-    s = _Reader(path, top.table_of("s2s"), "s2s.")
-    pol = _Reader(path, s.table_of("policy"), "s2s.policy.")
+
+def _s2s_policy(pol: _Reader) -> tuple[str, PeerPolicy]:
+    """``[s2s.policy]``: the federation mode and the default peer policy."""
     mode = _choice(pol, "mode", MODES, MODE_OPEN)
     default_policy = PeerPolicy(
         encryption=_choice(pol, "encryption", ENCRYPTIONS, PeerPolicy.encryption),
         authentication=_choice(pol, "authentication", AUTHENTICATIONS, PeerPolicy.authentication))
     pol.done()
+    return mode, default_policy
+
+
+def _s2s_peers(s: _Reader, default_policy: PeerPolicy) -> dict[str, PeerPolicy]:
+    """``[s2s.peers."domain"]``: one policy per peer, the default's terms
+    where it says nothing."""
     peers = {}
-    peer_tables = s.table_of("peers")
-    for raw, table in peer_tables.items():
+    for raw, table in s.table_of("peers").items():
         if not isinstance(table, dict):
             raise s.error(f"peers.{raw}", "expected a table")
-        pr = _Reader(path, table, f"s2s.peers.{raw}.")
+        pr = _Reader(s.path, table, f"s2s.peers.{raw}.")
         domain = _domain(s, f"peers.{raw}", raw)
         addresses = tuple(_hostport(pr, "addresses", a, 5269) for a in pr.get("addresses", list, []))
         peers[domain] = PeerPolicy(
@@ -317,6 +344,13 @@ def parse_config(data: dict, path="<config>") -> Config:
             note=pr.get("note", str, ""),
         )
         pr.done()
+    return peers
+
+
+def _s2s(s: _Reader) -> S2SConfig:
+    """``[s2s]`` with its ``policy`` and ``peers`` tables."""
+    mode, default_policy = _s2s_policy(s.section("policy"))
+    peers = _s2s_peers(s, default_policy)
     queue_max_wait = s.positive("queue_max_wait", float, S2SConfig.queue_max_wait)
     pair_timeout = s.positive("pair_timeout", float, S2SConfig.pair_timeout)
     if pair_timeout >= queue_max_wait:
@@ -352,13 +386,16 @@ def parse_config(data: dict, path="<config>") -> Config:
         peers=peers,
     )
     s.done()
+    return s2s
 
-    c = _Reader(path, top.table_of("components"), "components.")
+
+def _component_domains(c: _Reader, domains: tuple) -> dict[str, ComponentConfig]:
+    """``[components.domains."domain"]``: XEP-0114 components and their secrets."""
     comps = {}
     for raw, table in c.table_of("domains").items():
         if not isinstance(table, dict):
             raise c.error(f"domains.{raw}", "expected a table")
-        cr = _Reader(path, table, f"components.domains.{raw}.")
+        cr = _Reader(c.path, table, f"components.domains.{raw}.")
         domain = _domain(c, f"domains.{raw}", raw)
         secret = cr.get("secret", str, None)
         if not secret:
@@ -367,11 +404,17 @@ def parse_config(data: dict, path="<config>") -> Config:
         if domain in domains:
             raise c.error(f"domains.{raw}", "is also one of the gateway's own domains")
         comps[domain] = ComponentConfig(domain, secret)
+    return comps
+
+
+def _component_credentials(c: _Reader, domains: tuple, comps: dict) -> dict[str, Credential]:
+    """``[components.credentials."identity"]``: XEP-0225 identities; none
+    may claim a hostname that belongs to someone else."""
     credentials, raw_names = {}, {}
     for raw, table in c.table_of("credentials").items():
         if not isinstance(table, dict):
             raise c.error(f"credentials.{raw}", "expected a table")
-        kr = _Reader(path, table, f"components.credentials.{raw}.")
+        kr = _Reader(c.path, table, f"components.credentials.{raw}.")
         domain = _domain(c, f"credentials.{raw}", raw)
         keys = {}
         for name in ("scram_sha1", "scram_sha256"):
@@ -397,6 +440,13 @@ def parse_config(data: dict, path="<config>") -> Config:
             key = f"credentials.{raw_names[domain]}" + ("" if hostname == domain else ".allowed")
             raise c.error(key, f"{hostname} {why}; a component identity may claim only "
                                "hostnames nobody else has")
+    return credentials
+
+
+def _components(c: _Reader, domains: tuple) -> ComponentsConfig:
+    """``[components]`` with its ``domains`` and ``credentials`` tables."""
+    comps = _component_domains(c, domains)
+    credentials = _component_credentials(c, domains, comps)
     components = ComponentsConfig(
         listen=_endpoints(c, "listen", ComponentsConfig.listen),
         auth_timeout=c.positive("auth_timeout", float, ComponentsConfig.auth_timeout),
@@ -408,13 +458,16 @@ def parse_config(data: dict, path="<config>") -> Config:
         load_balanced=frozenset(_domain(c, "load_balanced", d) for d in c.get("load_balanced", list, [])),
     )
     c.done()
+    return components
 
-    tr = _Reader(path, top.table_of("tls"), "tls.")
+
+def _tls(tr: _Reader) -> TLSConfig:
+    """``[tls]`` with its per-domain certificate overrides."""
     overrides = {}
     for raw, table in tr.table_of("domains").items():
         if not isinstance(table, dict):
             raise tr.error(f"domains.{raw}", "expected a table")
-        dr = _Reader(path, table, f"tls.domains.{raw}.")
+        dr = _Reader(tr.path, table, f"tls.domains.{raw}.")
         cert_path = dr.get("certificate", str, None)
         if not cert_path:
             raise dr.error("certificate", "required")
@@ -429,28 +482,32 @@ def parse_config(data: dict, path="<config>") -> Config:
         ciphers=tr.get("ciphers", str, None) or None,
     )
     tr.done()
+    return tls
 
-    lr = _Reader(path, top.table_of("limits"), "limits.")
+
+def _limits(lr: _Reader) -> LimitsConfig:
+    """``[limits]``: the parser's bounds."""
     limits = LimitsConfig(
         max_stanza_bytes=lr.positive("max_stanza_bytes", int, LimitsConfig.max_stanza_bytes),
         max_depth=lr.positive("max_depth", int, LimitsConfig.max_depth),
         max_elements=lr.positive("max_elements", int, LimitsConfig.max_elements),
     )
     lr.done()
+    return limits
 
-    gr = _Reader(path, top.table_of("logging"), "logging.")
+
+def _logging(gr: _Reader) -> LoggingConfig:
+    """``[logging]``: what of the XML traffic goes to the log."""
     logging = LoggingConfig(
         xml_traffic=gr.get("xml_traffic", bool, False),
         xml_bodies=gr.get("xml_bodies", bool, False),
     )
     gr.done()
-    admin = _admin(_Reader(path, top.table_of("admin"), "admin."))
-    top.done()
-    return Config(path=str(path), state_dir=state_dir, domains=domains, s2s=s2s,
-                  components=components, tls=tls, limits=limits, logging=logging, admin=admin)
+    return logging
 
 
 def _admin(ar: _Reader) -> AdminConfig:
+    """``[admin]``: the REST API's listeners, token and metrics."""
     token = ar.get("token", str, None)
     token_file = ar.get("token_file", str, None)
     if token is not None and len(token) < 16:

@@ -27,7 +27,7 @@ DIRECTIONS = (INBOUND, OUTBOUND)
 CONNECTION_STATES = ("authenticating", "authenticated")
 PAIR_STATES = (PENDING, VALID, INVALID)
 AUTH_METHODS = ("dialback", "dialback-with-valid-cert", "sasl-external")
-DESTINATION_STATES = ("idle", "connecting", "open", "backoff", "reverse")
+DESTINATION_STATES = ("idle", "connecting", "open", "backoff", "reverse", "closing")
 TLS_FAILURE_REASONS = ("handshake", "untrusted-certificate", "name-mismatch", "expired-certificate",
                        "no-certificate", "refused", "required-but-unavailable", "timeout")
 HANDSHAKE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 90.0)
@@ -41,10 +41,18 @@ def _bounded(value: str | None, allowed) -> str:
 class GatewayMetrics:
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, gateway, domains=(), clock=None):
-        self.gateway = gateway
+    def __init__(self, clock, table, sender, router, components, policy, domains=()):
+        """Reads only narrow views: the connection ``table`` (records, and
+        its removal events), the ``sender``'s counts, the ``router``'s
+        bounce counts and bound components, the component registry's
+        XEP-0114 domains (``components``), the ``policy`` table's peers."""
+        self.table = table
+        self.sender = sender
+        self.router = router
+        self.components = components
+        self.policy = policy
         self.domains = tuple(sorted(set(domains)))
-        self.clock = clock or gateway.reactor
+        self.clock = clock
         self.started_at = self.clock.seconds()
         self.registry = CollectorRegistry(auto_describe=False)
         # First, so that each scrape's handshake observations are made
@@ -58,7 +66,7 @@ class GatewayMetrics:
                                     registry=self.registry)
         self.closed_stanzas = {"in": 0, "out": 0}
         self._observed: set[int] = set()
-        gateway.table.removed_listeners.append(self._removed)
+        table.on_removed(self._removed)
 
     # -- events -----------------------------------------------------------------
     def tls_failure(self, reason: str) -> None:
@@ -96,8 +104,7 @@ class _LiveCollector:
 
     def collect(self):
         metrics = self.metrics
-        gateway = metrics.gateway
-        records = list(gateway.table)
+        records = list(metrics.table)
         for record in records:
             metrics._observe(record)
 
@@ -137,58 +144,58 @@ class _LiveCollector:
             s2s.add_metric([direction], stanzas[direction])
         yield s2s
 
-        sender = gateway.sender
+        sender = metrics.sender
         outcomes = CounterMetricFamily("fedgate_sender_stanzas", "Stanzas for remote domains by "
                                        "outcome", labels=["outcome"])
+        counts = sender.outcomes()
         for outcome in ("accepted", "delivered", "bounced"):
-            outcomes.add_metric([outcome], getattr(sender, outcome, 0))
+            outcomes.add_metric([outcome], counts.get(outcome, 0))
         yield outcomes
 
         bounces = CounterMetricFamily("fedgate_bounces", "Stanzas bounced with an error, by "
                                       "condition", labels=["condition"])
         by_condition: dict[str, int] = {}
-        for condition, value in getattr(gateway.router, "bounces", {}).items():
+        for condition, value in metrics.router.bounce_counts().items():
             label = _bounded(condition, STANZA_CONDITIONS)
             by_condition[label] = by_condition.get(label, 0) + value
         for condition, value in sorted(by_condition.items()):
             bounces.add_metric([condition], value)
         yield bounces
 
-        destinations = list(sender.destinations.values())
         states = GaugeMetricFamily("fedgate_destinations", "Remote domains with a sender, by state",
                                    labels=["state"])
         state_counts = {s: 0 for s in DESTINATION_STATES}
-        for dest in destinations:
-            label = _bounded(dest.state, DESTINATION_STATES)
-            state_counts[label] = state_counts.get(label, 0) + 1
+        for state, count in sender.state_counts().items():
+            label = _bounded(state, DESTINATION_STATES)
+            state_counts[label] = state_counts.get(label, 0) + count
         for state, value in sorted(state_counts.items()):
             states.add_metric([state], value)
         yield states
         yield GaugeMetricFamily("fedgate_queue_stanzas", "Stanzas queued for all remote domains",
-                                value=sum(len(d.queue) for d in destinations))
+                                value=sender.pending_stanza_count())
         yield GaugeMetricFamily("fedgate_queue_bytes", "Bytes queued for all remote domains",
-                                value=sum(d.queued_bytes for d in destinations))
+                                value=sender.pending_bytes())
         if metrics.domains:
             queue = GaugeMetricFamily("fedgate_peer_queue_stanzas", "Stanzas queued, for the "
                                       "domains in admin.metrics_domains", labels=["domain"])
             conns = GaugeMetricFamily("fedgate_peer_connections", "Live connections, for the "
                                       "domains in admin.metrics_domains", labels=["domain"])
             for domain in metrics.domains:
-                dest = sender.destinations.get(domain)
-                queue.add_metric([domain], len(dest.queue) if dest is not None else 0)
+                queue.add_metric([domain], sender.pending_stanza_count(domain))
                 conns.add_metric([domain], per_domain_conns[domain])
             yield queue
             yield conns
 
         components = GaugeMetricFamily("fedgate_components", "Component domains", labels=["state"])
-        components.add_metric(["configured"], len(gateway.component_secrets))
-        components.add_metric(["connected"], len(gateway.router.components))
+        components.add_metric(["configured"], len(metrics.components.secret_domains()))
+        components.add_metric(["connected"], len(metrics.router.connected_components()))
         yield components
         peers = GaugeMetricFamily("fedgate_peer_policies", "Per-peer policy entries",
                                   labels=["allowed"])
-        allowed = sum(1 for p in gateway.policy.peers.values() if p.allowed)
+        peer_table = metrics.policy.peers
+        allowed = sum(1 for p in peer_table.values() if p.allowed)
         peers.add_metric(["true"], allowed)
-        peers.add_metric(["false"], len(gateway.policy.peers) - allowed)
+        peers.add_metric(["false"], len(peer_table) - allowed)
         yield peers
         yield GaugeMetricFamily("fedgate_start_time_seconds", "When the gateway started (Unix time)",
                                 value=metrics.started_at)

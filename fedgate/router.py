@@ -15,6 +15,7 @@ from twisted.words.xish import domish
 
 from fedgate.domain import InvalidDomain
 from fedgate.jid import domain_of, is_valid_jid
+from fedgate.local import LocalHandler
 from fedgate.stream.errors import is_bounceable, make_error_reply
 
 log = Logger(namespace="fedgate.router")
@@ -61,10 +62,14 @@ class SessionGroup:
 
 
 class Router:
+    """``sender`` is anything with ``send(local, remote, stanza)`` (the S2S
+    sender, or the service's link to it); ``local_handler`` answers stanzas
+    to the gateway's own domains (by default a :class:`LocalHandler`)."""
+
     def __init__(self, own_domains, component_domains, local_handler=None, sender=None):
         self.own_domains = frozenset(own_domains)
         self.component_domains = set(component_domains)
-        self.local_handler = local_handler
+        self.local_handler = local_handler if local_handler is not None else LocalHandler(self)
         self.sender = sender
         self.components: dict[str, object] = {}
         self.dropped_errors = 0
@@ -101,6 +106,38 @@ class Router:
                 del self.components[domain]
         elif current is session:
             del self.components[domain]
+
+    # -- narrow views: what the admin API and the metrics may ask and do -----
+    def serves(self, domain: str) -> bool:
+        """Is ``domain`` one of the gateway's own or component domains now?"""
+        return domain in self.own_domains or domain in self.component_domains
+
+    def connected_components(self) -> list[str]:
+        """Domains bound to a component session now, sorted."""
+        return sorted(self.components)
+
+    def sessions_for(self, domain: str) -> list:
+        """The sessions bound to ``domain`` (every member of a shared one)."""
+        current = self.components.get(domain)
+        if current is None:
+            return []
+        return list(current.members) if isinstance(current, SessionGroup) else [current]
+
+    def names_bound_by(self, sessions) -> list[str]:
+        """Domains bound to any of ``sessions``, sorted."""
+        mine = set(sessions)
+        return sorted(name for name in self.components
+                      if mine.intersection(self.sessions_for(name)))
+
+    def set_component_domains(self, domains) -> None:
+        """The component domains the gateway hosts, bound or not (the admin
+        API changes them); the gateway's own domains are never among them."""
+        self.component_domains.clear()
+        self.component_domains.update(set(domains) - self.own_domains)
+
+    def bounce_counts(self) -> dict[str, int]:
+        """Stanza error condition -> bounces so far."""
+        return dict(self.bounces)
 
     # -- routing ------------------------------------------------------------
     def route(self, stanza: domish.Element, to_domain: str | None = None,

@@ -9,6 +9,16 @@ bounce what is still queued, let the reactor go, close storage last.
 :meth:`Gateway.reload` re-reads the peer policy and the certificates from
 the configuration file without touching a stream (fedgate.tap calls it on
 SIGHUP).
+
+Wiring: every object gets what it needs when it is constructed; nothing is
+patched in afterwards.  :class:`Gateway` takes the reactor, the DNS resolver
+and the storage backend from its caller (:mod:`fedgate.tap` chooses the real
+ones; tests pass their own).  The graph has one cycle, the router handing
+remote stanzas to the sender whose streams route what they receive through
+the router; the router gets :class:`_SenderLink`, which finds the sender
+when a stanza goes out.  Dialback verification streams get the S2S context
+without a verifier (they never verify), and the full context is that one
+plus the verifier.
 """
 
 from __future__ import annotations
@@ -29,7 +39,6 @@ from fedgate.component.credentials import CredentialRegistry
 from fedgate.component.listener import ComponentListenerStream
 from fedgate.component.xep0225 import Xep0225Settings, Xep0225Stream
 from fedgate.config import Config, ConfigError, dialback_secret, load_config
-from fedgate.local import LocalHandler
 from fedgate.policy import PolicyTable
 from fedgate.router import Router
 from fedgate.s2s.addresses import AddressPolicy
@@ -63,10 +72,25 @@ class _StreamFactory(protocol.Factory):
         return self.gateway.make_stream(self.make_handler(), self.stream_ns)
 
 
-class Gateway(service.Service):
-    """All of fedgate: S2S in and out, components, the router."""
+class _SenderLink:
+    """The router's way to the S2S sender, which is built after the router
+    (its streams need the router): looks the sender up on each send."""
 
-    def __init__(self, config: Config, reactor, dns_resolver, rng: random.Random | None = None):
+    __slots__ = ("_gateway",)
+
+    def __init__(self, gateway: "Gateway"):
+        self._gateway = gateway
+
+    def send(self, local: str, remote: str, stanza) -> None:
+        self._gateway.sender.send(local, remote, stanza)
+
+
+class Gateway(service.Service):
+    """All of fedgate: S2S in and out, components, the router.  ``storage``
+    is the admin side's backend (see :func:`fedgate.tap.choose_storage`)."""
+
+    def __init__(self, config: Config, reactor, dns_resolver, storage,
+                 rng: random.Random | None = None):
         self.config = config
         self.reactor = reactor
         self.rng = rng or random.Random()
@@ -76,8 +100,8 @@ class Gateway(service.Service):
                              max_elements=config.limits.max_elements)
         self.streams: weakref.WeakSet = weakref.WeakSet()
         self.table = ConnectionTable()
-        self.router = Router(config.domains, config.local_domains - frozenset(config.domains))
-        self.router.local_handler = LocalHandler(self.router)
+        self.router = Router(config.domains, config.local_domains - frozenset(config.domains),
+                             sender=_SenderLink(self))
         self.policy = PolicyTable(s2s.default_policy, dict(s2s.peers), s2s.mode)
         self.tls = self._tls_contexts(config)
         self.resolver = S2SResolver(dns_resolver, static_addresses=self.policy.static_addresses,
@@ -86,15 +110,13 @@ class Gateway(service.Service):
             reactor, self.resolver, timeout=s2s.connect_timeout,
             addresses=AddressPolicy.from_config(s2s.allow_private_ranges),
             is_static=lambda domain: bool(self.policy.static_addresses(domain)))
-        self.verifier = DialbackVerifier(self.connector, reactor, self.make_stream,
-                                         timeout=s2s.connect_timeout + s2s.auth_timeout)
-        self.ctx = S2SContext(
+        verifying = S2SContext(
             clock=reactor,
             local_domains=self.router.live_local_domains,
             secret=dialback_secret(config),
             table=self.table,
             router=self.router,
-            verifier=self.verifier,
+            verifier=None,
             budget=VerificationBudget(s2s.max_pending_verifications),
             limits=self.limits,
             auth_timeout=s2s.auth_timeout,
@@ -108,20 +130,21 @@ class Gateway(service.Service):
             log_traffic=config.logging.xml_traffic,
             log_bodies=config.logging.xml_bodies,
         )
+        self.verifier = DialbackVerifier(self.connector, reactor, self.make_stream,
+                                         timeout=s2s.connect_timeout + s2s.auth_timeout, ctx=verifying)
+        self.ctx = replace(verifying, verifier=self.verifier)
         self.sender = S2SSender(self.ctx, self.connector, self.make_stream, SenderSettings(
             max_stanzas=s2s.queue_max_stanzas, max_bytes=s2s.queue_max_bytes,
             max_wait=s2s.queue_max_wait, backoff_initial=s2s.backoff_initial,
             backoff_max=s2s.backoff_max, pair_timeout=s2s.pair_timeout,
             idle_timeout=s2s.destination_idle_timeout, max_destinations=s2s.max_destinations),
             rng=self.rng)
-        self.router.sender = self.sender
-        self.verifier.ctx = self.ctx
         self.component_secrets = {d: c.secret for d, c in config.components.domains.items()}
         self.component_credentials = CredentialRegistry(
             config.components.credentials, own_domains=config.domains, xep0114=self.component_secrets,
             hosted=self.router.live_local_domains)
         self.ports: dict[str, list] = {"s2s": [], "s2s_direct_tls": [], "components": []}
-        self.admin = make_admin_service(self, config, reactor)
+        self.admin = make_admin_service(self, config, reactor, storage)
 
     @staticmethod
     def _tls_contexts(config: Config) -> TLSContexts:
@@ -172,15 +195,14 @@ class Gateway(service.Service):
         return True
 
     def _tls_failure(self, reason: str) -> None:
-        admin = getattr(self, "admin", None)
-        if admin is not None:
-            admin.metrics.tls_failure(reason)
+        # No stream exists before the admin side (and its metrics) does.
+        self.admin.metrics.tls_failure(reason)
 
     def make_stream(self, handler, stream_ns: str = ns.SERVER) -> XmppStream:
         stream = XmppStream(handler, self.reactor, self.limits,
                             log_traffic=self.config.logging.xml_traffic,
-                            log_bodies=self.config.logging.xml_bodies, stream_ns=stream_ns)
-        stream.on_tls_failure = self._tls_failure
+                            log_bodies=self.config.logging.xml_bodies, stream_ns=stream_ns,
+                            on_tls_failure=self._tls_failure)
         self.streams.add(stream)
         return stream
 
@@ -222,6 +244,21 @@ class Gateway(service.Service):
         log.info("fedgate serving {domains}; components {components}",
                  domains=", ".join(self.config.domains),
                  components=", ".join(sorted(self.config.components.domains)) or "none")
+
+    def listeners(self) -> list[dict]:
+        """The XMPP listeners: kind, host and port of each."""
+        out = []
+        for kind, ports in self.ports.items():
+            for port in ports:
+                address = port.getHost()
+                out.append({"kind": kind, "host": address.host, "port": address.port})
+        return out
+
+    def components_authenticated_as(self, identity: str) -> list:
+        """Live XEP-0225 sessions authenticated as ``identity``, bound or not."""
+        return [stream.handler for stream in list(self.streams)
+                if isinstance(stream.handler, Xep0225Stream) and stream.handler.identity == identity
+                and not stream.closed]
 
     def port_of(self, kind: str, index: int = 0) -> int:
         return self.ports[kind][index].getHost().port

@@ -1,7 +1,9 @@
 """twistd plugin options and service construction.
 
 The only module that touches the global reactor, the system resolver and
-process signals (SIGHUP reloads the configuration: see Gateway.reload).
+process signals (SIGHUP reloads the configuration: see Gateway.reload), and
+the one that chooses the storage backend (:func:`choose_storage`); the
+Gateway gets all of them as arguments.
 """
 
 from __future__ import annotations
@@ -42,12 +44,20 @@ def makeService(options):
     else:
         resolver = client.createResolver()
     try:
-        gateway = Gateway(config, reactor, resolver)
+        gateway = Gateway(config, reactor, resolver, choose_storage(config, reactor))
     except CertificateError as exc:
         sys.stderr.write(f"fedgate: certificate error: {config.path}: {exc}\n")
         sys.exit(78)
     reload_on_sighup(reactor, gateway.reload)
     return gateway
+
+
+def choose_storage(config, reactor):
+    """The admin side's storage backend: SQLite in ``state_dir`` (the
+    embedded default; a shared backend for clusters is chosen here)."""
+    from fedgate.storage.sqlite import SQLiteStorage
+
+    return SQLiteStorage.in_state_dir(config.state_dir, reactor)
 
 
 def reload_on_sighup(reactor, reload, signals=signal) -> None:

@@ -12,6 +12,7 @@ from fedgate.config import parse_config
 from fedgate.policy import PeerPolicy
 from fedgate.s2s.pairs import INBOUND, OUTBOUND, VALID, ConnectionRecord
 from fedgate.service import Gateway
+from fedgate.tap import choose_storage
 from tests.support.admin import AdminClient
 from tests.support.component_client import connect_component
 from tests.support.dnsserver import make_client_resolver
@@ -78,7 +79,8 @@ class LivePolicyTests(AdminCase):
         # Restart A on the same state directory: the block is still there.
         yield self.a.stopService()
         config = parse_config(self.config_dict, "<test>")
-        restarted = Gateway(config, reactor, make_client_resolver(reactor, self.dns.port))
+        restarted = Gateway(config, reactor, make_client_resolver(reactor, self.dns.port),
+                            choose_storage(config, reactor))
         yield restarted.startService()
         self.addCleanup(restarted.stopService)
         publish(self.dns, restarted, ["a.example", "chat.a.example"], "gw-a2.example")

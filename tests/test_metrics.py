@@ -10,8 +10,10 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
+from fedgate.component.credentials import CredentialRegistry
 from fedgate.metrics import GatewayMetrics
 from fedgate.policy import PeerPolicy, PolicyTable
+from fedgate.router import Router
 from fedgate.s2s.pairs import INBOUND, OUTBOUND, VALID, ConnectionRecord, ConnectionTable
 from tests.test_admin_api import TIMEOUT, AdminCase
 
@@ -29,16 +31,40 @@ def value(scrape: dict, name: str, **labels) -> float:
     return scrape[(name, frozenset(labels.items()))]
 
 
+class FakeSender:
+    """The sender's narrow views, with a destination in a state the metrics
+    do not know ("weird") and one idle one."""
+
+    queues = {"x.example": (2, 300), "y.example": (0, 0)}
+
+    def outcomes(self):
+        return {"accepted": 5, "delivered": 3, "bounced": 2}
+
+    def state_counts(self):
+        return {"weird": 1, "idle": 1}
+
+    def pending_stanza_count(self, remote=None):
+        if remote is not None:
+            return self.queues.get(remote, (0, 0))[0]
+        return sum(n for n, _ in self.queues.values())
+
+    def pending_bytes(self):
+        return sum(b for _, b in self.queues.values())
+
+
 def fake_gateway(clock):
-    destinations = {"x.example": SimpleNamespace(queue=[1, 2], queued_bytes=300, state="weird"),
-                    "y.example": SimpleNamespace(queue=[], queued_bytes=0, state="idle")}
+    router = Router(["gw.example"], ["c.example", "d.example"])
+    router.bounces.update({"remote-server-not-found": 2, "made-up-condition": 1})
+    router.bind("c.example", object())
     return SimpleNamespace(
-        reactor=clock, table=ConnectionTable(),
-        sender=SimpleNamespace(destinations=destinations, accepted=5, delivered=3, bounced=2),
-        router=SimpleNamespace(bounces={"remote-server-not-found": 2, "made-up-condition": 1},
-                               components={"c.example": object()}),
-        component_secrets={"c.example": "s", "d.example": "t"},
+        reactor=clock, table=ConnectionTable(), sender=FakeSender(), router=router,
+        component_credentials=CredentialRegistry(xep0114={"c.example": "s", "d.example": "t"}),
         policy=PolicyTable(PeerPolicy(), {"p.example": PeerPolicy("p.example", allowed=False)}))
+
+
+def metrics_of(gateway, domains=()):
+    return GatewayMetrics(gateway.reactor, gateway.table, gateway.sender, gateway.router,
+                          gateway.component_credentials, gateway.policy, domains)
 
 
 class UnitTests(unittest.TestCase):
@@ -46,7 +72,7 @@ class UnitTests(unittest.TestCase):
         self.clock = Clock()
         self.clock.advance(1000)
         self.gateway = fake_gateway(self.clock)
-        self.metrics = GatewayMetrics(self.gateway, ["x.example"])
+        self.metrics = metrics_of(self.gateway, ["x.example"])
 
     def scrape(self) -> dict:
         return samples(self.metrics.render().decode())
@@ -105,7 +131,7 @@ class UnitTests(unittest.TestCase):
         self.assertEqual(value(got, "fedgate_tls_failures_total", reason="other"), 1)
 
     def test_each_gateway_has_its_own_registry(self):
-        other = GatewayMetrics(fake_gateway(self.clock))
+        other = metrics_of(fake_gateway(self.clock))
         self.assertIsNot(other.registry, self.metrics.registry)
 
 

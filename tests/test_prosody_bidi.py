@@ -113,7 +113,7 @@ class _BidiFederation:
             **self.gateway_s2s()), dns_port, self)
         publish(self.dns, self.gateway, [GW, GW_COMPONENT, GW_ROOM], "xmpp.gw.example")
         self.gone = []  # every S2S record that left fedgate's table during the test
-        self.gateway.table.removed_listeners.append(self.gone.append)
+        self.gateway.table.on_removed(self.gone.append)
         self.gw_comp = yield connect_component(
             reactor, "127.0.0.1", self.gateway.port_of("components"), GW_COMPONENT, "secret-gw",
             timeout=TIMEOUT)

@@ -208,14 +208,14 @@ class PiggybackTests(SenderCase):
         self.sender.send("gw.example", "remote.example", message(1, sender="gw.example"))
         destination = self.sender.destinations["remote.example"]
         self.clock.advance(12.5)
-        view = destination_json(destination, self.clock.seconds(), False)
+        view = destination_json(destination.status(), self.clock.seconds(), False)
         [record] = list(self.table)
         self.assertEqual(view["pending_pairs"],
                          [{"local": "gw.example", "connection_id": record.id, "age_seconds": 12.5}])
         self.assertEqual(self.bounced(), [])
         self.clock.advance(17.5)
         self.assertEqual(self.bounced(), [("m1", "remote-server-timeout")])
-        self.assertEqual(destination_json(destination, self.clock.seconds(), False)["pending_pairs"], [])
+        self.assertEqual(destination_json(destination.status(), self.clock.seconds(), False)["pending_pairs"], [])
         self.assertIn("did not answer", destination.last_error)
         # A late answer changes nothing; the next stanza goes another way.
         self.answer(peer, "gw.example", "valid")

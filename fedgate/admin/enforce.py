@@ -43,19 +43,24 @@ def violation(record, policy: PeerPolicy, remote: str) -> str | None:
 
 
 class PolicyEnforcer:
-    def __init__(self, gateway):
-        self.gateway = gateway
+    """``policy`` the live policy table, ``table`` the connection table,
+    ``sender`` the S2S sender (asked to bounce a blocked domain's queue)."""
+
+    def __init__(self, policy, table, sender):
+        self.policy = policy
+        self.table = table
+        self.sender = sender
         self.closed = 0
 
     def attach(self) -> None:
-        self.gateway.policy.subscribe(self.changed)
+        self.policy.subscribe(self.changed)
 
     def changed(self, domain: str | None) -> None:
         if domain is not None:
             self.enforce(domain)
             return
-        remotes = set(self.gateway.sender.destinations)
-        for record in self.gateway.table:
+        remotes = set(self.sender.remotes())
+        for record in self.table:
             remotes.update(pair.remote for pair in record.pairs.values())
             if record.remote_domain:
                 remotes.add(record.remote_domain)
@@ -64,19 +69,15 @@ class PolicyEnforcer:
 
     def enforce(self, remote: str) -> dict:
         """Apply the current policy for ``remote``; say what was done."""
-        gateway = self.gateway
-        policy = gateway.policy
-        table = gateway.table
+        policy = self.policy
+        table = self.table
         done = {"closed": [], "bounced": 0}
         if policy.is_blocked(remote):
             text = f"{policy.why_blocked(remote)} (changed by an operator)"
             for record in table.connections_of(remote):
                 if table.close(record.id, CONDITION, text):
                     done["closed"].append(record.id)
-            destination = gateway.sender.destinations.get(remote)
-            if destination is not None and destination.queue:
-                done["bounced"] = len(destination.queue)
-                destination.bounce_queue(CONDITION, text)
+            done["bounced"] = self.sender.bounce_queued(remote, CONDITION, text)
         else:
             terms = policy.for_peer(remote)
             for record in table.connections_of(remote):

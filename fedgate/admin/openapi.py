@@ -87,8 +87,9 @@ SCHEMAS = {
         "text": {"type": "string"}}),
     "Destination": _obj(["domain", "state", "blocked", "queue", "failures", "last_error", "retry_at",
                          "retry_in_seconds", "connection_id", "connection_ids", "pending_pairs"], {
-        "domain": {"type": "string"}, "state": {"type": "string", "description": "idle, connecting, open, backoff, or "
-                  "reverse (authenticating over a peer's bidi stream)"},
+        "domain": {"type": "string"}, "state": {"type": "string", "description": "idle, connecting, open, backoff, "
+                  "reverse (authenticating over a peer's bidi stream), or closing (an operator "
+                  "closed its stream; the queue waits for a new one)"},
         "blocked": {"type": "boolean"},
         "queue": _obj(["stanzas", "bytes", "oldest_age_seconds"], {
             "stanzas": {"type": "integer"}, "bytes": {"type": "integer"},

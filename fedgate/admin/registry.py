@@ -63,10 +63,13 @@ class ConfigLayerChange:
 
 
 class PeerRegistry:
-    def __init__(self, gateway, storage):
-        self.policy = gateway.policy
+    """``policy`` is the live :class:`~fedgate.policy.PolicyTable`;
+    ``config_peers`` the file's ``[s2s.peers]``."""
+
+    def __init__(self, policy, config_peers: dict, storage):
+        self.policy = policy
         self.storage = storage
-        self.config_peers: dict[str, PeerPolicy] = dict(gateway.config.s2s.peers)
+        self.config_peers: dict[str, PeerPolicy] = dict(config_peers)
         self.config_global = (self.policy.mode, self.policy.default)
         self.stored: set[str] = set()
         self.global_source = CONFIG
@@ -184,16 +187,21 @@ class ComponentRegistry:
     domain, another identity's hostname).
     """
 
-    def __init__(self, gateway, storage):
-        self.gateway = gateway
+    def __init__(self, credentials, router, own_domains, config_components, storage,
+                 authenticated_as=lambda identity: []):
+        """``credentials`` is the live
+        :class:`~fedgate.component.credentials.CredentialRegistry` (XEP-0225
+        credentials and XEP-0114 secrets); ``router`` is asked which sessions
+        are bound and told which component domains are hosted;
+        ``authenticated_as(identity)`` lists the live XEP-0225 sessions
+        authenticated as ``identity``, bound or not."""
         self.storage = storage
-        self.secrets: dict[str, str] = gateway.component_secrets  # shared with every session
-        self.credentials = getattr(gateway, "component_credentials", None)  # XEP-0225 registry
-        self.router = gateway.router
-        self.own = frozenset(gateway.config.domains)
-        components = gateway.config.components
-        self.config_secrets = {d: c.secret for d, c in components.domains.items()}
-        self.config_credentials = dict(getattr(components, "credentials", {}))
+        self.credentials = credentials
+        self.router = router
+        self.own = frozenset(own_domains)
+        self.authenticated_as = authenticated_as
+        self.config_secrets = {d: c.secret for d, c in config_components.domains.items()}
+        self.config_credentials = dict(config_components.credentials)
         self.stored: dict[str, ComponentCredential] = {}
 
     @defer.inlineCallbacks
@@ -215,16 +223,15 @@ class ComponentRegistry:
 
     # -- reading --------------------------------------------------------------
     def _xep0225(self, domain: str):
-        return self.credentials.get(domain) if self.credentials is not None else None
+        return self.credentials.get(domain)
 
     def domains(self) -> list[str]:
-        names = set(self.secrets)
-        if self.credentials is not None:
-            names |= {c.domain for c in self.credentials}
+        names = self.credentials.secret_domains()
+        names |= {c.domain for c in self.credentials}
         return sorted(names)
 
     def knows(self, domain: str) -> bool:
-        return domain in self.secrets or self._xep0225(domain) is not None
+        return domain in self.credentials.secret_domains() or self._xep0225(domain) is not None
 
     def source(self, domain: str) -> str | None:
         if domain in self.stored:
@@ -259,44 +266,32 @@ class ComponentRegistry:
             names |= set(cred.allowed)
         found = []
         for name in sorted(names):
-            session = self.router.components.get(name)
-            for member in getattr(session, "members", [session] if session is not None else []):
+            for member in self.router.sessions_for(name):
                 if member not in found:
                     found.append(member)
         # XEP-0225 streams authenticated as this identity that bound nothing yet.
-        for stream in list(getattr(self.gateway, "streams", ())):
-            handler = getattr(stream, "handler", None)
-            if getattr(handler, "identity", None) == domain and not stream.closed \
-                    and handler not in found:
-                found.append(handler)
+        for session in self.authenticated_as(domain):
+            if session not in found:
+                found.append(session)
         return found
 
     def bound_hostnames(self, domain: str) -> list[str]:
-        mine = set(self.sessions(domain))
-        return sorted(name for name, session in self.router.components.items()
-                      if session in mine or mine & set(getattr(session, "members", ())))
+        return self.router.names_bound_by(self.sessions(domain))
 
     # -- changes --------------------------------------------------------------
     def _apply(self, domain: str) -> None:
         """Make the live tables match what is in force for ``domain``."""
         record = self.current(domain)
         if record is not None and record.secret:
-            self.secrets[domain] = record.secret
+            self.credentials.set_secret(domain, record.secret)
         else:
-            self.secrets.pop(domain, None)
-        if self.credentials is not None:
-            live = live_credential(record) if record is not None else None
-            if live is not None:
-                self.credentials.set(live)
-            else:
-                self.credentials.remove(domain)
-        hosted = set(self.secrets)
-        if self.credentials is not None:
-            for cred in self.credentials:
-                hosted.add(cred.domain)
-                hosted |= set(cred.allowed)
-        self.router.component_domains.clear()
-        self.router.component_domains.update(hosted - self.own)
+            self.credentials.remove_secret(domain)
+        live = live_credential(record) if record is not None else None
+        if live is not None:
+            self.credentials.set(live)
+        else:
+            self.credentials.remove(domain)
+        self.router.set_component_domains(self.credentials.component_hostnames() - self.own)
 
     def _check_claims(self, credential: ComponentCredential) -> None:
         """409 if the component's own domain belongs to someone else, 422
@@ -304,8 +299,8 @@ class ComponentRegistry:
         if credential.domain in self.own:
             raise ApiError(409, "a component cannot take one of the gateway's own domains")
         live = live_credential(credential)
-        others = [c for c in (self.credentials or ()) if c.domain != credential.domain]
-        xep0114 = {d for d in self.secrets if d != credential.domain}
+        others = [c for c in self.credentials if c.domain != credential.domain]
+        xep0114 = {d for d in self.credentials.secret_domains() if d != credential.domain}
         hostnames = live.hostnames if live is not None else {credential.domain}
         for hostname, why in claim_conflicts(credential.domain, hostnames, self.own, xep0114, others):
             if hostname == credential.domain:

@@ -9,6 +9,9 @@ tables), and return JSON-able values or :class:`Reply` objects.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 from twisted.internet import defer
 
 from fedgate.admin.diagnose import Diagnosis
@@ -25,9 +28,28 @@ CLOSE_TEXT = "closed by an operator through the admin API"
 DIAGNOSE_METHODS = ("auto", "dialback", "sasl-external")
 
 
+@dataclass(frozen=True)
+class ApiViews:
+    """What the routes may ask of the running gateway, and through what:
+    each part answers narrow questions and takes narrow commands (the
+    sender's ``pending_stanza_count`` and ``reset_destination``, the
+    router's ``serves``, the table's ``close``).  ``diagnosis`` is what
+    :class:`~fedgate.admin.diagnose.Diagnosis` drives."""
+
+    config: object
+    policy: object
+    table: object
+    sender: object
+    router: object
+    tls: object
+    #: listeners() -> [{"kind", "host", "port"}] of the XMPP listeners
+    listeners: Callable[[], list]
+    diagnosis: object
+
+
 class AdminApi:
-    def __init__(self, gateway, peers, components, metrics, enforcer, reactor, version: str):
-        self.gateway = gateway
+    def __init__(self, views: ApiViews, peers, components, metrics, enforcer, reactor, version: str):
+        self.views = views
         self.peers = peers
         self.components = components
         self.metrics = metrics
@@ -72,13 +94,9 @@ class AdminApi:
 
     # -- status ---------------------------------------------------------------
     def status(self, request: ApiRequest) -> dict:
-        gw = self.gateway
+        gw = self.views
         records = list(gw.table)
-        listeners = []
-        for kind, ports in gw.ports.items():
-            for port in ports:
-                address = port.getHost()
-                listeners.append({"kind": kind, "host": address.host, "port": address.port})
+        listeners = gw.listeners()
         return {
             "version": self.version,
             "started_at": self.started_at,
@@ -86,30 +104,29 @@ class AdminApi:
             "listeners": listeners + self.listeners,
             "domains": list(gw.config.domains),
             "components": {"configured": self.components.domains(),
-                           "connected": sorted(gw.router.components)},
+                           "connected": gw.router.connected_components()},
             "federation": {"mode": gw.policy.mode, "source": self.peers.global_source},
             "counts": {
                 "connections": {d: sum(1 for r in records if r.direction == d) for d in (INBOUND, OUTBOUND)},
                 "authenticated_connections": sum(1 for r in records if r.authenticated),
                 "valid_domain_pairs": sum(len(r.valid_pairs()) for r in records),
-                "destinations": len(gw.sender.destinations),
-                "queued_stanzas": sum(len(d.queue) for d in gw.sender.destinations.values()),
+                "destinations": gw.sender.destination_count(),
+                "queued_stanzas": gw.sender.pending_stanza_count(),
                 "peers": len(gw.policy.peers),
                 "blocked_peers": sum(1 for p in gw.policy.peers.values() if not p.allowed),
-                "stanzas": {"accepted": gw.sender.accepted, "delivered": gw.sender.delivered,
-                            "bounced": gw.sender.bounced},
+                "stanzas": gw.sender.outcomes(),
             },
         }
 
     # -- global policy ------------------------------------------------------------
     def get_policy(self, request: ApiRequest) -> dict:
-        table = self.gateway.policy
+        table = self.views.policy
         return {"mode": table.mode, "default": default_json(table.default),
                 "source": self.peers.global_source}
 
     @defer.inlineCallbacks
     def put_policy(self, request: ApiRequest):
-        table = self.gateway.policy
+        table = self.views.policy
         base = table.default
         if request.method == "PUT":
             if isinstance(request.body, dict):
@@ -131,15 +148,14 @@ class AdminApi:
         policy = self.peers.get(domain)
         out = peer_json(policy, self.peers.source(domain))
         if live:
-            gw = self.gateway
-            dest = gw.sender.destinations.get(domain)
+            gw = self.views
             out["live"] = {"blocked": gw.policy.is_blocked(domain),
                            "connections": [r.id for r in gw.table.connections_of(domain)],
-                           "queued_stanzas": len(dest.queue) if dest is not None else 0}
+                           "queued_stanzas": gw.sender.pending_stanza_count(domain)}
         return out
 
     def list_peers(self, request: ApiRequest) -> dict:
-        table = self.gateway.policy
+        table = self.views.policy
         return {"mode": table.mode, "peers": [self._peer_json(d) for d in sorted(table.peers)]}
 
     def get_peer(self, request: ApiRequest) -> dict:
@@ -150,14 +166,14 @@ class AdminApi:
 
     def _peer_domain(self, request: ApiRequest) -> str:
         domain = path_domain(request.params["domain"])
-        if domain in self.gateway.router.live_local_domains:
+        if self.views.router.serves(domain):
             raise invalid("domain", f"{domain} is served by this gateway, not a peer")
         return domain
 
     @defer.inlineCallbacks
     def put_peer(self, request: ApiRequest):
         domain = self._peer_domain(request)
-        peer = parse_peer(domain, request.body, self.gateway.policy.default)
+        peer = parse_peer(domain, request.body, self.views.policy.default)
         created = yield self.peers.put(peer)
         return Reply(self._peer_json(domain, live=True), 201 if created else 200)
 
@@ -189,7 +205,7 @@ class AdminApi:
             raise invalid("direction", f"must be {INBOUND} or {OUTBOUND}")
         if state not in (None, "authenticating", "authenticated"):
             raise invalid("state", "must be authenticating or authenticated")
-        table = self.gateway.table
+        table = self.views.table
         records = table.connections_of(remote) if remote is not None else list(table)
         now = self.now()
         return {"connections": [connection_json(r, now) for r in sorted(records, key=lambda r: r.id)
@@ -198,7 +214,7 @@ class AdminApi:
 
     def _record(self, request: ApiRequest):
         text = request.params["id"]
-        record = self.gateway.table.get(int(text)) if text.isdigit() else None
+        record = self.views.table.get(int(text)) if text.isdigit() else None
         if record is None:
             raise not_found("connection")
         return record
@@ -208,36 +224,28 @@ class AdminApi:
 
     def close_connection(self, request: ApiRequest) -> Reply:
         record = self._record(request)
-        dest = self.gateway.sender.destinations.get(record.remote_domain or "")
-        for stream in dest.streams() if dest is not None else ():
-            if stream.record is record:
-                dest.keep_queue_on_close(stream)
-        if not self.gateway.table.close(record.id, "policy-violation", CLOSE_TEXT):
+        self.views.sender.keep_queue_on_close(record)
+        if not self.views.table.close(record.id, "policy-violation", CLOSE_TEXT):
             raise not_found("connection")
         return Reply({"id": record.id, "closed": True, "condition": "policy-violation",
                       "text": CLOSE_TEXT}, 202)
 
     # -- destinations ---------------------------------------------------------------
-    def _destination(self, request: ApiRequest):
-        domain = path_domain(request.params["domain"])
-        dest = self.gateway.sender.destinations.get(domain)
-        if dest is None:
+    def _destination_json(self, status) -> dict:
+        if status is None:
             raise not_found("destination")
-        return dest
+        return destination_json(status, self.now(), self.views.policy.is_blocked(status.domain))
 
     def list_destinations(self, request: ApiRequest) -> dict:
-        gw, now = self.gateway, self.now()
-        return {"destinations": [destination_json(d, now, gw.policy.is_blocked(d.remote))
-                                 for _, d in sorted(gw.sender.destinations.items())]}
+        return {"destinations": [self._destination_json(s) for s in self.views.sender.statuses()]}
 
     def get_destination(self, request: ApiRequest) -> dict:
-        dest = self._destination(request)
-        return destination_json(dest, self.now(), self.gateway.policy.is_blocked(dest.remote))
+        domain = path_domain(request.params["domain"])
+        return self._destination_json(self.views.sender.status(domain))
 
     def reset_destination(self, request: ApiRequest) -> dict:
-        dest = self._destination(request)
-        dest.reset()
-        return destination_json(dest, self.now(), self.gateway.policy.is_blocked(dest.remote))
+        domain = path_domain(request.params["domain"])
+        return self._destination_json(self.views.sender.reset_destination(domain))
 
     # -- components ---------------------------------------------------------------------
     def _component_domain(self, request: ApiRequest) -> str:
@@ -260,9 +268,9 @@ class AdminApi:
         else:
             base = ComponentCredential(domain)
         credential = parse_component(domain, request.body, base)
-        tls = getattr(self.gateway, "tls", None)
-        for hostname in {domain} | set(getattr(credential, "allowed", ()) or ()):
-            if tls is not None and tls.store.pair_for(hostname) is None:
+        tls = self.views.tls
+        for hostname in {domain} | set(credential.allowed or ()):
+            if tls.store.pair_for(hostname) is None:
                 # Remote servers could not validate us for it over TLS.
                 raise ApiError(422, f"no certificate for {hostname}: add one to the certificate "
                                     "directory (or [tls.domains]) and reload the gateway first")
@@ -295,13 +303,13 @@ class AdminApi:
         method = body.get("method", "auto")
         if method not in DIAGNOSE_METHODS:
             raise invalid("method", f"must be one of {', '.join(DIAGNOSE_METHODS)}")
-        local = body.get("from", self.gateway.config.domains[0])
+        local = body.get("from", self.views.config.domains[0])
         local = path_domain(local) if isinstance(local, str) else None
-        if local not in self.gateway.router.live_local_domains:
+        if local is None or not self.views.router.serves(local):
             raise invalid("from", "must be one of the gateway's domains")
-        if remote in self.gateway.router.live_local_domains:
+        if self.views.router.serves(remote):
             raise invalid("domain", "is served by this gateway")
-        return Diagnosis(self.gateway, self.reactor, remote, local, method).run()
+        return Diagnosis(self.views.diagnosis, self.reactor, remote, local, method).run()
 
     def openapi(self, request: ApiRequest) -> dict:
         from fedgate.admin.openapi import document

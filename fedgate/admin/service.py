@@ -3,6 +3,12 @@
 :func:`make_admin_service` builds it; the Gateway calls :meth:`start` before
 its own listeners open (so stored blocks apply before the first peer
 connects) and :meth:`stop` after they close (so storage closes last).
+
+The storage backend is an argument (:func:`fedgate.tap.choose_storage`
+picks it).  Registries, enforcer, metrics and routes each get the narrow
+views they need (the sender's counts and commands, the router's component
+queries, the connection table, the component registry), not the gateway;
+only the diagnosis still drives the gateway itself (see fedgate.admin.diagnose).
 """
 
 from __future__ import annotations
@@ -15,27 +21,36 @@ import fedgate
 from fedgate.admin.auth import BearerCheck, load_or_create_token
 from fedgate.admin.enforce import PolicyEnforcer
 from fedgate.admin.registry import ComponentRegistry, PeerRegistry
-from fedgate.admin.resources import AdminApi
+from fedgate.admin.resources import AdminApi, ApiViews
 from fedgate.admin.web import AdminResource, AdminSite
 from fedgate.config import Config
 from fedgate.metrics import GatewayMetrics
-from fedgate.storage.sqlite import SQLiteStorage
 
 log = Logger(namespace="fedgate.admin")
 
 
 class AdminService:
-    def __init__(self, gateway, config: Config, reactor, storage=None):
-        self.gateway = gateway
+    """Built from the gateway's parts; keeps none of the gateway itself."""
+
+    def __init__(self, gateway, config: Config, reactor, storage):
         self.config = config
         self.reactor = reactor
-        self.storage = storage if storage is not None else SQLiteStorage.in_state_dir(config.state_dir, reactor)
-        self.peers = PeerRegistry(gateway, self.storage)
-        self.components = ComponentRegistry(gateway, self.storage)
-        self.enforcer = PolicyEnforcer(gateway)
-        self.metrics = GatewayMetrics(gateway, config.admin.metrics_domains)
-        self.api = AdminApi(gateway, self.peers, self.components, self.metrics, self.enforcer,
-                            reactor, fedgate.__version__)
+        self.storage = storage
+        # Each part gets the narrow views it needs, never the gateway itself
+        # (the diagnosis alone still drives the gateway's own parts).
+        self.peers = PeerRegistry(gateway.policy, config.s2s.peers, self.storage)
+        self.components = ComponentRegistry(
+            gateway.component_credentials, gateway.router, config.domains, config.components,
+            self.storage, authenticated_as=gateway.components_authenticated_as)
+        self.enforcer = PolicyEnforcer(gateway.policy, gateway.table, gateway.sender)
+        self.metrics = GatewayMetrics(
+            reactor, gateway.table, gateway.sender, gateway.router, gateway.component_credentials,
+            gateway.policy, config.admin.metrics_domains)
+        self.api = AdminApi(
+            ApiViews(config=config, policy=gateway.policy, table=gateway.table, sender=gateway.sender,
+                     router=gateway.router, tls=gateway.tls, listeners=gateway.listeners,
+                     diagnosis=gateway),
+            self.peers, self.components, self.metrics, self.enforcer, reactor, fedgate.__version__)
         self.ports: list = []
         self.token_file = None
         self._storage_open = False
@@ -79,5 +94,5 @@ class AdminService:
             yield self.storage.close()
 
 
-def make_admin_service(gateway, config: Config, reactor, storage=None) -> AdminService:
+def make_admin_service(gateway, config: Config, reactor, storage) -> AdminService:
     return AdminService(gateway, config, reactor, storage)

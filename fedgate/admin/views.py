@@ -200,25 +200,24 @@ def connection_json(record, now: float, detail: bool = False) -> dict:
     return out
 
 
-def destination_json(dest, now: float, blocked: bool) -> dict:
-    oldest = dest.queue[0].since if dest.queue else None
-    stream = dest.stream
-    record = getattr(stream, "record", None) if stream is not None else None
+def destination_json(status, now: float, blocked: bool) -> dict:
+    """One destination, from the sender's :class:`~fedgate.s2s.destination.DestinationStatus`."""
+    oldest = status.oldest_since
     return {
-        "domain": dest.remote,
-        "state": dest.state,
+        "domain": status.domain,
+        "state": status.state,
         "blocked": blocked,
-        "queue": {"stanzas": len(dest.queue), "bytes": dest.queued_bytes,
+        "queue": {"stanzas": status.queued_stanzas, "bytes": status.queued_bytes,
                   "oldest_age_seconds": round(now - oldest, 3) if oldest is not None else None},
-        "failures": dest.failures,
-        "last_error": dest.last_error,
-        "retry_at": dest.retry_at,
-        "retry_in_seconds": round(max(0.0, dest.retry_at - now), 3) if dest.retry_at else None,
-        "connection_id": record.id if record is not None else None,
-        "connection_ids": [s.record.id for s in dest.streams() if s.record is not None],
-        "pending_pairs": [{"local": pair.local, "connection_id": stream.record.id,
-                           "age_seconds": round(max(0.0, now - pair.since), 3)}
-                          for stream, pair in dest.pending_pairs()],
+        "failures": status.failures,
+        "last_error": status.last_error,
+        "retry_at": status.retry_at,
+        "retry_in_seconds": round(max(0.0, status.retry_at - now), 3) if status.retry_at else None,
+        "connection_id": status.connection_id,
+        "connection_ids": list(status.connection_ids),
+        "pending_pairs": [{"local": local, "connection_id": connection_id,
+                           "age_seconds": round(max(0.0, now - since), 3)}
+                          for local, connection_id, since in status.pending_pairs],
     }
 
 

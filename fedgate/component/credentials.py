@@ -153,6 +153,26 @@ class CredentialRegistry:
             names |= credential.hostnames
         return names
 
+    # -- XEP-0114 secrets: the live mapping the accept handlers read --------
+    def secret_domains(self) -> set[str]:
+        """Component domains with an XEP-0114 secret."""
+        return set(self.xep0114)
+
+    def set_secret(self, domain: str, secret: str) -> None:
+        self.xep0114[domain] = secret
+
+    def remove_secret(self, domain: str) -> None:
+        self.xep0114.pop(domain, None)
+
+    def component_hostnames(self) -> set[str]:
+        """Every hostname a component may use: XEP-0114 domains, XEP-0225
+        identities and the hostnames they may bind."""
+        names = set(self.xep0114)
+        for credential in self._by_domain.values():
+            names.add(credential.domain)
+            names |= credential.hostnames
+        return names
+
     def set(self, credential: Credential) -> None:
         self._by_domain[credential.domain] = credential
 

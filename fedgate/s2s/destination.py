@@ -19,6 +19,42 @@ allows).  :meth:`Destination._stream_for` and :meth:`Destination._authenticate`
 are the one place that chooses.  Every pair we wait for has a timeout
 (``pair_timeout``); stanzas waiting on a pair that failed, timed out or got
 a dialback error bounce at once.
+
+States
+------
+A destination is in one of six named states, about its shared stream; every
+change goes through :meth:`Destination._move`, which accepts only the moves
+listed in :data:`TRANSITIONS`::
+
+    state       event              next state
+    ----------  -----------------  ----------------------------------------------
+    idle        need-stream        reverse (a peer's bidi stream asked) | connecting
+    reverse     need-stream        reverse (asked again, for another domain) | connecting
+    reverse     reverse-done       idle (the bidi route took the whole queue)
+    reverse     reverse-failed     connecting
+    reverse     expired            idle (nothing waits for the request any more)
+    connecting  opened             open
+    connecting  connect-failed     backoff (everything queued bounces)
+    connecting  closed             idle (nothing queued) | backoff (queue bounces)
+    connecting  operator-close     closing
+    open        closed             idle (nothing queued) | backoff (queue bounces)
+    open        operator-close     closing
+    closing     connect-failed     backoff
+    closing     closed             connecting (something queued) | idle
+    backoff     retry              connecting (something queued) | idle
+
+``idle``, ``reverse`` and ``backoff`` have no shared stream; ``connecting``,
+``open`` and ``closing`` have one.  ``closing`` is an operator closing it
+(admin API): not a failure of the peer, so the queue is kept for a new
+connection.  An ``opened`` event while ``closing`` changes nothing.
+
+Streams of their own (one local domain each, see above) have two states
+(:data:`SIDE_OPEN`, :data:`SIDE_CLOSING`): when one an operator closed is
+gone, a new one opens for what is queued; when any other one is gone, what
+waits for its local domain bounces (the backoff is the shared stream's).
+
+The owner interface the outbound streams call: :meth:`Destination.stream_open`,
+:meth:`Destination.pair_result`, :meth:`Destination.stream_closed`.
 """
 
 from __future__ import annotations
@@ -53,6 +89,34 @@ BOUNCE = {
 
 IDLE, CONNECTING, OPEN, BACKOFF = "idle", "connecting", "open", "backoff"
 REVERSE = "reverse"  # authenticating in the reverse direction on a bidi stream
+CLOSING = "closing"  # an operator closes the shared stream; the queue waits for a new one
+STATES = (IDLE, REVERSE, CONNECTING, OPEN, CLOSING, BACKOFF)
+
+#: (state, event) -> the states it may lead to; the module docstring explains
+#: each.  :meth:`Destination._move` refuses anything not listed.
+TRANSITIONS: dict[tuple[str, str], tuple[str, ...]] = {
+    (IDLE, "need-stream"): (REVERSE, CONNECTING),
+    (REVERSE, "need-stream"): (REVERSE, CONNECTING),
+    (REVERSE, "reverse-done"): (IDLE,),
+    (REVERSE, "reverse-failed"): (CONNECTING,),
+    (REVERSE, "expired"): (IDLE,),
+    (CONNECTING, "opened"): (OPEN,),
+    (CONNECTING, "connect-failed"): (BACKOFF,),
+    (CONNECTING, "closed"): (IDLE, BACKOFF),
+    (CONNECTING, "operator-close"): (CLOSING,),
+    (OPEN, "closed"): (IDLE, BACKOFF),
+    (OPEN, "operator-close"): (CLOSING,),
+    (CLOSING, "connect-failed"): (BACKOFF,),
+    (CLOSING, "closed"): (CONNECTING, IDLE),
+    (BACKOFF, "retry"): (CONNECTING, IDLE),
+}
+
+#: the states of a stream of its own for one local domain
+SIDE_OPEN, SIDE_CLOSING = "open", "closing"
+
+
+class InvalidTransition(RuntimeError):
+    """A move :data:`TRANSITIONS` does not list: a bug in this module."""
 
 
 @dataclass
@@ -73,6 +137,33 @@ def stanza_size(stanza: domish.Element) -> int:
     return total
 
 
+@dataclass(frozen=True)
+class DestinationStatus:
+    """What the admin API and the metrics may know of one destination: a
+    snapshot, so that they never hold the queue or a stream."""
+
+    domain: str
+    state: str
+    queued_stanzas: int
+    queued_bytes: int
+    oldest_since: float | None
+    failures: int
+    last_error: str | None
+    retry_at: float | None
+    #: the shared stream's connection, then every one of ours
+    connection_id: int | None
+    connection_ids: tuple[int, ...]
+    #: (local domain, connection id, since) of every pair we still wait on
+    pending_pairs: tuple[tuple[str, int, float], ...]
+
+
+@dataclass(eq=False)
+class _Side:
+    """A stream of its own for one local domain, and its state."""
+    stream: OutboundS2S
+    state: str = SIDE_OPEN
+
+
 class Destination:
     """Everything about sending to one remote domain."""
 
@@ -84,7 +175,7 @@ class Destination:
         #: further ones where the peer allows piggybacking
         self.stream: OutboundS2S | None = None
         #: streams of their own for local domains that could not piggyback
-        self.side: dict[str, OutboundS2S] = {}
+        self.side: dict[str, _Side] = {}
         self.queue: deque[_Queued] = deque()
         self.queued_bytes = 0
         self.failures = 0
@@ -94,7 +185,12 @@ class Destination:
         self._routes: dict = {}
         self._retry_timer = None
         self._expiry_timer = None
-        self._operator_closed: OutboundS2S | None = None
+
+    def _move(self, event: str, new: str) -> None:
+        """The one place the state changes, and only as :data:`TRANSITIONS` allows."""
+        if new not in TRANSITIONS.get((self.state, event), ()):
+            raise InvalidTransition(f"{self.remote}: {event!r} cannot lead from {self.state!r} to {new!r}")
+        self.state = new
 
     # -- entry ------------------------------------------------------------
     def send(self, local: str, stanza: domish.Element) -> None:
@@ -106,7 +202,7 @@ class Destination:
             sender.delivered += 1
             return
         route = self._route(local)
-        if route is not None and route is not self._operator_closed:
+        if route is not None and not self._closing(route):
             # an inbound bidi stream already carries the pair
             route.write_stanza(local, self.remote, stanza)
             sender.delivered += 1
@@ -119,7 +215,7 @@ class Destination:
         self.queue.append(_Queued(local, stanza, size, sender.clock.seconds()))
         self.queued_bytes += size
         self._schedule_expiry()
-        if local not in self.side and self.state in (IDLE, REVERSE) and self.stream is None:
+        if local not in self.side and self.state in (IDLE, REVERSE):
             self._start(local)
         else:
             self._authenticate(local)
@@ -130,14 +226,21 @@ class Destination:
         return (self.state == IDLE and not self.queue and self.stream is None and not self.side
                 and self._retry_timer is None)
 
+    def _closing(self, stream) -> bool:
+        """Is ``stream`` one of ours that an operator is closing?"""
+        if stream is self.stream:
+            return self.state == CLOSING
+        side = self._side_of(stream) if self.side else None
+        return side is not None and side.state == SIDE_CLOSING
+
     # -- choosing the stream: one place -------------------------------------
     def _stream_for(self, local: str) -> OutboundS2S | None:
         """The stream of ours that carries, or will carry, ``local``: its own
         stream if it has one, else the shared one (None while closing)."""
-        stream = self.side.get(local) or self.stream
-        if stream is not None and stream is self._operator_closed:
-            return None
-        return stream
+        side = self.side.get(local)
+        if side is not None:
+            return side.stream if side.state == SIDE_OPEN else None
+        return self.stream if self.state != CLOSING else None
 
     def _authenticate(self, local: str) -> None:
         """Get ``local`` authenticated to the remote domain: on the shared
@@ -147,7 +250,7 @@ class Destination:
         if local in self.side:
             return  # its own stream authenticates it as it opens
         main = self.stream
-        if main is None or main is self._operator_closed:
+        if main is None or self.state == CLOSING:
             return
         if local in main.timed_out:
             self._open_side(local)  # the peer ignored our request there
@@ -183,9 +286,9 @@ class Destination:
         it to accept ``local`` in the reverse direction); else connect."""
         found = self.sender.ctx.table.reverse_route(self.remote) if self.sender.ctx.reverse_dialback else None
         if found is not None and found[1].authenticate_reverse(local, self.remote):
-            self.state = REVERSE
+            self._move("need-stream", REVERSE)
             return
-        self._connect(local)
+        self._connect("need-stream", local)
 
     def pair_changed(self, local: str, usable: bool) -> None:
         """A pair for this destination became usable on a bidi stream, or a
@@ -204,10 +307,10 @@ class Destination:
                     keep.append(item)
             self.queue = keep
             if self.state == REVERSE and not self.queue:
-                self.state = IDLE
+                self._move("reverse-done", IDLE)
                 self.sender.note_idle(self)
         elif self.state == REVERSE:
-            self._connect(local)
+            self._connect("reverse-failed", local)
 
     # -- connection lifecycle ---------------------------------------------
     def _new_stream(self, local: str) -> OutboundS2S:
@@ -219,16 +322,22 @@ class Destination:
         d.addErrback(self._connect_failed, stream)
         return stream
 
-    def _connect(self, local: str) -> None:
-        self.state = CONNECTING
+    def _connect(self, event: str, local: str) -> None:
+        self._move(event, CONNECTING)
         self.stream = self._new_stream(local)
 
     def _open_side(self, local: str) -> None:
         log.info("Opening a stream of its own for {local} -> {remote}", local=local, remote=self.remote)
-        self.side[local] = self._new_stream(local)
+        self.side[local] = _Side(self._new_stream(local))
+
+    def _side_of(self, stream: OutboundS2S) -> _Side | None:
+        for side in self.side.values():
+            if side.stream is stream:
+                return side
+        return None
 
     def _owns(self, stream: OutboundS2S) -> bool:
-        return stream is self.stream or any(stream is side for side in self.side.values())
+        return stream is self.stream or self._side_of(stream) is not None
 
     def _connect_failed(self, failure, stream: OutboundS2S) -> None:
         if failure.check(ConnectError):
@@ -237,14 +346,15 @@ class Destination:
             text = f"could not connect to {self.remote}: {failure.getErrorMessage()}"
         if stream is self.stream:
             self.stream = None
-            self._failed(BOUNCE["connect"], text)
-        elif self.side.get(stream.first_local) is stream:
+            self._failed("connect-failed", BOUNCE["connect"], text)
+        elif self._side_of(stream) is not None:
             self._side_failed(stream, BOUNCE["connect"], text)
 
     def stream_open(self, stream: OutboundS2S) -> None:
-        if stream is not self.stream:
+        if stream is not self.stream or self.state == CLOSING:
             return
-        self.state = OPEN
+        if self.state == CONNECTING:
+            self._move("opened", OPEN)
         # Now the peer's features tell whether further domains may piggyback.
         for local in dict.fromkeys(item.local for item in self.queue):
             self._authenticate(local)
@@ -274,25 +384,25 @@ class Destination:
 
     def stream_closed(self, stream: OutboundS2S) -> None:
         if stream is not self.stream:
-            if self.side.get(stream.first_local) is stream:
-                self._side_closed(stream)
+            side = self._side_of(stream)
+            if side is not None:
+                self._side_closed(side)
             return
         self.stream = None
-        if stream is self._operator_closed:
+        if self.state == CLOSING:
             # An operator closed this stream (admin API): not a failure of the
             # peer, so keep what is queued and try again on a new connection.
-            self._operator_closed = None
             if self.queue:
-                self._connect(self.queue[0].local)
+                self._connect("closed", self.queue[0].local)
             else:
-                self.state = IDLE
+                self._move("closed", IDLE)
                 self.sender.note_idle(self)
             return
         if self.queue:
             condition, text = self._close_reason(stream)
-            self._failed(condition, text)
+            self._failed("closed", condition, text)
         else:
-            self.state = IDLE
+            self._move("closed", IDLE)
             self.sender.note_idle(self)
 
     def _close_reason(self, stream: OutboundS2S) -> tuple[str, str]:
@@ -304,16 +414,15 @@ class Destination:
         what = stream.stream_error or "the connection closed"
         return BOUNCE["stream"], f"stream to {self.remote} failed: {what}"
 
-    def _side_closed(self, stream: OutboundS2S) -> None:
-        local = stream.first_local
-        if stream is self._operator_closed:
-            self._operator_closed = None
+    def _side_closed(self, side: _Side) -> None:
+        local = side.stream.first_local
+        if side.state == SIDE_CLOSING:
             del self.side[local]
             if any(item.local == local for item in self.queue):
                 self._open_side(local)
             return
-        condition, text = self._close_reason(stream)
-        self._side_failed(stream, condition, text)
+        condition, text = self._close_reason(side.stream)
+        self._side_failed(side.stream, condition, text)
 
     def _side_failed(self, stream: OutboundS2S, condition: str, text: str) -> None:
         """A stream of its own for one local domain failed: bounce what waits
@@ -328,12 +437,28 @@ class Destination:
     def keep_queue_on_close(self, stream: OutboundS2S) -> None:
         """``stream`` is about to be closed by an operator: when it is gone,
         reconnect for the queued stanzas instead of bouncing them."""
-        if self._owns(stream):
-            self._operator_closed = stream
+        if stream is self.stream:
+            if self.state != CLOSING:
+                self._move("operator-close", CLOSING)
+            return
+        side = self._side_of(stream)
+        if side is not None:
+            side.state = SIDE_CLOSING
 
     def streams(self) -> list[OutboundS2S]:
         """Our outbound streams to this domain, the shared one first."""
-        return ([self.stream] if self.stream is not None else []) + list(self.side.values())
+        return ([self.stream] if self.stream is not None else []) + [s.stream for s in self.side.values()]
+
+    def status(self) -> DestinationStatus:
+        record = self.stream.record if self.stream is not None else None
+        return DestinationStatus(
+            domain=self.remote, state=self.state, queued_stanzas=len(self.queue),
+            queued_bytes=self.queued_bytes, oldest_since=self.queue[0].since if self.queue else None,
+            failures=self.failures, last_error=self.last_error, retry_at=self.retry_at,
+            connection_id=record.id if record is not None else None,
+            connection_ids=tuple(s.record.id for s in self.streams() if s.record is not None),
+            pending_pairs=tuple((pair.local, stream.record.id, pair.since)
+                                for stream, pair in self.pending_pairs()))
 
     def pending_pairs(self) -> list:
         """(stream, pair) for every pair we asked for and still wait on."""
@@ -374,7 +499,7 @@ class Destination:
         for item in queue:
             self.sender.bounce(item.stanza, condition, text)
 
-    def _failed(self, condition: str, text: str) -> None:
+    def _failed(self, event: str, condition: str, text: str) -> None:
         log.info("Sending to {remote} failed: {text}", remote=self.remote, text=text)
         self.last_error = text
         self._last_condition = condition
@@ -383,7 +508,7 @@ class Destination:
         settings = self.sender.settings
         delay = min(settings.backoff_max, settings.backoff_initial * 2 ** (self.failures - 1))
         delay *= 0.5 + self.sender.rng.random() / 2
-        self.state = BACKOFF
+        self._move(event, BACKOFF)
         self.retry_at = self.sender.clock.seconds() + delay
         self._retry_timer = self.sender.clock.callLater(delay, self._retry)
 
@@ -393,9 +518,9 @@ class Destination:
         if self.state != BACKOFF:
             return
         if self.queue:
-            self._connect(self.queue[0].local)
+            self._connect("retry", self.queue[0].local)
         else:
-            self.state = IDLE
+            self._move("retry", IDLE)
             self.sender.note_idle(self)
 
     def reset(self) -> None:
@@ -423,7 +548,7 @@ class Destination:
                                + (f" ({self.last_error})" if self.last_error else ""))
         self._schedule_expiry()
         if not self.queue and self.state == REVERSE:
-            self.state = IDLE  # nothing waits for the reverse request any more
+            self._move("expired", IDLE)  # nothing waits for the reverse request any more
         self.sender.note_idle(self)
 
     def cancel_timers(self) -> None:

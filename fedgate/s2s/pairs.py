@@ -125,8 +125,7 @@ class ConnectionTable:
         self._closers: dict[int, object] = {}
         self._routes: dict[int, object] = {}
         self._pair_listeners: list = []
-        #: called with each record as it leaves the table (metrics keep totals)
-        self.removed_listeners: list = []
+        self._removed_listeners: list = []
 
     def add(self, record: ConnectionRecord, closer=None, route=None) -> ConnectionRecord:
         """Track ``record``; ``closer(condition, text)`` ends its stream with a
@@ -166,6 +165,11 @@ class ConnectionTable:
         for sending (True) or failed (False)."""
         self._pair_listeners.append(listener)
 
+    def on_removed(self, listener) -> None:
+        """Call ``listener(record)`` as each record leaves the table (the
+        metrics keep totals across closed connections)."""
+        self._removed_listeners.append(listener)
+
     def pair_changed(self, local: str, remote: str, usable: bool) -> None:
         for listener in list(self._pair_listeners):
             listener(local, remote, usable)
@@ -175,7 +179,7 @@ class ConnectionTable:
         self._closers.pop(record.id, None)
         self._routes.pop(record.id, None)
         if gone is not None:
-            for listener in self.removed_listeners:
+            for listener in self._removed_listeners:
                 listener(gone)
 
     def close(self, conn_id: int, condition: str, text: str | None = None) -> bool:

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from twisted.words.xish import domish
 
 from fedgate.s2s.destination import (  # noqa: F401 (the states, for callers)
-    BACKOFF, BOUNCE, CONNECTING, IDLE, OPEN, REVERSE, Destination, stanza_size)
+    BACKOFF, BOUNCE, CLOSING, CONNECTING, IDLE, OPEN, REVERSE, Destination, DestinationStatus,
+    stanza_size)
 
 
 @dataclass(frozen=True)
@@ -151,6 +152,72 @@ class S2SSender:
                 next_due = due if next_due is None else min(next_due, due)
         if next_due is not None and not self._stopped:
             self._sweep_timer = self.clock.callLater(max(0.0, next_due - now), self._sweep)
+
+    # -- narrow views: what the admin API and the metrics may ask and do ---------
+    def outcomes(self) -> dict[str, int]:
+        """Stanzas accepted, delivered and bounced so far."""
+        return {"accepted": self.accepted, "delivered": self.delivered, "bounced": self.bounced}
+
+    def destination_count(self) -> int:
+        return len(self.destinations)
+
+    def remotes(self) -> list[str]:
+        """The remote domains that have a destination now."""
+        return list(self.destinations)
+
+    def pending_stanza_count(self, remote: str | None = None) -> int:
+        """Stanzas queued for ``remote`` (for every remote domain if None)."""
+        if remote is not None:
+            destination = self.destinations.get(remote)
+            return len(destination.queue) if destination is not None else 0
+        return sum(len(d.queue) for d in self.destinations.values())
+
+    def pending_bytes(self) -> int:
+        return sum(d.queued_bytes for d in self.destinations.values())
+
+    def state_counts(self) -> dict[str, int]:
+        """How many destinations are in each state."""
+        counts: dict[str, int] = {}
+        for destination in self.destinations.values():
+            counts[destination.state] = counts.get(destination.state, 0) + 1
+        return counts
+
+    def status(self, remote: str) -> DestinationStatus | None:
+        destination = self.destinations.get(remote)
+        return destination.status() if destination is not None else None
+
+    def statuses(self) -> list[DestinationStatus]:
+        """Every destination's status, by domain."""
+        return [self.destinations[remote].status() for remote in sorted(self.destinations)]
+
+    def reset_destination(self, remote: str) -> DestinationStatus | None:
+        """Clear ``remote``'s backoff and try again now (an operator action);
+        its status after, or None if there is no such destination."""
+        destination = self.destinations.get(remote)
+        if destination is None:
+            return None
+        destination.reset()
+        return destination.status()
+
+    def bounce_queued(self, remote: str, condition: str, text: str) -> int:
+        """Bounce what is queued for ``remote`` now; how many stanzas."""
+        destination = self.destinations.get(remote)
+        if destination is None or not destination.queue:
+            return 0
+        count = len(destination.queue)
+        destination.bounce_queue(condition, text)
+        return count
+
+    def keep_queue_on_close(self, record) -> None:
+        """The connection ``record`` is about to be closed by an operator: if
+        it is one of our streams, reconnect for its queue when it is gone
+        instead of bouncing it (a no-op for other connections)."""
+        destination = self.destinations.get(record.remote_domain or "")
+        if destination is None:
+            return
+        for stream in destination.streams():
+            if stream.record is record:
+                destination.keep_queue_on_close(stream)
 
     # ---------------------------------------------------------------------------
     def bounce(self, stanza: domish.Element, condition: str, text: str | None) -> None:

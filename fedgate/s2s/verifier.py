@@ -176,7 +176,7 @@ class DialbackVerifier:
     def __init__(self, connector, clock, make_stream, timeout: float = 30.0, ctx=None):
         self.connector = connector
         self.clock = clock
-        self.ctx = ctx  # set by the service once the S2S context exists
+        self.ctx = ctx  # the S2S context for its verification streams (no verifier in it)
         self.make_stream = make_stream
         self.timeout = timeout
 

@@ -62,7 +62,7 @@ class XmppStream(protocol.Protocol):
 
     def __init__(self, handler: IStreamHandler, clock, limits: Limits = Limits(),
                  log_traffic: bool = False, log_bodies: bool = False,
-                 stream_ns: str = ns.SERVER):
+                 stream_ns: str = ns.SERVER, on_tls_failure=None):
         self.handler = handler
         self.clock = clock
         self.limits = limits
@@ -83,7 +83,7 @@ class XmppStream(protocol.Protocol):
         #: why reading is paused (empty: reading)
         self._paused: set[str] = set()
         #: called with a reason when TLS fails here (the metrics count them)
-        self.on_tls_failure = None
+        self.on_tls_failure = on_tls_failure  # on_tls_failure(reason): the metrics count it
 
     def wait_closed(self):
         """A Deferred that fires once the connection is gone."""

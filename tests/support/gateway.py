@@ -12,6 +12,7 @@ from twisted.internet import defer
 
 from fedgate.config import load_config, parse_config
 from fedgate.service import Gateway
+from fedgate.tap import choose_storage
 from tests.support.dnsserver import make_client_resolver
 from tests.support.pki import TestCA
 
@@ -111,7 +112,8 @@ def start_gateway(reactor, config_dict: dict, dns_port: int, testcase=None, conf
         config = load_config(write_config(config_file, config_dict))
     else:
         config = parse_config(config_dict, "<test>")
-    gateway = Gateway(config, reactor, make_client_resolver(reactor, dns_port))
+    gateway = Gateway(config, reactor, make_client_resolver(reactor, dns_port),
+                      choose_storage(config, reactor))
     yield gateway.startService()
     if testcase is not None:
         testcase.addCleanup(gateway.stopService)
