@@ -6,6 +6,7 @@ from __future__ import annotations
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
+from fedgate.policy import PeerPolicy, PolicyTable
 from fedgate.s2s import dialback
 from fedgate.s2s.inbound import InboundS2S
 from fedgate.s2s.outbound import OutboundS2S
@@ -29,9 +30,11 @@ class BidiCase(unittest.TestCase):
         self.router = RecordingRouter()
         self.verifier = FakeVerifier()
 
+    policy = PolicyTable(PeerPolicy(encryption="optional"))
+
     def ctx(self, tls=None):
         return make_context(self.clock, local_domains=LOCAL_DOMAINS, secret=SECRET, table=self.table,
-                            router=self.router, verifier=self.verifier, tls=tls)
+                            router=self.router, verifier=self.verifier, tls=tls, policy=self.policy)
 
     def inbound(self, tls=None) -> MemoryStream:
         self.handler = InboundS2S(self.ctx(tls))
@@ -171,6 +174,23 @@ class OutboundBidiTests(BidiCase):
         self.assertEqual((stanza["id"], condition), ("bad", "jid-malformed"))
         self.assertEqual(self.router.reply_from, ["gw.example"])
         self.assertIsNone(peer.stream_error())
+
+    def test_rate_limit_applies_on_bidi_streams_too(self):
+        """One receive path: a peer over its rate on our outbound bidi
+        stream gets its reading paused, exactly as on an inbound stream
+        (they used to skip the per-peer rate limit)."""
+        self.policy = PolicyTable(PeerPolicy(encryption="optional"),
+                                  {"remote.example": PeerPolicy("remote.example", encryption="optional",
+                                                                rate_limit=5.0)})
+        peer = self.outbound()
+        peer.feed("<db:result from='remote.example' to='gw.example' type='valid'/>")
+        for n in range(12):  # a burst of 10 is allowed, then reading pauses
+            peer.feed(f"<message from='a@remote.example' to='b@gw.example' id='{n}'/>")
+        self.assertEqual(len(self.router.routed), 12, "what was read is still delivered")
+        self.assertEqual(peer.transport.producerState, "paused")
+        self.clock.advance(1.0)
+        self.assertEqual(peer.transport.producerState, "producing")
+        self.assertFalse(peer.disconnecting)
 
     def test_reverse_request_only_towards_proven_local_domains(self):
         peer = self.outbound()

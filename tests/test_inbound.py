@@ -13,11 +13,20 @@ from fedgate.s2s.pairs import INVALID, PENDING, VALID, ConnectionTable
 from fedgate.s2s.verifier import DialbackError
 from fedgate.stream import namespaces as ns
 from fedgate.stream.errors import error_condition
+from fedgate.tls.contexts import TLSInfo
+from tests.support.gateway import shared_ca
 from tests.support.memory import MemoryStream, RecordingRouter, server_header
 from tests.support.s2s import FakeVerifier, make_context
 
 SECRET = "authoritative secret"
 LOCAL = frozenset({"gw.example", "chat.gw.example"})
+
+
+class _ServerTLS:
+    """TLS contexts for a StringTransport (nothing is encrypted)."""
+
+    def server_creator(self, domain, alpn=None):
+        return ("server", domain)
 
 
 class InboundCase(unittest.TestCase):
@@ -28,14 +37,14 @@ class InboundCase(unittest.TestCase):
         self.verifier = FakeVerifier()
         self.budget = VerificationBudget(100)
 
-    def open(self, per_stream=10, blocked=(), max_pairs=1000, **header) -> MemoryStream:
+    def open(self, per_stream=10, blocked=(), max_pairs=1000, tls=None, **header) -> MemoryStream:
         # Plaintext dialback (no TLS contexts here): encryption optional.
         policy = PolicyTable(PeerPolicy(encryption="optional"),
                              {d: PeerPolicy(d, allowed=False) for d in blocked})
         ctx = make_context(self.clock, local_domains=LOCAL, secret=SECRET, table=self.table,
                            router=self.router, verifier=self.verifier, budget=self.budget,
                            auth_timeout=90.0, max_pending_per_stream=per_stream, policy=policy,
-                           max_pairs_per_connection=max_pairs)
+                           max_pairs_per_connection=max_pairs, tls=tls)
         self.handler = InboundS2S(ctx)
         stream = MemoryStream(self.handler, self.clock)
         attrs = {"to": "gw.example", "from": "remote.example", "version": "1.0"}
@@ -93,12 +102,19 @@ class HeaderTests(InboundCase):
         self.assertIsNotNone(stream.header.get("id"))
 
     def test_changed_addresses_after_restart(self):
-        stream = self.open()
+        # Real restarts (STARTTLS, then SASL EXTERNAL), as the handler's
+        # states allow a new header only after one of its own.
+        stream = self.open(tls=_ServerTLS())
+        stream.transport.startTLS = lambda creator: None
         first_id = stream.header.get("id")
+        stream.feed("<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
         stream.restart()
         stream.feed(server_header(to="gw.example", **{"from": "remote.example"}, version="1.0"))
         self.assertIsNone(stream.stream_error())
         self.assertNotEqual(self.handler.stream_id, first_id, "a new id after every restart")
+        issued = shared_ca().issue(dns=("remote.example",))
+        stream.stream.tls = TLSInfo("TLSv1.3", "TLS_AES_128_GCM_SHA256", issued.cert)
+        stream.feed("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='EXTERNAL'>=</auth>")
         stream.restart()
         stream.feed(server_header(to="chat.gw.example", **{"from": "remote.example"}, version="1.0"))
         self.assertEqual(stream.stream_error(), "improper-addressing")

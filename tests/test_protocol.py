@@ -13,12 +13,15 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import Logger, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial import unittest
+from zope.interface.verify import verifyClass, verifyObject
 
 from fedgate.stream import namespaces as ns
 from tests.support.rawpeer import Reply as Written
 from fedgate.stream import protocol as protocol_module
 from fedgate.stream.errors import StanzaFailure, StreamFailure
+from fedgate.stream.interfaces import BACKPRESSURE, RATE_LIMIT, IStreamHandler, IXmppStream
 from fedgate.stream.protocol import CLOSE_GRACE, XmppStream
+from fedgate.tls.contexts import TLSInfo
 
 HEADER = (b"<?xml version='1.0'?><stream:stream xmlns='jabber:server'"
           b" xmlns:stream='http://etherx.jabber.org/streams'"
@@ -68,6 +71,9 @@ class FakeHandler:
 
     def error_header(self):
         return {"id": "err-id", "from": "a.example", "version": "1.0"}
+
+    def tls_established(self, info):
+        pass
 
     def disconnected(self, reason):
         self.lost.append(reason)
@@ -339,3 +345,69 @@ class TrafficLogTests(StreamCase):
         stream = self.connect()
         stream.dataReceived(HEADER + b"<message><body>x</body></message>")
         self.assertEqual(self.xml_lines(), [])
+
+
+class DeclaredInterfaceTests(StreamCase):
+    """The stream provides IXmppStream, every role IStreamHandler, and
+    reading is paused per reason."""
+
+    def test_stream_provides_its_declared_interface(self):
+        self.assertTrue(verifyObject(IXmppStream, self.connect()))
+
+    def test_every_role_declares_the_handler_interface(self):
+        from fedgate.component.accept import ComponentAccept
+        from fedgate.component.listener import ComponentListenerStream
+        from fedgate.component.xep0225 import Xep0225Stream
+        from fedgate.s2s.inbound import InboundS2S
+        from fedgate.s2s.outbound import OutboundS2S
+        from fedgate.s2s.verifier import VerifyStream
+        for role in (InboundS2S, OutboundS2S, VerifyStream, ComponentAccept, ComponentListenerStream,
+                     Xep0225Stream):
+            self.assertTrue(verifyClass(IStreamHandler, role), role)
+
+    def test_tls_established_reaches_the_handler(self):
+        seen = []
+        self.handler.tls_established = seen.append
+        stream = self.connect()
+        stream.transport.getHandle = lambda: None
+        info = TLSInfo("TLSv1.3", "TLS_AES_128_GCM_SHA256", None)
+        self.patch(protocol_module, "tls_info", lambda handle: info)
+        stream.handshakeCompleted()
+        self.assertEqual(seen, [info])
+
+    def test_one_reason_does_not_undo_another(self):
+        stream = self.connect()
+        stream.pause_reading(RATE_LIMIT)
+        stream.pause_reading(RATE_LIMIT)  # the same reason holds one pause
+        stream.pause_reading(BACKPRESSURE)
+        self.assertEqual(self.transport.producerState, "paused")
+        stream.resume_reading(RATE_LIMIT)
+        self.assertEqual(self.transport.producerState, "paused", "backpressure still holds")
+        self.assertEqual(stream.paused_for, {BACKPRESSURE})
+        stream.resume_reading(RATE_LIMIT)  # not held any more: nothing happens
+        self.assertEqual(self.transport.producerState, "paused")
+        stream.resume_reading(BACKPRESSURE)
+        self.assertEqual(self.transport.producerState, "producing")
+
+    def test_no_pause_after_close(self):
+        stream = self.connect()
+        stream.connectionLost(Failure(RuntimeError("gone")))
+        stream.pause_reading(RATE_LIMIT)
+        self.assertEqual(self.transport.producerState, "producing")
+        self.assertEqual(stream.paused_for, frozenset())
+
+    def test_hand_over_connects_the_new_handler(self):
+        stream = self.connect()
+        other = FakeHandler()
+        stream.hand_over(other)
+        self.assertIs(other.io, stream)
+        stream.dataReceived(HEADER)
+        self.assertEqual(len(other.headers), 1)
+        self.assertEqual(self.handler.headers, [])
+
+    def test_stanza_namespace(self):
+        stream = self.connect()
+        stream.set_stanza_namespace(ns.CLIENT)
+        stream.open_stream({"id": "x"})
+        self.assertIn(b"xmlns='jabber:client'", self.transport.value())
+        self.assertNotIn(b"xmlns:db=", self.transport.value())

@@ -22,6 +22,7 @@ from twisted.trial import unittest
 
 from fedgate.s2s import dialback
 from fedgate.s2s.inbound import InboundS2S
+from fedgate.s2s.initiating import READY
 from fedgate.s2s.outbound import OutboundS2S
 from fedgate.s2s.pairs import INBOUND, VALID
 from fedgate.s2s.policy_check import SASL_EXTERNAL
@@ -172,7 +173,7 @@ class OutboundRestartInMemoryTests(MemoryCase):
         stream.dataReceived(b"<success xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/>")
         self.assertTrue(transport.disconnecting)
         self.assertEqual(Reply(transport.value()).error_condition(), "unsupported-stanza-type")
-        self.assertFalse(handler.sasl_done)
+        self.assertEqual(handler.state, READY, "no SASL restart")
 
 
 class RestartOverLoopbackTests(TwoGatewaysFixture, unittest.TestCase):

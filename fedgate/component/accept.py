@@ -13,6 +13,7 @@ import hashlib
 import hmac
 
 from twisted.logger import Logger
+from zope.interface import implementer
 from twisted.words.xish import domish
 
 from fedgate.logsafe import short, throttled
@@ -20,6 +21,7 @@ from fedgate.component.addressing import checked_domains
 from fedgate.domain import InvalidDomain, normalize_domain
 from fedgate.stream import namespaces as ns
 from fedgate.stream.errors import StanzaFailure, StreamFailure, is_bounceable, make_error_reply
+from fedgate.stream.interfaces import IStreamHandler
 from fedgate.stream.protocol import new_stream_id
 from fedgate.stream.serialize import serialize
 
@@ -30,6 +32,7 @@ def handshake_digest(stream_id: str, secret: str) -> str:
     return hashlib.sha1((stream_id + secret).encode("utf-8")).hexdigest()
 
 
+@implementer(IStreamHandler)
 class ComponentAccept:
     """The handler of one XEP-0114 component connection."""
 
@@ -113,6 +116,9 @@ class ComponentAccept:
 
     def disconnect(self, condition: str = "policy-violation", text: str | None = None) -> None:
         self.io.fail(condition, text)
+
+    def tls_established(self, info) -> None:
+        pass  # XEP-0114 has no TLS of its own
 
     def disconnected(self, reason) -> None:
         if self._timer is not None and self._timer.active():

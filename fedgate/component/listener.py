@@ -3,10 +3,14 @@
 
 from __future__ import annotations
 
+from zope.interface import implementer
+
 from fedgate.stream import namespaces as ns
 from fedgate.stream.errors import StreamFailure
+from fedgate.stream.interfaces import IStreamHandler
 
 
+@implementer(IStreamHandler)
 class ComponentListenerStream:
     """Waits for the stream header, then hands the stream to the right
     protocol's handler and steps aside."""
@@ -30,14 +34,16 @@ class ComponentListenerStream:
         else:
             raise StreamFailure("invalid-namespace",
                                 "component streams use jabber:component:accept or jabber:client")
-        self.io.handler = handler
-        handler.connected(self.io)
+        self.io.hand_over(handler)
         handler.header_received(header)
 
     def element_received(self, element) -> None:  # pragma: no cover - replaced after the header
         raise StreamFailure("not-authorized")
 
     def reject_stanza(self, stanza, failure) -> None:  # pragma: no cover
+        pass
+
+    def tls_established(self, info) -> None:  # pragma: no cover - no TLS before the header
         pass
 
     def disconnected(self, reason) -> None:

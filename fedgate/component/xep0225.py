@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from twisted.logger import Logger
 from twisted.words.xish import domish
+from zope.interface import implementer
 
 from fedgate.logsafe import short, throttled
 from fedgate.component.credentials import CredentialRegistry
@@ -32,6 +33,7 @@ from fedgate.domain import InvalidDomain, normalize_domain
 from fedgate.jid import check_resourcepart
 from fedgate.stream import namespaces as ns
 from fedgate.stream.errors import StanzaFailure, StreamFailure, is_bounceable, make_error_reply
+from fedgate.stream.interfaces import IStreamHandler
 from fedgate.stream.protocol import new_stream_id
 from fedgate.stream.sasl import decode_payload, encode_payload, sasl_failure, sasl_mechanisms
 from fedgate.stream.serialize import serialize
@@ -68,6 +70,7 @@ def _hostname(element: domish.Element) -> tuple[str, str] | None:
         return None
 
 
+@implementer(IStreamHandler)
 class Xep0225Stream:
     """The handler of one XEP-0225 component stream (after the listener has
     seen its header)."""
@@ -122,7 +125,7 @@ class Xep0225Stream:
         except InvalidDomain:
             raise StreamFailure("invalid-from", "malformed 'from'") from None
         self.stream_id = new_stream_id()
-        self.io.stream_ns = ns.CLIENT
+        self.io.set_stanza_namespace(ns.CLIENT)
         self.io.open_stream({"id": self.stream_id, "from": to, "version": "1.0"}, self._features())
 
     def _features(self) -> domish.Element:
@@ -144,6 +147,9 @@ class Xep0225Stream:
             offered.append("EXTERNAL")  # only to a certificate that names a pinned identity
         features.addChild(sasl_mechanisms(offered))
         return features
+
+    def tls_established(self, info) -> None:
+        pass  # io.tls carries it; the next header's features depend on it
 
     def disconnected(self, reason) -> None:
         if self._timer is not None and self._timer.active():

@@ -41,6 +41,21 @@ class ConnectError(Exception):
         self.detail = detail
 
 
+class ConnectObserver:
+    """Hears every step of one :meth:`DomainConnector.connect` (``/diagnose``
+    records them); every method is optional to override."""
+
+    def targets(self, targets) -> None: ...
+    def addresses(self, target, addresses, error=None) -> None: ...
+    def address_refused(self, target, address: str, why: str) -> None: ...
+    def attempt(self, target, address: str) -> None: ...
+    def attempt_failed(self, target, address: str, error: Exception) -> None: ...
+    def attempt_made(self, target, address: str) -> None: ...
+
+
+_SILENT = ConnectObserver()
+
+
 class _OneProtocol(_protocol.Factory):
     """Hands out one prebuilt protocol, without start/stop log lines."""
 
@@ -82,18 +97,22 @@ class DomainConnector:
         return self.domain_refusal(domain) or self.addresses.refusal(address)
 
     @defer.inlineCallbacks
-    def connect(self, domain: str, protocol_factory: Callable):
+    def connect(self, domain: str, protocol_factory: Callable,
+                observer: ConnectObserver | None = None):
         """Connect to ``domain``; fires with the connected protocol.
 
         ``protocol_factory(target)`` builds the protocol for one attempt, so a
         Direct TLS target (XEP-0368) can start TLS at once.  Cancelling the
-        returned Deferred stops the attempt, wherever it is."""
+        returned Deferred stops the attempt, wherever it is.  ``observer``
+        hears each step (the targets, their addresses, every attempt)."""
+        observer = observer if observer is not None else _SILENT
         public = f"could not connect to the servers of {domain}"
         why = self.domain_refusal(domain)
         if why is not None:
             log.warn("Not connecting to {domain}: {why}", domain=domain, why=why)
             raise ConnectError("remote-server-not-found", public, why)
         targets = yield self.resolver.resolve(domain)
+        observer.targets(targets)
         if not targets:
             raise ConnectError("remote-server-not-found", f"{domain} offers no XMPP server service")
         tried = []
@@ -103,8 +122,10 @@ class DomainConnector:
             except defer.CancelledError:
                 raise
             except Exception as exc:
+                observer.addresses(target, [], exc)
                 tried.append(f"{target.host}: {exc}")
                 continue
+            observer.addresses(target, addresses)
             if not addresses:
                 tried.append(f"{target.host}: no address")
             for address in addresses:
@@ -114,9 +135,11 @@ class DomainConnector:
                              domain=domain, address=address, port=target.port, host=target.host,
                              why=why)
                     tried.append(f"{address}:{target.port} refused: {why}")
+                    observer.address_refused(target, address, why)
                     continue
                 kind = TCP6ClientEndpoint if ":" in address else TCP4ClientEndpoint
                 endpoint = kind(self.reactor, address, target.port, timeout=self.timeout)
+                observer.attempt(target, address)
                 try:
                     protocol = yield endpoint.connect(_OneProtocol(protocol_factory(target)))
                 except (defer.CancelledError, ConnectingCancelledError):
@@ -125,7 +148,9 @@ class DomainConnector:
                     log.info("Connecting to {domain} at {address}:{port} failed: {error}",
                              domain=domain, address=address, port=target.port, error=exc)
                     tried.append(f"{address}:{target.port}: {exc}")
+                    observer.attempt_failed(target, address, exc)
                     continue
+                observer.attempt_made(target, address)
                 return protocol
         detail = f"tried {'; '.join(tried) or 'nothing'}"
         log.info("Could not connect to {domain}: {detail}", domain=domain, detail=detail)

@@ -1,10 +1,22 @@
 """Inbound S2S streams: the Receiving and the Authoritative Server roles.
 
-States: before the peer's header we wait; after it we have answered with
-our header (and features on a 1.0 stream) and the stream is open.  On an open
-stream the peer may ask us to verify keys (``<db:result>``, Receiving Server),
-ask us to vouch for our own keys (``<db:verify>``, Authoritative Server), and
-send stanzas over the pairs that became valid.
+States, and every move between them (:data:`TRANSITIONS`)::
+
+    AWAIT_HEADER  --header----> OPEN           answered with our header (and features)
+    AWAIT_HEADER  --tls-------> TLS_HANDSHAKE  Direct TLS (XEP-0368): TLS from the first byte
+    OPEN          --starttls--> TLS_HANDSHAKE  <proceed/> sent, TLS starts, the stream restarts
+    TLS_HANDSHAKE --header----> SECURE         the header over TLS
+    OPEN, SECURE  --sasl------> SASL_RESTART   <success/> sent, the stream restarts
+    SASL_RESTART  --header----> AUTHENTICATED  the header after SASL
+    (any)         --lost------> CLOSED
+
+STARTTLS is offered and taken only in OPEN; SASL EXTERNAL only before it
+succeeded (OPEN or SECURE, over TLS).  In every open state (OPEN, SECURE,
+AUTHENTICATED) the peer may ask us to verify keys (``<db:result>``,
+Receiving Server), ask us to vouch for our own keys (``<db:verify>``,
+Authoritative Server), ask for bidi (XEP-0288, :mod:`fedgate.s2s.bidi`), and
+send stanzas over the pairs that became valid (the receive path of
+:mod:`fedgate.s2s.paired`, shared with outbound streams).
 
 With TLS: STARTTLS is offered before any authentication (required when the
 peer's policy says so, and then alone); after the TLS restart, SASL EXTERNAL
@@ -23,24 +35,49 @@ from __future__ import annotations
 
 from twisted.logger import Logger
 from twisted.words.xish import domish
+from zope.interface import implementer
 
 from fedgate.logsafe import short, throttled
 from fedgate.domain import InvalidDomain, normalize_domain
-from fedgate.stream.serialize import serialize
 from fedgate.s2s import dialback
+from fedgate.s2s.bidi import Bidi
 from fedgate.s2s.context import S2SContext
-from fedgate.s2s.pairing import DialbackPairs, addresses, check_incoming
+from fedgate.s2s.dialback import Authoritative, StreamDialback
+from fedgate.s2s.paired import PairedStream
 from fedgate.s2s.pairs import INBOUND, PENDING, REMOTE, VALID, ConnectionRecord
 from fedgate.s2s.policy_check import SASL_EXTERNAL, sasl_external_offer
-from fedgate.s2s.throttle import StreamThrottle
 from fedgate.stream.sasl import decode_external, sasl_failure, sasl_mechanisms
 from fedgate.stream import namespaces as ns
-from fedgate.stream.errors import StanzaFailure, StreamFailure
+from fedgate.stream.errors import StreamFailure
+from fedgate.stream.interfaces import IStreamHandler
 from fedgate.stream.parser import StreamHeader
 from fedgate.stream.protocol import new_stream_id
+from fedgate.stream.states import Machine
 from fedgate.tls.contexts import ALPN_S2S
 
 log = Logger(namespace="fedgate.s2s.inbound")
+
+AWAIT_HEADER = "await-header"
+OPEN = "open"
+TLS_HANDSHAKE = "tls-handshake"
+SECURE = "secure"
+SASL_RESTART = "sasl-restart"
+AUTHENTICATED = "authenticated"
+CLOSED = "closed"
+
+TRANSITIONS = {
+    (AWAIT_HEADER, "header"): OPEN,
+    (AWAIT_HEADER, "tls"): TLS_HANDSHAKE,
+    (OPEN, "starttls"): TLS_HANDSHAKE,
+    (TLS_HANDSHAKE, "header"): SECURE,
+    (OPEN, "sasl"): SASL_RESTART,
+    (SECURE, "sasl"): SASL_RESTART,
+    (SASL_RESTART, "header"): AUTHENTICATED,
+    **{(state, "lost"): CLOSED for state in (AWAIT_HEADER, OPEN, TLS_HANDSHAKE, SECURE,
+                                             SASL_RESTART, AUTHENTICATED)},
+}
+#: states in which the stream is open (our header answered the peer's)
+OPEN_STATES = frozenset({OPEN, SECURE, AUTHENTICATED})
 
 
 def check_version(header: StreamHeader) -> bool:
@@ -58,7 +95,8 @@ def check_version(header: StreamHeader) -> bool:
     raise StreamFailure("unsupported-version", "only XMPP 1.0 is supported")
 
 
-class InboundS2S:
+@implementer(IStreamHandler)
+class InboundS2S(PairedStream):
     """The handler of one inbound S2S connection."""
 
     def __init__(self, ctx: S2SContext, direct_tls: bool = False):
@@ -69,24 +107,25 @@ class InboundS2S:
         self.record: ConnectionRecord | None = None
         self._to: str | None = None
         self._from: str | None = None
-        self._headers = 0
-        self.dialback: DialbackPairs | None = None
-        self._bidi_requested = False
+        self.machine = Machine("InboundS2S", TRANSITIONS, AWAIT_HEADER)
+        self.dialback: StreamDialback | None = None
+        self.authoritative = Authoritative(ctx)
+        self.bidi = Bidi(self)
         self._timer = None
-        self._gone = False
-        self._sasl_done = False
+
+    @property
+    def state(self) -> str:
+        return self.machine.state
 
     # -- stream lifecycle -------------------------------------------------
     def connected(self, io) -> None:
-        self.io = io
-        self.record = self.ctx.table.add(
-            ConnectionRecord(INBOUND, io.peer, self.ctx.clock.seconds()), closer=io.fail, route=self)
-        self.dialback = DialbackPairs(self)
-        self.throttle = StreamThrottle(io, self.ctx.clock)
+        self.attach(io, ConnectionRecord(INBOUND, io.peer, self.ctx.clock.seconds()))
+        self.dialback = StreamDialback(self)
         self._timer = self.ctx.clock.callLater(self.ctx.auth_timeout, self._auth_timeout)
         if self.direct_tls:
             # XEP-0368: TLS from the first byte; SNI picks the certificate.
             default = sorted(self.ctx.local_domains)[0]
+            self.machine.fire("tls")
             io.start_tls(self.ctx.tls.server_creator(default, ALPN_S2S))
 
     @property
@@ -97,13 +136,13 @@ class InboundS2S:
         return {"id": self.stream_id or new_stream_id(), "from": self._to, "version": "1.0"}
 
     def header_received(self, header: StreamHeader) -> None:
-        self._headers += 1
         if header.default_ns != ns.SERVER:
             raise StreamFailure("invalid-namespace", "S2S streams use jabber:server")
         is_v1 = check_version(header)
         to = self._header_domain(header.get("to"), "host-unknown")
         sender = self._header_domain(header.get("from"), "invalid-from")
-        if self._headers > 1 and (to != self._to or sender != self._from):
+        restarted = self.stream_id is not None  # a header came before this one
+        if restarted and (to != self._to or sender != self._from):
             raise StreamFailure("improper-addressing", "stream addresses changed on restart")
         if to is None:
             if ns.DIALBACK not in header.namespaces.values():
@@ -118,6 +157,7 @@ class InboundS2S:
             if limit:
                 self.io.tighten_stanza_limit(limit)
         self.stream_id = new_stream_id()
+        self.machine.fire("header")
         attrs = {"id": self.stream_id, "from": to, "to": sender}
         if is_v1:
             attrs["version"] = "1.0"
@@ -130,7 +170,7 @@ class InboundS2S:
         and dialback."""
         tls = self.io.tls
         extra = []
-        if tls is None and self.ctx.tls is not None and not self.io.tls_started:
+        if self.state == OPEN and tls is None and self.ctx.tls is not None:
             policy = self.ctx.policy.for_peer(self._from) if self._from else self.ctx.policy.default
             starttls = domish.Element((ns.TLS, "starttls"))
             if policy.requires_tls:
@@ -139,10 +179,11 @@ class InboundS2S:
                 features.addChild(starttls)
                 return features  # nothing else until the channel is encrypted
             extra.append(starttls)
-        if not self._sasl_done and sasl_external_offer(tls, self._from):
+        if self.state != AUTHENTICATED and sasl_external_offer(tls, self._from):
             extra.append(sasl_mechanisms(["EXTERNAL"]))
-        if self.ctx.bidi and not self.record.bidi:
-            extra.append(domish.Element((ns.BIDI_FEATURE, "bidi")))
+        bidi = self.bidi.feature()
+        if bidi is not None:
+            extra.append(bidi)
         return dialback.features_element(extra)
 
     @staticmethod
@@ -155,14 +196,13 @@ class InboundS2S:
             raise StreamFailure(condition, "malformed domain in stream header") from None
 
     def disconnected(self, reason) -> None:
-        self._gone = True
+        self.machine.fire("lost")
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         if self.dialback is not None:
             self.dialback.close()
-            self.throttle.stop()
+        self.detach()
         if self.record is not None:
-            self.ctx.table.remove(self.record)
             self._reverse_requests_failed()
 
     def _reverse_requests_failed(self) -> None:
@@ -176,8 +216,8 @@ class InboundS2S:
         the parties discard what they learnt from the old stream.  Every
         pair goes (but ``keep``, the one SASL has just proved), and
         verifications still running can no longer make a pair valid: they
-        answer to a closed DialbackPairs, which ignores them."""
-        old, self.dialback = self.dialback, DialbackPairs(self)
+        answer to a closed Receiving half, which ignores them."""
+        old, self.dialback = self.dialback, StreamDialback(self)
         old.close()
         self._reverse_requests_failed()
         self.record.forget_pairs(keep)
@@ -190,7 +230,7 @@ class InboundS2S:
 
     def _auth_timeout(self) -> None:
         self._timer = None
-        if not self.record.authenticated and not self._gone:
+        if not self.record.authenticated and self.state != CLOSED:
             self.io.fail("connection-timeout", "no domain pair authenticated in time")
 
     # -- elements ---------------------------------------------------------
@@ -200,13 +240,13 @@ class InboundS2S:
             self._stanza(element)
         elif uri == ns.DIALBACK and element.name == "result":
             if element.getAttribute("type"):
-                self.dialback.answer(element)  # only answers to our own (reverse) requests
+                self.dialback.originating.answer(element)  # only answers to our own (reverse) requests
             else:
-                self.dialback.request(element)
+                self.dialback.receiving.request(element)
         elif uri == ns.BIDI and element.name == "bidi" and self.ctx.bidi:
-            self._bidi()
+            self.bidi.requested()
         elif uri == ns.DIALBACK and element.name == "verify":
-            self._verify(element)
+            self.authoritative.verify(self.io, element)
         elif uri == ns.TLS and element.name == "starttls":
             self._starttls()
         elif uri == ns.SASL and element.name == "auth":
@@ -216,24 +256,19 @@ class InboundS2S:
             # 4.9.1.1); the peer's </stream:stream> follows and closes.
             log.info("Stream error {condition} from {peer}", peer=self.io.peer,
                      condition=short(next((c.name for c in element.elements()
-                                     if c.uri == ns.STREAM_ERRORS and c.name != "text"),
-                                    "undefined-condition")))
+                                           if c.uri == ns.STREAM_ERRORS and c.name != "text"),
+                                          "undefined-condition")))
         else:
             raise StreamFailure("unsupported-stanza-type", f"unexpected element {element.name}")
 
-    def reject_stanza(self, stanza: domish.Element, failure: StanzaFailure) -> None:
-        self.ctx.router.bounce(stanza, failure.condition, failure.text, reply_from=failure.reply_from)
-
-    def tls_established(self, info) -> None:
-        self.record.tls = info.describe()
-
     def _starttls(self) -> None:
-        if self.ctx.tls is None or self.io.tls_started:
+        if self.ctx.tls is None or self.state != OPEN:
             self.io.write(f"<failure xmlns='{ns.TLS}'/>")
             self.io.close()
             return
         self.io.write(f"<proceed xmlns='{ns.TLS}'/>")
-        self.record.bidi = False  # a bidi request made before TLS does not survive it
+        self.bidi.forget()  # a bidi request made before TLS does not survive it
+        self.machine.fire("starttls")
         self._forget_stream()
         default = self._to or sorted(self.ctx.local_domains)[0]
         self.io.start_tls(self.ctx.tls.server_creator(default))
@@ -246,7 +281,7 @@ class InboundS2S:
             condition = "invalid-mechanism"
         elif self.io.tls is None:
             condition = "encryption-required"
-        elif self._sasl_done or not sasl_external_offer(self.io.tls, self._from) or not self._to:
+        elif self.state not in (OPEN, SECURE) or not sasl_external_offer(self.io.tls, self._from) or not self._to:
             condition = "not-authorized"
         else:
             authzid = decode_external(str(element))
@@ -261,10 +296,10 @@ class InboundS2S:
             if policy.requires_certificate:
                 self.io.close()  # no dialback fallback under the certificate policy
             return
-        self._sasl_done = True
+        self.machine.fire("sasl")
         self.record.remote_domain = self._from
         self.record.set_pair(self._to, self._from, VALID, SASL_EXTERNAL, self.ctx.clock.seconds())
-        if self.record.bidi:
+        if self.bidi.on:
             self.ctx.table.pair_changed(self._to, self._from, True)
         log.info("Authenticated {local} <- {remote} by SASL EXTERNAL from {peer}",
                  local=self._to, remote=self._from, peer=self.io.peer)
@@ -272,50 +307,18 @@ class InboundS2S:
         self._forget_stream(keep=(self._to, self._from))
         self.io.restart()
 
-    def _bidi(self) -> None:
-        """XEP-0288: the peer asks to use this stream both ways."""
-        self.record.bidi = True
-        log.info("Bidirectional stream with {peer}", peer=self.io.peer)
-        for pair in self.record.valid_pairs():  # pairs proven before the request
-            self.ctx.table.pair_changed(pair.local, pair.remote, True)
-
-    # -- a route for our stanzas once bidi is on --------------------------------
-    def write_stanza(self, local: str, remote: str, stanza: domish.Element) -> None:
-        self.record.pairs[(local, remote)].stanzas_out += 1
-        self.io.write(serialize(stanza, ns.SERVER))
-
+    # -- a route for our stanzas once bidi is on (write_stanza: PairedStream) ----
     def authenticate_reverse(self, local: str, remote: str) -> bool:
         """Ask the peer to accept ``local`` in the reverse direction; only
         towards a domain the peer proved here (XEP-0288)."""
-        if not (self.record.bidi and self.record.proven_remote(remote)):
+        if not self.bidi.may_prove_reverse(remote):
             return False
         if self.record.state_of(local, remote) in (PENDING, VALID):
             return True
-        self.dialback.ask(local, remote)
+        self.dialback.originating.ask(local, remote)
         return True
 
     def _stanza(self, stanza: domish.Element) -> None:
-        record = self.record
-        if not record.authenticated:
+        if not self.record.authenticated:
             raise StreamFailure("not-authorized", "no domain pair is authenticated on this stream")
-        to_domain, from_domain = check_incoming(record, stanza, self.ctx.local_domains)
-        record.pairs[(to_domain, from_domain)].stanzas_in += 1
-        self.throttle.stanza(from_domain, self.ctx.policy.rate_limit(from_domain))
-        self.ctx.router.route(stanza, to_domain, from_domain)
-
-    def _verify(self, element: domish.Element) -> None:
-        if element.getAttribute("type"):
-            throttled(log, self.io).warn("Ignoring unsolicited db:verify type={type} from {peer}",
-                                         type=short(element["type"]), peer=self.io.peer)
-            return
-        receiving, originating = addresses(element)
-        stream_id = element.getAttribute("id")
-        if not stream_id:
-            raise StreamFailure("improper-addressing", "db:verify without an id")
-        if originating not in self.ctx.local_domains:
-            self.io.send(dialback.verify_error(originating, receiving, stream_id, "item-not-found"))
-            return
-        valid = dialback.key_matches(self.ctx.secret, receiving, originating, stream_id, str(element))
-        log.info("Authoritative answer {valid} for {local} -> {remote}", valid=valid,
-                 local=originating, remote=receiving)
-        self.io.send(dialback.verify_answer(originating, receiving, stream_id, valid))
+        self.receive_stanza(stanza)

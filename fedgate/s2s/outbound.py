@@ -13,8 +13,11 @@ Every pair we ask for has ``pair_timeout`` seconds to be answered; then it
 counts as failed (``remote-server-timeout``) and this stream is not asked to
 carry that domain again.
 
-Negotiation (header, STARTTLS, SASL) is in :mod:`fedgate.s2s.initiating`.
-The owner (a Destination in the sender) hears about every change through
+Negotiation (header, STARTTLS, bidi, SASL) and the states of this role are
+in :mod:`fedgate.s2s.initiating` (the stream is open in READY); dialback's
+Originating half (and, on a bidi stream, its Receiving half) in
+:mod:`fedgate.s2s.dialback`; the receive path, shared with inbound streams,
+in :mod:`fedgate.s2s.paired`.  The owner (a Destination in the sender) hears about every change through
 ``stream_open``, ``pair_result`` and ``stream_closed``.
 """
 
@@ -24,13 +27,13 @@ from twisted.logger import Logger
 from twisted.words.xish import domish
 
 from fedgate.logsafe import throttled
-from fedgate.s2s.initiating import InitiatingStream
-from fedgate.s2s.pairing import DialbackPairs, check_incoming
+from fedgate.s2s.dialback import StreamDialback
+from fedgate.s2s.initiating import READY, InitiatingStream
+from fedgate.s2s.paired import PairedStream
 from fedgate.s2s.pairs import INVALID, LOCAL, OUTBOUND, PENDING, VALID, ConnectionRecord
 from fedgate.s2s.policy_check import DIALBACK, SASL_EXTERNAL
 from fedgate.stream import namespaces as ns
 from fedgate.stream.errors import StreamFailure
-from fedgate.stream.serialize import serialize
 
 log = Logger(namespace="fedgate.s2s.outbound")
 
@@ -38,8 +41,13 @@ log = Logger(namespace="fedgate.s2s.outbound")
 TIMEOUT = "timeout"
 
 
-class OutboundS2S(InitiatingStream):
-    """The handler of one outbound S2S connection to ``remote``."""
+class OutboundS2S(PairedStream, InitiatingStream):
+    """The handler of one outbound S2S connection to ``remote``.
+
+    States: those of :data:`fedgate.s2s.initiating.TRANSITIONS`
+    (AWAIT_FEATURES -> [STARTTLS | SASL] -> READY, or FAILED; CLOSED at the
+    end); bidi's OFF/ON are in :mod:`fedgate.s2s.bidi`.  It is open (may
+    carry pairs) exactly in READY."""
 
     use_sasl = True
     use_bidi = True
@@ -49,13 +57,17 @@ class OutboundS2S(InitiatingStream):
         self.owner = owner
         self.pair_timeout = pair_timeout
         self.record: ConnectionRecord | None = None
-        self.dialback: DialbackPairs | None = None
-        self.is_open = False
+        self.dialback: StreamDialback | None = None
         self._wanted: list[str] = []
         self._timer = None
         self._pair_timers: dict = {}
         #: local domains whose request here went unanswered
         self.timed_out: set[str] = set()
+
+    @property
+    def is_open(self) -> bool:
+        """Negotiation is over: domains may be proved (and stanzas sent)."""
+        return self.state == READY
 
     @property
     def first_local(self) -> str:
@@ -66,15 +78,11 @@ class OutboundS2S(InitiatingStream):
         return self.stream_id
 
     def connected(self, io) -> None:
-        self.record = self.ctx.table.add(
-            ConnectionRecord(OUTBOUND, io.peer, self.ctx.clock.seconds(), remote_domain=self.remote),
-            closer=io.fail, route=self)
-        self.dialback = DialbackPairs(self, may_accept=self._may_accept, on_result=self._pair_result)
+        self.attach(io, ConnectionRecord(OUTBOUND, io.peer, self.ctx.clock.seconds(),
+                                         remote_domain=self.remote))
+        self.dialback = StreamDialback(self, may_accept=self._may_accept, on_result=self._pair_result)
         self._timer = self.ctx.clock.callLater(self.ctx.auth_timeout, self._auth_timeout)
         super().connected(io)
-
-    def tls_established(self, info) -> None:
-        self.record.tls = info.describe()
 
     def header_received(self, header) -> None:
         super().header_received(header)
@@ -88,9 +96,6 @@ class OutboundS2S(InitiatingStream):
         self.owner.pair_result(self, self.local, VALID, None)
 
     def ready(self, features) -> None:
-        if self.is_open:
-            return
-        self.is_open = True
         wanted, self._wanted = self._wanted, []
         for local in wanted:
             self.authenticate(local)
@@ -101,11 +106,11 @@ class OutboundS2S(InitiatingStream):
         state = self.record.state_of(local, self.remote) if self.record else None
         if state in (PENDING, VALID):
             return
-        if not self.is_open:
+        if self.state != READY:
             if local not in self._wanted:
                 self._wanted.append(local)
             return
-        self.dialback.ask(local, self.remote)
+        self.dialback.originating.ask(local, self.remote)
         self._pair_timers[local] = self.ctx.clock.callLater(self.pair_timeout, self._pair_timed_out, local)
 
     def can_piggyback(self, local: str) -> bool:
@@ -126,32 +131,24 @@ class OutboundS2S(InitiatingStream):
     def send_stanza(self, local: str, stanza: domish.Element) -> None:
         self.write_stanza(local, self.remote, stanza)
 
-    # -- a route for other destinations once bidi allows ------------------------
-    def write_stanza(self, local: str, remote: str, stanza: domish.Element) -> None:
-        self.record.pairs[(local, remote)].stanzas_out += 1
-        self.io.write(serialize(stanza, ns.SERVER))
-
+    # -- a route for other destinations once bidi allows (write_stanza: PairedStream)
     def authenticate_reverse(self, local: str, remote: str) -> bool:
         return False  # further remote domains get their own outbound stream
-
-    def bidi_enabled(self) -> None:
-        self.record.bidi = True
 
     def negotiated_element(self, element: domish.Element) -> None:
         uri, name = element.uri, element.name
         if uri == ns.DIALBACK and name == "result":
             if element.getAttribute("type"):
-                self.dialback.answer(element)
-            elif self.record.bidi:
-                self.dialback.request(element)  # the peer adds a domain in reverse
+                self.dialback.originating.answer(element)
+            elif self.bidi.on:
+                self.dialback.receiving.request(element)  # the peer adds a domain in reverse
             else:
                 raise StreamFailure("unsupported-stanza-type", "dialback requests need bidi here")
         elif uri == ns.DIALBACK and name == "verify":
-            throttled(log, self.io).warn("Ignoring db:verify on an outbound stream from {remote}", remote=self.remote)
-        elif uri == ns.SERVER and name in ns.STANZA_NAMES and self.record.bidi:
-            to_domain, from_domain = check_incoming(self.record, element, self.ctx.local_domains)
-            self.record.pairs[(to_domain, from_domain)].stanzas_in += 1
-            self.ctx.router.route(element, to_domain, from_domain)
+            throttled(log, self.io).warn("Ignoring db:verify on an outbound stream from {remote}",
+                                         remote=self.remote)
+        elif uri == ns.SERVER and name in ns.STANZA_NAMES and self.bidi.on:
+            self.receive_stanza(element)  # the same path, and rate limit, as inbound
         else:
             raise StreamFailure("unsupported-stanza-type",
                                 "stanzas are not accepted on this stream (no bidi)")
@@ -183,9 +180,6 @@ class OutboundS2S(InitiatingStream):
         if timer is not None and timer.active():
             timer.cancel()
 
-    def reject_stanza(self, stanza, failure) -> None:
-        self.ctx.router.bounce(stanza, failure.condition, failure.text, reply_from=failure.reply_from)
-
     def _auth_timeout(self) -> None:
         self._timer = None
         if not self.record.authenticated:
@@ -201,11 +195,11 @@ class OutboundS2S(InitiatingStream):
             self.io.close()
 
     def disconnected(self, reason) -> None:
+        super().disconnected(reason)
         self._cancel_timer()
         for local in list(self._pair_timers):
             self._cancel_pair_timer(local)
         if self.dialback is not None:
             self.dialback.close()
-        if self.record is not None:
-            self.ctx.table.remove(self.record)
+        self.detach()
         self.owner.stream_closed(self)

@@ -7,6 +7,8 @@ is lost (the peer's own queue grows instead of ours).
 
 from __future__ import annotations
 
+from fedgate.stream.interfaces import RATE_LIMIT
+
 
 class TokenBucket:
     def __init__(self, rate: float, clock, burst: float | None = None):
@@ -46,13 +48,12 @@ class StreamThrottle:
         wait = bucket.take()
         if wait > 0 and self._resume is None:
             self.pauses += 1
-            self.io.transport.pauseProducing()
+            self.io.pause_reading(RATE_LIMIT)
             self._resume = self.clock.callLater(wait, self._go)
 
     def _go(self) -> None:
         self._resume = None
-        if not self.io.closed:
-            self.io.transport.resumeProducing()
+        self.io.resume_reading(RATE_LIMIT)
 
     def stop(self) -> None:
         if self._resume is not None and self._resume.active():

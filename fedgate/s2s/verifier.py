@@ -28,8 +28,9 @@ from twisted.words.xish import domish
 from fedgate.logsafe import short, throttled
 from fedgate.s2s import dialback
 from fedgate.s2s.connect import ConnectError
+from fedgate.s2s.dialback import DialbackError
 from fedgate.stream import namespaces as ns
-from fedgate.s2s.initiating import InitiatingStream
+from fedgate.s2s.initiating import READY, InitiatingStream
 from fedgate.stream.errors import error_condition
 
 log = Logger(namespace="fedgate.s2s.verifier")
@@ -38,36 +39,22 @@ NOT_FOUND = "remote-server-not-found"
 TIMEOUT = "remote-server-timeout"
 
 
-class DialbackError(Exception):
-    """Verification could not be completed; ``condition`` (XEP-0220 2.5)
-    and ``text`` go into the ``<db:result type='error'>`` sent back to the
-    originating server, ``detail`` only into our log."""
-
-    def __init__(self, condition: str, text: str | None = None, detail: str | None = None):
-        if condition not in dialback.DIALBACK_CONDITIONS:
-            raise ValueError(f"not a dialback error condition: {condition!r}")
-        super().__init__(condition if not text else f"{condition}: {text}")
-        self.condition = condition
-        self.text = text
-        self.detail = detail
-
-
 class VerifyStream(InitiatingStream):
     """Handler of one verification connection: negotiate (TLS when offered),
     send ``<db:verify>``, wait for its answer, close.  Reports to ``owner``
-    (a :class:`_Verification`)."""
+    (a :class:`_Verification`).
+
+    Its states are those of :mod:`fedgate.s2s.initiating`: the request goes
+    out on the move to READY, so an answer counts only in READY."""
 
     def __init__(self, ctx, receiving: str, originating: str, stream_id: str, key: str, owner):
         super().__init__(ctx, receiving, originating)
         self.receiving, self.originating = receiving, originating
         self.verify_id, self.key = stream_id, key
         self.owner = owner
-        self._sent = False
 
     def ready(self, features) -> None:
-        if not self._sent:
-            self._sent = True
-            self.io.write(dialback.verify_request(self.receiving, self.originating,
+        self.io.write(dialback.verify_request(self.receiving, self.originating,
                                                   self.verify_id, self.key))
 
     def element_received(self, element: domish.Element) -> None:
@@ -84,7 +71,7 @@ class VerifyStream(InitiatingStream):
         # Anything else on this connection is not ours to handle.
 
     def _answer(self, element: domish.Element) -> None:
-        if (not self._sent or element.getAttribute("id") != self.verify_id
+        if (self.state != READY or element.getAttribute("id") != self.verify_id
                 or element.getAttribute("from") != self.originating
                 or element.getAttribute("to") != self.receiving):
             throttled(log, self.io).warn("Ignoring db:verify answer we did not ask for from {peer}", peer=self.io.peer)
@@ -102,6 +89,7 @@ class VerifyStream(InitiatingStream):
                 f"db:verify error {condition}"))
 
     def disconnected(self, reason) -> None:
+        super().disconnected(reason)
         detail = self.failure.text if self.failure else "closed without an answer"
         self.owner.answered(DialbackError(
             TIMEOUT, "the connection to the authoritative server ended without an answer", detail))
@@ -175,7 +163,7 @@ class _Verification:
                                     "verification timed out"))
         if self.handler.io is not None and not self.handler.io.closed:
             # Do not wait for the peer's close handshake either.
-            self.handler.io.transport.abortConnection()
+            self.handler.io.abort()
 
     def _cancel(self, _d) -> None:
         # Deferred calls this, then errbacks ``done`` with CancelledError.

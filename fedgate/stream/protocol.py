@@ -2,9 +2,15 @@
 
 Bytes go into a :class:`StreamParser`; the header, elements and end go to a
 role handler (inbound S2S, outbound S2S, component).  The handler talks back
-through the small interface below (``open_stream``, ``send``, ``fail``,
-``restart``, ``close``), so the handlers hold the protocol logic and can be
-driven in tests without a transport.
+only through :class:`fedgate.stream.interfaces.IXmppStream` (``open_stream``,
+``send``, ``fail``, ``restart``, ``close``, ``pause_reading`` ...), and the
+stream calls the handler only through
+:class:`fedgate.stream.interfaces.IStreamHandler`, so the handlers hold the
+protocol logic and can be driven in tests without a transport.
+
+Reading is paused per reason (a rate limit, backpressure): the transport
+stays paused while any reason holds, so one reason's resume never undoes
+another's pause.
 
 Errors are values here: a :class:`StreamFailure` raised anywhere while
 handling input becomes a ``<stream:error/>`` and a close (with our own header
@@ -19,7 +25,6 @@ from __future__ import annotations
 import re
 import secrets
 from dataclasses import replace
-from typing import Protocol as TypingProtocol
 
 from twisted.internet import defer, protocol
 from twisted.internet.interfaces import IHandshakeListener
@@ -30,6 +35,7 @@ from twisted.words.xish import domish
 from fedgate.logsafe import short
 from fedgate.stream import namespaces as ns
 from fedgate.stream.errors import StreamFailure, StanzaFailure, stream_error_element
+from fedgate.stream.interfaces import IStreamHandler, IXmppStream
 from fedgate.stream.parser import Limits, StreamHeader, StreamParser
 from fedgate.stream.serialize import escape_attr, serialize
 from fedgate.tls.contexts import TLSInfo, tls_info
@@ -43,17 +49,6 @@ class _Restart(Exception):
     """Raised inside the parser to drop the rest of a chunk after a restart."""
 
 
-class StreamHandler(TypingProtocol):
-    """What a role (inbound, outbound, component) implements."""
-
-    def connected(self, stream: "XmppStream") -> None: ...
-    def header_received(self, header: StreamHeader) -> None: ...
-    def element_received(self, element: domish.Element) -> None: ...
-    def reject_stanza(self, stanza: domish.Element, failure: StanzaFailure) -> None: ...
-    def error_header(self) -> dict: ...
-    def disconnected(self, reason) -> None: ...
-
-
 def new_stream_id() -> str:
     """A unique, unpredictable stream id (RFC 6120 4.7.3)."""
     return secrets.token_urlsafe(18)
@@ -62,11 +57,11 @@ def new_stream_id() -> str:
 _BODY = re.compile(r"(<body\b[^>]*>).*?(</body>)", re.S)
 
 
-@implementer(IHandshakeListener)
+@implementer(IHandshakeListener, IXmppStream)
 class XmppStream(protocol.Protocol):
     """One TCP connection carrying one XMPP stream (restarted as needed)."""
 
-    def __init__(self, handler: StreamHandler, clock, limits: Limits = Limits(),
+    def __init__(self, handler: IStreamHandler, clock, limits: Limits = Limits(),
                  log_traffic: bool = False, log_bodies: bool = False,
                  stream_ns: str = ns.SERVER, on_tls_failure=None):
         self.handler = handler
@@ -86,6 +81,8 @@ class XmppStream(protocol.Protocol):
         self._close_waiters: list = []
         self.tls: TLSInfo | None = None
         self.tls_started = False
+        #: why reading is paused (empty: reading)
+        self._paused: set[str] = set()
         #: called with a reason when TLS fails here (the metrics count them)
         self.on_tls_failure = on_tls_failure  # on_tls_failure(reason): the metrics count it
 
@@ -168,6 +165,39 @@ class XmppStream(protocol.Protocol):
             self._log_xml("out", text)
         self.transport.write(text.encode("utf-8"))
 
+    def abort(self) -> None:
+        """Drop the connection at once (no closing handshake)."""
+        if not self.closed:
+            self.transport.abortConnection()
+
+    def pause_reading(self, reason: str) -> None:
+        """Stop reading for ``reason`` until :meth:`resume_reading` with it."""
+        if self.closed or reason in self._paused:
+            return
+        self._paused.add(reason)
+        if len(self._paused) == 1:
+            self.transport.pauseProducing()
+
+    def resume_reading(self, reason: str) -> None:
+        if reason not in self._paused:
+            return
+        self._paused.discard(reason)
+        if not self._paused and not self.closed:
+            self.transport.resumeProducing()
+
+    @property
+    def paused_for(self) -> frozenset:
+        """The reasons reading is paused for now."""
+        return frozenset(self._paused)
+
+    def set_stanza_namespace(self, uri: str) -> None:
+        self.stream_ns = uri
+
+    def hand_over(self, handler: IStreamHandler) -> None:
+        """Another handler takes over this stream from now on."""
+        self.handler = handler
+        handler.connected(self)
+
     def tighten_stanza_limit(self, max_bytes: int) -> None:
         """Lower the stanza size limit for this stream (a peer's policy)."""
         if max_bytes < self.limits.max_stanza_bytes:
@@ -185,9 +215,7 @@ class XmppStream(protocol.Protocol):
         self.tls = tls_info(self.transport.getHandle())
         log.debug("TLS {version} {cipher} with {peer}", version=self.tls.version,
                   cipher=self.tls.cipher, peer=self.peer)
-        established = getattr(self.handler, "tls_established", None)
-        if established is not None:
-            self._guard(established, self.tls)
+        self._guard(self.handler.tls_established, self.tls)
 
     def restart(self, send_header=None) -> None:
         """Expect a new stream header; drop any bytes already received.

@@ -1,0 +1,119 @@
+"""What every S2S stream that carries domain pairs shares, whichever side
+opened it: one receive path and one send path.
+
+:class:`PairedStream` is the common base of the inbound stream and the
+outbound stream.  It owns the stream's :class:`ConnectionRecord` (added to
+the pair table on connect, removed on disconnect), the per-peer rate limit
+(:class:`StreamThrottle`) and the three things both directions did twice
+before: :meth:`write_stanza` (a route for the table), :meth:`tls_established`
+and :meth:`reject_stanza`.  A stanza received on it, inbound or on an
+outbound bidirectional stream (XEP-0288), goes through
+:meth:`receive_stanza`: the RFC 6120 address checks against the pairs
+proven here, the count, the rate limit, the router.
+"""
+
+from __future__ import annotations
+
+from twisted.words.xish import domish
+
+from fedgate.domain import InvalidDomain
+from fedgate.jid import domain_of, domain_part, is_valid_jid
+from fedgate.s2s.pairs import ConnectionRecord
+from fedgate.s2s.throttle import StreamThrottle
+from fedgate.stream import namespaces as ns
+from fedgate.stream.errors import StanzaFailure, StreamFailure
+from fedgate.stream.serialize import serialize
+
+
+def check_incoming(record, stanza: domish.Element, local_domains) -> tuple[str, str]:
+    """The RFC 6120 checks on a stanza arriving over S2S: (to, from) domains,
+    or the error that the stanza deserves.
+
+    A domain that is not authenticated on this stream is a stream error; a
+    malformed address (RFC 7622) is a ``jid-malformed`` stanza error, because
+    one remote user's bad address must not end a stream that carries other
+    users' stanzas."""
+    to, sender = stanza.getAttribute("to"), stanza.getAttribute("from")
+    if not to or not sender:
+        raise StreamFailure("improper-addressing", "stanza without 'to' or 'from'")
+    try:
+        to_domain, from_domain = domain_of(to), domain_of(sender)
+    except InvalidDomain:
+        _malformed(record, to, sender, local_domains)
+    _check_domains(record, to_domain, from_domain, local_domains)
+    return to_domain, from_domain
+
+
+def _check_domains(record, to_domain: str, from_domain: str, local_domains) -> None:
+    if not record.can_receive(to_domain, from_domain):
+        # Work out which rule failed only on the slow path.
+        if not record.has_valid_remote(from_domain):
+            raise StreamFailure("invalid-from", f"{from_domain} is not authenticated on this stream")
+        raise StreamFailure("host-unknown", f"{to_domain} is not authenticated for {from_domain}")
+    if to_domain not in local_domains:
+        raise StreamFailure("host-unknown", f"{to_domain} is not served here")
+
+
+def _malformed(record, to: str, sender: str, local_domains):
+    """Raise the error for a stanza with a malformed 'to' or 'from': the
+    stream errors still apply to whichever domainparts are well-formed."""
+    to_domain, from_domain = domain_part(to), domain_part(sender)
+    if from_domain is not None:
+        if not record.has_valid_remote(from_domain):
+            raise StreamFailure("invalid-from", f"{from_domain} is not authenticated on this stream")
+        if to_domain is not None:
+            _check_domains(record, to_domain, from_domain, local_domains)
+    if from_domain is None or not is_valid_jid(sender):
+        # The router will not answer a malformed address: it logs and drops.
+        raise StanzaFailure("jid-malformed", "malformed 'from' address")
+    # The 'from' is fine, so the 'to' is not: the reply comes from the
+    # domain it named, or else from one of ours that the sender may hear from.
+    reply_from = to_domain or min(local for local, remote in record.pairs
+                                  if remote == from_domain and record.can_receive(local, remote))
+    raise StanzaFailure("jid-malformed", "malformed 'to' address", reply_from=reply_from)
+
+
+class PairedStream:
+    """Base of the S2S roles whose stream carries domain pairs.  Subclasses
+    set ``ctx`` and call :meth:`attach` from ``connected`` and
+    :meth:`detach` from ``disconnected``."""
+
+    ctx = None
+    io = None
+    record: ConnectionRecord | None = None
+    throttle: StreamThrottle | None = None
+
+    def attach(self, io, record: ConnectionRecord) -> None:
+        """The connection is up: publish its record, set up the rate limit."""
+        self.io = io
+        self.record = self.ctx.table.add(record, closer=io.fail, route=self)
+        self.throttle = StreamThrottle(io, self.ctx.clock)
+
+    def detach(self) -> None:
+        """The connection is gone: no timer left, no record in the table."""
+        if self.throttle is not None:
+            self.throttle.stop()
+        if self.record is not None:
+            self.ctx.table.remove(self.record)
+
+    # -- the stream asks ----------------------------------------------------------
+    def tls_established(self, info) -> None:
+        self.record.tls = info.describe()
+
+    def reject_stanza(self, stanza: domish.Element, failure: StanzaFailure) -> None:
+        self.ctx.router.bounce(stanza, failure.condition, failure.text, reply_from=failure.reply_from)
+
+    # -- receive: one path for both directions ------------------------------------
+    def receive_stanza(self, stanza: domish.Element) -> None:
+        """A stanza over an authenticated pair: checked, counted,
+        rate-limited per remote domain, routed."""
+        record = self.record
+        to_domain, from_domain = check_incoming(record, stanza, self.ctx.local_domains)
+        record.pairs[(to_domain, from_domain)].stanzas_in += 1
+        self.throttle.stanza(from_domain, self.ctx.policy.rate_limit(from_domain))
+        self.ctx.router.route(stanza, to_domain, from_domain)
+
+    # -- send: the route the pair table hands out ---------------------------------
+    def write_stanza(self, local: str, remote: str, stanza: domish.Element) -> None:
+        self.record.pairs[(local, remote)].stanzas_out += 1
+        self.io.write(serialize(stanza, ns.SERVER))

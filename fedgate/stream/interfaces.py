@@ -1,0 +1,100 @@
+"""The declared interface between the stream shim and the role handlers.
+
+Two sides, as in the transit relay's ``ITransitClient``:
+
+- :class:`IXmppStream` is everything a handler may ask of its stream
+  (:class:`fedgate.stream.protocol.XmppStream` provides it);
+- :class:`IStreamHandler` is everything the stream asks of its handler
+  (inbound and outbound S2S, the dialback verification stream, the
+  component roles).
+
+A handler uses nothing else: no transport, no attribute set from outside.
+That keeps the roles transport-free and lets tests drive them in memory.
+"""
+
+from __future__ import annotations
+
+from zope.interface import Attribute, Interface
+
+#: reasons a handler pauses reading (each reason holds its own pause)
+RATE_LIMIT = "rate-limit"
+BACKPRESSURE = "backpressure"
+
+
+class IXmppStream(Interface):
+    """What a role handler may ask of the stream it runs on."""
+
+    peer = Attribute("'host:port' of the other end, for logs")
+    clock = Attribute("the IReactorTime this stream's timers run on")
+    tls = Attribute("the TLSInfo once a TLS handshake has completed, else None")
+    tls_started = Attribute("True once TLS has been started on this connection")
+    closed = Attribute("True once the connection is gone")
+
+    def open_stream(attributes, features=None):
+        """Send our stream header (and features, when given)."""
+
+    def send(element):
+        """Send an element (or serialised text); nothing once closing."""
+
+    def write(text):
+        """Write serialised XML as it is."""
+
+    def start_tls(creator):
+        """Switch the connection to TLS; ``tls_established`` follows."""
+
+    def restart(send_header=None):
+        """Expect a new stream header; the rest of the current read is dropped."""
+
+    def close():
+        """Close our stream and then the connection."""
+
+    def fail(condition, text=None):
+        """Send a stream error and close (RFC 6120 4.9)."""
+
+    def abort():
+        """Drop the connection at once, without the closing handshake."""
+
+    def pause_reading(reason):
+        """Stop reading for ``reason``; reading resumes once every reason
+        that paused it has been resumed."""
+
+    def resume_reading(reason):
+        """Take back the pause held for ``reason``."""
+
+    def set_stanza_namespace(uri):
+        """The default namespace of our header and of the stanzas we send."""
+
+    def tighten_stanza_limit(max_bytes):
+        """Lower the stanza size limit for this stream (never raises it)."""
+
+    def hand_over(handler):
+        """Give the stream to another handler (its ``connected`` is called)."""
+
+    def wait_closed():
+        """A Deferred that fires once the connection is gone."""
+
+
+class IStreamHandler(Interface):
+    """What the stream asks of its role handler."""
+
+    def connected(stream):
+        """The connection is up; ``stream`` provides :class:`IXmppStream`."""
+
+    def header_received(header):
+        """The peer's stream header (again after every restart)."""
+
+    def element_received(element):
+        """One top-level element; a StreamFailure or StanzaFailure raised
+        here becomes a stream error or a bounce."""
+
+    def tls_established(info):
+        """The TLS handshake completed (``info`` is a TLSInfo)."""
+
+    def reject_stanza(stanza, failure):
+        """A stanza failed with a StanzaFailure: answer or bounce it."""
+
+    def error_header():
+        """Attributes of our header when a stream error comes before it."""
+
+    def disconnected(reason):
+        """The connection is gone."""
