@@ -126,6 +126,9 @@ class LoggingConfig:
     peer_lines_per_second: float = 1.0
 
 
+MAX_ADMIN_BODY = 16 * 1024 * 1024  # admin.max_body_bytes' ceiling: bodies stay in memory
+
+
 @dataclass(frozen=True)
 class AdminConfig:
     """The admin REST API listener and its bearer token (see fedgate.admin)."""
@@ -139,6 +142,14 @@ class AdminConfig:
     metrics_open: bool = False
     #: remote domains that get their own metrics labels (opt-in, bounded)
     metrics_domains: tuple[str, ...] = ()
+    #: connections open at once; one more is answered 503 and closed
+    max_connections: int = 64
+    #: seconds from connect (or the previous response) to the end of the headers
+    header_timeout: float = 10.0
+    #: seconds from the end of the headers to the end of the body
+    body_timeout: float = 30.0
+    #: largest request body; over it, 413 before the body is read
+    max_body_bytes: int = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -529,12 +540,19 @@ def _admin(ar: _Reader) -> AdminConfig:
         raise ar.error("token", "must be at least 16 characters")
     if token is not None and token_file is not None:
         raise ar.error("token_file", "set either token or token_file, not both")
+    max_body = ar.positive("max_body_bytes", int, AdminConfig.max_body_bytes)
+    if max_body > MAX_ADMIN_BODY:
+        raise ar.error("max_body_bytes", f"must be at most {MAX_ADMIN_BODY} (bodies are kept in memory)")
     admin = AdminConfig(
         listen=_endpoints(ar, "listen", AdminConfig.listen),
         token=token, token_file=token_file or None,
         metrics_open=ar.get("metrics_open", bool, False),
         metrics_domains=tuple(_domain(ar, "metrics_domains", d)
                               for d in ar.get("metrics_domains", list, [])),
+        max_connections=ar.positive("max_connections", int, AdminConfig.max_connections),
+        header_timeout=ar.positive("header_timeout", float, AdminConfig.header_timeout),
+        body_timeout=ar.positive("body_timeout", float, AdminConfig.body_timeout),
+        max_body_bytes=max_body,
     )
     ar.done()
     return admin

@@ -30,7 +30,6 @@ from dataclasses import fields, is_dataclass, replace
 from OpenSSL import SSL
 from twisted.application import service
 from twisted.internet import defer, protocol
-from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 
 from fedgate.admin.service import make_admin_service
@@ -39,6 +38,7 @@ from fedgate.component.credentials import CredentialRegistry
 from fedgate.component.listener import ComponentListenerStream
 from fedgate.component.xep0225 import Xep0225Settings, Xep0225Stream
 from fedgate.config import Config, ConfigError, dialback_secret, load_config
+from fedgate.listen import listen
 from fedgate.policy import PolicyTable
 from fedgate.router import Router
 from fedgate.s2s.addresses import AddressPolicy
@@ -236,7 +236,7 @@ class Gateway(service.Service):
         listeners += [("components", d, _StreamFactory(self, self._component, ns.COMPONENT_ACCEPT))
                       for d in self.config.components.listen]
         for kind, description, factory in listeners:
-            port = yield serverFromString(self.reactor, description).listen(factory)
+            port = yield listen(self.reactor, kind, description, factory)  # or ListenFailed
             self.ports[kind].append(port)
             address = port.getHost()
             log.info("Listening for {kind} on {host}:{port} ({description})", kind=kind,

@@ -1,19 +1,37 @@
 """twistd plugin options and service construction.
 
-The only module that touches the global reactor, the system resolver and
-process signals (SIGHUP reloads the configuration: see Gateway.reload), and
-the one that chooses the storage backend (:func:`choose_storage`); the
-Gateway gets all of them as arguments.
+The only module that touches the global reactor, the system resolver,
+process limits and signals (SIGHUP reloads the configuration: see
+Gateway.reload), and the one that chooses the storage backend
+(:func:`choose_storage`); the Gateway gets all of them as arguments.
+
+Exit statuses: 78 (EX_CONFIG) for a bad configuration or certificate, one
+line on stderr, before anything starts; 73 (EX_CANTCREAT) when a listener
+cannot be opened (port in use, permission denied, an address the host
+lacks), one line naming the listener and the reason; 1 when the start
+fails otherwise (storage, say).  The unit does not restart on 78 only:
+a busy port may free up.
 """
 
 from __future__ import annotations
 
+import atexit
+import os
+import resource
 import signal
 import sys
 
+from twisted.application import service
+from twisted.internet import defer
+from twisted.logger import Logger, LogLevel
 from twisted.python import usage
 
 from fedgate.config import ConfigError, load_config
+from fedgate.listen import ListenFailed
+
+log = Logger(namespace="fedgate.tap")
+
+EX_CANTCREAT = 73
 
 
 class Options(usage.Options):
@@ -38,6 +56,7 @@ def makeService(options):
     except ConfigError as exc:
         sys.stderr.write(f"fedgate: configuration error: {exc}\n")
         sys.exit(78)  # EX_CONFIG
+    raise_fd_limit()
     if config.s2s.dns_servers:
         # Only the configured servers: createResolver would add resolv.conf's.
         resolver = client.Resolver(servers=list(config.s2s.dns_servers), reactor=reactor)
@@ -49,7 +68,77 @@ def makeService(options):
         sys.stderr.write(f"fedgate: certificate error: {config.path}: {exc}\n")
         sys.exit(78)
     reload_on_sighup(reactor, gateway.reload)
-    return gateway
+    return ExitOnStartFailure(gateway, reactor)
+
+
+def raise_fd_limit(limits=resource) -> tuple[int, int]:
+    """Raise the soft limit on open files to the hard limit (systemd's
+    default soft limit is 1,024, which a few hundred peers exhaust); logs
+    what it did and returns (before, after)."""
+    soft, hard = limits.getrlimit(limits.RLIMIT_NOFILE)
+    if soft == hard:
+        log.info("The open file limit is {soft}, already the hard limit", soft=soft)
+        return soft, soft
+    try:
+        limits.setrlimit(limits.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as exc:
+        log.warn("Cannot raise the open file limit from {soft} to {hard}: {error}",
+                 soft=soft, hard=hard, error=str(exc))
+        return soft, soft
+    log.info("Raised the open file limit from {soft} to {hard}", soft=soft, hard=hard)
+    return soft, hard
+
+
+class ExitOnStartFailure(service.Service):
+    """Runs the gateway; if its start fails, the process ends non-zero.
+
+    twistd ignores the Deferred a service's startService returns, so a
+    listener that cannot bind would leave a process running with nothing
+    listening (and systemd showing it "active").  Here the failure becomes
+    one log line, a clean stop, and the exit status set when the
+    interpreter ends (after twistd has removed its PID file)."""
+
+    def __init__(self, gateway, reactor, set_exit_status=None):
+        self.gateway = gateway
+        self.reactor = reactor
+        self.set_exit_status = set_exit_status or _exit_status_at_exit
+        self.exit_status: int | None = None
+
+    def startService(self):
+        super().startService()
+        d = defer.maybeDeferred(self.gateway.startService)
+        d.addErrback(self._failed)
+        return d
+
+    def stopService(self):
+        super().stopService()
+        if self.gateway.running:
+            return self.gateway.stopService()
+        return None
+
+    def _failed(self, failure) -> None:
+        if failure.check(ListenFailed):
+            status, line = EX_CANTCREAT, f"fedgate: {failure.value}"
+        else:
+            status, line = 1, f"fedgate: cannot start: {failure.getErrorMessage()}"
+            log.failure("The start failed", failure, level=LogLevel.debug)
+        log.critical("{line}", line=line)
+        self.exit_status = status
+        self.set_exit_status(status)
+        self.reactor.callWhenRunning(self.reactor.stop)
+
+
+def _exit_status_at_exit(status: int) -> None:
+    """Make the process exit with ``status`` once twistd has finished:
+    twistd itself always exits 0 after the reactor stops."""
+    def leave():
+        for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+            try:
+                stream.flush()
+            except Exception:  # a closed or redirected stream: nothing to flush
+                pass
+        os._exit(status)
+    atexit.register(leave)
 
 
 def choose_storage(config, reactor):

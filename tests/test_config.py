@@ -30,7 +30,8 @@ def test_example_config_is_valid_and_documents_every_key():
                 "xml_traffic", "xml_bodies", "addresses", "secret", "listen", "state_dir",
                 "mode", "encryption", "authentication", "blocked", "note",
                 "max_pairs_per_connection", "allow_private_ranges",
-                "pair_timeout", "destination_idle_timeout", "max_destinations"]:
+                "pair_timeout", "destination_idle_timeout", "max_destinations",
+                "max_connections", "header_timeout", "body_timeout", "max_body_bytes"]:
         assert key in text, key
 
 
@@ -98,6 +99,10 @@ def test_outbound_address_settings():
     (minimal(s2s={"allow_private_ranges": [10]}), "s2s.allow_private_ranges", "range names"),
     (minimal(s2s={"max_pairs_per_connection": 0}), "s2s.max_pairs_per_connection", "greater than zero"),
     (minimal(s2s={"peers": {"p.example": {"encryption": "maybe"}}}), "s2s.peers.p.example.encryption", "must be one of"),
+    (minimal(admin={"max_connections": 0}), "admin.max_connections", "greater than zero"),
+    (minimal(admin={"header_timeout": "10s"}), "admin.header_timeout", "expected a number"),
+    (minimal(admin={"body_timeout": -1}), "admin.body_timeout", "greater than zero"),
+    (minimal(admin={"max_body_bytes": 64 * 1024 * 1024}), "admin.max_body_bytes", "at most 16777216"),
 ])
 def test_errors_name_the_key(data, key, words):
     with pytest.raises(ConfigError) as info:
@@ -127,3 +132,13 @@ def test_dialback_secret_generated_once_and_private(tmp_path):
     configured = parse_config(minimal(state_dir=str(tmp_path / "other"), s2s={"dialback_secret": "given"}))
     assert dialback_secret(configured) == "given"
     assert not (tmp_path / "other" / "dialback.secret").exists()
+
+
+def test_admin_client_bounds():
+    admin = parse_config(minimal()).admin
+    assert (admin.max_connections, admin.header_timeout, admin.body_timeout,
+            admin.max_body_bytes) == (64, 10.0, 30.0, 1024 * 1024)
+    admin = parse_config(minimal(admin={"max_connections": 8, "header_timeout": 2, "body_timeout": 5.5,
+                                        "max_body_bytes": 4096})).admin
+    assert (admin.max_connections, admin.header_timeout, admin.body_timeout,
+            admin.max_body_bytes) == (8, 2.0, 5.5, 4096)

@@ -79,7 +79,8 @@ def test_unit_runs_twistd3_as_fedgate_and_stops_retrying_on_config_errors():
     assert entries["User"] == entries["Group"] == ["fedgate"]
     assert entries["StateDirectory"] == ["fedgate"]
     assert entries["Restart"] == ["on-failure"]
-    assert entries["RestartPreventExitStatus"] == ["78"]  # fedgate.tap's EX_CONFIG
+    assert entries["RestartPreventExitStatus"] == ["78"]  # fedgate.tap's EX_CONFIG (73, a bind failure, is retried)
+    assert entries["LimitNOFILE"] == ["65536"]  # fedgate.tap raises the soft limit to it
     for key, value in HARDENING.items():
         assert entries.get(key) == [value], key
     assert entries["SystemCallFilter"][0] == "@system-service"

@@ -14,16 +14,17 @@ only the diagnosis still drives the gateway itself (see fedgate.admin.diagnose).
 from __future__ import annotations
 
 from twisted.internet import defer
-from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 
 import fedgate
 from fedgate.admin.auth import BearerCheck, load_or_create_token
 from fedgate.admin.enforce import PolicyEnforcer
 from fedgate.admin.registry import ComponentRegistry, PeerRegistry
+from fedgate.admin.channel import AdminSite
 from fedgate.admin.resources import AdminApi, ApiViews
-from fedgate.admin.web import AdminResource, AdminSite
+from fedgate.admin.web import AdminResource
 from fedgate.config import Config
+from fedgate.listen import listen
 from fedgate.metrics import GatewayMetrics
 
 log = Logger(namespace="fedgate.admin")
@@ -68,9 +69,11 @@ class AdminService:
         token, self.token_file, generated = load_or_create_token(self.config)
         if generated:
             log.info("Generated the admin API token in {path}", path=str(self.token_file))
-        site = AdminSite(AdminResource(self.api.routes(), BearerCheck(token), admin.metrics_open))
+        check = BearerCheck(token)
+        site = AdminSite(AdminResource(self.api.routes(), check, admin.metrics_open, admin.max_body_bytes),
+                         check, admin, self.reactor)
         for description in admin.listen:
-            port = yield serverFromString(self.reactor, description).listen(site)
+            port = yield listen(self.reactor, "admin", description, site)  # or ListenFailed
             self.ports.append(port)
             address = port.getHost()
             self.api.listeners.append({"kind": "admin", "host": address.host, "port": address.port})

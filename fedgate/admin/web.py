@@ -2,10 +2,11 @@
 and routes every request, so no path can reach a handler another way.
 
 Order of checks, for every method (HEAD and OPTIONS included): the bearer
-token first (401 before anything else is looked at), then the raw path
+token first (401 before anything else is looked at; fedgate.admin.channel
+checks it, and the body's length, before the body is read), then the raw path
 (dot segments and encoded slashes are refused, never normalised into
 another route), then the route table (404, or 405 with ``Allow``), then the
-body (413 over 1 MiB, 415 for a non-JSON type, 400 for malformed JSON).
+body (413 over ``admin.max_body_bytes``, 1 MiB by default, 415 for a non-JSON type, 400 for malformed JSON).
 Handlers get an :class:`ApiRequest` and return a JSON-able value, a
 :class:`Reply`, or a Deferred of either; errors are :class:`ApiError`
 values and always go out as JSON with a message.
@@ -86,7 +87,7 @@ class ApiRequest:
         return values[-1] if values else None
 
 
-def _error_body(status: int, message: str, extra: dict | None = None) -> dict:
+def error_body(status: int, message: str, extra: dict | None = None) -> dict:
     body = {"status": status, "error": http.RESPONSES.get(status, b"error").decode("ascii").lower(),
             "message": message}
     body.update(extra or {})
@@ -98,11 +99,13 @@ class AdminResource(resource.Resource):
 
     isLeaf = True
 
-    def __init__(self, routes: list[Route], check: BearerCheck, metrics_open: bool = False):
+    def __init__(self, routes: list[Route], check: BearerCheck, metrics_open: bool = False,
+                 max_body: int = MAX_BODY):
         super().__init__()
         self.routes = routes
         self.check = check
         self.metrics_open = metrics_open
+        self.max_body = max_body
 
     # -- entry ----------------------------------------------------------------
     def render(self, request: server.Request):
@@ -123,8 +126,7 @@ class AdminResource(resource.Resource):
 
     def _authorize_and_route(self, request) -> tuple[Route | None, Any]:
         raw = request.path
-        if not (self.metrics_open and raw == METRICS_PATH and request.method in (b"GET", b"HEAD")
-                and _loopback(request)):
+        if not token_exempt(request.method, raw, request.getClientAddress(), self.metrics_open):
             if not self.check.matches(request.getHeader(b"authorization")):
                 raise ApiError(401, "a valid 'Authorization: Bearer <token>' header is required",
                                _headers={"www-authenticate": 'Bearer realm="fedgate"'})
@@ -147,7 +149,7 @@ class AdminResource(resource.Resource):
     def _api_request(self, request, route: Route, params: dict) -> ApiRequest:
         body = None
         if route.body != "none":
-            body = _read_body(request, route.body == "required")
+            body = _read_body(request, route.body == "required", self.max_body)
         query = {k.decode("utf-8", "replace"): [v.decode("utf-8", "replace") for v in vs]
                  for k, vs in parse_qs(request.uri.partition(b"?")[2]).items()}
         client = request.getClientAddress()
@@ -172,7 +174,7 @@ class AdminResource(resource.Resource):
     def _error_reply(error: ApiError) -> Reply:
         extra = dict(error.extra)
         headers = extra.pop("_headers", {})
-        return Reply(_error_body(error.status, error.message, extra), error.status, headers=headers)
+        return Reply(error_body(error.status, error.message, extra), error.status, headers=headers)
 
     @staticmethod
     def _finish(request, reply) -> bytes | int:
@@ -198,8 +200,14 @@ class AdminResource(resource.Resource):
         return server.NOT_DONE_YET
 
 
-def _loopback(request) -> bool:
-    address = request.getClientAddress()
+def token_exempt(method: bytes, path: bytes, address, metrics_open: bool) -> bool:
+    """Whether a request may go without the token: only ``GET /metrics``
+    (or HEAD) from a loopback client, and only with ``admin.metrics_open``."""
+    return (metrics_open and path == METRICS_PATH and method in (b"GET", b"HEAD")
+            and _loopback(address))
+
+
+def _loopback(address) -> bool:
     try:
         return ipaddress.ip_address(getattr(address, "host", "")).is_loopback
     except ValueError:
@@ -236,13 +244,13 @@ def _match(template: tuple[str, ...], segments: tuple[str, ...]) -> dict | None:
     return params
 
 
-def _read_body(request, required: bool) -> Any:
+def _read_body(request, required: bool, limit: int) -> Any:
     length = request.getHeader(b"content-length")
-    if length is not None and length.isdigit() and int(length) > MAX_BODY:
-        raise ApiError(413, f"the body is over {MAX_BODY} bytes")
-    data = request.content.read(MAX_BODY + 1) if request.content is not None else b""
-    if len(data) > MAX_BODY:
-        raise ApiError(413, f"the body is over {MAX_BODY} bytes")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise ApiError(413, f"the body is over {limit} bytes")
+    data = request.content.read(limit + 1) if request.content is not None else b""
+    if len(data) > limit:
+        raise ApiError(413, f"the body is over {limit} bytes")
     content_type = (request.getHeader(b"content-type") or b"").decode("latin-1")
     mime = content_type.partition(";")[0].strip().lower()
     if not data and not required:
@@ -253,14 +261,3 @@ def _read_body(request, required: bool) -> Any:
         return json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise ApiError(400, f"malformed JSON: {exc}") from None
-
-
-class AdminSite(server.Site):
-    """A Site that logs requests through twisted.logger, never the token."""
-
-    noisy = False
-
-    def log(self, request) -> None:
-        log.info("{client} {method} {path} -> {status}", client=getattr(
-            request.getClientAddress(), "host", "?"), method=request.method.decode("ascii", "replace"),
-            path=request.path.decode("ascii", "replace"), status=request.code)
