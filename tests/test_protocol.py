@@ -365,6 +365,15 @@ class DeclaredInterfaceTests(StreamCase):
                      Xep0225Stream):
             self.assertTrue(verifyClass(IStreamHandler, role), role)
 
+    def test_both_component_protocols_are_component_sessions(self):
+        """The router and the admin API see components only through
+        IComponentSession (no getattr on handlers)."""
+        from fedgate.component.accept import ComponentAccept
+        from fedgate.component.session import IComponentSession
+        from fedgate.component.xep0225 import Xep0225Stream
+        for role in (ComponentAccept, Xep0225Stream):
+            self.assertTrue(verifyClass(IComponentSession, role), role)
+
     def test_tls_established_reaches_the_handler(self):
         seen = []
         self.handler.tls_established = seen.append

@@ -362,8 +362,4 @@ def live_credential(record: ComponentCredential) -> Credential | None:
 
 
 def _end(session, text: str) -> None:
-    disconnect = getattr(session, "disconnect", None)
-    if disconnect is not None:
-        disconnect("policy-violation", text)
-    else:
-        session.io.fail("policy-violation", text)
+    session.disconnect("policy-violation", text)

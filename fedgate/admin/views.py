@@ -239,9 +239,9 @@ def component_json(domain: str, registry) -> dict:
         "note": record.note,
         "connected": bool(sessions),
         "bound_hostnames": registry.bound_hostnames(domain),
-        "peer": getattr(getattr(first, "io", None), "peer", None),
-        "stanzas_in": sum(getattr(s, "stanzas_in", 0) for s in sessions),
-        "stanzas_out": sum(getattr(s, "stanzas_out", 0) for s in sessions),
+        "peer": first.peer if first is not None else None,
+        "stanzas_in": sum(s.stanzas_in for s in sessions),
+        "stanzas_out": sum(s.stanzas_out for s in sessions),
     }
 
 

@@ -16,6 +16,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 from twisted.words.xish import domish
 
+from fedgate.component.session import IComponentSession
 from fedgate.logsafe import short, throttled
 from fedgate.component.addressing import checked_domains
 from fedgate.domain import InvalidDomain, normalize_domain
@@ -32,7 +33,7 @@ def handshake_digest(stream_id: str, secret: str) -> str:
     return hashlib.sha1((stream_id + secret).encode("utf-8")).hexdigest()
 
 
-@implementer(IStreamHandler)
+@implementer(IStreamHandler, IComponentSession)
 class ComponentAccept:
     """The handler of one XEP-0114 component connection."""
 
@@ -113,6 +114,10 @@ class ComponentAccept:
         self._timer = None
         if not self.bound:
             self.io.fail("connection-timeout", "no handshake in time")
+
+    @property
+    def peer(self) -> str | None:
+        return self.io.peer if self.io is not None else None
 
     def disconnect(self, condition: str = "policy-violation", text: str | None = None) -> None:
         self.io.fail(condition, text)

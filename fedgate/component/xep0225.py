@@ -25,6 +25,7 @@ from twisted.logger import Logger
 from twisted.words.xish import domish
 from zope.interface import implementer
 
+from fedgate.component.session import IComponentSession
 from fedgate.logsafe import short, throttled
 from fedgate.component.credentials import CredentialRegistry
 from fedgate.component.scram import ScramError, ScramServer
@@ -70,7 +71,7 @@ def _hostname(element: domish.Element) -> tuple[str, str] | None:
         return None
 
 
-@implementer(IStreamHandler)
+@implementer(IStreamHandler, IComponentSession)
 class Xep0225Stream:
     """The handler of one XEP-0225 component stream (after the listener has
     seen its header)."""
@@ -347,6 +348,10 @@ class Xep0225Stream:
     def reject_stanza(self, stanza: domish.Element, failure: StanzaFailure) -> None:
         if is_bounceable(stanza):
             self.io.send(make_error_reply(stanza, failure.condition, failure.text))
+
+    @property
+    def peer(self) -> str | None:
+        return self.io.peer if self.io is not None else None
 
     def disconnect(self, condition: str = "policy-violation", text: str | None = None) -> None:
         self.io.fail(condition, text)
