@@ -13,16 +13,29 @@ pool counts the unauthenticated connections per source and in total:
   valid domain pair on S2S, a successful handshake or SASL on a component
   stream: :meth:`Ticket.authenticated`, reached through
   ``IXmppStream.authenticated``), or until it closes (:meth:`Ticket.release`);
-- past a cap the connection is refused at once, before any handler, parser
-  or connection record exists (:class:`AdmittingFactory`): a plain stream
-  gets our header and a stream error, a Direct TLS connection is closed
-  before any TLS (the handshake is what a flood would make us pay for).
+- past the per-address cap the connection is refused at once, before any
+  handler, parser or connection record exists (:class:`AdmittingFactory`):
+  a plain stream gets our header and a stream error, a Direct TLS
+  connection is closed before any TLS (the handshake is what a flood would
+  make us pay for);
+- at the total cap, a connection from a source that holds fewer
+  unauthenticated connections than the source holding the most takes the
+  place of that source's oldest one, which is closed with a stream error
+  (it is *evicted*); from any other source it is refused like the above.
+
+Why evict: with the total cap full of a flood's connections, refusing every
+newcomer would lock out exactly the legitimate peer the cap is there to
+protect, until the flood's connections time out (90 s).  Evicting from the
+heaviest source keeps the total bounded, lets a peer on a fresh address in
+at once, and shares the pool out evenly when many addresses flood it: a
+flood can still push a newcomer out, but only by opening as many
+connections as the pool holds before the newcomer authenticates.
 
 Conditions (RFC 6120 4.9.3): past the per-address cap the peer itself broke
 a local policy, so ``policy-violation`` (4.9.3.13: "violated some local
-service policy"); past the total cap the gateway "lacks the system
-resources necessary to service the stream", ``resource-constraint``
-(4.9.3.15), through no fault of the peer, which may retry later.
+service policy"); at the total cap (refused or evicted) the gateway "lacks
+the system resources necessary to service the stream",
+``resource-constraint`` (4.9.3.15), which a peer may retry later.
 
 The two S2S listeners (plain and Direct TLS) share one pool: the same peer
 servers reach us over either, and the per-address habit below is theirs as
@@ -58,6 +71,9 @@ REASONS = (PER_ADDRESS, TOTAL)
 CONDITIONS = {PER_ADDRESS: "policy-violation", TOTAL: "resource-constraint"}
 TEXTS = {PER_ADDRESS: "too many unauthenticated connections from your address",
          TOTAL: "too many unauthenticated connections; try again later"}
+#: the stream error of an evicted connection
+EVICTED = ("resource-constraint", "closed to make room: your address holds the most "
+                                  "unauthenticated connections")
 
 
 def source_key(host: str) -> str:
@@ -90,10 +106,12 @@ class Admission:
     def __init__(self, name: str, caps: Caps):
         self.name = name
         self.caps = caps
-        self._by_source: dict[str, int] = {}
+        #: source -> its tickets, oldest first (a dict as an ordered set)
+        self._by_source: dict[str, dict] = {}
         self._total = 0
-        #: refusals so far, by reason (the metrics read them)
+        #: refusals so far, by reason, and evictions (the metrics read them)
         self.refused = {reason: 0 for reason in REASONS}
+        self.evicted = 0
 
     @property
     def unauthenticated(self) -> int:
@@ -102,21 +120,41 @@ class Admission:
 
     def count_for(self, host: str) -> int:
         """Unauthenticated connections now from ``host``'s source."""
-        return self._by_source.get(source_key(host), 0)
+        return len(self._by_source.get(source_key(host), ()))
 
     def admit(self, host: str) -> "Ticket | str":
-        """A :class:`Ticket` for a new connection from ``host``, or the reason
-        it is refused (:data:`PER_ADDRESS` or :data:`TOTAL`)."""
+        """A :class:`Ticket` for a new connection from ``host`` (at the total
+        cap, after evicting another), or the reason it is refused
+        (:data:`PER_ADDRESS` or :data:`TOTAL`)."""
         key = source_key(host)
-        held = self._by_source.get(key, 0)
+        held = len(self._by_source.get(key, ()))
         if held >= self.caps.per_address:
-            reason = PER_ADDRESS
-        elif self._total >= self.caps.total:
-            reason = TOTAL
-        else:
-            self._by_source[key] = held + 1
-            self._total += 1
-            return Ticket(self, key)
+            return self._refuse(host, PER_ADDRESS)
+        if self._total >= self.caps.total:
+            victim = self._victim(held)
+            if victim is None:
+                return self._refuse(host, TOTAL)
+            self.evicted += 1
+            throttled(log, self).info(
+                "Evicted an unauthenticated {pool} connection from {victim} for one from {host}: "
+                "total cap ({cap}) reached", pool=self.name, victim=victim._key, host=host,
+                cap=self.caps.total)
+            victim.evict()
+        ticket = Ticket(self, key)
+        self._by_source.setdefault(key, {})[ticket] = None
+        self._total += 1
+        return ticket
+
+    def _victim(self, held: int) -> "Ticket | None":
+        """The oldest connection, with a stream to close, of the source that
+        holds the most unauthenticated connections, if that is more than
+        ``held``."""
+        heaviest = max(self._by_source.values(), key=len, default={})
+        if len(heaviest) <= held:
+            return None
+        return next((ticket for ticket in heaviest if ticket._evict is not None), None)
+
+    def _refuse(self, host: str, reason: str) -> str:
         self.refused[reason] += 1
         throttled(log, self).info(
             "Refused a {pool} connection from {host}: {reason} cap of unauthenticated connections "
@@ -124,24 +162,38 @@ class Admission:
             cap=self.caps.per_address if reason == PER_ADDRESS else self.caps.total)
         return reason
 
-    def _leave(self, key: str) -> None:
-        held = self._by_source[key] - 1
-        if held:
-            self._by_source[key] = held
-        else:
-            del self._by_source[key]
+    def _leave(self, ticket: "Ticket") -> None:
+        tickets = self._by_source[ticket._key]
+        del tickets[ticket]
+        if not tickets:
+            del self._by_source[ticket._key]
         self._total -= 1
 
 
 class Ticket:
     """One admitted connection's place among the unauthenticated ones: given
-    back once, when its peer authenticates or when it closes."""
+    back once, when its peer authenticates, when it closes or when it is
+    evicted.  Its stream :meth:`attach`\ es the way to close it with a
+    stream error; until then it cannot be evicted."""
 
-    __slots__ = ("_admission", "_key")
+    __slots__ = ("_admission", "_key", "_evict")
 
     def __init__(self, admission: Admission, key: str):
         self._admission: Admission | None = admission
         self._key = key
+        self._evict = None
+
+    def attach(self, fail) -> None:
+        """``fail(condition, text)`` ends the connection with a stream error
+        (``IXmppStream.fail``): used if the connection is evicted."""
+        self._evict = fail
+
+    def evict(self) -> None:
+        """Give the place back and end the connection (resource-constraint)."""
+        fail, self._evict = self._evict, None
+        self.release()
+        if fail is not None:
+            fail(*EVICTED)
 
     @property
     def held(self) -> bool:
@@ -155,8 +207,9 @@ class Ticket:
     def release(self) -> None:
         """The connection is gone (or authenticated); idempotent."""
         admission, self._admission = self._admission, None
+        self._evict = None
         if admission is not None:
-            admission._leave(self._key)
+            admission._leave(self)
 
 
 def fit_to_fd_limit(pools: dict[str, Caps], soft_limit: int | None, reserve: int) -> dict[str, Caps]:

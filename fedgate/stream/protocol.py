@@ -102,6 +102,8 @@ class XmppStream(protocol.Protocol):
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
         self.peer = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
+        if self.admission is not None:
+            self.admission.attach(self.fail)  # so that it can be evicted
         self._new_parser()
         self._guard(self.handler.connected, self)
 
