@@ -173,8 +173,8 @@ class Admission:
 class Ticket:
     """One admitted connection's place among the unauthenticated ones: given
     back once, when its peer authenticates, when it closes or when it is
-    evicted.  Its stream :meth:`attach`\ es the way to close it with a
-    stream error; until then it cannot be evicted."""
+    evicted.  Its stream gives it (:meth:`attach`) the way to close it with
+    a stream error; until then it cannot be evicted."""
 
     __slots__ = ("_admission", "_key", "_evict")
 
