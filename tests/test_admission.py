@@ -19,9 +19,9 @@ from fedgate.stream import namespaces as ns
 from fedgate.stream.admission import (PER_ADDRESS, TOTAL, Admission, AdmittingFactory, Caps,
                                       Ticket, fit_to_fd_limit, source_key)
 from fedgate.stream.protocol import XmppStream
-from tests.support.memory import server_header
+from tests.support.memory import MemoryStream, server_header
 from tests.support.rawpeer import Reply
-from tests.support.s2s import make_context
+from tests.support.s2s import FakeVerifier, make_context
 
 
 class SourceKeyTests(unittest.TestCase):
@@ -221,3 +221,22 @@ class ConfigTests(unittest.TestCase):
                 parse_config(dict(CONFIG, **{table: {key: value}}))
         with pytest.raises(ConfigError, match="s2s.max_unauthenticated_per_address: must not exceed"):
             parse_config(dict(CONFIG, s2s={"max_unauthenticated_per_address": 9, "max_unauthenticated": 8}))
+
+
+class DialbackReleaseTests(unittest.TestCase):
+    """An inbound S2S stream leaves the count when its first pair is valid
+    by dialback (not before: a pending verification still counts)."""
+
+    def test_a_valid_dialback_pair_releases_the_ticket(self):
+        clock = Clock()
+        verifier = FakeVerifier()
+        pool = Admission("s2s", Caps(2, 10))
+        ticket = pool.admit("192.0.2.1")
+        handler = InboundS2S(make_context(clock, verifier=verifier))
+        peer = MemoryStream(handler, clock, stream=XmppStream(handler, clock, admission=ticket))
+        peer.feed(server_header(to="gw.example", **{"from": "b.example", "version": "1.0"}))
+        peer.feed("<db:result from='b.example' to='gw.example'>key</db:result>")
+        self.assertEqual(pool.count_for("192.0.2.1"), 1)  # pending: still counts
+        verifier.answer("gw.example", "b.example", valid=True)
+        self.assertEqual((pool.count_for("192.0.2.1"), pool.unauthenticated), (0, 0))
+        self.assertFalse(ticket.held)
