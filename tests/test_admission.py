@@ -14,6 +14,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
 from fedgate.config import ConfigError, parse_config
+from fedgate.metrics import GatewayMetrics
 from fedgate.s2s.inbound import InboundS2S
 from fedgate.stream import namespaces as ns
 from fedgate.stream.admission import (PER_ADDRESS, TOTAL, Admission, AdmittingFactory, Caps,
@@ -22,6 +23,7 @@ from fedgate.stream.protocol import XmppStream
 from tests.support.memory import MemoryStream, server_header
 from tests.support.rawpeer import Reply
 from tests.support.s2s import FakeVerifier, make_context
+from tests.test_metrics import fake_gateway, samples, value
 
 
 class SourceKeyTests(unittest.TestCase):
@@ -240,3 +242,26 @@ class DialbackReleaseTests(unittest.TestCase):
         verifier.answer("gw.example", "b.example", valid=True)
         self.assertEqual((pool.count_for("192.0.2.1"), pool.unauthenticated), (0, 0))
         self.assertFalse(ticket.held)
+
+
+class MetricsTests(unittest.TestCase):
+    def test_counts_refusals_and_evictions_per_pool(self):
+        gateway = fake_gateway(Clock())
+        pools = {"s2s": Admission("s2s", Caps(1, 2)), "components": Admission("components", Caps(1, 1))}
+        metrics = GatewayMetrics(gateway.reactor, gateway.table, gateway.sender, gateway.router,
+                                 gateway.component_credentials, gateway.policy, admission=pools)
+        s2s = pools["s2s"]
+        s2s.admit("192.0.2.1").attach(lambda condition, text: None)
+        s2s.admit("192.0.2.1")  # per-address
+        s2s.admit("192.0.2.2")
+        s2s.admit("192.0.2.2")  # per-address
+        s2s.admit("192.0.2.3")  # evicts 192.0.2.1's
+        pools["components"].admit("127.0.0.1")
+        pools["components"].admit("127.0.0.2")  # total
+        scrape = samples(metrics.render().decode())
+        self.assertEqual(value(scrape, "fedgate_unauthenticated_connections", pool="s2s"), 2)
+        self.assertEqual(value(scrape, "fedgate_unauthenticated_connections", pool="components"), 1)
+        self.assertEqual(value(scrape, "fedgate_connections_refused_total", pool="s2s", cap="per-address"), 2)
+        self.assertEqual(value(scrape, "fedgate_connections_refused_total", pool="s2s", cap="total"), 0)
+        self.assertEqual(value(scrape, "fedgate_connections_refused_total", pool="components", cap="total"), 1)
+        self.assertEqual(value(scrape, "fedgate_connections_evicted_total", pool="s2s"), 1)
