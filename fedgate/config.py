@@ -68,6 +68,10 @@ class S2SConfig:
     max_pending_verifications: int = 1000
     #: domain pairs one S2S connection may carry (XEP-0220 multiplexing)
     max_pairs_per_connection: int = 1000
+    #: unauthenticated connections (plain and Direct TLS together) from one
+    #: IPv4 address or IPv6 /64, and in all (fedgate.stream.admission)
+    max_unauthenticated_per_address: int = 32
+    max_unauthenticated: int = 512
     #: non-global address ranges outbound S2S may reach for peers that are
     #: not static: names from fedgate.s2s.addresses.RANGE_NAMES or CIDR
     allow_private_ranges: tuple[str, ...] = ()
@@ -92,6 +96,9 @@ class ComponentsConfig:
     max_hostnames: int = 32
     stamp_from: bool = True
     load_balanced: frozenset = frozenset()
+    #: unauthenticated component connections from one address, and in all
+    max_unauthenticated_per_address: int = 16
+    max_unauthenticated: int = 64
 
 
 @dataclass(frozen=True)
@@ -115,6 +122,10 @@ class LimitsConfig:
     max_namespace_declarations: int = 32
     max_name_bytes: int = 256
     max_attribute_bytes: int = 64 * 1024
+    #: open files kept free of unauthenticated connections (for authenticated
+    #: streams, outbound connects, storage, logs): the totals of
+    #: s2s/components.max_unauthenticated are lowered to fit the soft limit
+    fd_reserve: int = 256
 
 
 @dataclass(frozen=True)
@@ -365,6 +376,18 @@ def _s2s_peers(s: _Reader, default_policy: PeerPolicy) -> dict[str, PeerPolicy]:
     return peers
 
 
+def _unauthenticated_caps(reader: _Reader, defaults) -> tuple[int, int]:
+    """A listener pool's caps on unauthenticated connections: per address
+    and in all (the first no larger than the second)."""
+    per_address = reader.positive("max_unauthenticated_per_address", int,
+                                  defaults.max_unauthenticated_per_address)
+    total = reader.positive("max_unauthenticated", int, defaults.max_unauthenticated)
+    if per_address > total:
+        raise reader.error("max_unauthenticated_per_address",
+                           f"must not exceed {reader.key('max_unauthenticated')} ({total})")
+    return per_address, total
+
+
 def _s2s(s: _Reader) -> S2SConfig:
     """``[s2s]`` with its ``policy`` and ``peers`` tables."""
     mode, default_policy = _s2s_policy(s.section("policy"))
@@ -374,6 +397,7 @@ def _s2s(s: _Reader) -> S2SConfig:
     if pair_timeout >= queue_max_wait:
         raise s.error("pair_timeout", "must be less than s2s.queue_max_wait, so that stanzas "
                                       "waiting on a stuck pair bounce with remote-server-timeout")
+    per_address, unauthenticated = _unauthenticated_caps(s, S2SConfig)
     s2s = S2SConfig(
         listen=_endpoints(s, "listen", S2SConfig.listen),
         direct_tls_listen=_endpoints(s, "direct_tls_listen", S2SConfig.direct_tls_listen),
@@ -398,6 +422,8 @@ def _s2s(s: _Reader) -> S2SConfig:
             "max_pending_verifications", int, S2SConfig.max_pending_verifications),
         max_pairs_per_connection=s.positive(
             "max_pairs_per_connection", int, S2SConfig.max_pairs_per_connection),
+        max_unauthenticated_per_address=per_address,
+        max_unauthenticated=unauthenticated,
         allow_private_ranges=_ranges(s, "allow_private_ranges"),
         mode=mode,
         default_policy=default_policy,
@@ -465,6 +491,7 @@ def _components(c: _Reader, domains: tuple) -> ComponentsConfig:
     """``[components]`` with its ``domains`` and ``credentials`` tables."""
     comps = _component_domains(c, domains)
     credentials = _component_credentials(c, domains, comps)
+    per_address, unauthenticated = _unauthenticated_caps(c, ComponentsConfig)
     components = ComponentsConfig(
         listen=_endpoints(c, "listen", ComponentsConfig.listen),
         auth_timeout=c.positive("auth_timeout", float, ComponentsConfig.auth_timeout),
@@ -474,6 +501,8 @@ def _components(c: _Reader, domains: tuple) -> ComponentsConfig:
         max_hostnames=c.positive("max_hostnames", int, ComponentsConfig.max_hostnames),
         stamp_from=c.get("stamp_from", bool, True),
         load_balanced=frozenset(_domain(c, "load_balanced", d) for d in c.get("load_balanced", list, [])),
+        max_unauthenticated_per_address=per_address,
+        max_unauthenticated=unauthenticated,
     )
     c.done()
     return components
@@ -514,6 +543,7 @@ def _limits(lr: _Reader) -> LimitsConfig:
                                                LimitsConfig.max_namespace_declarations),
         max_name_bytes=lr.positive("max_name_bytes", int, LimitsConfig.max_name_bytes),
         max_attribute_bytes=lr.positive("max_attribute_bytes", int, LimitsConfig.max_attribute_bytes),
+        fd_reserve=lr.positive("fd_reserve", int, LimitsConfig.fd_reserve),
     )
     lr.done()
     return limits

@@ -41,11 +41,13 @@ def _bounded(value: str | None, allowed) -> str:
 class GatewayMetrics:
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, clock, table, sender, router, components, policy, domains=()):
+    def __init__(self, clock, table, sender, router, components, policy, domains=(), admission=None):
         """Reads only narrow views: the connection ``table`` (records, and
         its removal events), the ``sender``'s counts, the ``router``'s
         bounce counts and bound components, the component registry's
-        XEP-0114 domains (``components``), the ``policy`` table's peers."""
+        XEP-0114 domains (``components``), the ``policy`` table's peers, the
+        listener pools' counts of unauthenticated connections (``admission``:
+        name -> fedgate.stream.admission.Admission)."""
         self.table = table
         self.sender = sender
         self.router = router
@@ -58,6 +60,8 @@ class GatewayMetrics:
         # First, so that each scrape's handshake observations are made
         # before the histogram below is collected.
         self.registry.register(_LiveCollector(self))
+        if admission:
+            self.registry.register(_AdmissionCollector(admission))
         self.handshake = Histogram(
             "fedgate_s2s_handshake_seconds",
             "Time from connection to its first authenticated domain pair", ["direction"],
@@ -91,6 +95,34 @@ class GatewayMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _AdmissionCollector:
+    """Unauthenticated connections per listener pool, refusals and evictions."""
+
+    def __init__(self, pools: dict):
+        self.pools = pools
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        held = GaugeMetricFamily("fedgate_unauthenticated_connections",
+                                 "Connections whose peer has not authenticated yet", labels=["pool"])
+        refused = CounterMetricFamily("fedgate_connections_refused",
+                                      "Connections refused at a cap on unauthenticated ones",
+                                      labels=["pool", "cap"])
+        evicted = CounterMetricFamily("fedgate_connections_evicted",
+                                      "Unauthenticated connections closed at the total cap "
+                                      "for one from a lighter source", labels=["pool"])
+        for name, pool in sorted(self.pools.items()):
+            held.add_metric([name], pool.unauthenticated)
+            for cap, count in sorted(pool.refused.items()):
+                refused.add_metric([name, cap], count)
+            evicted.add_metric([name], pool.evicted)
+        yield held
+        yield refused
+        yield evicted
 
 
 class _LiveCollector:

@@ -29,7 +29,7 @@ from dataclasses import fields, is_dataclass, replace
 
 from OpenSSL import SSL
 from twisted.application import service
-from twisted.internet import defer, protocol
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from fedgate.admin.service import make_admin_service
@@ -50,6 +50,7 @@ from fedgate.s2s.resolver import S2SResolver
 from fedgate.s2s.sender import S2SSender, SenderSettings
 from fedgate.s2s.verifier import DialbackVerifier
 from fedgate.stream import namespaces as ns
+from fedgate.stream.admission import Admission, AdmittingFactory, Caps, fit_to_fd_limit
 from fedgate.logsafe import LineRate, set_line_rate
 from fedgate.stream.parser import Limits
 from fedgate.stream.protocol import XmppStream
@@ -61,16 +62,13 @@ log = Logger(namespace="fedgate.service")
 SHUTDOWN_GRACE = 2.0  # seconds streams get to close after system-shutdown
 
 
-class _StreamFactory(protocol.Factory):
-    noisy = False
-
-    def __init__(self, gateway: "Gateway", make_handler, stream_ns: str):
-        self.gateway = gateway
-        self.make_handler = make_handler
-        self.stream_ns = stream_ns
-
-    def buildProtocol(self, addr):
-        return self.gateway.make_stream(self.make_handler(), self.stream_ns)
+def _stream_factory(gateway: "Gateway", make_handler, stream_ns: str, admission: Admission,
+                    direct_tls: bool = False) -> AdmittingFactory:
+    """A listener's factory: admitted connections get a stream with a fresh
+    handler and their admission ticket; refused ones neither."""
+    def build(ticket):
+        return gateway.make_stream(make_handler(), stream_ns, admission=ticket)
+    return AdmittingFactory(admission, build, stream_ns, direct_tls=direct_tls)
 
 
 class _SenderLink:
@@ -88,10 +86,12 @@ class _SenderLink:
 
 class Gateway(service.Service):
     """All of fedgate: S2S in and out, components, the router.  ``storage``
-    is the admin side's backend (see :func:`fedgate.tap.choose_storage`)."""
+    is the admin side's backend (see :func:`fedgate.tap.choose_storage`);
+    ``fd_limit`` the soft limit on open files (fedgate.tap raises and passes
+    it), which the caps on unauthenticated connections must fit."""
 
     def __init__(self, config: Config, reactor, dns_resolver, storage,
-                 rng: random.Random | None = None):
+                 rng: random.Random | None = None, fd_limit: int | None = None):
         self.config = config
         self.reactor = reactor
         self.rng = rng or random.Random()
@@ -99,6 +99,7 @@ class Gateway(service.Service):
         self.limits = Limits.from_config(config.limits)
         set_line_rate(LineRate(config.logging.peer_lines_burst, config.logging.peer_lines_per_second))
         self.streams: weakref.WeakSet = weakref.WeakSet()
+        self.admission = _admission(config, fd_limit)
         self.table = ConnectionTable()
         self.router = Router(config.domains, config.local_domains - frozenset(config.domains),
                              sender=_SenderLink(self))
@@ -198,11 +199,11 @@ class Gateway(service.Service):
         # No stream exists before the admin side (and its metrics) does.
         self.admin.metrics.tls_failure(reason)
 
-    def make_stream(self, handler, stream_ns: str = ns.SERVER) -> XmppStream:
+    def make_stream(self, handler, stream_ns: str = ns.SERVER, admission=None) -> XmppStream:
         stream = XmppStream(handler, self.reactor, self.limits,
                             log_traffic=self.config.logging.xml_traffic,
                             log_bodies=self.config.logging.xml_bodies, stream_ns=stream_ns,
-                            on_tls_failure=self._tls_failure)
+                            on_tls_failure=self._tls_failure, admission=admission)
         self.streams.add(stream)
         return stream
 
@@ -229,11 +230,14 @@ class Gateway(service.Service):
     def startService(self):
         super().startService()
         yield self.admin.start()
-        listeners = [("s2s", d, _StreamFactory(self, self._inbound, ns.SERVER))
+        s2s, components = self.admission["s2s"], self.admission["components"]
+        listeners = [("s2s", d, _stream_factory(self, self._inbound, ns.SERVER, s2s))
                      for d in self.config.s2s.listen]
-        listeners += [("s2s_direct_tls", d, _StreamFactory(self, self._inbound_direct_tls, ns.SERVER))
+        listeners += [("s2s_direct_tls", d, _stream_factory(self, self._inbound_direct_tls, ns.SERVER,
+                                                            s2s, direct_tls=True))
                       for d in self.config.s2s.direct_tls_listen]
-        listeners += [("components", d, _StreamFactory(self, self._component, ns.COMPONENT_ACCEPT))
+        listeners += [("components", d, _stream_factory(self, self._component, ns.COMPONENT_ACCEPT,
+                                                        components))
                       for d in self.config.components.listen]
         for kind, description, factory in listeners:
             port = yield listen(self.reactor, kind, description, factory)  # or ListenFailed
@@ -285,6 +289,32 @@ class Gateway(service.Service):
                 if not stream.closed:
                     stream.transport.abortConnection()
         yield self.admin.stop()
+
+
+def _admission(config: Config, fd_limit: int | None) -> dict[str, Admission]:
+    """The two pools of unauthenticated connections, S2S (plain and Direct
+    TLS) and components, with totals that leave ``[limits] fd_reserve``
+    descriptors of ``fd_limit`` free (logged when lowered)."""
+    wanted = {"s2s": Caps(config.s2s.max_unauthenticated_per_address, config.s2s.max_unauthenticated),
+              "components": Caps(config.components.max_unauthenticated_per_address,
+                                 config.components.max_unauthenticated)}
+    reserve = config.limits.fd_reserve
+    caps = fit_to_fd_limit(wanted, fd_limit, reserve)
+    if caps != wanted:
+        log.warn("Caps on unauthenticated connections lowered to fit {limit} open files less a "
+                 "reserve of {reserve}: s2s {s2s_total} (configured {s2s_wanted}), components "
+                 "{components_total} (configured {components_wanted})", limit=fd_limit,
+                 reserve=reserve, s2s_total=caps["s2s"].total, s2s_wanted=wanted["s2s"].total,
+                 components_total=caps["components"].total,
+                 components_wanted=wanted["components"].total)
+    log.info("Unauthenticated connections: s2s at most {s2s_per_address} per address and "
+             "{s2s_total} in all, components {components_per_address} and {components_total} "
+             "(open file limit {limit}, reserve {reserve})",
+             s2s_per_address=caps["s2s"].per_address, s2s_total=caps["s2s"].total,
+             components_per_address=caps["components"].per_address,
+             components_total=caps["components"].total,
+             limit="unknown" if fd_limit is None else fd_limit, reserve=reserve)
+    return {name: Admission(name, c) for name, c in caps.items()}
 
 
 def _tls_settings(config: Config) -> TLSSettings:

@@ -56,14 +56,14 @@ def makeService(options):
     except ConfigError as exc:
         sys.stderr.write(f"fedgate: configuration error: {exc}\n")
         sys.exit(78)  # EX_CONFIG
-    raise_fd_limit()
+    _, fd_limit = raise_fd_limit()
     if config.s2s.dns_servers:
         # Only the configured servers: createResolver would add resolv.conf's.
         resolver = client.Resolver(servers=list(config.s2s.dns_servers), reactor=reactor)
     else:
         resolver = client.createResolver()
     try:
-        gateway = Gateway(config, reactor, resolver, choose_storage(config, reactor))
+        gateway = Gateway(config, reactor, resolver, choose_storage(config, reactor), fd_limit=fd_limit)
     except CertificateError as exc:
         sys.stderr.write(f"fedgate: certificate error: {config.path}: {exc}\n")
         sys.exit(78)

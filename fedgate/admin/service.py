@@ -46,7 +46,7 @@ class AdminService:
         self.enforcer = PolicyEnforcer(gateway.policy, gateway.table, gateway.sender)
         self.metrics = GatewayMetrics(
             reactor, gateway.table, gateway.sender, gateway.router, gateway.component_credentials,
-            gateway.policy, config.admin.metrics_domains)
+            gateway.policy, config.admin.metrics_domains, admission=gateway.admission)
         self.api = AdminApi(
             ApiViews(config=config, policy=gateway.policy, table=gateway.table, sender=gateway.sender,
                      router=gateway.router, tls=gateway.tls, listeners=gateway.listeners,

@@ -92,6 +92,7 @@ class ComponentAccept:
         if not self.router.bind(self.domain, self):
             raise StreamFailure("conflict", f"{self.domain} is already connected")
         self.bound = True
+        self.io.authenticated()
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None

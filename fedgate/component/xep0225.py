@@ -270,6 +270,7 @@ class Xep0225Stream:
             return self._fail("invalid-authzid")
         self.identity = identity
         self._scram = None
+        self.io.authenticated()
         log.info("XEP-0225 component authenticated as {identity} from {peer}", identity=identity,
                  peer=self.io.peer)
         data = encode_payload(verifier) if verifier else ""

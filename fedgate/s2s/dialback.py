@@ -258,6 +258,7 @@ class Receiving:
                                        state=state, method=method, local=receiving,
                                        remote=short(originating), peer=stream.io.peer)
         if valid:
+            stream.io.authenticated()
             stream.io.send(result_answer(receiving, originating, True))
             if stream.record.bidi:
                 self.ctx.table.pair_changed(receiving, originating, True)

@@ -299,6 +299,7 @@ class InboundS2S(PairedStream):
         self.machine.fire("sasl")
         self.record.remote_domain = self._from
         self.record.set_pair(self._to, self._from, VALID, SASL_EXTERNAL, self.ctx.clock.seconds())
+        self.io.authenticated()
         if self.bidi.on:
             self.ctx.table.pair_changed(self._to, self._from, True)
         log.info("Authenticated {local} <- {remote} by SASL EXTERNAL from {peer}",

@@ -51,6 +51,11 @@ class IXmppStream(Interface):
     def fail(condition, text=None):
         """Send a stream error and close (RFC 6120 4.9)."""
 
+    def authenticated():
+        """The peer has proved who it is (a first valid domain pair, a
+        component's handshake or SASL): the connection stops counting
+        against the listener's caps on unauthenticated connections."""
+
     def abort():
         """Drop the connection at once, without the closing handshake."""
 

@@ -63,8 +63,11 @@ class XmppStream(protocol.Protocol):
 
     def __init__(self, handler: IStreamHandler, clock, limits: Limits = Limits(),
                  log_traffic: bool = False, log_bodies: bool = False,
-                 stream_ns: str = ns.SERVER, on_tls_failure=None):
+                 stream_ns: str = ns.SERVER, on_tls_failure=None, admission=None):
         self.handler = handler
+        #: the listener's admission ticket (fedgate.stream.admission), None on
+        #: outbound streams: given back on authentication and on close
+        self.admission = admission
         self.clock = clock
         self.limits = limits
         self.stream_ns = stream_ns
@@ -99,6 +102,8 @@ class XmppStream(protocol.Protocol):
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
         self.peer = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
+        if self.admission is not None:
+            self.admission.attach(self.fail)  # so that it can be evicted
         self._new_parser()
         self._guard(self.handler.connected, self)
 
@@ -122,6 +127,8 @@ class XmppStream(protocol.Protocol):
 
     def connectionLost(self, reason) -> None:
         self.closed = True
+        if self.admission is not None:
+            self.admission.release()
         if self._parser is not None:
             self._parser.close()
         if self._close_timer is not None and self._close_timer.active():
@@ -164,6 +171,12 @@ class XmppStream(protocol.Protocol):
         if self.log_traffic:
             self._log_xml("out", text)
         self.transport.write(text.encode("utf-8"))
+
+    def authenticated(self) -> None:
+        """The peer has authenticated: the connection leaves its listener's
+        count of unauthenticated connections (fedgate.stream.admission)."""
+        if self.admission is not None:
+            self.admission.authenticated()
 
     def abort(self) -> None:
         """Drop the connection at once (no closing handshake)."""
