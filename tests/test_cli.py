@@ -28,6 +28,18 @@ class HelperTests(unittest.TestCase):
         self.assertRaises(CliError, url_from_endpoint, "unix:/run/fedgate.sock")
         self.assertRaises(CliError, url_from_endpoint, "tcp:0")
 
+    def test_peers_help_describes_every_action(self):
+        import contextlib
+        import io
+        from fedgate.cli import parser
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), self.assertRaises(SystemExit):
+            parser().parse_args(["peers", "--help"])
+        described = {line.split()[0] for line in out.getvalue().splitlines()
+                     if line.startswith("    ") and not line.startswith("     ") and len(line.split()) > 1}
+        self.assertEqual(described, {"list", "show", "delete", "block", "unblock", "allow", "set"})
+        self.assertIn("clear its note", out.getvalue())
+
     def test_table(self):
         text = table([{"a": "x", "b": None, "c": True, "d": ["p", "q"]}, {"a": "longer", "b": 1, "c": False, "d": []}],
                      [("A", "a"), ("B", "b"), ("C", "c"), ("D", "d")])
