@@ -206,12 +206,15 @@ def plan(options) -> list[tuple[str, str, object]]:
             return [("GET", path, None)]
         if a == "delete":
             return [("DELETE", path, None)]
-        if a in ("block", "allow"):
-            body = {"allowed": a == "allow"}
+        # PATCH creates a peer not known yet: a first write is one request.
+        if a in ("block", "allow", "unblock"):
+            body = {"allowed": a != "block"}
             if options.note is not None:
                 body["note"] = options.note
-            return [("PATCH-OR-PUT", path, body)]
-        return [("PUT" if options.replace else "PATCH-OR-PUT", path, _peer_body(options))]
+            elif a == "unblock":
+                body["note"] = ""  # the block's reason goes with the block
+            return [("PATCH", path, body)]
+        return [("PUT" if options.replace else "PATCH", path, _peer_body(options))]
     if c == "connections":
         if a == "list":
             query = "&".join(f"{k}={getattr(options, k)}" for k in ("remote", "direction", "state")
@@ -244,8 +247,10 @@ async def run(reactor, options) -> int:
     from treq.client import HTTPClient
     from twisted.web.client import Agent, HTTPConnectionPool
 
-    url, token = locate(options)
     client = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
+    if options.command == "check":
+        return await run_check(reactor, client, options)
+    url, token = locate(options)
     result = None
     for method, path, body in plan(options):
         if method == "PATCH-OR-PUT":
@@ -266,6 +271,45 @@ async def run(reactor, options) -> int:
     if options.command == "diagnose" and isinstance(result, dict) and not result.get("ok"):
         return EX_API
     return 0
+
+
+class _LiveApi:
+    """The running gateway, as ``fedgatectl check`` asks it."""
+
+    def __init__(self, client, url: str, token: str):
+        self.client, self.url, self.token = client, url, token
+
+    async def status(self) -> dict:
+        return (await call(self.client, self.url, self.token, "GET", "/api/v1/status"))[1]
+
+    async def diagnose(self, domain: str) -> dict:
+        path = f"/api/v1/diagnose/{domain.replace('/', '%2F')}"
+        return (await call(self.client, self.url, self.token, "POST", path, {}))[1]
+
+
+async def run_check(reactor, client, options) -> int:
+    """``fedgatectl check``: works from the configuration alone; with the
+    admin API answering, adds the live facts and the peers' diagnose."""
+    from fedgate.check import ERROR, INFO, Finding
+    from fedgate.check.dns import make_resolver
+    from fedgate.check.run import run_checks
+
+    path = options.config or os.environ.get("FEDGATE_CONFIG") or DEFAULT_CONFIG
+    api, why = None, None
+    try:
+        url, token = locate(options)
+        api = _LiveApi(client, url, token)
+    except CliError as exc:
+        why = str(exc)
+    report = await run_checks(path, make_resolver(options.dns_server), api, options.domain,
+                              skip=tuple(options.skip or ()))
+    if why is not None and not any(f.check == "config" and f.level == ERROR for f in report.findings):
+        report.findings.insert(1, Finding("config", INFO, "gateway", f"not asked: {why}"))
+    if options.json:
+        print(json.dumps(report.json(), indent=2, ensure_ascii=False))
+    else:
+        print(report.text())
+    return 0 if report.ok else EX_API
 
 
 def parser() -> argparse.ArgumentParser:
@@ -289,12 +333,35 @@ def parser() -> argparse.ArgumentParser:
     ps.add_argument("--authentication", choices=("dialback", "certificate"))
     pol.add_parser("reset", help="back to the configuration file's settings")
 
-    peers = sub.add_parser("peers", help="per-peer policy").add_subparsers(dest="action", required=True)
-    peers.add_parser("list")
-    for name in ("show", "delete"):
-        peers.add_parser(name).add_argument("domain")
-    for name in ("block", "allow"):
-        sp = peers.add_parser(name)
+    chk = sub.add_parser("check", help="find configuration, certificate, DNS, listener and peer "
+                         "problems (works with the gateway stopped)",
+                         description="Check the configuration, each hosted and component domain's "
+                         "certificate and DNS records, the listeners' ports, and (with the gateway "
+                         "running) federation with the static peers and the DOMAINs named.  Exit "
+                         "status 1 when an error is found; warnings do not count.")
+    chk.add_argument("domain", nargs="*", help="remote domains to diagnose as well")
+    chk.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                     help="the report as JSON (as the global --json)")
+    chk.add_argument("--dns-server", metavar="HOST:PORT",
+                     help="the resolver to ask (default: the system's, /etc/resolv.conf)")
+    chk.add_argument("--skip", action="append", choices=("certificates", "dns", "listeners", "peers"),
+                     help="leave a check out (repeatable)")
+
+    peers_parser = sub.add_parser(
+        "peers", help="per-peer policy: list, show, block, unblock, allow, set, delete",
+        description="Per-peer policy, stored by the gateway (it overrides the configuration "
+        "file's [s2s.peers], peer by peer).")
+    peers = peers_parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    peers.add_parser("list", help="every peer with a policy of its own")
+    peers.add_parser("show", help="one peer's policy and live state").add_argument("domain")
+    peers.add_parser("delete", help="delete the stored policy (the file's entry, if any, applies "
+                     "again)").add_argument("domain")
+    for name, what in (("block", "refuse all federation with a peer (its streams end, its queue "
+                                 "bounces); --note says why"),
+                       ("unblock", "lift a block, and clear its note (or set a new one with --note)"),
+                       ("allow", "mark a peer allowed, keeping its note (allow-list mode: let it "
+                                 "federate)")):
+        sp = peers.add_parser(name, help=what, description=what[0].upper() + what[1:] + ".")
         sp.add_argument("domain")
         sp.add_argument("--note")
     ps = peers.add_parser("set", help="create or change a peer (only the options given)")

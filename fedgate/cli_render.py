@@ -4,6 +4,7 @@ API's JSON (``--json`` prints the JSON itself instead)."""
 from __future__ import annotations
 
 import json
+import time
 
 # -- output ---------------------------------------------------------------------
 
@@ -23,6 +24,40 @@ def table(rows: list[dict], columns: list[tuple[str, object]]) -> str:
     return "\n".join(lines)
 
 
+def duration(seconds: float) -> str:
+    """``3725`` -> ``1 h 2 min``: the two largest units."""
+    seconds = abs(seconds)
+    if seconds < 60:
+        return f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.1f} s"
+    parts, rest = [], int(seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60), ("s", 1)):
+        if rest >= size:
+            parts.append(f"{rest // size} {unit}")
+            rest %= size
+    return " ".join(parts[:2])
+
+
+def when(epoch: float, now: float | None = None) -> str:
+    """An epoch time as local time and age: ``2026-12-05 21:03:12 (5 min ago)``."""
+    now = time.time() if now is None else now
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
+    delta = now - epoch
+    return f"{stamp} ({duration(delta)} ago)" if delta >= 0 else f"{stamp} (in {duration(delta)})"
+
+
+def readable(key: str, value, now: float | None = None):
+    """Times for people: ``*_at`` epochs as local time and age, ``*_seconds``
+    durations with their units (``--json`` keeps the numbers)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return value
+    name = key.rsplit(".", 1)[-1]
+    if name.endswith("_at"):
+        return when(value, now)
+    if name.endswith("_seconds") and value >= 60:
+        return f"{value:g} ({duration(value)})"
+    return value
+
+
 def _flatten(item: dict, prefix: str = "") -> list[tuple[str, object]]:
     out = []
     for key, value in item.items():
@@ -33,9 +68,9 @@ def _flatten(item: dict, prefix: str = "") -> list[tuple[str, object]]:
     return out
 
 
-def fields(item: dict, skip=()) -> str:
-    """One line per field; nested objects as dotted names."""
-    rows = _flatten({k: v for k, v in item.items() if k not in skip})
+def fields(item: dict, skip=(), now: float | None = None) -> str:
+    """One line per field; nested objects as dotted names; times readable."""
+    rows = [(k, readable(k, v, now)) for k, v in _flatten({k: v for k, v in item.items() if k not in skip})]
     width = max((len(k) for k, _ in rows), default=0)
     out = []
     for key, value in rows:
@@ -56,7 +91,9 @@ CONNECTIONS = [("ID", "id"), ("DIR", "direction"), ("REMOTE", "remote_domain"), 
                ("BIDI", "bidi"), ("IN", lambda r: r["counters"]["stanzas_in"]),
                ("OUT", lambda r: r["counters"]["stanzas_out"]), ("ADDRESS", "remote_address")]
 DESTINATIONS = [("DOMAIN", "domain"), ("STATE", "state"), ("QUEUED", lambda r: r["queue"]["stanzas"]),
-                ("FAILURES", "failures"), ("RETRY IN", "retry_in_seconds"), ("LAST ERROR", "last_error")]
+                ("FAILURES", "failures"),
+                ("RETRY IN", lambda r: duration(r["retry_in_seconds"]) if r.get("retry_in_seconds") else None),
+                ("LAST ERROR", "last_error")]
 COMPONENTS = [("DOMAIN", "domain"), ("PROTOCOLS", "protocols"), ("CONNECTED", "connected"),
               ("BOUND", "bound_hostnames"), ("SOURCE", "source"), ("PEER", "peer"),
               ("IN", "stanzas_in"), ("OUT", "stanzas_out"), ("NOTE", "note")]
@@ -82,7 +119,7 @@ def _step_detail(step: dict) -> str:
     return ""
 
 
-def render(command: str, result) -> str:
+def render(command: str, result, now: float | None = None) -> str:
     if not isinstance(result, dict):
         return str(result).rstrip("\n")
     if "peers" in result:
@@ -98,7 +135,12 @@ def render(command: str, result) -> str:
         return (f"{result['from']} -> {result['domain']}: {verdict} ({result['ms']} ms)\n"
                 + table(result["steps"], STEPS))
     if "pairs" in result:
-        return fields(result, skip=("pairs",)) + "\n\n" + table(result["pairs"], [
+        return fields(result, skip=("pairs",), now=now) + "\n\n" + table(result["pairs"], [
             ("LOCAL", "local"), ("REMOTE", "remote"), ("STATE", "state"), ("METHOD", "method"),
             ("IN", "stanzas_in"), ("OUT", "stanzas_out")])
-    return fields(result)
+    if "pending_pairs" in result:
+        return fields(result, skip=("pending_pairs",), now=now) + (
+            "\n\n" + table(result["pending_pairs"], [
+                ("PENDING PAIR", "local"), ("CONNECTION", "connection_id"),
+                ("WAITING", lambda p: duration(p["age_seconds"]))]) if result["pending_pairs"] else "")
+    return fields(result, now=now)

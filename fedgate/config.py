@@ -12,6 +12,7 @@ whose prefix puts the section's name into every error.
 
 from __future__ import annotations
 
+import difflib
 import os
 import secrets
 import tomllib
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from twisted.internet.endpoints import _parseServer  # validation only
+from twisted.logger import Logger
 
 from fedgate.component.certauth import MAX_FINGERPRINTS, CertificateAuth, normalize_fingerprint
 from fedgate.component.credentials import Credential, claim_conflicts
@@ -26,6 +28,8 @@ from fedgate.component.scram import ScramKeys
 from fedgate.domain import InvalidDomain, normalize_domain
 from fedgate.policy import AUTHENTICATIONS, ENCRYPTIONS, MODES, MODE_OPEN, PeerPolicy
 from fedgate.s2s.addresses import allowed_networks
+
+log = Logger(namespace="fedgate.config")
 
 
 class ConfigError(Exception):
@@ -225,10 +229,24 @@ class _Reader:
         """A reader for the table ``name`` in this one (empty if absent)."""
         return _Reader(self.path, self.table_of(name), f"{self.key(name)}.")
 
-    def done(self) -> None:
-        unknown = sorted(set(self.table) - self.used)
+    def done(self, known=None) -> None:
+        """Refuse keys nobody read (or, with ``known``, keys not in it),
+        suggesting the nearest known key for a typo."""
+        known = set(known) if known is not None else self.used
+        unknown = sorted(set(self.table) - known)
         if unknown:
-            raise self.error(unknown[0], "unknown key")
+            raise self.error(unknown[0], unknown_key_message(unknown[0], known))
+
+
+def unknown_key_message(name: str, known) -> str:
+    """'unknown key', with a "did you mean" for a near miss."""
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+    return f"unknown key (did you mean {close[0]!r}?)" if close else "unknown key"
+
+
+#: the top-level keys; checked before anything else, so that a misspelt
+#: ``domainz`` is reported as such and not as a missing ``domains``
+TOP_KEYS = ("state_dir", "domains", "s2s", "components", "tls", "limits", "logging", "admin")
 
 
 def _domain(reader: _Reader, name: str, value) -> str:
@@ -320,13 +338,18 @@ def load_config(path: str | os.PathLike) -> Config:
         raise ConfigError(path, None, f"cannot read: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(path, None, f"not valid TOML: {exc}") from None
-    return parse_config(data, path)
+    config = parse_config(data, path)
+    for key in deprecated_keys(data):
+        log.warn("{path}: {key} is deprecated: write {instead}", path=str(path), key=key,
+                 instead=DEPRECATED_KEYS[key.rsplit(".", 1)[1]])
+    return config
 
 
 def parse_config(data: dict, path="<config>") -> Config:
     """The whole file: top-level keys here, each section by its own reader
     (in the order the file's sections are documented)."""
     top = _Reader(path, data, "")
+    top.done(TOP_KEYS)
     state_dir = top.get("state_dir", str, None)
     if not state_dir:
         raise top.error("state_dir", "required")
@@ -366,7 +389,7 @@ def _s2s_peers(s: _Reader, default_policy: PeerPolicy) -> dict[str, PeerPolicy]:
         addresses = tuple(_hostport(pr, "addresses", a, 5269) for a in pr.get("addresses", list, []))
         peers[domain] = PeerPolicy(
             domain=domain,
-            allowed=not pr.get("blocked", bool, False),
+            allowed=_peer_allowed(pr),
             encryption=_choice(pr, "encryption", ENCRYPTIONS, default_policy.encryption),
             authentication=_choice(pr, "authentication", AUTHENTICATIONS, default_policy.authentication),
             addresses=addresses,
@@ -386,6 +409,36 @@ def _unauthenticated_caps(reader: _Reader, defaults) -> tuple[int, int]:
         raise reader.error("max_unauthenticated_per_address",
                            f"must not exceed {reader.key('max_unauthenticated')} ({total})")
     return per_address, total
+
+
+def _peer_allowed(pr: _Reader) -> bool:
+    """``allowed`` (the admin API's and fedgatectl's word); the older
+    ``blocked = true`` still works, as its opposite, and is reported as
+    deprecated (:data:`DEPRECATED_KEYS`)."""
+    allowed = pr.get("allowed", bool, None)
+    blocked = pr.get("blocked", bool, None)
+    if allowed is not None and blocked is not None:
+        if allowed == blocked:
+            raise pr.error("blocked", "contradicts allowed; write only allowed (blocked is deprecated)")
+        raise pr.error("blocked", "deprecated: write only allowed")
+    if blocked is not None:
+        return not blocked
+    return True if allowed is None else allowed
+
+
+#: key (its last part) -> what to write instead; still read, named by
+#: fedgatectl check and logged at load
+DEPRECATED_KEYS = {"blocked": "allowed = false (or true)"}
+
+
+def deprecated_keys(data: dict) -> list[str]:
+    """The dotted names of deprecated keys used in a parsed TOML file."""
+    found = []
+    peers = data.get("s2s", {}).get("peers", {}) if isinstance(data.get("s2s"), dict) else {}
+    for raw, table in (peers.items() if isinstance(peers, dict) else ()):
+        if isinstance(table, dict) and "blocked" in table:
+            found.append(f"s2s.peers.{raw}.blocked")
+    return found
 
 
 def _s2s(s: _Reader) -> S2SConfig:

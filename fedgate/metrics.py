@@ -11,7 +11,8 @@ whichever comes first).
 Label sets are bounded: directions, states, auth methods and stanza error
 conditions come from fixed lists (anything else is ``other``), and remote
 domains appear as labels only for the domains listed in
-``admin.metrics_domains``.  Each gateway has its own registry, never the
+``admin.metrics_domains``; certificate expiry is labelled by the gateway's
+own (configured) domains only.  Each gateway has its own registry, never the
 process-global one.
 """
 
@@ -41,7 +42,8 @@ def _bounded(value: str | None, allowed) -> str:
 class GatewayMetrics:
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, clock, table, sender, router, components, policy, domains=(), admission=None):
+    def __init__(self, clock, table, sender, router, components, policy, domains=(), admission=None,
+                 certificate_expiry=None):
         """Reads only narrow views: the connection ``table`` (records, and
         its removal events), the ``sender``'s counts, the ``router``'s
         bounce counts and bound components, the component registry's
@@ -54,6 +56,8 @@ class GatewayMetrics:
         self.components = components
         self.policy = policy
         self.domains = tuple(sorted(set(domains)))
+        #: () -> {hosted domain: its certificate's notAfter (Unix time)}
+        self.certificate_expiry = certificate_expiry
         self.clock = clock
         self.started_at = self.clock.seconds()
         self.registry = CollectorRegistry(auto_describe=False)
@@ -229,5 +233,12 @@ class _LiveCollector:
         peers.add_metric(["true"], allowed)
         peers.add_metric(["false"], len(peer_table) - allowed)
         yield peers
+        if metrics.certificate_expiry is not None:
+            expiry = GaugeMetricFamily("fedgate_certificate_expiry_timestamp_seconds", "When the "
+                                       "certificate of a hosted domain expires (Unix time)",
+                                       labels=["domain"])
+            for domain, not_after in sorted(metrics.certificate_expiry().items()):
+                expiry.add_metric([domain], not_after)
+            yield expiry
         yield GaugeMetricFamily("fedgate_start_time_seconds", "When the gateway started (Unix time)",
                                 value=metrics.started_at)

@@ -136,7 +136,16 @@ class PeerTests(AdminCase):
         self.assertFalse(self.a.policy.is_blocked("partner.example"))
         self.assertError((yield self.api.get(f"{V1}/peers/partner.example")), 404)
         self.assertError((yield self.api.delete(f"{V1}/peers/partner.example")), 404)
-        self.assertError((yield self.api.patch(f"{V1}/peers/partner.example", {"note": "x"})), 404)
+        # A first write may be a PATCH: one request creates the peer from
+        # the default policy with the fields given.
+        got = yield self.api.patch(f"{V1}/peers/partner.example", {"allowed": False, "note": "x"})
+        self.assertEqual((got.status, got.json["allowed"], got.json["note"], got.json["encryption"]),
+                         (201, False, "x", "required"))
+        self.assertTrue(self.a.policy.is_blocked("partner.example"))
+        got = yield self.api.patch(f"{V1}/peers/partner.example", {"note": "y"})
+        self.assertEqual((got.status, got.json["allowed"], got.json["note"]), (200, False, "y"))
+        self.assertError((yield self.api.patch(f"{V1}/peers/chat.a.example", {"note": "x"})), 422,
+                         "served by this gateway")
 
     @defer.inlineCallbacks
     def test_config_layer(self):

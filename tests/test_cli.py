@@ -28,6 +28,18 @@ class HelperTests(unittest.TestCase):
         self.assertRaises(CliError, url_from_endpoint, "unix:/run/fedgate.sock")
         self.assertRaises(CliError, url_from_endpoint, "tcp:0")
 
+    def test_peers_help_describes_every_action(self):
+        import contextlib
+        import io
+        from fedgate.cli import parser
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), self.assertRaises(SystemExit):
+            parser().parse_args(["peers", "--help"])
+        described = {line.split()[0] for line in out.getvalue().splitlines()
+                     if line.startswith("    ") and not line.startswith("     ") and len(line.split()) > 1}
+        self.assertEqual(described, {"list", "show", "delete", "block", "unblock", "allow", "set"})
+        self.assertIn("clear its note", out.getvalue())
+
     def test_table(self):
         text = table([{"a": "x", "b": None, "c": True, "d": ["p", "q"]}, {"a": "longer", "b": 1, "c": False, "d": []}],
                      [("A", "a"), ("B", "b"), ("C", "c"), ("D", "d")])
@@ -87,6 +99,13 @@ class CliTests(AdminCase):
         out = yield self.ok("peers", "allow", "partner.example")
         self.assertFalse(self.a.policy.is_blocked("partner.example"))
         self.assertEqual(self.a.policy.peers["partner.example"].note, "contract 9")
+        # unblock lifts a block and its reason with it.
+        yield self.ok("peers", "block", "partner.example", "--note", "abuse report 42")
+        self.assertEqual(self.a.policy.peers["partner.example"].note, "abuse report 42")
+        yield self.ok("peers", "unblock", "partner.example")
+        self.assertFalse(self.a.policy.is_blocked("partner.example"))
+        self.assertEqual(self.a.policy.peers["partner.example"].note, "")
+        self.assertEqual(self.a.policy.static_addresses("partner.example"), (("127.0.0.1", 5999),))
         out = yield self.ok("peers", "list")
         lines = out.splitlines()
         self.assertEqual(lines[0], "mode: open")
@@ -94,8 +113,17 @@ class CliTests(AdminCase):
         self.assertTrue(any(line.startswith("partner.example") and "127.0.0.1:5999" in line for line in lines))
         out = yield self.ok("--json", "peers", "show", "partner.example")
         self.assertEqual(json.loads(out)["addresses"], ["127.0.0.1:5999"])
+        # A new peer is blocked with one request: no PATCH -> 404 first.
+        requests = []  # the admin API's access log lines
+        from twisted.logger import globalLogPublisher
+        observer = lambda event: requests.append(event)  # noqa: E731
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
         yield self.ok("peers", "block", "new.example", "--note", "spam")
         self.assertTrue(self.a.policy.is_blocked("new.example"))
+        self.assertEqual(self.a.policy.peers["new.example"].note, "spam")
+        lines = [e for e in requests if "new.example" in str(e.get("path"))]
+        self.assertEqual([(e.get("method"), e.get("status")) for e in lines], [("PATCH", 201)])
         yield self.ok("peers", "delete", "new.example")
         self.assertNotIn("new.example", self.a.policy.peers)
         out = yield self.ok("policy", "set", "--mode", "allowlist")
@@ -184,3 +212,32 @@ class CliTests(AdminCase):
         out = yield self.ok("status", env={"FEDGATE_ADMIN_URL": None, "FEDGATE_ADMIN_TOKEN": None,
                                            "FEDGATE_CONFIG": str(config)})
         self.assertIn("uptime_seconds", out)
+
+
+class ReadableTimesTests(unittest.TestCase):
+    """status and destinations show print local times and ages, not epochs."""
+
+    def test_status_and_destination(self):
+        import time
+        from fedgate.cli_render import duration, render, when
+        now = 1_800_000_000.0
+        started = now - 3725
+        text = render("status", {"version": "0.1.0", "started_at": started, "uptime_seconds": 3725.0,
+                                 "counts": {"queued_stanzas": 3}}, now=now)
+        local = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))
+        rows = {line.split()[0]: " ".join(line.split()[1:]) for line in text.splitlines()}
+        self.assertEqual(rows["started_at"], f"{local} (1 h 2 min ago)")
+        self.assertEqual(rows["uptime_seconds"], "3725 (1 h 2 min)")
+        self.assertNotIn(str(int(started)), text)
+        dest = {"domain": "p.example", "state": "backoff", "queue": {"stanzas": 1, "bytes": 9,
+                "oldest_age_seconds": 4.25}, "failures": 2, "last_error": "x", "retry_at": now + 90,
+                "retry_in_seconds": 90.0, "connection_id": None, "connection_ids": [],
+                "pending_pairs": [{"local": "a.example", "connection_id": 7, "age_seconds": 12.0}]}
+        text = render("destinations", dest, now=now)
+        rows = {line.split()[0]: " ".join(line.split()[1:]) for line in text.splitlines() if line}
+        self.assertEqual(rows["retry_at"],
+                         f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(now + 90))} (in 1 min 30 s)")
+        self.assertEqual(rows["a.example"], "7 12 s")
+        self.assertNotIn(str(int(now + 90)), text)
+        self.assertEqual((duration(4.25), duration(59), duration(90061)), ("4.2 s", "59 s", "1 d 1 h"))
+        self.assertTrue(when(now + 5, now).endswith("(in 5.0 s)"))

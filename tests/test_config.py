@@ -28,7 +28,7 @@ def test_example_config_is_valid_and_documents_every_key():
                 "max_pending_verifications_per_stream", "max_pending_verifications",
                 "dialback_secret", "max_stanza_bytes", "max_depth", "max_elements",
                 "xml_traffic", "xml_bodies", "addresses", "secret", "listen", "state_dir",
-                "mode", "encryption", "authentication", "blocked", "note",
+                "mode", "encryption", "authentication", "allowed", "blocked", "note",
                 "max_pairs_per_connection", "allow_private_ranges",
                 "pair_timeout", "destination_idle_timeout", "max_destinations",
                 "max_connections", "header_timeout", "body_timeout", "max_body_bytes"]:
@@ -142,3 +142,38 @@ def test_admin_client_bounds():
                                         "max_body_bytes": 4096})).admin
     assert (admin.max_connections, admin.header_timeout, admin.body_timeout,
             admin.max_body_bytes) == (8, 2.0, 5.5, 4096)
+
+
+@pytest.mark.parametrize("data, key, words", [
+    # A misspelt required key is named as the typo, with the suggestion,
+    # not as the missing key it was meant to be.
+    ({"state_dir": "/tmp/x", "domainz": ["a.example"]}, "domainz", "did you mean 'domains'?"),
+    (minimal(s2s={"conect_timeout": 5}), "s2s.conect_timeout", "did you mean 'connect_timeout'?"),
+    (minimal(admin={"metrics_opne": True}), "admin.metrics_opne", "did you mean 'metrics_open'?"),
+    (minimal(tls={"trust_root": "system"}), "tls.trust_root", "did you mean 'trust_roots'?"),
+])
+def test_unknown_keys_suggest_the_nearest(data, key, words):
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, "f.toml")
+    assert info.value.key == key
+    assert str(info.value) == f"f.toml: {key}: unknown key ({words})"
+
+
+def test_unknown_key_far_from_any_has_no_suggestion():
+    with pytest.raises(ConfigError) as info:
+        parse_config(minimal(zzzzzz=1), "f.toml")
+    assert str(info.value) == "f.toml: zzzzzz: unknown key"
+
+
+def test_peer_allowed_and_the_deprecated_blocked(tmp_path):
+    peers = parse_config(minimal(s2s={"peers": {"a.example": {"allowed": False}, "b.example": {"allowed": True},
+                                                "c.example": {"blocked": True}, "d.example": {}}})).s2s.peers
+    assert [peers[d].allowed for d in ("a.example", "b.example", "c.example", "d.example")] == \
+        [False, True, False, True]
+    for both in ({"allowed": False, "blocked": False}, {"allowed": False, "blocked": True}):
+        with pytest.raises(ConfigError) as info:
+            parse_config(minimal(s2s={"peers": {"a.example": both}}))
+        assert info.value.key == "s2s.peers.a.example.blocked"
+    from fedgate.config import deprecated_keys
+    assert deprecated_keys(minimal(s2s={"peers": {"c.example": {"blocked": True}, "a.example": {}}})) == \
+        ["s2s.peers.c.example.blocked"]

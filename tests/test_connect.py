@@ -133,7 +133,9 @@ class ConnectorTests(unittest.TestCase):
                 yield connector.connect(domain, factory)
             error = info.exception
             self.assertEqual(error.condition, "remote-server-not-found")
-            self.assertEqual(error.text, f"could not connect to the servers of {domain}")
+            self.assertEqual(error.text, f"could not connect to the servers of {domain}: the server "
+                                         "its SRV records name has only addresses we may not connect to")
+            self.assertNotIn(address, error.text)
             self.assertIn(f"{address}:5270 refused", error.detail)
             self.assertEqual(factory.targets, [], address)
         self.assertEqual(self.tcp.tcpClients, [])
@@ -184,3 +186,46 @@ class ConnectorTests(unittest.TestCase):
 
 def deferLater(seconds):
     return task.deferLater(reactor, seconds, lambda: None)
+
+
+class BounceTextTests(unittest.TestCase):
+    """The text a bounce carries says what was tried and why it failed, and
+    names no address and no server host name (real DNS, real sockets)."""
+
+    timeout = 30
+
+    def setUp(self):
+        self.dns = TestDNSServer(reactor)
+        port = self.dns.start()
+        self.addCleanup(self.dns.stop)
+        self.connector = DomainConnector(reactor, S2SResolver(make_client_resolver(reactor, port)),
+                                         timeout=5, addresses=AddressPolicy(allowed_networks(["loopback"])))
+
+    @defer.inlineCallbacks
+    def failure(self, domain):
+        with self.assertRaises(ConnectError) as info:
+            yield self.connector.connect(domain, _Factory())
+        return info.exception
+
+    @defer.inlineCallbacks
+    def test_no_srv_and_no_address(self):
+        error = yield self.failure("nowhere.example")
+        self.assertEqual(error.text, "could not connect to the servers of nowhere.example: "
+                                     "nowhere.example itself (port 5269, no SRV records) has no address in DNS")
+
+    @defer.inlineCallbacks
+    def test_several_servers(self):
+        import socket
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+        probe.close()
+        self.dns.add_srv("_xmpp-server._tcp.p.example", 0, 0, closed, "up.internal.p.example")
+        self.dns.add_srv("_xmpp-server._tcp.p.example", 1, 0, 5269, "gone.internal.p.example")
+        self.dns.add_a("up.internal.p.example", "127.0.0.1")
+        error = yield self.failure("p.example")
+        self.assertEqual(error.text, "could not connect to the servers of p.example: of the 2 servers "
+                                     "its SRV records name, 1 refused the connection, 1 has no address in DNS")
+        self.assertNotIn("internal", error.text)
+        self.assertNotIn("127.0.0.1", error.text)
+        self.assertIn(f"127.0.0.1:{closed}", error.detail)  # the log and /diagnose keep it

@@ -152,5 +152,10 @@ class ScrapeTests(AdminCase):
         self.assertEqual(value(scrape, "fedgate_s2s_handshake_seconds_count", direction=OUTBOUND), 1)
         self.assertEqual(value(scrape, "fedgate_peer_connections", domain="chat.b.example"), 1)
         self.assertEqual(value(scrape, "fedgate_components", state="connected"), 1)
-        domains = {dict(labels).get("domain") for _, labels in scrape} - {None}
+        # Remote domains only where opted in; the certificate expiry is
+        # labelled by the gateway's own (configured) domains, and only them.
+        expiry = "fedgate_certificate_expiry_timestamp_seconds"
+        domains = {dict(labels).get("domain") for name, labels in scrape if name != expiry} - {None}
         self.assertEqual(domains, {"chat.b.example"})
+        hosted = {dict(labels)["domain"] for name, labels in scrape if name == expiry}
+        self.assertEqual(hosted, set(self.a.config.domains))

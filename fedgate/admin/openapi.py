@@ -229,8 +229,9 @@ PATHS = {
                    tags=["peers"]),
         "put": _op("putPeer", "Create or replace a peer's policy; applies to live connections",
                    {200: "Peer", 201: "Peer"}, WRITE, "PeerInput", tags=["peers"]),
-        "patch": _op("patchPeer", "Change some fields of a peer's policy", {200: "Peer"},
-                     (*WRITE, 404), "PeerInput", tags=["peers"]),
+        "patch": _op("patchPeer", "Change some fields of a peer's policy; a peer not known yet "
+                     "is created from the default policy with them (201)", {200: "Peer", 201: "Peer"},
+                     WRITE, "PeerInput", tags=["peers"]),
         "delete": _op("deletePeer", "Delete the stored policy (the file's entry, if any, applies)",
                       {200: "Peer", 204: None}, (404, 409, 422, 503), tags=["peers"]),
     },

@@ -179,12 +179,14 @@ class AdminApi:
 
     @defer.inlineCallbacks
     def patch_peer(self, request: ApiRequest):
-        domain = path_domain(request.params["domain"])
+        """Change the fields given; a peer not known yet is created from the
+        default policy with them (201), so a first write is one request
+        (RFC 5789 lets PATCH create)."""
+        domain = self._peer_domain(request)
         current = self.peers.get(domain)
-        if current is None:
-            raise not_found("peer")
-        yield self.peers.put(parse_peer(domain, request.body, current))
-        return self._peer_json(domain, live=True)
+        yield self.peers.put(parse_peer(domain, request.body,
+                                        current if current is not None else self.views.policy.default))
+        return Reply(self._peer_json(domain, live=True), 200 if current is not None else 201)
 
     @defer.inlineCallbacks
     def delete_peer(self, request: ApiRequest):

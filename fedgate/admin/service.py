@@ -46,7 +46,8 @@ class AdminService:
         self.enforcer = PolicyEnforcer(gateway.policy, gateway.table, gateway.sender)
         self.metrics = GatewayMetrics(
             reactor, gateway.table, gateway.sender, gateway.router, gateway.component_credentials,
-            gateway.policy, config.admin.metrics_domains, admission=gateway.admission)
+            gateway.policy, config.admin.metrics_domains, admission=gateway.admission,
+            certificate_expiry=lambda: certificate_expiry(gateway.tls.store, config.domains))
         self.api = AdminApi(
             ApiViews(config=config, policy=gateway.policy, table=gateway.table, sender=gateway.sender,
                      router=gateway.router, tls=gateway.tls, listeners=gateway.listeners,
@@ -95,6 +96,18 @@ class AdminService:
         if self._storage_open:
             self._storage_open = False
             yield self.storage.close()
+
+
+def certificate_expiry(store, domains) -> dict:
+    """{hosted domain: notAfter as Unix time} of the certificates in use
+    (the store is replaced on reload, so this is asked at each scrape)."""
+    from fedgate.tls.certs import _not_after
+    out = {}
+    for domain in domains:
+        pair = store.pair_for(domain)
+        if pair is not None:
+            out[domain] = _not_after(pair.leaf).timestamp()
+    return out
 
 
 def make_admin_service(gateway, config: Config, reactor, storage) -> AdminService:

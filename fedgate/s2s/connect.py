@@ -115,7 +115,7 @@ class DomainConnector:
         observer.targets(targets)
         if not targets:
             raise ConnectError("remote-server-not-found", f"{domain} offers no XMPP server service")
-        tried = []
+        tried, outcomes = [], []
         for target in targets:
             try:
                 addresses = yield self.resolver.resolve_host(target.host)
@@ -124,10 +124,13 @@ class DomainConnector:
             except Exception as exc:
                 observer.addresses(target, [], exc)
                 tried.append(f"{target.host}: {exc}")
+                outcomes.append("its DNS lookup failed")
                 continue
             observer.addresses(target, addresses)
             if not addresses:
                 tried.append(f"{target.host}: no address")
+                outcomes.append("has no address in DNS")
+            failures = []
             for address in addresses:
                 why = self.refusal(domain, address)
                 if why is not None:
@@ -135,6 +138,7 @@ class DomainConnector:
                              domain=domain, address=address, port=target.port, host=target.host,
                              why=why)
                     tried.append(f"{address}:{target.port} refused: {why}")
+                    failures.append("has only addresses we may not connect to")
                     observer.address_refused(target, address, why)
                     continue
                 kind = TCP6ClientEndpoint if ":" in address else TCP4ClientEndpoint
@@ -148,10 +152,50 @@ class DomainConnector:
                     log.info("Connecting to {domain} at {address}:{port} failed: {error}",
                              domain=domain, address=address, port=target.port, error=exc)
                     tried.append(f"{address}:{target.port}: {exc}")
+                    failures.append(_why_public(exc))
                     observer.attempt_failed(target, address, exc)
                     continue
                 observer.attempt_made(target, address)
                 return protocol
+            if failures:
+                outcomes.append(_worst(failures))
         detail = f"tried {'; '.join(tried) or 'nothing'}"
         log.info("Could not connect to {domain}: {detail}", domain=domain, detail=detail)
-        raise ConnectError("remote-server-not-found", public, detail)
+        raise ConnectError("remote-server-not-found", public_text(domain, targets, outcomes), detail)
+
+
+def _why_public(exc: Exception) -> str:
+    """Why one attempt failed, in words that name no address."""
+    from twisted.internet import error
+    if isinstance(exc, (error.ConnectionRefusedError,)):
+        return "refused the connection"
+    if isinstance(exc, (error.TCPTimedOutError, error.TimeoutError)):
+        return "did not answer in time"
+    if isinstance(exc, (error.NoRouteError,)):
+        return "cannot be reached (no route)"
+    return "could not be reached"
+
+
+def _worst(failures: list[str]) -> str:
+    """One outcome for a server with several addresses: the last attempt's
+    (the one that decided), unless every address was one we may not use."""
+    tried = [f for f in failures if f != "has only addresses we may not connect to"]
+    return tried[-1] if tried else failures[-1]
+
+
+def public_text(domain: str, targets, outcomes: list[str]) -> str:
+    """What a bounce may say: the domain, what was tried (servers from DNS
+    SRV records, or the domain itself on 5269) and why each failed, never an
+    address or a server's host name."""
+    base = f"could not connect to the servers of {domain}"
+    if not outcomes:
+        return base
+    if len(targets) == 1 and targets[0].host == domain:
+        return f"{base}: {domain} itself (port {targets[0].port}, no SRV records) {outcomes[0]}"
+    counts: dict[str, int] = {}
+    for outcome in outcomes:
+        counts[outcome] = counts.get(outcome, 0) + 1
+    if len(outcomes) == 1:
+        return f"{base}: the server its SRV records name {outcomes[0]}"
+    parts = [f"{n} {outcome}" for outcome, n in counts.items()]
+    return f"{base}: of the {len(outcomes)} servers its SRV records name, " + ", ".join(parts)
