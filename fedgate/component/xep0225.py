@@ -34,6 +34,7 @@ import math
 from dataclasses import dataclass
 
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.words.xish import domish
 from zope.interface import implementer
 
@@ -119,6 +120,7 @@ class Xep0225Stream:
 
     def _auth_timeout(self) -> None:
         self._timer = None
+        self._stop_waiting()
         if not self.bound:
             self.io.fail("connection-timeout", "no hostname bound in time")
 
@@ -174,9 +176,7 @@ class Xep0225Stream:
     def disconnected(self, reason) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
-        if self._waiting not in (None, "check") and self._waiting.active():
-            self._waiting.cancel()
-        self._waiting = None
+        self._stop_waiting()
         for domain in list(self.bound):
             self.router.unbind(domain, self)
         if self.bound:
@@ -221,6 +221,7 @@ class Xep0225Stream:
         if self.identity is not None:
             raise StreamFailure("policy-violation", "already authenticated")
         if self._waiting is not None:
+            self._stop_waiting()
             raise StreamFailure("policy-violation", "wait for the outcome of the last attempt")
         if element.name == "abort":
             return self._fail("aborted")
@@ -260,6 +261,12 @@ class Xep0225Stream:
         self._authenticated(scram.username, scram.authzid, verifier)
 
     # -- throttling -------------------------------------------------------------
+    def _stop_waiting(self) -> None:
+        """Forget a running password check or a pending delayed answer."""
+        if self._waiting not in (None, "check") and self._waiting.active():
+            self._waiting.cancel()
+        self._waiting = None
+
     @staticmethod
     def _key(username: str | None) -> str:
         try:
@@ -309,27 +316,39 @@ class Xep0225Stream:
             return
         self._waiting = "check"
         self.io.pause_reading("auth-check")
-        d = self.passwords.run(self.credentials.check_plain, username, password)
-        d.addCallbacks(self._plain_checked, self._plain_not_checked, callbackArgs=(username, authzid))
+        at_once: list = []
 
-    def _plain_checked(self, ok: bool, username: str, authzid: str) -> None:
+        def checked(result):
+            if at_once is not None:
+                at_once.append(result)  # checked in this call (in memory): answered below
+            else:
+                self._plain_checked_later(result, username, authzid)
+        self.passwords.run(self.credentials.check_plain, username, password).addBoth(checked)
+        result, at_once = at_once, None
+        if result:
+            self._plain_checked(result[0], username, authzid)  # a restart here may end this read
+
+    def _plain_checked_later(self, ok, username: str, authzid: str) -> None:
+        try:
+            self._plain_checked(ok, username, authzid)
+        except Exception:
+            log.failure("Answering a PLAIN check for {peer}", peer=self.io.peer)
+            self.io.fail("internal-server-error")
+
+    def _plain_checked(self, ok, username: str, authzid: str) -> None:
+        """The password check's outcome: True, False or a Failure."""
         if self.io.closed or self._waiting != "check":
-            return
+            return  # gone, timed out or refused meanwhile
         self._waiting = None
         self.io.resume_reading("auth-check")
+        if isinstance(ok, Failure):
+            if not ok.check(Busy):
+                log.failure("Checking a PLAIN password for {peer}", ok, peer=self.io.peer)
+                return self._fail("temporary-auth-failure")
+            return self._fail("temporary-auth-failure", "too many authentications in progress")
         if not ok:
             return self._failed(username, "not-authorized")
         self._authenticated(username, authzid or None, None)
-
-    def _plain_not_checked(self, failure) -> None:
-        if self.io.closed or self._waiting != "check":
-            return
-        self._waiting = None
-        self.io.resume_reading("auth-check")
-        if failure.check(Busy):
-            return self._fail("temporary-auth-failure", "too many authentications in progress")
-        log.failure("Checking a PLAIN password for {peer}", failure, peer=self.io.peer)
-        self._fail("temporary-auth-failure")
 
     def _external(self, payload: bytes) -> None:
         tls = self.io.tls
