@@ -13,7 +13,8 @@ in.  Failed handshakes are throttled per source address and domain
 failure may wait, and while the (address, domain) key is blocked a
 handshake is refused unchecked with ``policy-violation`` (not
 ``not-authorized``: the secret was not looked at, and the text says when to
-try again).
+try again).  Anything the component sends while that answer waits ends
+the stream at once; its failure is counted already.
 """
 
 from __future__ import annotations
@@ -86,8 +87,10 @@ class ComponentAccept:
         self.io.open_stream({"id": self.stream_id, "from": domain})
 
     def element_received(self, element: domish.Element) -> None:
-        if self._answer is not None:
-            return  # a failed handshake's answer is pending: the stream ends with it
+        if self._answer is not None:  # anything more after a failed handshake ends the stream now
+            self._answer.cancel()
+            self._answer = None
+            raise StreamFailure("not-authorized", "bad handshake")
         if not self.bound:
             if element.name == "handshake" and element.uri == ns.COMPONENT_ACCEPT:
                 self._handshake(str(element))
@@ -114,8 +117,7 @@ class ComponentAccept:
             throttled(log, self.io).info("Bad handshake for component {domain} from {peer}",
                                          domain=short(self.domain), peer=self.io.peer)
             delay = 0.0 if self.throttle is None else self.throttle.failed(source, self.domain, XEP0114)
-            if delay > 0:
-                self.io.pause_reading("auth-throttle")
+            if delay > 0:  # reading goes on: a peer that gives up is noticed at once
                 self._answer = self.clock.callLater(delay, self._bad_handshake)
                 return
             raise StreamFailure("not-authorized", "bad handshake")

@@ -25,7 +25,9 @@ keys.  Failed attempts are throttled per source address and identity
 paused meanwhile), and while the (address, identity) key is blocked an
 attempt is answered ``temporary-auth-failure`` unchecked (RFC 6120 6.5.12:
 try again later).  SASL elements sent before the last one is answered end
-the stream with ``policy-violation``.
+the stream with ``policy-violation``.  Reading goes on while an answer
+waits, so that a peer that gives up is noticed and its state freed at once
+(a paused TLS stream could not even finish its closing handshake).
 """
 
 from __future__ import annotations
@@ -293,11 +295,9 @@ class Xep0225Stream:
         if delay <= 0:
             return self._fail(condition, text)
         self._scram = None
-        self.io.pause_reading("auth-throttle")
 
         def answer():
             self._waiting = None
-            self.io.resume_reading("auth-throttle")
             self._fail(condition, text)
         self._waiting = self.io.clock.callLater(delay, answer)
 
@@ -315,7 +315,6 @@ class Xep0225Stream:
         if self._refused(username):
             return
         self._waiting = "check"
-        self.io.pause_reading("auth-check")
         at_once: list = []
 
         def checked(result):
@@ -340,7 +339,6 @@ class Xep0225Stream:
         if self.io.closed or self._waiting != "check":
             return  # gone, timed out or refused meanwhile
         self._waiting = None
-        self.io.resume_reading("auth-check")
         if isinstance(ok, Failure):
             if not ok.check(Busy):
                 log.failure("Checking a PLAIN password for {peer}", ok, peer=self.io.peer)
