@@ -298,7 +298,8 @@ class Xep0225Stream:
 
         def answer():
             self._waiting = None
-            self._fail(condition, text)
+            if not self.io.closed:
+                self._fail(condition, text)
         self._waiting = self.io.clock.callLater(delay, answer)
 
     def _forgiven(self, username: str) -> None:
