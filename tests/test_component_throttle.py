@@ -354,3 +354,8 @@ class PasswordPoolTests(unittest.TestCase):
         self.assertEqual((results, seen, pool.pending), ([1, 2], [False, False], 0))
         fourth = yield pool.run(work, 4)  # room again
         self.assertEqual(fourth, 4)
+        pool.stop()
+        yield self.assertFailure(pool.run(work, 5), Busy)  # stopped: nothing runs
+        pool.start()  # as when the gateway service starts again
+        fifth = yield pool.run(work, 5)
+        self.assertEqual(fifth, 5)

@@ -168,16 +168,23 @@ class PasswordPool:
         self.reactor = reactor
         self.max_pending = max_pending
         self.pending = 0
-        self._pool = ThreadPool(minthreads=0, maxthreads=threads_, name="fedgate-component-auth")
+        self.threads = threads_
+        self._pool: ThreadPool | None = None
 
     def start(self) -> None:
-        self._pool.start()
+        """Start a fresh pool (a stopped ThreadPool cannot be restarted, and
+        the gateway service may be started again)."""
+        if self._pool is None:
+            self._pool = ThreadPool(minthreads=0, maxthreads=self.threads, name="fedgate-component-auth")
+            self._pool.start()
 
     def stop(self) -> None:
-        self._pool.stop()
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.stop()
 
     def run(self, fn, *args) -> defer.Deferred:
-        if self.pending >= self.max_pending:
+        if self.pending >= self.max_pending or self._pool is None:
             return defer.fail(Busy())
         self.pending += 1
         d = threads.deferToThreadPool(self.reactor, self._pool, fn, *args)
