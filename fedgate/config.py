@@ -103,6 +103,18 @@ class ComponentsConfig:
     #: unauthenticated component connections from one address, and in all
     max_unauthenticated_per_address: int = 16
     max_unauthenticated: int = 64
+    #: seconds from connection to the stream header
+    header_timeout: float = 10.0
+    #: failed authentications throttling (fedgate.component.throttle)
+    throttle_free_failures: int = 3
+    throttle_base_delay: float = 1.0
+    throttle_max_delay: float = 60.0
+    throttle_forget_after: float = 600.0
+    throttle_address_free_failures: int = 100
+    throttle_max_entries: int = 10000
+    #: threads for PLAIN's password derivation, and most checks waiting or running
+    password_threads: int = 2
+    password_queue: int = 32
 
 
 @dataclass(frozen=True)
@@ -556,9 +568,31 @@ def _components(c: _Reader, domains: tuple) -> ComponentsConfig:
         load_balanced=frozenset(_domain(c, "load_balanced", d) for d in c.get("load_balanced", list, [])),
         max_unauthenticated_per_address=per_address,
         max_unauthenticated=unauthenticated,
+        **_component_bounds(c),
     )
     c.done()
     return components
+
+
+def _component_bounds(c: _Reader) -> dict:
+    """``[components]`` timeouts, authentication throttle and password pool."""
+    d = ComponentsConfig
+    bounds = {
+        "header_timeout": c.positive("header_timeout", float, d.header_timeout),
+        "throttle_base_delay": c.positive("throttle_base_delay", float, d.throttle_base_delay),
+        "throttle_max_delay": c.positive("throttle_max_delay", float, d.throttle_max_delay),
+        "throttle_forget_after": c.positive("throttle_forget_after", float, d.throttle_forget_after),
+        "throttle_max_entries": c.positive("throttle_max_entries", int, d.throttle_max_entries),
+        "password_threads": c.positive("password_threads", int, d.password_threads),
+        "password_queue": c.positive("password_queue", int, d.password_queue),
+    }
+    for name in ("throttle_free_failures", "throttle_address_free_failures"):
+        bounds[name] = c.get(name, int, getattr(d, name))
+        if bounds[name] < 0:
+            raise c.error(name, "must be zero or more")
+    if bounds["throttle_max_delay"] < bounds["throttle_base_delay"]:
+        raise c.error("throttle_max_delay", "must be at least throttle_base_delay")
+    return bounds
 
 
 def _tls(tr: _Reader) -> TLSConfig:

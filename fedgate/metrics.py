@@ -31,6 +31,7 @@ AUTH_METHODS = ("dialback", "dialback-with-valid-cert", "sasl-external")
 DESTINATION_STATES = ("idle", "connecting", "open", "backoff", "reverse", "closing")
 TLS_FAILURE_REASONS = ("handshake", "untrusted-certificate", "name-mismatch", "expired-certificate",
                        "no-certificate", "refused", "required-but-unavailable", "timeout")
+COMPONENT_PROTOCOLS = ("xep0114", "xep0225")
 HANDSHAKE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 90.0)
 OTHER = "other"
 
@@ -72,6 +73,12 @@ class GatewayMetrics:
             buckets=HANDSHAKE_BUCKETS, registry=self.registry)
         self.tls_failures = Counter("fedgate_tls_failures", "TLS failures by reason", ["reason"],
                                     registry=self.registry)
+        self.component_auth_failures = Counter(
+            "fedgate_component_auth_failures", "Failed component authentications (wrong XEP-0114 "
+            "handshakes, wrong XEP-0225 credentials)", ["protocol"], registry=self.registry)
+        self.component_auth_throttled = Counter(
+            "fedgate_component_auth_throttled", "Component authentication attempts refused or "
+            "answered late by the throttle", ["protocol"], registry=self.registry)
         self.closed_stanzas = {"in": 0, "out": 0}
         self._observed: set[int] = set()
         table.on_removed(self._removed)
@@ -80,6 +87,12 @@ class GatewayMetrics:
     def tls_failure(self, reason: str) -> None:
         """Count a TLS failure; ``reason`` is one of :data:`TLS_FAILURE_REASONS`."""
         self.tls_failures.labels(_bounded(reason, TLS_FAILURE_REASONS)).inc()
+
+    def component_auth(self, event: str, protocol: str) -> None:
+        """Count a component authentication ``event`` ("failure" or
+        "throttled") for ``protocol`` (xep0114 or xep0225)."""
+        counter = self.component_auth_failures if event == "failure" else self.component_auth_throttled
+        counter.labels(_bounded(protocol, COMPONENT_PROTOCOLS)).inc()
 
     def _removed(self, record) -> None:
         for pair in record.pairs.values():

@@ -36,6 +36,7 @@ from fedgate.admin.service import make_admin_service
 from fedgate.component.accept import ComponentAccept
 from fedgate.component.credentials import CredentialRegistry
 from fedgate.component.listener import ComponentListenerStream
+from fedgate.component.throttle import AuthThrottle, PasswordPool, ThrottleSettings
 from fedgate.component.xep0225 import Xep0225Settings, Xep0225Stream
 from fedgate.config import Config, ConfigError, dialback_secret, load_config
 from fedgate.listen import listen
@@ -144,6 +145,13 @@ class Gateway(service.Service):
         self.component_credentials = CredentialRegistry(
             config.components.credentials, own_domains=config.domains, xep0114=self.component_secrets,
             hosted=self.router.live_local_domains)
+        c = config.components
+        self.component_throttle = AuthThrottle(reactor, ThrottleSettings(
+            free_failures=c.throttle_free_failures, base_delay=c.throttle_base_delay,
+            max_delay=c.throttle_max_delay, forget_after=c.throttle_forget_after,
+            address_free_failures=c.throttle_address_free_failures,
+            max_entries=c.throttle_max_entries), on_event=self._component_auth_event)
+        self.component_passwords = PasswordPool(reactor, c.password_threads, c.password_queue)
         self.ports: dict[str, list] = {"s2s": [], "s2s_direct_tls": [], "components": []}
         self.admin = make_admin_service(self, config, reactor, storage)
 
@@ -199,6 +207,9 @@ class Gateway(service.Service):
         # No stream exists before the admin side (and its metrics) does.
         self.admin.metrics.tls_failure(reason)
 
+    def _component_auth_event(self, event: str, protocol: str) -> None:
+        self.admin.metrics.component_auth(event, protocol)
+
     def make_stream(self, handler, stream_ns: str = ns.SERVER, admission=None) -> XmppStream:
         stream = XmppStream(handler, self.reactor, self.limits,
                             log_traffic=self.config.logging.xml_traffic,
@@ -214,21 +225,26 @@ class Gateway(service.Service):
         return InboundS2S(self.ctx, direct_tls=True)
 
     def _component(self) -> ComponentListenerStream:
-        return ComponentListenerStream(self._component_0114, self._component_0225)
+        return ComponentListenerStream(self._component_0114, self._component_0225,
+                                       self.config.components.header_timeout)
 
-    def _component_0114(self) -> ComponentAccept:
+    def _component_0114(self, connected_at: float | None = None) -> ComponentAccept:
         return ComponentAccept(self.component_secrets, self.router, self.reactor,
-                               self.config.components.auth_timeout)
+                               self.config.components.auth_timeout, throttle=self.component_throttle,
+                               connected_at=connected_at)
 
-    def _component_0225(self) -> Xep0225Stream:
+    def _component_0225(self, connected_at: float | None = None) -> Xep0225Stream:
         c = self.config.components
         return Xep0225Stream(self.component_credentials, self.router, self.tls, Xep0225Settings(
             require_tls=c.require_tls, auth_timeout=c.auth_timeout, max_hostnames=c.max_hostnames,
-            stamp_from=c.stamp_from, load_balanced=c.load_balanced), self.ctx.local_domains)
+            stamp_from=c.stamp_from, load_balanced=c.load_balanced), self.ctx.local_domains,
+            throttle=self.component_throttle, passwords=self.component_passwords,
+            connected_at=connected_at)
 
     @defer.inlineCallbacks
     def startService(self):
         super().startService()
+        self.component_passwords.start()
         yield self.admin.start()
         s2s, components = self.admission["s2s"], self.admission["components"]
         listeners = [("s2s", d, _stream_factory(self, self._inbound, ns.SERVER, s2s))
@@ -288,6 +304,7 @@ class Gateway(service.Service):
             for stream in streams:
                 if not stream.closed:
                     stream.transport.abortConnection()
+        self.component_passwords.stop()
         yield self.admin.stop()
 
 

@@ -105,3 +105,43 @@ def test_an_identity_may_have_both_protocols_under_its_own_domain():
     parsed = parse_config(config({"chat.gw.example": {"scram_sha256": SCRAM}},
                                  domains={"chat.gw.example": {"secret": "s"}}))
     assert set(parsed.components.credentials) == {"chat.gw.example"}
+
+
+BOUND_KEYS = {"header_timeout": 10.0, "auth_timeout": 30.0, "throttle_free_failures": 3,
+              "throttle_base_delay": 1.0, "throttle_max_delay": 60.0, "throttle_forget_after": 600.0,
+              "throttle_address_free_failures": 100, "throttle_max_entries": 10000,
+              "password_threads": 2, "password_queue": 32}
+
+
+def test_component_bounds_have_documented_defaults():
+    from fedgate.config import load_config
+    example = load_config(REPO / "etc" / "fedgate.toml").components
+    default = parse_config(config({})).components
+    text = (REPO / "etc" / "fedgate.toml").read_text()
+    for key, value in BOUND_KEYS.items():
+        assert getattr(default, key) == value, key
+        assert getattr(example, key) == value, key
+        assert f"\n{key} = " in text, key
+
+
+def test_component_bounds_are_read():
+    parsed = parse_config(config({}, header_timeout=2, throttle_free_failures=0, throttle_max_delay=5,
+                                 throttle_base_delay=0.5, password_queue=4)).components
+    assert (parsed.header_timeout, parsed.throttle_free_failures, parsed.throttle_max_delay,
+            parsed.throttle_base_delay, parsed.password_queue) == (2.0, 0, 5.0, 0.5, 4)
+
+
+@pytest.mark.parametrize("values, key, message", [
+    ({"header_timeout": 0}, "header_timeout", "greater than zero"),
+    ({"header_timeout": "soon"}, "header_timeout", "expected a number"),
+    ({"throttle_free_failures": -1}, "throttle_free_failures", "zero or more"),
+    ({"throttle_address_free_failures": 1.5}, "throttle_address_free_failures", "expected int"),
+    ({"throttle_max_delay": 1, "throttle_base_delay": 2}, "throttle_max_delay", "at least"),
+    ({"throttle_max_entries": 0}, "throttle_max_entries", "greater than zero"),
+    ({"password_threads": 0}, "password_threads", "greater than zero"),
+    ({"password_queue": True}, "password_queue", "boolean"),
+])
+def test_component_bound_errors_name_the_key(values, key, message):
+    with pytest.raises(ConfigError) as caught:
+        parse_config(config({}, **values), "/etc/fedgate/fedgate.toml")
+    assert f"components.{key}: " in str(caught.value) and message in str(caught.value), str(caught.value)

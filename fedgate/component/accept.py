@@ -5,12 +5,23 @@ handshake is SHA-1 of stream id + the domain's own secret, compared in
 constant time.  A second connection for a domain that is already bound is
 refused with ``conflict`` and the first keeps the domain.  Every stanza from
 the component must come from its own domain (XEP-0114 section 3).
+
+The handshake must come within ``auth_timeout`` of the connection
+(``connected_at``, given by the listener), however slowly the bytes drip
+in.  Failed handshakes are throttled per source address and domain
+(:mod:`fedgate.component.throttle`): the ``not-authorized`` answer to a
+failure may wait, and while the (address, domain) key is blocked a
+handshake is refused unchecked with ``policy-violation`` (not
+``not-authorized``: the secret was not looked at, and the text says when to
+try again).  Anything the component sends while that answer waits ends
+the stream at once; its failure is counted already.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -19,6 +30,7 @@ from twisted.words.xish import domish
 from fedgate.component.session import IComponentSession
 from fedgate.logsafe import short, throttled
 from fedgate.component.addressing import checked_domains
+from fedgate.component.throttle import XEP0114, source_of
 from fedgate.domain import InvalidDomain, normalize_domain
 from fedgate.stream import namespaces as ns
 from fedgate.stream.errors import StanzaFailure, StreamFailure, is_bounceable, make_error_reply
@@ -37,11 +49,15 @@ def handshake_digest(stream_id: str, secret: str) -> str:
 class ComponentAccept:
     """The handler of one XEP-0114 component connection."""
 
-    def __init__(self, secrets: dict, router, clock, auth_timeout: float = 30.0):
+    def __init__(self, secrets: dict, router, clock, auth_timeout: float = 30.0, *,
+                 throttle=None, connected_at: float | None = None):
         self.secrets = secrets
         self.router = router
         self.clock = clock
         self.auth_timeout = auth_timeout
+        self.throttle = throttle  # an AuthThrottle, or None: no throttling
+        self.connected_at = connected_at  # the auth deadline counts from here
+        self._answer = None  # the delayed answer to a failed handshake
         self.io = None
         self.domain: str | None = None
         self.stream_id: str | None = None
@@ -51,7 +67,9 @@ class ComponentAccept:
 
     def connected(self, io) -> None:
         self.io = io
-        self._timer = self.clock.callLater(self.auth_timeout, self._auth_timeout)
+        started = self.clock.seconds() if self.connected_at is None else self.connected_at
+        left = max(0.0, self.auth_timeout - (self.clock.seconds() - started))
+        self._timer = self.clock.callLater(left, self._auth_timeout)
 
     def error_header(self) -> dict:
         return {"id": self.stream_id or new_stream_id(), "from": self.domain}
@@ -70,6 +88,10 @@ class ComponentAccept:
         self.io.open_stream({"id": self.stream_id, "from": domain})
 
     def element_received(self, element: domish.Element) -> None:
+        if self._answer is not None:  # anything more after a failed handshake ends the stream now
+            self._answer.cancel()
+            self._answer = None
+            raise StreamFailure("not-authorized", "bad handshake")
         if not self.bound:
             if element.name == "handshake" and element.uri == ns.COMPONENT_ACCEPT:
                 self._handshake(str(element))
@@ -85,10 +107,23 @@ class ComponentAccept:
         self.router.route(element, to_domain, from_domain)
 
     def _handshake(self, presented: str) -> None:
+        source = source_of(self.io.peer)
+        if self.throttle is not None:
+            wait = self.throttle.refusal(source, self.domain, XEP0114)
+            if wait > 0:
+                raise StreamFailure("policy-violation", f"too many failed handshakes; try again in "
+                                                        f"{math.ceil(wait)} s")
         expected = handshake_digest(self.stream_id, self.secrets[self.domain])
         if not hmac.compare_digest(expected.encode(), presented.strip().lower().encode("utf-8", "replace")):
-            log.info("Bad handshake for component {domain} from {peer}", domain=short(self.domain), peer=self.io.peer)
+            throttled(log, self.io).info("Bad handshake for component {domain} from {peer}",
+                                         domain=short(self.domain), peer=self.io.peer)
+            delay = 0.0 if self.throttle is None else self.throttle.failed(source, self.domain, XEP0114)
+            if delay > 0:  # reading goes on: a peer that gives up is noticed at once
+                self._answer = self.clock.callLater(delay, self._bad_handshake)
+                return
             raise StreamFailure("not-authorized", "bad handshake")
+        if self.throttle is not None:
+            self.throttle.succeeded(source, self.domain)
         if not self.router.bind(self.domain, self):
             raise StreamFailure("conflict", f"{self.domain} is already connected")
         self.bound = True
@@ -111,6 +146,10 @@ class ComponentAccept:
             throttled(log, self.io).info("Not answering {name} from component {domain}: {condition}",
                                          name=short(stanza.name), domain=self.domain, condition=failure.condition)
 
+    def _bad_handshake(self) -> None:
+        self._answer = None
+        self.io.fail("not-authorized", "bad handshake")
+
     def _auth_timeout(self) -> None:
         self._timer = None
         if not self.bound:
@@ -129,6 +168,9 @@ class ComponentAccept:
     def disconnected(self, reason) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
+        if self._answer is not None and self._answer.active():
+            self._answer.cancel()
+        self._answer = None
         if self.bound:
             self.router.unbind(self.domain, self)
             self.bound = False

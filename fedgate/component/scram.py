@@ -64,6 +64,18 @@ def derive(password: str, algorithm: str, salt: bytes | None = None,
     return ScramKeys(salt, iterations, stored_key, server_key)
 
 
+_DECOY_SECRET = secrets.token_bytes(32)
+
+
+def decoy_keys(algorithm: str, username: str) -> ScramKeys:
+    """Keys for a user that does not exist: a per-process keyed salt (the
+    same name gets the same salt, as a real user would) and random keys that
+    no proof can match.  HMACs only: unknown users cost no PBKDF2."""
+    salt = hmac.new(_DECOY_SECRET, username.encode("utf-8", "replace"), "sha256").digest()[:16]
+    size = hashlib.new(algorithm).digest_size
+    return ScramKeys(salt, DEFAULT_ITERATIONS, secrets.token_bytes(size), secrets.token_bytes(size))
+
+
 def check_password(keys: ScramKeys, algorithm: str, password: str) -> bool:
     """Does ``password`` produce these stored keys?  (For SASL PLAIN.)"""
     candidate = derive(password, algorithm, keys.salt, keys.iterations)
@@ -122,8 +134,10 @@ class ScramServer:
         self.gs2_header = f"{flag},{authz},"
         self.client_first_bare = bare
         keys = self.lookup(self.username)
-        # An unknown user still gets a believable challenge (no user probing).
-        self._keys = keys or derive(secrets.token_hex(16), self.algorithm)
+        # An unknown user still gets a believable challenge (no user probing):
+        # decoy keys, cheap to make (no PBKDF2 on the reactor for anyone who
+        # asks), with a salt that stays the same for the same name.
+        self._keys = keys or decoy_keys(self.algorithm, self.username)
         self._known = keys is not None
         self.nonce = self.client_nonce + self.server_nonce
         salt = base64.b64encode(self._keys.salt).decode("ascii")

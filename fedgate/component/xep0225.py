@@ -15,13 +15,28 @@ A stanza's 'from' must be at one of the stream's bound hostnames, or the
 stream ends with ``invalid-from`` (RFC 6120 4.9.3.9): an explicit wrong
 'from' is never rewritten.  A stanza with no 'from' is stamped with the
 default (oldest bound) hostname, or refused, by configuration.
+
+Authentication is bounded: the deadline counts from the connection
+(``connected_at``, given by the listener); PLAIN's password derivation runs
+on a small thread pool with a bounded queue (``passwords``; a full queue
+answers ``temporary-auth-failure``); SCRAM needs only HMACs of the stored
+keys.  Failed attempts are throttled per source address and identity
+(:mod:`fedgate.component.throttle`): a failure's answer may wait (reading
+paused meanwhile), and while the (address, identity) key is blocked an
+attempt is answered ``temporary-auth-failure`` unchecked (RFC 6120 6.5.12:
+try again later).  SASL elements sent before the last one is answered end
+the stream with ``policy-violation``.  Reading goes on while an answer
+waits, so that a peer that gives up is noticed and its state freed at once
+(a paused TLS stream could not even finish its closing handshake).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.words.xish import domish
 from zope.interface import implementer
 
@@ -30,6 +45,7 @@ from fedgate.logsafe import short, throttled
 from fedgate.component.credentials import CredentialRegistry
 from fedgate.component.scram import ScramError, ScramServer
 from fedgate.component.addressing import checked_domains
+from fedgate.component.throttle import XEP0225, Busy, InlinePasswords, source_of
 from fedgate.domain import InvalidDomain, normalize_domain
 from fedgate.jid import check_resourcepart
 from fedgate.stream import namespaces as ns
@@ -77,8 +93,12 @@ class Xep0225Stream:
     seen its header)."""
 
     def __init__(self, credentials: CredentialRegistry, router, tls, settings: Xep0225Settings,
-                 served_domains):
+                 served_domains, *, throttle=None, passwords=None, connected_at: float | None = None):
         self.credentials = credentials
+        self.throttle = throttle  # an AuthThrottle, or None: no throttling
+        self.passwords = passwords or InlinePasswords()  # where PLAIN's PBKDF2 runs
+        self.connected_at = connected_at
+        self._waiting = None  # "check" while a password check runs, else the delayed answer's call
         self.router = router
         self.tls = tls
         self.settings = settings
@@ -96,10 +116,14 @@ class Xep0225Stream:
     # -- stream ---------------------------------------------------------------
     def connected(self, io) -> None:
         self.io = io
-        self._timer = io.clock.callLater(self.settings.auth_timeout, self._auth_timeout)
+        now = io.clock.seconds()
+        started = now if self.connected_at is None else self.connected_at
+        self._timer = io.clock.callLater(max(0.0, self.settings.auth_timeout - (now - started)),
+                                         self._auth_timeout)
 
     def _auth_timeout(self) -> None:
         self._timer = None
+        self._stop_waiting()
         if not self.bound:
             self.io.fail("connection-timeout", "no hostname bound in time")
 
@@ -155,6 +179,7 @@ class Xep0225Stream:
     def disconnected(self, reason) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
+        self._stop_waiting()
         for domain in list(self.bound):
             self.router.unbind(domain, self)
         if self.bound:
@@ -198,6 +223,9 @@ class Xep0225Stream:
     def _sasl(self, element: domish.Element) -> None:
         if self.identity is not None:
             raise StreamFailure("policy-violation", "already authenticated")
+        if self._waiting is not None:
+            self._stop_waiting()
+            raise StreamFailure("policy-violation", "wait for the outcome of the last attempt")
         if element.name == "abort":
             return self._fail("aborted")
         if self.settings.require_tls and self.io.tls is None:
@@ -224,12 +252,60 @@ class Xep0225Stream:
         try:
             if first:
                 challenge = scram.first(payload)
+                if self._refused(scram.username):
+                    return
                 self.io.write(f"<challenge xmlns='{ns.SASL}'>{encode_payload(challenge)}</challenge>")
                 return
             verifier = scram.final(payload)
         except ScramError as exc:
+            if exc.condition == "not-authorized":
+                return self._failed(scram.username, exc.condition, exc.text)
             return self._fail(exc.condition, exc.text)
         self._authenticated(scram.username, scram.authzid, verifier)
+
+    # -- throttling -------------------------------------------------------------
+    def _stop_waiting(self) -> None:
+        """Forget a running password check or a pending delayed answer."""
+        if self._waiting not in (None, "check") and self._waiting.active():
+            self._waiting.cancel()
+        self._waiting = None
+
+    @staticmethod
+    def _key(username: str | None) -> str:
+        try:
+            return normalize_domain(username or "")
+        except InvalidDomain:
+            return ""  # every malformed name shares one key
+
+    def _refused(self, username: str | None) -> bool:
+        """Answer temporary-auth-failure, unchecked, if attempts for
+        ``username`` from this address are blocked now."""
+        if self.throttle is None:
+            return False
+        wait = self.throttle.refusal(source_of(self.io.peer), self._key(username), XEP0225)
+        if wait <= 0:
+            return False
+        self._fail("temporary-auth-failure", f"too many failed attempts; try again in {math.ceil(wait)} s")
+        return True
+
+    def _failed(self, username: str | None, condition: str, text: str | None = None) -> None:
+        """A wrong credential: count it, and answer after the throttle's delay."""
+        delay = 0.0
+        if self.throttle is not None:
+            delay = self.throttle.failed(source_of(self.io.peer), self._key(username), XEP0225)
+        if delay <= 0:
+            return self._fail(condition, text)
+        self._scram = None
+
+        def answer():
+            self._waiting = None
+            if not self.io.closed:
+                self._fail(condition, text)
+        self._waiting = self.io.clock.callLater(delay, answer)
+
+    def _forgiven(self, username: str) -> None:
+        if self.throttle is not None:
+            self.throttle.succeeded(source_of(self.io.peer), self._key(username))
 
     def _plain(self, payload: bytes) -> None:
         if self.io.tls is None:
@@ -238,8 +314,40 @@ class Xep0225Stream:
             authzid, username, password = payload.decode("utf-8").split("\0")
         except (UnicodeDecodeError, ValueError):
             return self._fail("malformed-request")
-        if not self.credentials.check_plain(username, password):
-            return self._fail("not-authorized")
+        if self._refused(username):
+            return
+        self._waiting = "check"
+        at_once: list = []
+
+        def checked(result):
+            if at_once is not None:
+                at_once.append(result)  # checked in this call (in memory): answered below
+            else:
+                self._plain_checked_later(result, username, authzid)
+        self.passwords.run(self.credentials.check_plain, username, password).addBoth(checked)
+        result, at_once = at_once, None
+        if result:
+            self._plain_checked(result[0], username, authzid)  # a restart here may end this read
+
+    def _plain_checked_later(self, ok, username: str, authzid: str) -> None:
+        try:
+            self._plain_checked(ok, username, authzid)
+        except Exception:
+            log.failure("Answering a PLAIN check for {peer}", peer=self.io.peer)
+            self.io.fail("internal-server-error")
+
+    def _plain_checked(self, ok, username: str, authzid: str) -> None:
+        """The password check's outcome: True, False or a Failure."""
+        if self.io.closed or self._waiting != "check":
+            return  # gone, timed out or refused meanwhile
+        self._waiting = None
+        if isinstance(ok, Failure):
+            if not ok.check(Busy):
+                log.failure("Checking a PLAIN password for {peer}", ok, peer=self.io.peer)
+                return self._fail("temporary-auth-failure")
+            return self._fail("temporary-auth-failure", "too many authentications in progress")
+        if not ok:
+            return self._failed(username, "not-authorized")
         self._authenticated(username, authzid or None, None)
 
     def _external(self, payload: bytes) -> None:
@@ -251,6 +359,8 @@ class Xep0225Stream:
         identity = wanted or self._from
         if tls is None or not identity:
             return self._fail("not-authorized", "no client certificate or no identity")
+        if self._refused(identity):
+            return
         if not tls.verified_here:  # a resumed session: never an authentication
             refusal = "the certificate was not presented on this handshake"
         else:
@@ -258,7 +368,8 @@ class Xep0225Stream:
         if refusal is not None:
             log.info("XEP-0225 EXTERNAL refused for {identity} from {peer}: {reason}",
                      identity=short(identity), peer=self.io.peer, reason=short(refusal))
-            return self._fail("not-authorized", "the certificate does not authenticate that identity")
+            return self._failed(identity, "not-authorized",
+                                "the certificate does not authenticate that identity")
         self._authenticated(identity, None, None)
 
     def _authenticated(self, username: str, authzid: str | None, verifier: bytes | None) -> None:
@@ -268,6 +379,7 @@ class Xep0225Stream:
             return self._fail("not-authorized", "the identity must be a domain")
         if authzid not in (None, "", identity):
             return self._fail("invalid-authzid")
+        self._forgiven(identity)
         self.identity = identity
         self._scram = None
         self.io.authenticated()

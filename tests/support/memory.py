@@ -25,9 +25,10 @@ class MemoryStream:
     """Drive one handler through a real XmppStream without sockets."""
 
     def __init__(self, handler, clock: Clock | None = None, stream_ns: str = ns.SERVER,
-                 limits: Limits = Limits(), stream: XmppStream | None = None):
+                 limits: Limits = Limits(), stream: XmppStream | None = None,
+                 peer_address=None):
         self.clock = clock or Clock()
-        self.transport = StringTransport()
+        self.transport = StringTransport(peerAddress=peer_address)
         self.stream = stream or XmppStream(handler, self.clock, limits, stream_ns=stream_ns)
         self.header = None
         self.elements: list = []

@@ -207,8 +207,10 @@ def error_condition(element) -> str | None:
 
 
 @defer.inlineCallbacks
-def connect(reactor, port: int, to: str, sender: str | None = None) -> Xep0225Client:
+def connect(reactor, port: int, to: str, sender: str | None = None,
+            source: str | None = None) -> Xep0225Client:
     client = Xep0225Client(to, sender)
-    yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
+    bind = (source, 0) if source else None
+    yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port, bindAddress=bind), client)
     yield client.next_features()
     return client
