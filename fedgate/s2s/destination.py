@@ -8,8 +8,13 @@ backs off for a jittered, exponentially growing, capped delay before the
 next attempt (reset on success), so a dead peer costs us one attempt per
 backoff period, not one per stanza.
 
-Every stanza accepted ends delivered (written to an authenticated stream) or
-bounced with the condition from :data:`BOUNCE`.
+Every stanza accepted ends delivered or bounced with the condition from
+:data:`BOUNCE`.  Delivered means an open transport took it: a stream hands
+a stanza over through its one guarded write path, which refuses once the
+stream is closing; a refused stanza stays in (or goes to) the queue in its
+place, and waits there for the stream that replaces the closing one, or
+bounces when there is none (the counters: accepted = delivered + bounced +
+queued).
 
 The shared stream carries further local domains by dialback (piggybacking)
 only where the peer offered dialback after the last restart; otherwise such
@@ -64,11 +69,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from twisted.logger import Logger
-from twisted.words.xish import domish
 
 from fedgate.s2s.connect import ConnectError
 from fedgate.s2s.outbound import TIMEOUT, OutboundS2S
 from fedgate.s2s.pairs import INVALID, VALID
+from fedgate.stream.stanza import Stanza
 
 if TYPE_CHECKING:
     from fedgate.s2s.sender import S2SSender
@@ -122,19 +127,15 @@ class InvalidTransition(RuntimeError):
 @dataclass
 class _Queued:
     local: str
-    stanza: domish.Element
+    stanza: Stanza
     size: int
     since: float
 
 
-def stanza_size(stanza: domish.Element) -> int:
-    """A cheap estimate of a stanza's size for queue accounting."""
-    total = 64
-    for key, value in stanza.attributes.items():
-        total += len(value) + 8
-    for child in stanza.children:
-        total += len(child) if isinstance(child, str) else stanza_size(child)
-    return total
+def stanza_size(stanza) -> int:
+    """A stanza's size for queue accounting: its bytes as received, or a
+    cheap estimate for one built here."""
+    return Stanza.of(stanza).size()
 
 
 @dataclass(frozen=True)
@@ -193,21 +194,23 @@ class Destination:
         self.state = new
 
     # -- entry ------------------------------------------------------------
-    def send(self, local: str, stanza: domish.Element) -> None:
+    def send(self, local: str, stanza: Stanza) -> None:
         sender = self.sender
         sender.accepted += 1
-        stream = self._stream_for(local)
-        if stream is not None and stream.is_valid(local):
-            stream.send_stanza(local, stanza)
-            sender.delivered += 1
-            return
-        route = self._route(local)
-        if route is not None and not self._closing(route):
-            # an inbound bidi stream already carries the pair
-            route.write_stanza(local, self.remote, stanza)
-            sender.delivered += 1
-            return
-        size = stanza_size(stanza)
+        if not self.queue or not any(item.local == local for item in self.queue):
+            # (never ahead of stanzas for the same pair that wait already)
+            stream = self._stream_for(local)
+            if stream is not None and stream.is_valid(local) and stream.send_stanza(local, stanza):
+                sender.delivered += 1
+                return
+            route = self._route(local)
+            if route is not None and not self._closing(route) and route.write_stanza(local, self.remote, stanza):
+                # an inbound bidi stream already carries the pair
+                sender.delivered += 1
+                return
+        # No open stream took it (none yet, or the one we have is closing):
+        # it waits for the next one, or bounces with the rest of the queue.
+        size = stanza.size()
         settings = sender.settings
         if len(self.queue) >= settings.max_stanzas or self.queued_bytes + size > settings.max_bytes:
             sender.bounce(stanza, BOUNCE["queue-full"], f"queue for {self.remote} is full")
@@ -297,15 +300,7 @@ class Destination:
             route = self._route(local)
             if route is None:
                 return
-            keep: deque[_Queued] = deque()
-            for item in self.queue:
-                if item.local == local:
-                    route.write_stanza(local, self.remote, item.stanza)
-                    self.sender.delivered += 1
-                    self.queued_bytes -= item.size
-                else:
-                    keep.append(item)
-            self.queue = keep
+            self._flush_to(local, lambda stanza: route.write_stanza(local, self.remote, stanza))
             if self.state == REVERSE and not self.queue:
                 self._move("reverse-done", IDLE)
                 self.sender.note_idle(self)
@@ -474,14 +469,22 @@ class Destination:
 
     # -- queue handling ---------------------------------------------------
     def _flush(self, local: str, stream: OutboundS2S) -> None:
+        self._flush_to(local, lambda stanza: stream.send_stanza(local, stanza))
+
+    def _flush_to(self, local: str, send) -> None:
+        """Hand what waits for ``local`` to ``send`` in order; once it refuses
+        one (its stream is closing), that one and the rest stay queued in
+        their places (for the next stream, or a bounce)."""
         keep: deque[_Queued] = deque()
+        refused = False
         for item in self.queue:
-            if item.local == local:
-                stream.send_stanza(local, item.stanza)
-                self.sender.delivered += 1
-                self.queued_bytes -= item.size
-            else:
-                keep.append(item)
+            if item.local == local and not refused:
+                if send(item.stanza):
+                    self.sender.delivered += 1
+                    self.queued_bytes -= item.size
+                    continue
+                refused = True
+            keep.append(item)
         self.queue = keep
 
     def _bounce_local(self, local: str, condition: str, text: str) -> None:
