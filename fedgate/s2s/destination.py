@@ -43,6 +43,7 @@ listed in :data:`TRANSITIONS`::
     connecting  closed             idle (nothing queued) | backoff (queue bounces)
     connecting  operator-close     closing
     open        closed             idle (nothing queued) | backoff (queue bounces)
+                                   | connecting (it closed cleanly after refusing stanzas)
     open        operator-close     closing
     closing     connect-failed     backoff
     closing     closed             connecting (something queued) | idle
@@ -51,7 +52,10 @@ listed in :data:`TRANSITIONS`::
 ``idle``, ``reverse`` and ``backoff`` have no shared stream; ``connecting``,
 ``open`` and ``closing`` have one.  ``closing`` is an operator closing it
 (admin API): not a failure of the peer, so the queue is kept for a new
-connection.  An ``opened`` event while ``closing`` changes nothing.
+connection.  So is a stream that refused stanzas because it was closing
+(its peer ended it, say) and then closed without an error: the remote
+domain was just reachable, so what it refused goes out on a new connection
+(once per refusing stream: a new stream that fails bounces as usual).  An ``opened`` event while ``closing`` changes nothing.
 
 Streams of their own (one local domain each, see above) have two states
 (:data:`SIDE_OPEN`, :data:`SIDE_CLOSING`): when one an operator closed is
@@ -109,7 +113,7 @@ TRANSITIONS: dict[tuple[str, str], tuple[str, ...]] = {
     (CONNECTING, "connect-failed"): (BACKOFF,),
     (CONNECTING, "closed"): (IDLE, BACKOFF),
     (CONNECTING, "operator-close"): (CLOSING,),
-    (OPEN, "closed"): (IDLE, BACKOFF),
+    (OPEN, "closed"): (IDLE, BACKOFF, CONNECTING),
     (OPEN, "operator-close"): (CLOSING,),
     (CLOSING, "connect-failed"): (BACKOFF,),
     (CLOSING, "closed"): (CONNECTING, IDLE),
@@ -184,6 +188,8 @@ class Destination:
         self.retry_at: float | None = None
         self._last_condition: str | None = None
         self._routes: dict = {}
+        #: our streams that refused a stanza because they were closing
+        self._refused_by: set = set()
         self._retry_timer = None
         self._expiry_timer = None
 
@@ -200,9 +206,11 @@ class Destination:
         if not self.queue or not any(item.local == local for item in self.queue):
             # (never ahead of stanzas for the same pair that wait already)
             stream = self._stream_for(local)
-            if stream is not None and stream.is_valid(local) and stream.send_stanza(local, stanza):
-                sender.delivered += 1
-                return
+            if stream is not None and stream.is_valid(local):
+                if stream.send_stanza(local, stanza):
+                    sender.delivered += 1
+                    return
+                self._refused_by.add(stream)
             route = self._route(local)
             if route is not None and not self._closing(route) and route.write_stanza(local, self.remote, stanza):
                 # an inbound bidi stream already carries the pair
@@ -377,10 +385,21 @@ class Destination:
         if stream is not self.stream and not stream.is_valid(local):
             stream.close()  # a stream of its own that cannot carry its domain
 
+    def _retry_refused(self, stream: OutboundS2S) -> bool:
+        """Did ``stream`` refuse stanzas while closing and then close without
+        an error?  (Then they go out on a new connection, not bounce.)"""
+        if stream not in self._refused_by:
+            return False
+        self._refused_by.discard(stream)
+        return stream.failure is None and stream.stream_error is None
+
     def stream_closed(self, stream: OutboundS2S) -> None:
+        retry = self._retry_refused(stream)
         if stream is not self.stream:
             side = self._side_of(stream)
             if side is not None:
+                if retry and side.state == SIDE_OPEN:
+                    side.state = SIDE_CLOSING  # reopened for what it refused
                 self._side_closed(side)
             return
         self.stream = None
@@ -393,7 +412,11 @@ class Destination:
                 self._move("closed", IDLE)
                 self.sender.note_idle(self)
             return
-        if self.queue:
+        if self.queue and retry and self.state == OPEN:
+            log.info("Stream to {remote} closed while sending: {count} stanzas wait for a new one",
+                     remote=self.remote, count=len(self.queue))
+            self._connect("closed", self.queue[0].local)
+        elif self.queue:
             condition, text = self._close_reason(stream)
             self._failed("closed", condition, text)
         else:
@@ -469,12 +492,13 @@ class Destination:
 
     # -- queue handling ---------------------------------------------------
     def _flush(self, local: str, stream: OutboundS2S) -> None:
-        self._flush_to(local, lambda stanza: stream.send_stanza(local, stanza))
+        if not self._flush_to(local, lambda stanza: stream.send_stanza(local, stanza)):
+            self._refused_by.add(stream)
 
-    def _flush_to(self, local: str, send) -> None:
+    def _flush_to(self, local: str, send) -> bool:
         """Hand what waits for ``local`` to ``send`` in order; once it refuses
         one (its stream is closing), that one and the rest stay queued in
-        their places (for the next stream, or a bounce)."""
+        their places (for the next stream, or a bounce).  False if refused."""
         keep: deque[_Queued] = deque()
         refused = False
         for item in self.queue:
@@ -486,6 +510,7 @@ class Destination:
                 refused = True
             keep.append(item)
         self.queue = keep
+        return not refused
 
     def _bounce_local(self, local: str, condition: str, text: str) -> None:
         keep: deque[_Queued] = deque()
