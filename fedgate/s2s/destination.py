@@ -42,8 +42,7 @@ listed in :data:`TRANSITIONS`::
     connecting  connect-failed     backoff (everything queued bounces)
     connecting  closed             idle (nothing queued) | backoff (queue bounces)
     connecting  operator-close     closing
-    open        closed             idle (nothing queued) | backoff (queue bounces)
-                                   | connecting (it closed cleanly after refusing stanzas)
+    open        closed             idle (nothing queued) | backoff (queue bounces) | connecting (closed cleanly after refusing stanzas)
     open        operator-close     closing
     closing     connect-failed     backoff
     closing     closed             connecting (something queued) | idle
