@@ -316,10 +316,10 @@ class StreamParser:
                 uri is not None and _too_long(uri, limits.max_name_bytes)):
             raise StreamFailure("policy-violation", "namespace prefix or name too long")
         decls[prefix] = uri
-        if self._stanza is not None and (uri is None or uri in _STANZA_NS):
-            # Inside a stanza, (re)declaring a stanza namespace or undeclaring
-            # the default one: re-serialise it (the stanza element's own
-            # declarations are checked in _start_stanza).
+        if self._stanza is not None and uri in _STANZA_NS:
+            # Inside a stanza, (re)declaring a stanza namespace: re-serialise
+            # it (the stanza element's own declarations are checked in
+            # _start_stanza).
             self._forwardable = False
 
     def _check_names(self, name: str, attrs: dict) -> None:
@@ -363,6 +363,8 @@ class StreamParser:
             if depth > limits.max_depth:
                 raise StreamFailure("policy-violation", "elements nested too deeply")
             parent = self._current
+            if uri is None:
+                uri = ""  # in no namespace (xmlns=''), not "the parent's": serialised as such
             element = parent.addElement((uri, local), defaultUri=uri if prefix is None else None)
         self._elements += 1
         if self._elements > limits.max_elements:
@@ -402,7 +404,7 @@ class StreamParser:
                 break
         self._forwardable = forwardable
         if self._ns_decls:
-            if None in self._ns_decls or any(u is None or u in _STANZA_NS for u in self._ns_decls.values()):
+            if None in self._ns_decls or any(u in _STANZA_NS for u in self._ns_decls.values()):
                 self._forwardable = False
             self._ns_decls = {}
         self._stanza = (local, uri, plain, prefix)

@@ -14,7 +14,7 @@ Original bytes go out only when that is byte-for-byte correct
 (:meth:`Stanza.encode`).  The parser clears ``forwardable`` when the stanza
 element declares a default namespace, when anything in it uses a prefix the
 source stream header declared (``db:``, ``stream:`` ...), or when anything in
-it (re)declares a stanza namespace or undeclares the default one; a change
+it (re)declares a stanza namespace; a change
 through this class (``stanza['from'] = ...``, or any ``domish`` method that
 can mutate) clears it too.  What is left is self-contained XML whose
 unprefixed names without their own ``xmlns`` (the stanza element and
