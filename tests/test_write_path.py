@@ -241,3 +241,47 @@ class ComponentRefusalTests(unittest.TestCase):
                               "chat.gw.example", "remote.example")
         self.assertEqual([m.got for m in members], [0, 4])
         self.assertEqual(self.router.bounces, {})
+
+
+class HotPathTests(SenderCase):
+    """The relay path reads addresses only: no DOM is built for a stanza
+    that goes from a component to S2S or from S2S to a component."""
+
+    def test_component_to_s2s_builds_no_dom(self):
+        from fedgate.component.accept import ComponentAccept, handshake_digest
+
+        taken = []
+        router = Router({"gw.example"}, {"chat.gw.example"})
+        router.sender = type("S", (), {"send": lambda s, local, remote, stanza: taken.append(stanza)})()
+        component = MemoryStream(ComponentAccept({"chat.gw.example": "pw"}, router, self.clock),
+                                 self.clock, stream_ns=ns.COMPONENT_ACCEPT)
+        component.feed("<stream:stream xmlns='jabber:component:accept' "
+                       "xmlns:stream='http://etherx.jabber.org/streams' to='chat.gw.example'>")
+        stream_id = component.header.get("id")
+        component.feed(f"<handshake>{handshake_digest(stream_id, 'pw')}</handshake>")
+        raw = b"<message from='a@chat.gw.example' to='b@remote.example' id='h1'><body>x</body></message>"
+        component.feed(raw)
+        [stanza] = taken
+        self.assertIsInstance(stanza, Stanza)
+        self.assertEqual(stanza.raw, raw)
+        # ... then out over an S2S stream, still as the original bytes.
+        self.sender.send("chat.gw.example", "remote.example", stanza)
+        peer = self.connector.succeed()
+        self.open_peer(peer)
+        self.answer(peer, "chat.gw.example", "valid")
+        self.assertIn(raw, peer.transport.value())
+        self.assertFalse(stanza.built, "no DOM built on the way")
+
+    def test_s2s_to_component_builds_no_dom(self):
+        from fedgate.component.accept import ComponentAccept
+
+        router = Router({"gw.example"}, {"chat.gw.example"})
+        component = MemoryStream(ComponentAccept({"chat.gw.example": "pw"}, router, self.clock),
+                                 self.clock, stream_ns=ns.COMPONENT_ACCEPT)
+        router.bind("chat.gw.example", component.stream.handler)
+        component.stream.header_sent = True
+        raw = b"<message from='u@remote.example' to='bot@chat.gw.example' id='h2'><body>y</body></message>"
+        stanza = parsed(raw)
+        router.route(stanza, "chat.gw.example", "remote.example")
+        self.assertTrue(component.transport.value().endswith(raw))
+        self.assertFalse(stanza.built)
