@@ -328,16 +328,24 @@ class StreamParser:
         prefix parts were bounded by :meth:`_ns_decl` already."""
         limits = self.limits
         max_name = limits.max_name_bytes
-        if _too_long(name, 3 * max_name + 2) or _too_long(_local(name), max_name):
+        # Fast paths first: an ASCII name no longer than max_name bytes, or
+        # a value of at most max_value / 4 characters (4 bytes at most each
+        # in UTF-8), is within every bound; only longer ones are measured.
+        if (len(name) > max_name or not name.isascii()) and (
+                _too_long(name, 3 * max_name + 2) or _too_long(_local(name), max_name)):
             raise StreamFailure("policy-violation", "element name too long")
+        if not attrs:
+            return
         if len(attrs) > limits.max_attributes:
             raise StreamFailure("policy-violation", "too many attributes")
         max_value = limits.max_attribute_bytes if self._depth > 1 else min(
             limits.max_attribute_bytes, MAX_HEADER_ATTRIBUTE_BYTES)
+        short_value = max_value // 4
         for key, value in attrs.items():
-            if _too_long(key, 3 * max_name + 2) or _too_long(_local(key), max_name):
+            if (len(key) > max_name or not key.isascii()) and (
+                    _too_long(key, 3 * max_name + 2) or _too_long(_local(key), max_name)):
                 raise StreamFailure("policy-violation", "attribute name too long")
-            if _too_long(value, max_value):
+            if len(value) > short_value and _too_long(value, max_value):
                 raise StreamFailure("policy-violation", "attribute value too long")
 
     def _start(self, name: str, attrs: dict) -> None:
