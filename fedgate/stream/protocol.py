@@ -169,6 +169,9 @@ class XmppStream(protocol.Protocol):
     def send(self, element) -> None:
         if self.closing or self.closed:
             return
+        if isinstance(element, Stanza):
+            self.send_stanza(element)  # stanzas go through the one write path
+            return
         if isinstance(element, domish.Element):
             element = serialize(element, self.stream_ns)
         self.write(element)
