@@ -11,6 +11,7 @@ from __future__ import annotations
 from twisted.words.xish import domish
 
 from fedgate.stream import namespaces as ns
+from fedgate.stream.stanza import Stanza
 from fedgate.wokkel_compat import wokkel_module
 
 disco = wokkel_module("disco")
@@ -19,12 +20,12 @@ IDENTITY = ("server", "im", "fedgate XMPP federation gateway")
 FEATURES = (ns.DISCO_INFO, ns.PING)
 
 
-def _result(stanza: domish.Element) -> domish.Element:
+def _result(stanza: Stanza) -> domish.Element:
     reply = domish.Element((None, "iq"))
     reply["type"] = "result"
-    reply["id"] = stanza.getAttribute("id", "")
-    reply["from"] = stanza["to"]
-    reply["to"] = stanza["from"]
+    reply["id"] = stanza.id or ""
+    reply["from"] = stanza.to
+    reply["to"] = stanza.sender
     return reply
 
 
@@ -35,8 +36,10 @@ class LocalHandler:
         info += [disco.DiscoFeature(f) for f in FEATURES]
         self._disco_items = info
 
-    def handle(self, stanza: domish.Element) -> None:
-        kind = stanza.getAttribute("type")
+    def handle(self, stanza: Stanza) -> None:
+        """Answer ``stanza`` (the router wraps every stanza as a Stanza;
+        only a payload read here builds its DOM)."""
+        kind = stanza.type
         if stanza.name == "presence":
             return
         if stanza.name == "iq" and kind in ("get", "set"):

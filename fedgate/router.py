@@ -6,6 +6,11 @@ component; one for the gateway's own domains goes to the local handler
 offline bounces with ``service-unavailable``; everything else is for a remote
 domain and goes to the per-destination S2S sender.  Sources check addressing
 before they hand a stanza over, so the router trusts ``from`` and ``to``.
+
+Everything routed is a :class:`fedgate.stream.stanza.Stanza` (an element
+built here, a bounce or a reply, is wrapped once on entry).  A component
+whose stream refuses a stanza (it is closing) does not get it: another
+session of a shared domain does, else it bounces with ``service-unavailable``.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from fedgate.domain import InvalidDomain
 from fedgate.jid import domain_of, is_valid_jid
 from fedgate.local import LocalHandler
 from fedgate.stream.errors import is_bounceable, make_error_reply
+from fedgate.stream.stanza import Stanza
 
 log = Logger(namespace="fedgate.router")
 
@@ -57,9 +63,13 @@ class SessionGroup:
         if session in self.members:
             self.members.remove(session)
 
-    def deliver(self, stanza) -> None:
-        self._next = (self._next + 1) % len(self.members)
-        self.members[self._next].deliver(stanza)
+    def deliver(self, stanza) -> bool:
+        """The next member that takes ``stanza`` gets it; False if none does."""
+        for _ in range(len(self.members)):
+            self._next = (self._next + 1) % len(self.members)
+            if self.members[self._next].deliver(stanza):
+                return True
+        return False
 
 
 class Router:
@@ -141,19 +151,22 @@ class Router:
         return dict(self.bounces)
 
     # -- routing ------------------------------------------------------------
-    def route(self, stanza: domish.Element, to_domain: str | None = None,
+    def route(self, stanza: Stanza | domish.Element, to_domain: str | None = None,
               from_domain: str | None = None) -> None:
         """Deliver ``stanza``; sources that already parsed its addresses pass
         the domains in so the hot path parses each address once."""
+        if not isinstance(stanza, Stanza):
+            stanza = Stanza.of(stanza)
         if to_domain is None:
             try:
-                to_domain = domain_of(stanza.getAttribute("to") or "")
+                to_domain = domain_of(stanza.to or "")
             except InvalidDomain:
                 self.bounce(stanza, "jid-malformed", "malformed 'to' address")
                 return
         session = self.components.get(to_domain)
         if session is not None:
-            session.deliver(stanza)
+            if not session.deliver(stanza):
+                self.bounce(stanza, "service-unavailable", f"{to_domain} is disconnecting")
         elif to_domain in self.own_domains:
             self.local_handler.handle(stanza)
         elif to_domain in self.component_domains:
@@ -161,7 +174,7 @@ class Router:
         else:
             if from_domain is None:
                 try:
-                    from_domain = domain_of(stanza.getAttribute("from") or "")
+                    from_domain = domain_of(stanza.sender or "")
                 except InvalidDomain:
                     self.bounce(stanza, "jid-malformed", "malformed 'from' address")
                     return
@@ -175,7 +188,7 @@ class Router:
                 return
             self.sender.send(from_domain, to_domain, stanza)
 
-    def bounce(self, stanza: domish.Element, condition: str, text: str | None = None,
+    def bounce(self, stanza: Stanza | domish.Element, condition: str, text: str | None = None,
                reply_from: str | None = None) -> None:
         """Answer ``stanza`` with a stanza error, or log it if it is itself
         an error or an iq result (those are never answered), or if its

@@ -17,6 +17,7 @@ class Session:
 
     def deliver(self, stanza):
         self.got.append(stanza)
+        return True
 
 
 def stanza(name="message", sender="a@chat.gw.example", to="b@remote.example", **attrs):

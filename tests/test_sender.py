@@ -367,6 +367,7 @@ class BidiFallbackTests(SenderCase):
 
             def write_stanza(self, local, remote, stanza):
                 self.written.append(stanza["id"])
+                return True
 
         self.sender.ctx = replace(self.ctx, reverse_dialback=True)
         record = ConnectionRecord(INBOUND, "peer", 0.0, remote_domain="remote.example", bidi=True)

@@ -8,6 +8,7 @@ from twisted.trial import unittest
 
 from fedgate.s2s.connect import ConnectError
 from fedgate.s2s.verifier import DialbackError, DialbackVerifier
+from fedgate.stream.parser import StreamParser
 from fedgate.stream.protocol import XmppStream
 from tests.support.memory import MemoryStream, server_header
 from tests.support.s2s import FakeConnector, make_context
@@ -145,3 +146,49 @@ class VerifierTests(unittest.TestCase):
         self.clock.advance(31)
         [failure] = self.results
         self.assertEqual(failure.value.condition, "remote-server-timeout")
+
+
+class HostileValuesTests(unittest.TestCase):
+    """The peer's stream id and dialback key reach <db:verify> escaped."""
+
+    HOSTILE_ID = "S'<x/>&\"id"
+    HOSTILE_KEY = "K</db:verify><db:verify from='gw.example' to='remote.example' id='SID' type='valid'/>&\"'"
+
+    def test_verify_request_escapes_the_peer_values(self):
+        clock = Clock()
+        connector = FakeConnector(clock)
+        ctx = make_context(clock, local_domains={"gw.example"}, secret="s")
+        verifier = DialbackVerifier(connector, clock, lambda handler: XmppStream(handler, clock),
+                                    timeout=30, ctx=ctx)
+        verifier.verify("gw.example", "remote.example", self.HOSTILE_ID, self.HOSTILE_KEY)
+        _, factory, connecting = connector.attempts[-1]
+        peer = MemoryStream(None, clock, stream=factory(None))
+        connecting.callback(peer.stream)
+        peer.read()
+        peer.stream.dataReceived(server_header(id="AUTH", **{"from": "remote.example"}, version="1.0") + FEATURES)
+        elements = peer.read()
+        self.assertEqual(len(elements), 1, "one element, not an injected second one")
+        [request] = elements
+        self.assertEqual((request.name, request["id"], str(request)),
+                         ("verify", self.HOSTILE_ID, self.HOSTILE_KEY))
+        self.assertEqual(set(request.attributes), {"from", "to", "id"})
+
+    def test_result_request_escapes(self):
+        from twisted.words.xish import domish
+        from fedgate.s2s.dialback import result_request, verify_request
+
+        def parse_one(text):
+            found = []
+            parser = StreamParser(lambda h: None, found.append, lambda: None)
+            parser.feed(b"<stream:stream xmlns='jabber:server' xmlns:db='jabber:server:dialback'"
+                        b" xmlns:stream='http://etherx.jabber.org/streams'>" + text.encode())
+            self.assertEqual(len(found), 1)
+            return found[0]
+
+        for text in (result_request("a'<>&\"", "b'<>&\"", self.HOSTILE_KEY),
+                     verify_request("a'<>&\"", "b'<>&\"", self.HOSTILE_ID, self.HOSTILE_KEY)):
+            element = parse_one(text)
+            self.assertIsInstance(element, domish.Element)
+            self.assertEqual((element["from"], element["to"], str(element)),
+                             ("a'<>&\"", "b'<>&\"", self.HOSTILE_KEY))
+            self.assertEqual([c for c in element.children if not isinstance(c, str)], [])

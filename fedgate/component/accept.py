@@ -36,7 +36,6 @@ from fedgate.stream import namespaces as ns
 from fedgate.stream.errors import StanzaFailure, StreamFailure, is_bounceable, make_error_reply
 from fedgate.stream.interfaces import IStreamHandler
 from fedgate.stream.protocol import new_stream_id
-from fedgate.stream.serialize import serialize
 
 log = Logger(namespace="fedgate.component")
 
@@ -134,9 +133,13 @@ class ComponentAccept:
         log.info("Component {domain} connected from {peer}", domain=self.domain, peer=self.io.peer)
         self.io.write("<handshake/>")
 
-    def deliver(self, stanza: domish.Element) -> None:
+    def deliver(self, stanza) -> bool:
+        """True if the component's open stream took ``stanza``; False once
+        it is closing (the router then bounces it)."""
+        if not self.io.send_stanza(stanza):
+            return False
         self.stanzas_out += 1
-        self.io.write(serialize(stanza, ns.COMPONENT_ACCEPT))
+        return True
 
     def reject_stanza(self, stanza: domish.Element, failure: StanzaFailure) -> None:
         if is_bounceable(stanza):

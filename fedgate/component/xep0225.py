@@ -53,7 +53,6 @@ from fedgate.stream.errors import StanzaFailure, StreamFailure, is_bounceable, m
 from fedgate.stream.interfaces import IStreamHandler
 from fedgate.stream.protocol import new_stream_id
 from fedgate.stream.sasl import decode_payload, encode_payload, sasl_failure, sasl_mechanisms
-from fedgate.stream.serialize import serialize
 
 log = Logger(namespace="fedgate.component.xep0225")
 
@@ -454,9 +453,12 @@ class Xep0225Stream:
         self.stanzas_in += 1
         self.router.route(stanza, to_domain, from_domain)
 
-    def deliver(self, stanza: domish.Element) -> None:
+    def deliver(self, stanza) -> bool:
+        """True if this stream took ``stanza``; False once it is closing."""
+        if not self.io.send_stanza(stanza):
+            return False
         self.stanzas_out += 1
-        self.io.write(serialize(stanza, ns.CLIENT))
+        return True
 
     def reject_stanza(self, stanza: domish.Element, failure: StanzaFailure) -> None:
         if is_bounceable(stanza):

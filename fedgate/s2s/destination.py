@@ -8,8 +8,13 @@ backs off for a jittered, exponentially growing, capped delay before the
 next attempt (reset on success), so a dead peer costs us one attempt per
 backoff period, not one per stanza.
 
-Every stanza accepted ends delivered (written to an authenticated stream) or
-bounced with the condition from :data:`BOUNCE`.
+Every stanza accepted ends delivered or bounced with the condition from
+:data:`BOUNCE`.  Delivered means an open transport took it: a stream hands
+a stanza over through its one guarded write path, which refuses once the
+stream is closing; a refused stanza stays in (or goes to) the queue in its
+place, and waits there for the stream that replaces the closing one, or
+bounces when there is none (the counters: accepted = delivered + bounced +
+queued).
 
 The shared stream carries further local domains by dialback (piggybacking)
 only where the peer offered dialback after the last restart; otherwise such
@@ -37,7 +42,7 @@ listed in :data:`TRANSITIONS`::
     connecting  connect-failed     backoff (everything queued bounces)
     connecting  closed             idle (nothing queued) | backoff (queue bounces)
     connecting  operator-close     closing
-    open        closed             idle (nothing queued) | backoff (queue bounces)
+    open        closed             idle (nothing queued) | backoff (queue bounces) | connecting (closed cleanly after refusing stanzas)
     open        operator-close     closing
     closing     connect-failed     backoff
     closing     closed             connecting (something queued) | idle
@@ -46,7 +51,10 @@ listed in :data:`TRANSITIONS`::
 ``idle``, ``reverse`` and ``backoff`` have no shared stream; ``connecting``,
 ``open`` and ``closing`` have one.  ``closing`` is an operator closing it
 (admin API): not a failure of the peer, so the queue is kept for a new
-connection.  An ``opened`` event while ``closing`` changes nothing.
+connection.  So is a stream that refused stanzas because it was closing
+(its peer ended it, say) and then closed without an error: the remote
+domain was just reachable, so what it refused goes out on a new connection
+(once per refusing stream: a new stream that fails bounces as usual).  An ``opened`` event while ``closing`` changes nothing.
 
 Streams of their own (one local domain each, see above) have two states
 (:data:`SIDE_OPEN`, :data:`SIDE_CLOSING`): when one an operator closed is
@@ -64,11 +72,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from twisted.logger import Logger
-from twisted.words.xish import domish
 
 from fedgate.s2s.connect import ConnectError
 from fedgate.s2s.outbound import TIMEOUT, OutboundS2S
 from fedgate.s2s.pairs import INVALID, VALID
+from fedgate.stream.stanza import Stanza
 
 if TYPE_CHECKING:
     from fedgate.s2s.sender import S2SSender
@@ -104,7 +112,7 @@ TRANSITIONS: dict[tuple[str, str], tuple[str, ...]] = {
     (CONNECTING, "connect-failed"): (BACKOFF,),
     (CONNECTING, "closed"): (IDLE, BACKOFF),
     (CONNECTING, "operator-close"): (CLOSING,),
-    (OPEN, "closed"): (IDLE, BACKOFF),
+    (OPEN, "closed"): (IDLE, BACKOFF, CONNECTING),
     (OPEN, "operator-close"): (CLOSING,),
     (CLOSING, "connect-failed"): (BACKOFF,),
     (CLOSING, "closed"): (CONNECTING, IDLE),
@@ -122,19 +130,15 @@ class InvalidTransition(RuntimeError):
 @dataclass
 class _Queued:
     local: str
-    stanza: domish.Element
+    stanza: Stanza
     size: int
     since: float
 
 
-def stanza_size(stanza: domish.Element) -> int:
-    """A cheap estimate of a stanza's size for queue accounting."""
-    total = 64
-    for key, value in stanza.attributes.items():
-        total += len(value) + 8
-    for child in stanza.children:
-        total += len(child) if isinstance(child, str) else stanza_size(child)
-    return total
+def stanza_size(stanza) -> int:
+    """A stanza's size for queue accounting: its bytes as received, or a
+    cheap estimate for one built here."""
+    return Stanza.of(stanza).size()
 
 
 @dataclass(frozen=True)
@@ -183,6 +187,8 @@ class Destination:
         self.retry_at: float | None = None
         self._last_condition: str | None = None
         self._routes: dict = {}
+        #: our streams that refused a stanza because they were closing
+        self._refused_by: set = set()
         self._retry_timer = None
         self._expiry_timer = None
 
@@ -193,21 +199,25 @@ class Destination:
         self.state = new
 
     # -- entry ------------------------------------------------------------
-    def send(self, local: str, stanza: domish.Element) -> None:
+    def send(self, local: str, stanza: Stanza) -> None:
         sender = self.sender
         sender.accepted += 1
-        stream = self._stream_for(local)
-        if stream is not None and stream.is_valid(local):
-            stream.send_stanza(local, stanza)
-            sender.delivered += 1
-            return
-        route = self._route(local)
-        if route is not None and not self._closing(route):
-            # an inbound bidi stream already carries the pair
-            route.write_stanza(local, self.remote, stanza)
-            sender.delivered += 1
-            return
-        size = stanza_size(stanza)
+        if not self.queue or not any(item.local == local for item in self.queue):
+            # (never ahead of stanzas for the same pair that wait already)
+            stream = self._stream_for(local)
+            if stream is not None and stream.is_valid(local):
+                if stream.send_stanza(local, stanza):
+                    sender.delivered += 1
+                    return
+                self._refused_by.add(stream)
+            route = self._route(local)
+            if route is not None and not self._closing(route) and route.write_stanza(local, self.remote, stanza):
+                # an inbound bidi stream already carries the pair
+                sender.delivered += 1
+                return
+        # No open stream took it (none yet, or the one we have is closing):
+        # it waits for the next one, or bounces with the rest of the queue.
+        size = stanza.size()
         settings = sender.settings
         if len(self.queue) >= settings.max_stanzas or self.queued_bytes + size > settings.max_bytes:
             sender.bounce(stanza, BOUNCE["queue-full"], f"queue for {self.remote} is full")
@@ -297,15 +307,7 @@ class Destination:
             route = self._route(local)
             if route is None:
                 return
-            keep: deque[_Queued] = deque()
-            for item in self.queue:
-                if item.local == local:
-                    route.write_stanza(local, self.remote, item.stanza)
-                    self.sender.delivered += 1
-                    self.queued_bytes -= item.size
-                else:
-                    keep.append(item)
-            self.queue = keep
+            self._flush_to(local, lambda stanza: route.write_stanza(local, self.remote, stanza))
             if self.state == REVERSE and not self.queue:
                 self._move("reverse-done", IDLE)
                 self.sender.note_idle(self)
@@ -382,10 +384,21 @@ class Destination:
         if stream is not self.stream and not stream.is_valid(local):
             stream.close()  # a stream of its own that cannot carry its domain
 
+    def _retry_refused(self, stream: OutboundS2S) -> bool:
+        """Did ``stream`` refuse stanzas while closing and then close without
+        an error?  (Then they go out on a new connection, not bounce.)"""
+        if stream not in self._refused_by:
+            return False
+        self._refused_by.discard(stream)
+        return stream.failure is None and stream.stream_error is None
+
     def stream_closed(self, stream: OutboundS2S) -> None:
+        retry = self._retry_refused(stream)
         if stream is not self.stream:
             side = self._side_of(stream)
             if side is not None:
+                if retry and side.state == SIDE_OPEN:
+                    side.state = SIDE_CLOSING  # reopened for what it refused
                 self._side_closed(side)
             return
         self.stream = None
@@ -398,7 +411,11 @@ class Destination:
                 self._move("closed", IDLE)
                 self.sender.note_idle(self)
             return
-        if self.queue:
+        if self.queue and retry and self.state == OPEN:
+            log.info("Stream to {remote} closed while sending: {count} stanzas wait for a new one",
+                     remote=self.remote, count=len(self.queue))
+            self._connect("closed", self.queue[0].local)
+        elif self.queue:
             condition, text = self._close_reason(stream)
             self._failed("closed", condition, text)
         else:
@@ -474,15 +491,25 @@ class Destination:
 
     # -- queue handling ---------------------------------------------------
     def _flush(self, local: str, stream: OutboundS2S) -> None:
+        if not self._flush_to(local, lambda stanza: stream.send_stanza(local, stanza)):
+            self._refused_by.add(stream)
+
+    def _flush_to(self, local: str, send) -> bool:
+        """Hand what waits for ``local`` to ``send`` in order; once it refuses
+        one (its stream is closing), that one and the rest stay queued in
+        their places (for the next stream, or a bounce).  False if refused."""
         keep: deque[_Queued] = deque()
+        refused = False
         for item in self.queue:
-            if item.local == local:
-                stream.send_stanza(local, item.stanza)
-                self.sender.delivered += 1
-                self.queued_bytes -= item.size
-            else:
-                keep.append(item)
+            if item.local == local and not refused:
+                if send(item.stanza):
+                    self.sender.delivered += 1
+                    self.queued_bytes -= item.size
+                    continue
+                refused = True
+            keep.append(item)
         self.queue = keep
+        return not refused
 
     def _bounce_local(self, local: str, condition: str, text: str) -> None:
         keep: deque[_Queued] = deque()

@@ -40,6 +40,7 @@ from fedgate.domain import InvalidDomain, normalize_domain
 from fedgate.s2s.pairs import INVALID, LOCAL, PENDING, REMOTE, VALID
 from fedgate.s2s.policy_check import DIALBACK, DIALBACK_WITH_CERT, dialback_request
 from fedgate.stream import namespaces as ns
+from fedgate.stream.serialize import escape_attr, escape_text
 from fedgate.stream.errors import (STANZA_CONDITIONS, StreamFailure, error_condition, error_text,
                                    stanza_error_element)
 
@@ -114,12 +115,16 @@ def _db(name: str, sender: str, recipient: str, **attrs) -> domish.Element:
 
 def result_request(originating: str, receiving: str, key: str) -> str:
     """<db:result> asking the Receiving Server to verify our key (prefixed form,
-    as some servers look for the db: prefix)."""
-    return f"<db:result from='{originating}' to='{receiving}'>{key}</db:result>"
+    as some servers look for the db: prefix).  Every value is escaped."""
+    return (f"<db:result from='{escape_attr(originating)}' to='{escape_attr(receiving)}'>"
+            f"{escape_text(key)}</db:result>")
 
 
 def verify_request(receiving: str, originating: str, stream_id: str, key: str) -> str:
-    return f"<db:verify from='{receiving}' to='{originating}' id='{stream_id}'>{key}</db:verify>"
+    """<db:verify> to the Authoritative Server.  The key and the stream id
+    are the peer's values (from its <db:result> and its header): escaped."""
+    return (f"<db:verify from='{escape_attr(receiving)}' to='{escape_attr(originating)}'"
+            f" id='{escape_attr(stream_id)}'>{escape_text(key)}</db:verify>")
 
 
 def result_answer(receiving: str, originating: str, valid: bool) -> domish.Element:

@@ -128,8 +128,9 @@ class OutboundS2S(PairedStream, InitiatingStream):
     def is_valid(self, local: str) -> bool:
         return self.record is not None and self.record.can_send(local, self.remote)
 
-    def send_stanza(self, local: str, stanza: domish.Element) -> None:
-        self.write_stanza(local, self.remote, stanza)
+    def send_stanza(self, local: str, stanza) -> bool:
+        """True if the transport took ``stanza`` (see :meth:`write_stanza`)."""
+        return self.write_stanza(local, self.remote, stanza)
 
     # -- a route for other destinations once bidi allows (write_stanza: PairedStream)
     def authenticate_reverse(self, local: str, remote: str) -> bool:

@@ -5,8 +5,8 @@ opened it: one receive path and one send path.
 outbound stream.  It owns the stream's :class:`ConnectionRecord` (added to
 the pair table on connect, removed on disconnect), the per-peer rate limit
 (:class:`StreamThrottle`) and the three things both directions did twice
-before: :meth:`write_stanza` (a route for the table), :meth:`tls_established`
-and :meth:`reject_stanza`.  A stanza received on it, inbound or on an
+before: :meth:`write_stanza` (a route for the table, through the stream's
+one guarded write path), :meth:`tls_established` and :meth:`reject_stanza`.  A stanza received on it, inbound or on an
 outbound bidirectional stream (XEP-0288), goes through
 :meth:`receive_stanza`: the RFC 6120 address checks against the pairs
 proven here, the count, the rate limit, the router.
@@ -14,18 +14,16 @@ proven here, the count, the rate limit, the router.
 
 from __future__ import annotations
 
-from twisted.words.xish import domish
 
 from fedgate.domain import InvalidDomain
 from fedgate.jid import domain_of, domain_part, is_valid_jid
 from fedgate.s2s.pairs import ConnectionRecord
 from fedgate.s2s.throttle import StreamThrottle
-from fedgate.stream import namespaces as ns
 from fedgate.stream.errors import StanzaFailure, StreamFailure
-from fedgate.stream.serialize import serialize
+from fedgate.stream.stanza import Stanza
 
 
-def check_incoming(record, stanza: domish.Element, local_domains) -> tuple[str, str]:
+def check_incoming(record, stanza: Stanza, local_domains) -> tuple[str, str]:
     """The RFC 6120 checks on a stanza arriving over S2S: (to, from) domains,
     or the error that the stanza deserves.
 
@@ -33,7 +31,7 @@ def check_incoming(record, stanza: domish.Element, local_domains) -> tuple[str, 
     malformed address (RFC 7622) is a ``jid-malformed`` stanza error, because
     one remote user's bad address must not end a stream that carries other
     users' stanzas."""
-    to, sender = stanza.getAttribute("to"), stanza.getAttribute("from")
+    to, sender = stanza.to, stanza.sender
     if not to or not sender:
         raise StreamFailure("improper-addressing", "stanza without 'to' or 'from'")
     try:
@@ -100,11 +98,11 @@ class PairedStream:
     def tls_established(self, info) -> None:
         self.record.tls = info.describe()
 
-    def reject_stanza(self, stanza: domish.Element, failure: StanzaFailure) -> None:
+    def reject_stanza(self, stanza: Stanza, failure: StanzaFailure) -> None:
         self.ctx.router.bounce(stanza, failure.condition, failure.text, reply_from=failure.reply_from)
 
     # -- receive: one path for both directions ------------------------------------
-    def receive_stanza(self, stanza: domish.Element) -> None:
+    def receive_stanza(self, stanza: Stanza) -> None:
         """A stanza over an authenticated pair: checked, counted,
         rate-limited per remote domain, routed."""
         record = self.record
@@ -114,6 +112,10 @@ class PairedStream:
         self.ctx.router.route(stanza, to_domain, from_domain)
 
     # -- send: the route the pair table hands out ---------------------------------
-    def write_stanza(self, local: str, remote: str, stanza: domish.Element) -> None:
+    def write_stanza(self, local: str, remote: str, stanza: Stanza) -> bool:
+        """Hand ``stanza`` to this stream: True if the open transport took
+        it, False if the stream is closing (the caller requeues or bounces)."""
+        if not self.io.send_stanza(stanza):
+            return False
         self.record.pairs[(local, remote)].stanzas_out += 1
-        self.io.write(serialize(stanza, ns.SERVER))
+        return True

@@ -142,7 +142,7 @@ class ConnectionTable:
     def route_for(self, local: str, remote: str):
         """(record, route) of a connection that may carry local -> remote now
         (an inbound bidi stream, say), or None.  ``route`` has
-        ``write_stanza(local, remote, stanza)``."""
+        ``write_stanza(local, remote, stanza)``, True when the stream took it."""
         for conn_id, route in self._routes.items():
             record = self._connections[conn_id]
             if record.can_send(local, remote):

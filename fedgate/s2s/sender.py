@@ -19,11 +19,11 @@ import random
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from twisted.words.xish import domish
 
 from fedgate.s2s.destination import (  # noqa: F401 (the states, for callers)
     BACKOFF, BOUNCE, CLOSING, CONNECTING, IDLE, OPEN, REVERSE, Destination, DestinationStatus,
     stanza_size)
+from fedgate.stream.stanza import Stanza
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,8 @@ class S2SSender:
         if destination is not None:
             destination.pair_changed(local, usable)
 
-    def send(self, local: str, remote: str, stanza: domish.Element) -> None:
+    def send(self, local: str, remote: str, stanza) -> None:
+        stanza = Stanza.of(stanza)
         if self.ctx.is_blocked(remote):
             # Checked first: a refused domain leaves nothing behind.
             self.accepted += 1
@@ -155,7 +156,8 @@ class S2SSender:
 
     # -- narrow views: what the admin API and the metrics may ask and do ---------
     def outcomes(self) -> dict[str, int]:
-        """Stanzas accepted, delivered and bounced so far."""
+        """Stanzas accepted, delivered (taken by an open transport) and
+        bounced so far; accepted = delivered + bounced + queued."""
         return {"accepted": self.accepted, "delivered": self.delivered, "bounced": self.bounced}
 
     def destination_count(self) -> int:
@@ -220,7 +222,7 @@ class S2SSender:
                 destination.keep_queue_on_close(stream)
 
     # ---------------------------------------------------------------------------
-    def bounce(self, stanza: domish.Element, condition: str, text: str | None) -> None:
+    def bounce(self, stanza, condition: str, text: str | None) -> None:
         self.bounced += 1
         self.ctx.router.bounce(stanza, condition, text)
 

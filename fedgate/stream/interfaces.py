@@ -37,7 +37,16 @@ class IXmppStream(Interface):
         """Send an element (or serialised text); nothing once closing."""
 
     def write(text):
-        """Write serialised XML as it is."""
+        """Write serialised XML as it is; False (nothing written) once closing."""
+
+    def send_stanza(stanza):
+        """The one write path for stanzas (a Stanza, or an element): True when
+        the open transport took it, False when refused because the stream is
+        closing or closed; then the caller requeues or bounces it.  Only a
+        True counts as delivered."""
+
+    def observe_stanzas(observer):
+        """Call ``observer(stanza, size)`` for every stanza a transport took."""
 
     def start_tls(creator):
         """Switch the connection to TLS; ``tls_established`` follows."""

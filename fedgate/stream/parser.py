@@ -21,6 +21,17 @@ freed without waiting for the cyclic garbage collector.
 Parse results go to three callbacks: the stream header (attributes of the
 root element with their namespaces), each complete top-level element, and the
 end of the stream.  Every problem is raised as a :class:`StreamFailure`.
+
+Each top-level ``message``, ``presence`` and ``iq`` in a stanza namespace
+comes out as a :class:`fedgate.stream.stanza.Stanza`: its start tag's
+attributes, the exact bytes it arrived as, and whether those bytes are
+self-contained enough to be forwarded as they are.  No DOM is built for it
+here (every bound above is still checked on every event); the stanza builds
+one from its bytes when something asks.  Other top-level elements
+(negotiation, dialback, stream errors) are built as ``domish`` elements at
+once.  The bytes since the start of the current stanza are kept (never more
+than the stanza size limit plus one read) so that a stanza split across any
+number of reads is sliced out whole.
 """
 
 from __future__ import annotations
@@ -35,6 +46,7 @@ from twisted.words.xish import domish
 
 from fedgate.stream import namespaces as ns
 from fedgate.stream.errors import StreamFailure
+from fedgate.stream.stanza import SourceContext, Stanza
 
 
 @dataclass(frozen=True)
@@ -56,6 +68,15 @@ class Limits:
     def from_config(cls, config) -> "Limits":
         """The parser's bounds from the ``[limits]`` table (other keys ignored)."""
         return cls(**{f.name: getattr(config, f.name) for f in fields(cls) if hasattr(config, f.name)})
+
+
+#: No bounds: for re-parsing bytes that already passed a stream's bounds.
+UNBOUNDED = Limits(max_stanza_bytes=1 << 62, max_depth=1 << 30, max_elements=1 << 62,
+                   max_attributes=1 << 30, max_namespace_declarations=1 << 30,
+                   max_name_bytes=1 << 30, max_attribute_bytes=1 << 62)
+
+_STANZA_NS = ns.STANZA_NAMESPACES
+_STANZA_NAMES = ns.STANZA_NAMES
 
 
 #: A stream header's attributes ('to', 'from', 'id', 'version', 'xml:lang')
@@ -142,7 +163,7 @@ class StreamParser:
 
     def __init__(self, on_header: Callable[[StreamHeader], None],
                  on_element: Callable[[domish.Element], None],
-                 on_end: Callable[[], None], limits: Limits = Limits()):
+                 on_end: Callable[[], None], limits: Limits = Limits(), lazy: bool = True):
         self._on_header = on_header
         self._on_element = on_element
         self._on_end = on_end
@@ -158,6 +179,16 @@ class StreamParser:
         self._ns_decls: dict = {}
         self._header_seen = False
         self._ended = False
+        #: build no DOM for stanzas (a Stanza builds its own when asked)
+        self._lazy = lazy
+        #: inside a stanza that is built lazily: its name, uri, attributes
+        self._stanza: tuple | None = None
+        self._forwardable = False
+        self._context: SourceContext | None = None
+        #: the input since byte offset _buf_start (the current stanza's start)
+        self._buf = bytearray()
+        self._buf_start = 0
+        self._keep_from = 0
         p = self._parser = expat.ParserCreate("UTF-8", " ")
         p.namespace_prefixes = True
         p.buffer_text = True
@@ -193,7 +224,9 @@ class StreamParser:
         self._ended = True
         self._on_header = self._on_element = self._on_end = None
         self._current = None
+        self._stanza = None
         self._ns_decls = {}
+        self._buf = bytearray()
         if p is None:
             return
         for name in _HANDLERS:
@@ -210,11 +243,19 @@ class StreamParser:
         except UnicodeDecodeError:
             raise StreamFailure("unsupported-encoding", "stream is not valid UTF-8") from None
         self._fed += len(data)
+        self._buf += data
         try:
             self._parse(data)
         except StreamFailure:
             self.close()  # a failed stream is over: free expat's memory now
             raise
+        if self._parser is not None:
+            # Forget what no stanza needs any more: everything before the
+            # current stanza's start (or the end of the last one).
+            drop = self._keep_from - self._buf_start
+            if drop > 0:
+                del self._buf[:drop]
+                self._buf_start = self._keep_from
 
     def _parse(self, data: bytes) -> None:
         try:
@@ -275,6 +316,11 @@ class StreamParser:
                 uri is not None and _too_long(uri, limits.max_name_bytes)):
             raise StreamFailure("policy-violation", "namespace prefix or name too long")
         decls[prefix] = uri
+        if self._stanza is not None and uri in _STANZA_NS:
+            # Inside a stanza, (re)declaring a stanza namespace: re-serialise
+            # it (the stanza element's own declarations are checked in
+            # _start_stanza).
+            self._forwardable = False
 
     def _check_names(self, name: str, attrs: dict) -> None:
         """Bound the element's name and its attributes' names and values,
@@ -282,16 +328,24 @@ class StreamParser:
         prefix parts were bounded by :meth:`_ns_decl` already."""
         limits = self.limits
         max_name = limits.max_name_bytes
-        if _too_long(name, 3 * max_name + 2) or _too_long(_local(name), max_name):
+        # Fast paths first: an ASCII name no longer than max_name bytes, or
+        # a value of at most max_value / 4 characters (4 bytes at most each
+        # in UTF-8), is within every bound; only longer ones are measured.
+        if (len(name) > max_name or not name.isascii()) and (
+                _too_long(name, 3 * max_name + 2) or _too_long(_local(name), max_name)):
             raise StreamFailure("policy-violation", "element name too long")
+        if not attrs:
+            return
         if len(attrs) > limits.max_attributes:
             raise StreamFailure("policy-violation", "too many attributes")
         max_value = limits.max_attribute_bytes if self._depth > 1 else min(
             limits.max_attribute_bytes, MAX_HEADER_ATTRIBUTE_BYTES)
+        short_value = max_value // 4
         for key, value in attrs.items():
-            if _too_long(key, 3 * max_name + 2) or _too_long(_local(key), max_name):
+            if (len(key) > max_name or not key.isascii()) and (
+                    _too_long(key, 3 * max_name + 2) or _too_long(_local(key), max_name)):
                 raise StreamFailure("policy-violation", "attribute name too long")
-            if _too_long(value, max_value):
+            if len(value) > short_value and _too_long(value, max_value):
                 raise StreamFailure("policy-violation", "attribute value too long")
 
     def _start(self, name: str, attrs: dict) -> None:
@@ -302,15 +356,23 @@ class StreamParser:
         if depth == 0:
             self._header(name, attrs)
             return
+        if self._stanza is not None:
+            self._stanza_child(name, attrs, depth)
+            return
         uri, local, prefix = _split(name)
+        if depth == 1 and self._lazy and local in _STANZA_NAMES and uri in _STANZA_NS:
+            self._start_stanza(uri, local, prefix, attrs)
+            return
         if depth == 1:
-            self._stanza_start = self._parser.CurrentByteIndex
+            self._stanza_start = self._keep_from = self._parser.CurrentByteIndex
             self._elements = 0
             element = domish.Element((uri, local), defaultUri=uri if prefix is None else None)
         else:
             if depth > limits.max_depth:
                 raise StreamFailure("policy-violation", "elements nested too deeply")
             parent = self._current
+            if uri is None:
+                uri = ""  # in no namespace (xmlns=''), not "the parent's": serialised as such
             element = parent.addElement((uri, local), defaultUri=uri if prefix is None else None)
         self._elements += 1
         if self._elements > limits.max_elements:
@@ -328,6 +390,74 @@ class StreamParser:
                 element.localPrefixes = {p: u for p, u in self._ns_decls.items() if p is not None}
             self._ns_decls = {}
         self._current = element
+
+    def _start_stanza(self, uri, local, prefix, attrs: dict) -> None:
+        """A stanza begins: keep its bytes from here, note its attributes."""
+        self._stanza_start = self._keep_from = self._parser.CurrentByteIndex
+        self._elements = 1
+        context = self._context
+        forwardable = prefix is None and context is not None and context.default_ns in _STANZA_NS
+        plain = attrs
+        for key in attrs:
+            if " " in key:
+                plain = {}
+                for key, value in attrs.items():
+                    if " " in key:
+                        a_uri, a_local, a_prefix = _split(key)
+                        plain[(a_uri, a_local)] = value
+                        if a_prefix is not None and a_prefix in context.prefixes:
+                            forwardable = False
+                    else:
+                        plain[key] = value
+                break
+        self._forwardable = forwardable
+        if self._ns_decls:
+            if None in self._ns_decls or any(u in _STANZA_NS for u in self._ns_decls.values()):
+                self._forwardable = False
+            self._ns_decls = {}
+        self._stanza = (local, uri, plain, prefix)
+
+    def _stanza_child(self, name: str, attrs: dict, depth: int) -> None:
+        """An element inside a lazily built stanza: bounded and checked for
+        header prefixes, but not built."""
+        limits = self.limits
+        if depth > limits.max_depth:
+            raise StreamFailure("policy-violation", "elements nested too deeply")
+        self._elements += 1
+        if self._elements > limits.max_elements:
+            raise StreamFailure("policy-violation", "too many elements in one stanza")
+        if self._ns_decls:
+            self._ns_decls = {}
+        if self._forwardable:
+            prefixes = self._context.prefixes
+            if prefixes:
+                if name.count(" ") == 2 and name.rpartition(" ")[2] in prefixes:
+                    self._forwardable = False
+                    return
+                for key in attrs:
+                    if key.count(" ") == 2 and key.rpartition(" ")[2] in prefixes:
+                        self._forwardable = False
+                        return
+
+    def _end_stanza(self) -> None:
+        """The stanza's end tag (or its empty-element tag): slice its bytes."""
+        local, uri, attrs, prefix = self._stanza
+        self._stanza = None
+        buf, base = self._buf, self._buf_start
+        at = self._parser.CurrentByteIndex - base
+        qname = (local if prefix is None else f"{prefix}:{local}").encode("utf-8")
+        # Expat reports an end tag at its '<' and an empty-element tag's end
+        # just past its '/>' (where the stream's own end tag may follow).
+        if buf.startswith(b"</" + qname, at) and buf[at + 2 + len(qname):at + 3 + len(qname)] in (
+                b">", b" ", b"\t", b"\r", b"\n"):
+            end = buf.index(b">", at) + 1
+        else:
+            end = at
+        start = self._stanza_start - base
+        raw = bytes(buf[start:end])
+        self._keep_from = base + end
+        self._mark = self._parser.CurrentByteIndex
+        self._on_element(Stanza(local, uri, attrs, raw, self._context, self._forwardable))
 
     def _header(self, name: str, attrs: dict) -> None:
         uri, local, prefix = _split(name)
@@ -352,6 +482,8 @@ class StreamParser:
                 plain[key] = value
         header = StreamHeader(default_ns=decls.get(None), attributes=plain,
                               prefix=prefix, namespaces=decls)
+        self._context = SourceContext(decls)
+        self._keep_from = self._mark
         self._on_header(header)
 
     def _check_size(self) -> None:
@@ -360,11 +492,12 @@ class StreamParser:
 
     def _text(self, data: str) -> None:
         if self._depth >= 2:
-            self._current.addContent(data)
+            if self._stanza is None:
+                self._current.addContent(data)
         elif self._depth == 1:
             if data.strip():
                 raise StreamFailure("bad-format", "text is not allowed between stanzas")
-            self._mark = self._parser.CurrentByteIndex  # whitespace keepalive
+            self._mark = self._keep_from = self._parser.CurrentByteIndex  # whitespace keepalive
 
     def _end(self, name: str) -> None:
         self._depth -= 1
@@ -377,10 +510,14 @@ class StreamParser:
         # value arriving with the rest of the stanza in one chunk is only
         # measurable here, at the end of the element.
         self._check_size()
+        if self._stanza is not None:
+            if depth == 1:
+                self._end_stanza()
+            return
         element = self._current
         self._current = element.parent
         if depth == 1:
             element.parent = None
             self._current = None
-            self._mark = self._parser.CurrentByteIndex
+            self._mark = self._keep_from = self._parser.CurrentByteIndex
             self._on_element(element)

@@ -8,6 +8,16 @@ stream calls the handler only through
 :class:`fedgate.stream.interfaces.IStreamHandler`, so the handlers hold the
 protocol logic and can be driven in tests without a transport.
 
+Every stanza goes out through :meth:`XmppStream.send_stanza`, the one
+guarded write path: it refuses (returns False) once the stream is closing or
+closed, so that the caller puts the stanza back in its queue or bounces it,
+and only a stanza an open transport took counts as delivered.  It writes a
+stanza's original bytes where that is byte-for-byte correct
+(:meth:`fedgate.stream.stanza.Stanza.encode`), and tells the observers added
+with :meth:`XmppStream.observe_stanzas` about each stanza taken (the hook for
+acknowledgements and output accounting).  Nothing at all is written after
+our ``</stream:stream>``.
+
 Reading is paused per reason (a rate limit, backpressure): the transport
 stays paused while any reason holds, so one reason's resume never undoes
 another's pause.
@@ -38,6 +48,7 @@ from fedgate.stream.errors import StreamFailure, StanzaFailure, stream_error_ele
 from fedgate.stream.interfaces import IStreamHandler, IXmppStream
 from fedgate.stream.parser import Limits, StreamHeader, StreamParser
 from fedgate.stream.serialize import escape_attr, serialize
+from fedgate.stream.stanza import Stanza
 from fedgate.tls.contexts import TLSInfo, tls_info
 
 log = Logger(namespace="fedgate.stream")
@@ -84,6 +95,8 @@ class XmppStream(protocol.Protocol):
         self._close_waiters: list = []
         self.tls: TLSInfo | None = None
         self.tls_started = False
+        #: called with (stanza, bytes written) for every stanza a transport took
+        self._stanza_observers: list = []
         #: why reading is paused (empty: reading)
         self._paused: set[str] = set()
         #: called with a reason when TLS fails here (the metrics count them)
@@ -163,14 +176,42 @@ class XmppStream(protocol.Protocol):
     def send(self, element) -> None:
         if self.closing or self.closed:
             return
+        if isinstance(element, Stanza):
+            self.send_stanza(element)  # stanzas go through the one write path
+            return
         if isinstance(element, domish.Element):
             element = serialize(element, self.stream_ns)
         self.write(element)
 
-    def write(self, text: str) -> None:
+    def write(self, text: str) -> bool:
+        """Write serialised XML; refused (False) once the stream is closing
+        or closed, so nothing follows our ``</stream:stream>``."""
+        if self.closing or self.closed:
+            return False
         if self.log_traffic:
             self._log_xml("out", text)
         self.transport.write(text.encode("utf-8"))
+        return True
+
+    def send_stanza(self, stanza) -> bool:
+        """The one write path for stanzas: True when the open transport took
+        ``stanza``, False (nothing written) once the stream is closing or
+        closed.  Only a True counts as delivered."""
+        if self.closing or self.closed:
+            return False
+        if not isinstance(stanza, Stanza):
+            stanza = Stanza.of(stanza)
+        data = stanza.encode(self.stream_ns)
+        if self.log_traffic:
+            self._log_xml("out", data)
+        self.transport.write(data)
+        for observer in self._stanza_observers:
+            observer(stanza, len(data))
+        return True
+
+    def observe_stanzas(self, observer) -> None:
+        """Call ``observer(stanza, size)`` for every stanza a transport takes."""
+        self._stanza_observers.append(observer)
 
     def authenticated(self) -> None:
         """The peer has authenticated: the connection leaves its listener's
@@ -264,7 +305,7 @@ class XmppStream(protocol.Protocol):
         if self.closing or self.closed:
             return
         if self.header_sent:
-            self.write("</stream:stream>")
+            self.write("</stream:stream>")  # the last write: closing from here
         self.closing = True
         if self._parser is not None:
             self._parser.close()  # nothing more is parsed; free it now
