@@ -68,6 +68,12 @@ class S2SConfig:
     max_pending_verifications: int = 1000
     #: domain pairs one S2S connection may carry (XEP-0220 multiplexing)
     max_pairs_per_connection: int = 1000
+    #: liveness: seconds without a byte from the peer before a ping (or a
+    #: whitespace keepalive), seconds for its answer, seconds without a
+    #: stanza before a clean close (0: never)
+    ping_idle: float = 60.0
+    ping_timeout: float = 30.0
+    idle_close: float = 600.0
     #: non-global address ranges outbound S2S may reach for peers that are
     #: not static: names from fedgate.s2s.addresses.RANGE_NAMES or CIDR
     allow_private_ranges: tuple[str, ...] = ()
@@ -92,6 +98,10 @@ class ComponentsConfig:
     max_hostnames: int = 32
     stamp_from: bool = True
     load_balanced: frozenset = frozenset()
+    #: liveness of bound components, as for S2S; no idle close by default
+    ping_idle: float = 60.0
+    ping_timeout: float = 30.0
+    idle_close: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -205,6 +215,12 @@ class _Reader:
         value = self.get(name, kind, default)
         if value <= 0:
             raise self.error(name, "must be greater than zero")
+        return value
+
+    def not_negative(self, name: str, kind, default):
+        value = self.get(name, kind, default)
+        if value < 0:
+            raise self.error(name, "must not be negative (0 turns it off)")
         return value
 
     def table_of(self, name: str) -> dict:
@@ -398,6 +414,9 @@ def _s2s(s: _Reader) -> S2SConfig:
             "max_pending_verifications", int, S2SConfig.max_pending_verifications),
         max_pairs_per_connection=s.positive(
             "max_pairs_per_connection", int, S2SConfig.max_pairs_per_connection),
+        ping_idle=s.positive("ping_idle", float, S2SConfig.ping_idle),
+        ping_timeout=s.positive("ping_timeout", float, S2SConfig.ping_timeout),
+        idle_close=s.not_negative("idle_close", float, S2SConfig.idle_close),
         allow_private_ranges=_ranges(s, "allow_private_ranges"),
         mode=mode,
         default_policy=default_policy,
@@ -474,6 +493,9 @@ def _components(c: _Reader, domains: tuple) -> ComponentsConfig:
         max_hostnames=c.positive("max_hostnames", int, ComponentsConfig.max_hostnames),
         stamp_from=c.get("stamp_from", bool, True),
         load_balanced=frozenset(_domain(c, "load_balanced", d) for d in c.get("load_balanced", list, [])),
+        ping_idle=c.positive("ping_idle", float, ComponentsConfig.ping_idle),
+        ping_timeout=c.positive("ping_timeout", float, ComponentsConfig.ping_timeout),
+        idle_close=c.not_negative("idle_close", float, ComponentsConfig.idle_close),
     )
     c.done()
     return components

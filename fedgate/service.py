@@ -51,6 +51,7 @@ from fedgate.s2s.sender import S2SSender, SenderSettings
 from fedgate.s2s.verifier import DialbackVerifier
 from fedgate.stream import namespaces as ns
 from fedgate.logsafe import LineRate, set_line_rate
+from fedgate.stream.liveness import ComponentWatch, LivenessSettings, PingRegistry
 from fedgate.stream.parser import Limits
 from fedgate.stream.protocol import XmppStream
 from fedgate.tls.certs import CertificateError, CertificateStore
@@ -100,8 +101,9 @@ class Gateway(service.Service):
         set_line_rate(LineRate(config.logging.peer_lines_burst, config.logging.peer_lines_per_second))
         self.streams: weakref.WeakSet = weakref.WeakSet()
         self.table = ConnectionTable()
+        self.pings = PingRegistry()
         self.router = Router(config.domains, config.local_domains - frozenset(config.domains),
-                             sender=_SenderLink(self))
+                             sender=_SenderLink(self), pings=self.pings)
         self.policy = PolicyTable(s2s.default_policy, dict(s2s.peers), s2s.mode)
         self.tls = self._tls_contexts(config)
         self.resolver = S2SResolver(dns_resolver, static_addresses=self.policy.static_addresses,
@@ -127,6 +129,8 @@ class Gateway(service.Service):
             bidi=s2s.bidi,
             reverse_dialback=s2s.reverse_dialback,
             tls_failure=self._tls_failure,
+            liveness=LivenessSettings(s2s.ping_idle, s2s.ping_timeout, s2s.idle_close),
+            pings=self.pings,
             log_traffic=config.logging.xml_traffic,
             log_bodies=config.logging.xml_bodies,
         )
@@ -139,6 +143,10 @@ class Gateway(service.Service):
             backoff_max=s2s.backoff_max, pair_timeout=s2s.pair_timeout,
             idle_timeout=s2s.destination_idle_timeout, max_destinations=s2s.max_destinations),
             rng=self.rng)
+        comp = config.components
+        self.component_liveness = ComponentWatch(
+            LivenessSettings(comp.ping_idle, comp.ping_timeout, comp.idle_close), self.pings,
+            config.domains[0])
         self.component_secrets = {d: c.secret for d, c in config.components.domains.items()}
         self.component_credentials = CredentialRegistry(
             config.components.credentials, own_domains=config.domains, xep0114=self.component_secrets,
@@ -213,17 +221,19 @@ class Gateway(service.Service):
         return InboundS2S(self.ctx, direct_tls=True)
 
     def _component(self) -> ComponentListenerStream:
-        return ComponentListenerStream(self._component_0114, self._component_0225)
+        return ComponentListenerStream(self._component_0114, self._component_0225,
+                                       keepalive=self.component_liveness.settings)
 
     def _component_0114(self) -> ComponentAccept:
         return ComponentAccept(self.component_secrets, self.router, self.reactor,
-                               self.config.components.auth_timeout)
+                               self.config.components.auth_timeout, liveness=self.component_liveness)
 
     def _component_0225(self) -> Xep0225Stream:
         c = self.config.components
         return Xep0225Stream(self.component_credentials, self.router, self.tls, Xep0225Settings(
             require_tls=c.require_tls, auth_timeout=c.auth_timeout, max_hostnames=c.max_hostnames,
-            stamp_from=c.stamp_from, load_balanced=c.load_balanced), self.ctx.local_domains)
+            stamp_from=c.stamp_from, load_balanced=c.load_balanced, liveness=self.component_liveness),
+            self.ctx.local_domains)
 
     @defer.inlineCallbacks
     def startService(self):

@@ -36,8 +36,11 @@ def handshake_digest(stream_id: str, secret: str) -> str:
 class ComponentAccept:
     """The handler of one XEP-0114 component connection."""
 
-    def __init__(self, secrets: dict, router, clock, auth_timeout: float = 30.0):
+    def __init__(self, secrets: dict, router, clock, auth_timeout: float = 30.0, liveness=None):
         self.secrets = secrets
+        #: a ComponentWatch (fedgate.stream.liveness): pings once bound
+        self.liveness = liveness
+        self.monitor = None
         self.router = router
         self.clock = clock
         self.auth_timeout = auth_timeout
@@ -81,6 +84,8 @@ class ComponentAccept:
             raise StreamFailure("improper-addressing", "stanza without 'from'")
         to_domain, from_domain = checked_domains(element, sender, (self.domain,), self.domain)
         self.stanzas_in += 1
+        if self.monitor is not None:
+            self.monitor.stanza(element)
         self.router.route(element, to_domain, from_domain)
 
     def _handshake(self, presented: str) -> None:
@@ -96,9 +101,14 @@ class ComponentAccept:
         self._timer = None
         log.info("Component {domain} connected from {peer}", domain=self.domain, peer=self.io.peer)
         self.io.write("<handshake/>")
+        if self.liveness is not None:
+            self.monitor = self.liveness.watch(self.io, self.clock, lambda: self.domain,
+                                               lambda: self.bound, ns.COMPONENT_ACCEPT)
 
     def deliver(self, stanza: domish.Element) -> None:
         self.stanzas_out += 1
+        if self.monitor is not None:
+            self.monitor.stanza(stanza)
         self.io.write(serialize(stanza, ns.COMPONENT_ACCEPT))
 
     def reject_stanza(self, stanza: domish.Element, failure: StanzaFailure) -> None:
@@ -123,6 +133,8 @@ class ComponentAccept:
     def disconnected(self, reason) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
+        if self.monitor is not None:
+            self.monitor.stop()
         if self.bound:
             self.router.unbind(self.domain, self)
             self.bound = False

@@ -15,13 +15,17 @@ class ComponentListenerStream:
     """Waits for the stream header, then hands the stream to the right
     protocol's handler and steps aside."""
 
-    def __init__(self, make_accept, make_xep0225):
+    def __init__(self, make_accept, make_xep0225, keepalive=None):
         self.make_accept = make_accept
         self.make_xep0225 = make_xep0225
+        #: LivenessSettings for TCP keepalive on the connection, if any
+        self.keepalive = keepalive
         self.io = None
 
     def connected(self, io) -> None:
         self.io = io
+        if self.keepalive is not None:
+            io.keep_alive(self.keepalive)
 
     def error_header(self) -> dict:
         return {}

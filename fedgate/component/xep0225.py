@@ -51,6 +51,8 @@ class Xep0225Settings:
     max_hostnames: int = 32
     stamp_from: bool = True
     load_balanced: frozenset = frozenset()
+    #: a ComponentWatch (fedgate.stream.liveness): pings once bound
+    liveness: object = None
 
 
 def _hostname(element: domish.Element) -> tuple[str, str] | None:
@@ -91,6 +93,7 @@ class Xep0225Stream:
         self._scram: ScramServer | None = None
         self._from: str | None = None
         self._timer = None
+        self.monitor = None
 
     # -- stream ---------------------------------------------------------------
     def connected(self, io) -> None:
@@ -154,6 +157,8 @@ class Xep0225Stream:
     def disconnected(self, reason) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
+        if self.monitor is not None:
+            self.monitor.stop()
         for domain in list(self.bound):
             self.router.unbind(domain, self)
         if self.bound:
@@ -312,6 +317,10 @@ class Xep0225Stream:
         self.bound[domain] = hostname
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
+        if self.monitor is None and self.settings.liveness is not None:
+            self.monitor = self.settings.liveness.watch(
+                self.io, self.io.clock, lambda: next(iter(self.bound), None), lambda: bool(self.bound),
+                ns.CLIENT)
         log.info("XEP-0225 bound {hostname} for {identity}", hostname=hostname, identity=self.identity)
         result = domish.Element((COMPONENT_NS, "bind"))
         result.addElement("hostname", content=hostname)
@@ -338,10 +347,14 @@ class Xep0225Stream:
             sender = stanza["from"] = next(iter(self.bound.values()))
         to_domain, from_domain = checked_domains(stanza, sender, self.bound, "a bound hostname")
         self.stanzas_in += 1
+        if self.monitor is not None:
+            self.monitor.stanza(stanza)
         self.router.route(stanza, to_domain, from_domain)
 
     def deliver(self, stanza: domish.Element) -> None:
         self.stanzas_out += 1
+        if self.monitor is not None:
+            self.monitor.stanza(stanza)
         self.io.write(serialize(stanza, ns.CLIENT))
 
     def reject_stanza(self, stanza: domish.Element, failure: StanzaFailure) -> None:
