@@ -127,24 +127,24 @@ class PingRegistry:
             self._waiting.pop(ping_id, None)
 
     def answer(self, stanza: domish.Element) -> bool:
-        """Take ``stanza`` if it answers one of our pings (a result or an
-        error, from the domain we pinged to the one we pinged from: either
-        proves the peer alive).  True if it was one; it goes no further."""
-        if stanza.name != "iq" or stanza.getAttribute("type") not in ("result", "error"):
+        """Take ``stanza`` if it answers one of our pings in flight (a result
+        or an error, from the domain we pinged to the one we pinged from:
+        either proves the peer alive).  True if it was one; it goes no
+        further.  Anything else, a late answer included, is routed as usual
+        (another fedgate's pings carry the same prefix)."""
+        if stanza.getAttribute("type") not in ("result", "error"):
             return False
         ping_id = stanza.getAttribute("id") or ""
-        if not ping_id.startswith(PING_PREFIX):
-            return False
-        waiting = self._waiting.get(ping_id)
+        waiting = self._waiting.get(ping_id) if ping_id.startswith(PING_PREFIX) else None
         if waiting is None:
-            return True  # a late or repeated answer to a ping of ours: nobody else wants it
+            return False
         monitor, local, remote = waiting
         try:
             sender, to = domain_of(stanza.getAttribute("from") or ""), domain_of(stanza.getAttribute("to") or "")
         except InvalidDomain:
-            return True
+            return False
         if sender != remote or to != local:
-            return True
+            return False
         del self._waiting[ping_id]
         monitor.answered()
         return True
