@@ -45,8 +45,9 @@ listed in :data:`TRANSITIONS`::
 
 ``idle``, ``reverse`` and ``backoff`` have no shared stream; ``connecting``,
 ``open`` and ``closing`` have one.  ``closing`` is an operator closing it
-(admin API): not a failure of the peer, so the queue is kept for a new
-connection.  An ``opened`` event while ``closing`` changes nothing.
+(admin API), or the stream closing for liveness (a peer that stopped
+answering pings, or a stream idle for long: :mod:`fedgate.stream.liveness`):
+not a failure of delivery, so the queue is kept for a new connection.  An ``opened`` event while ``closing`` changes nothing.
 
 Streams of their own (one local domain each, see above) have two states
 (:data:`SIDE_OPEN`, :data:`SIDE_CLOSING`): when one an operator closed is
