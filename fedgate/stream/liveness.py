@@ -64,6 +64,9 @@ log = Logger(namespace="fedgate.stream.liveness")
 
 #: every ping id we send starts with this
 PING_PREFIX = "fg-ping-"
+#: seconds a stream closed for a silent peer has to get its stream error out
+#: (a peer that is alive but not answering reads why) before it is dropped
+DEAD_GRACE = 1.0
 #: probes TCP keepalive sends before the kernel gives up
 KEEPALIVE_PROBES = 3
 
@@ -240,6 +243,9 @@ class Liveness:
                 self._ping_id = None
                 self.on_dead(f"no answer to a ping within {s.ping_timeout:g} s "
                              f"after {s.ping_idle:g} s of silence")
+                # Not the usual wait for the peer's close: a dead peer never
+                # sends it, and its destination waits for the connection to go.
+                self._timer = self.clock.callLater(DEAD_GRACE, self._drop)
                 return
         if self.state == WATCHING and s.idle_close and now >= self.last_stanza + s.idle_close \
                 and self.authenticated():
@@ -254,6 +260,11 @@ class Liveness:
         else:
             deadlines.append(max(heard, self._last_sent) + s.ping_idle)
         self._schedule(min(deadlines))
+
+    def _drop(self) -> None:
+        self._timer = None
+        if not getattr(self.io, "closed", False):
+            self.io.abort()
 
     def _keepalive(self, now: float) -> None:
         self._last_sent = now
@@ -309,11 +320,10 @@ class ComponentWatch:
 
 
 def close_dead(io, why: str) -> None:
-    """Close a stream whose peer is gone: ``connection-timeout``, and the
-    connection dropped at once (waiting for a dead peer's close is pointless)."""
+    """Close a stream whose peer stopped answering: ``connection-timeout``
+    (the monitor drops the connection :data:`DEAD_GRACE` seconds later)."""
     log.info("Peer {peer} stopped answering: {why}; closing", peer=io.peer, why=why)
     io.fail("connection-timeout", why)
-    io.abort()
 
 
 def close_idle(io, why: str) -> None:
