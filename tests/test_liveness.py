@@ -153,6 +153,9 @@ class OutboundPingTests(OutboundCase):
         self.assertEqual(peer.stream_error(), "connection-timeout")
         self.assertTrue(peer.transport.disconnecting)
         self.assertEqual(len(self.pings), 0, "the unanswered ping is forgotten")
+        self.assertFalse(peer.transport.disconnected, "the stream error gets a moment to go out")
+        self.advance(1)
+        self.assertTrue(peer.transport.disconnected, "then the connection is dropped")
 
     def test_the_destination_reconnects_and_the_queue_goes_out_on_the_new_stream(self):
         peer = self.connect()
