@@ -299,6 +299,18 @@ class InboundTests(unittest.TestCase):
         self.clock.advance(30)
         self.assertEqual(error_of(stream), "connection-timeout")
 
+    def test_an_idle_close_shorter_than_the_auth_timeout_waits_for_it(self):
+        self.ctx = make_context(self.clock, local_domains={LOCAL}, router=RecordingRouter(),
+                                verifier=self.verifier, auth_timeout=90.0, pings=self.pings,
+                                liveness=LivenessSettings(60.0, 30.0, idle_close=30.0))
+        stream = MemoryStream(InboundS2S(self.ctx), self.clock)
+        stream.feed(server_header(to=LOCAL, **{"from": REMOTE}, version="1.0"))
+        self.clock.advance(31)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 2, "the auth timer and one of ours, no spin")
+        self.assertFalse(stream.disconnecting)
+        self.clock.advance(59)
+        self.assertEqual(error_of(stream), "connection-timeout", "the authentication timeout closed it")
+
     def test_nothing_before_authentication(self):
         stream = MemoryStream(InboundS2S(self.ctx), self.clock)
         stream.feed(server_header(to=LOCAL, **{"from": REMOTE}, version="1.0"))

@@ -247,11 +247,12 @@ class Liveness:
                 # sends it, and its destination waits for the connection to go.
                 self._timer = self.clock.callLater(DEAD_GRACE, self._drop)
                 return
-        if self.state == WATCHING and s.idle_close and now >= self.last_stanza + s.idle_close \
-                and self.authenticated():
-            self.machine.fire("idle")
-            self.on_idle(f"no stanza for {s.idle_close:g} s")
-            return
+        if self.state == WATCHING and s.idle_close and now >= self.last_stanza + s.idle_close:
+            if self.authenticated():
+                self.machine.fire("idle")
+                self.on_idle(f"no stanza for {s.idle_close:g} s")
+                return
+            self.last_stanza = now  # the authentication timeout's stream: idle counts from now
         if self.state == WATCHING and now >= max(heard, self._last_sent) + s.ping_idle:
             self._keepalive(now)
         deadlines = [self.last_stanza + s.idle_close] if s.idle_close else []
@@ -273,7 +274,7 @@ class Liveness:
         pair = self.ping_pair()
         if pair is None:
             self.whitespace_sent += 1
-            self.io.write(" ")
+            self.io.send(" ")
             return
         local, remote = pair
         self._ping_id = self.pings.add(self, local, remote)
@@ -286,7 +287,7 @@ class Liveness:
         iq.addElement((ns.PING, "ping"))
         self.machine.fire("ping")
         self.pings_sent += 1
-        self.io.write(serialize(iq, self.stanza_ns))
+        self.io.send(serialize(iq, self.stanza_ns))
 
     def _schedule(self, when: float) -> None:
         self._cancel()
