@@ -76,6 +76,12 @@ class S2SConfig:
     #: IPv4 address or IPv6 /64, and in all (fedgate.stream.admission)
     max_unauthenticated_per_address: int = 32
     max_unauthenticated: int = 512
+    #: liveness: seconds without a byte from the peer before a ping (or a
+    #: whitespace keepalive), seconds for its answer, seconds without a
+    #: stanza before a clean close (0: never)
+    ping_idle: float = 60.0
+    ping_timeout: float = 30.0
+    idle_close: float = 600.0
     #: non-global address ranges outbound S2S may reach for peers that are
     #: not static: names from fedgate.s2s.addresses.RANGE_NAMES or CIDR
     allow_private_ranges: tuple[str, ...] = ()
@@ -115,6 +121,10 @@ class ComponentsConfig:
     #: threads for PLAIN's password derivation, and most checks waiting or running
     password_threads: int = 2
     password_queue: int = 32
+    #: liveness of bound components, as for S2S; no idle close by default
+    ping_idle: float = 60.0
+    ping_timeout: float = 30.0
+    idle_close: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -232,6 +242,12 @@ class _Reader:
         value = self.get(name, kind, default)
         if value <= 0:
             raise self.error(name, "must be greater than zero")
+        return value
+
+    def not_negative(self, name: str, kind, default):
+        value = self.get(name, kind, default)
+        if value < 0:
+            raise self.error(name, "must not be negative (0 turns it off)")
         return value
 
     def table_of(self, name: str) -> dict:
@@ -489,6 +505,9 @@ def _s2s(s: _Reader) -> S2SConfig:
             "max_pairs_per_connection", int, S2SConfig.max_pairs_per_connection),
         max_unauthenticated_per_address=per_address,
         max_unauthenticated=unauthenticated,
+        ping_idle=s.positive("ping_idle", float, S2SConfig.ping_idle),
+        ping_timeout=s.positive("ping_timeout", float, S2SConfig.ping_timeout),
+        idle_close=s.not_negative("idle_close", float, S2SConfig.idle_close),
         allow_private_ranges=_ranges(s, "allow_private_ranges"),
         mode=mode,
         default_policy=default_policy,
@@ -569,6 +588,9 @@ def _components(c: _Reader, domains: tuple) -> ComponentsConfig:
         max_unauthenticated_per_address=per_address,
         max_unauthenticated=unauthenticated,
         **_component_bounds(c),
+        ping_idle=c.positive("ping_idle", float, ComponentsConfig.ping_idle),
+        ping_timeout=c.positive("ping_timeout", float, ComponentsConfig.ping_timeout),
+        idle_close=c.not_negative("idle_close", float, ComponentsConfig.idle_close),
     )
     c.done()
     return components

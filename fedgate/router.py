@@ -75,9 +75,13 @@ class SessionGroup:
 class Router:
     """``sender`` is anything with ``send(local, remote, stanza)`` (the S2S
     sender, or the service's link to it); ``local_handler`` answers stanzas
-    to the gateway's own domains (by default a :class:`LocalHandler`)."""
+    to the gateway's own domains (by default a :class:`LocalHandler`);
+    ``pings`` (a :class:`fedgate.stream.liveness.PingRegistry`) takes the
+    answers to the gateway's liveness pings, whichever stream they came on."""
 
-    def __init__(self, own_domains, component_domains, local_handler=None, sender=None):
+    def __init__(self, own_domains, component_domains, local_handler=None, sender=None,
+                 pings=None):
+        self.pings = pings
         self.own_domains = frozenset(own_domains)
         self.component_domains = set(component_domains)
         self.local_handler = local_handler if local_handler is not None else LocalHandler(self)
@@ -157,6 +161,8 @@ class Router:
         the domains in so the hot path parses each address once."""
         if not isinstance(stanza, Stanza):
             stanza = Stanza.of(stanza)
+        if self.pings is not None and stanza.name == "iq" and self.pings.answer(stanza):
+            return  # the answer to a liveness ping of ours
         if to_domain is None:
             try:
                 to_domain = domain_of(stanza.to or "")

@@ -53,6 +53,7 @@ from fedgate.s2s.verifier import DialbackVerifier
 from fedgate.stream import namespaces as ns
 from fedgate.stream.admission import Admission, AdmittingFactory, Caps, fit_to_fd_limit
 from fedgate.logsafe import LineRate, set_line_rate
+from fedgate.stream.liveness import ComponentWatch, LivenessSettings, PingRegistry
 from fedgate.stream.parser import Limits
 from fedgate.stream.protocol import XmppStream
 from fedgate.tls.certs import CertificateError, CertificateStore
@@ -102,8 +103,9 @@ class Gateway(service.Service):
         self.streams: weakref.WeakSet = weakref.WeakSet()
         self.admission = _admission(config, fd_limit)
         self.table = ConnectionTable()
+        self.pings = PingRegistry()
         self.router = Router(config.domains, config.local_domains - frozenset(config.domains),
-                             sender=_SenderLink(self))
+                             sender=_SenderLink(self), pings=self.pings)
         self.policy = PolicyTable(s2s.default_policy, dict(s2s.peers), s2s.mode)
         self.tls = self._tls_contexts(config)
         self.resolver = S2SResolver(dns_resolver, static_addresses=self.policy.static_addresses,
@@ -129,6 +131,8 @@ class Gateway(service.Service):
             bidi=s2s.bidi,
             reverse_dialback=s2s.reverse_dialback,
             tls_failure=self._tls_failure,
+            liveness=LivenessSettings(s2s.ping_idle, s2s.ping_timeout, s2s.idle_close),
+            pings=self.pings,
             log_traffic=config.logging.xml_traffic,
             log_bodies=config.logging.xml_bodies,
         )
@@ -141,6 +145,10 @@ class Gateway(service.Service):
             backoff_max=s2s.backoff_max, pair_timeout=s2s.pair_timeout,
             idle_timeout=s2s.destination_idle_timeout, max_destinations=s2s.max_destinations),
             rng=self.rng)
+        comp = config.components
+        self.component_liveness = ComponentWatch(
+            LivenessSettings(comp.ping_idle, comp.ping_timeout, comp.idle_close), self.pings,
+            config.domains[0])
         self.component_secrets = {d: c.secret for d, c in config.components.domains.items()}
         self.component_credentials = CredentialRegistry(
             config.components.credentials, own_domains=config.domains, xep0114=self.component_secrets,
@@ -226,19 +234,20 @@ class Gateway(service.Service):
 
     def _component(self) -> ComponentListenerStream:
         return ComponentListenerStream(self._component_0114, self._component_0225,
-                                       self.config.components.header_timeout)
+                                       self.config.components.header_timeout,
+                                       keepalive=self.component_liveness.settings)
 
     def _component_0114(self, connected_at: float | None = None) -> ComponentAccept:
         return ComponentAccept(self.component_secrets, self.router, self.reactor,
                                self.config.components.auth_timeout, throttle=self.component_throttle,
-                               connected_at=connected_at)
+                               connected_at=connected_at, liveness=self.component_liveness)
 
     def _component_0225(self, connected_at: float | None = None) -> Xep0225Stream:
         c = self.config.components
         return Xep0225Stream(self.component_credentials, self.router, self.tls, Xep0225Settings(
             require_tls=c.require_tls, auth_timeout=c.auth_timeout, max_hostnames=c.max_hostnames,
-            stamp_from=c.stamp_from, load_balanced=c.load_balanced), self.ctx.local_domains,
-            throttle=self.component_throttle, passwords=self.component_passwords,
+            stamp_from=c.stamp_from, load_balanced=c.load_balanced, liveness=self.component_liveness),
+            self.ctx.local_domains, throttle=self.component_throttle, passwords=self.component_passwords,
             connected_at=connected_at)
 
     @defer.inlineCallbacks

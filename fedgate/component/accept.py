@@ -49,8 +49,11 @@ class ComponentAccept:
     """The handler of one XEP-0114 component connection."""
 
     def __init__(self, secrets: dict, router, clock, auth_timeout: float = 30.0, *,
-                 throttle=None, connected_at: float | None = None):
+                 throttle=None, connected_at: float | None = None, liveness=None):
         self.secrets = secrets
+        #: a ComponentWatch (fedgate.stream.liveness): pings once bound
+        self.liveness = liveness
+        self.monitor = None
         self.router = router
         self.clock = clock
         self.auth_timeout = auth_timeout
@@ -103,6 +106,8 @@ class ComponentAccept:
             raise StreamFailure("improper-addressing", "stanza without 'from'")
         to_domain, from_domain = checked_domains(element, sender, (self.domain,), self.domain)
         self.stanzas_in += 1
+        if self.monitor is not None:
+            self.monitor.stanza(element)
         self.router.route(element, to_domain, from_domain)
 
     def _handshake(self, presented: str) -> None:
@@ -132,6 +137,9 @@ class ComponentAccept:
         self._timer = None
         log.info("Component {domain} connected from {peer}", domain=self.domain, peer=self.io.peer)
         self.io.write("<handshake/>")
+        if self.liveness is not None:
+            self.monitor = self.liveness.watch(self.io, self.clock, lambda: self.domain,
+                                               lambda: self.bound, ns.COMPONENT_ACCEPT)
 
     def deliver(self, stanza) -> bool:
         """True if the component's open stream took ``stanza``; False once
@@ -139,6 +147,8 @@ class ComponentAccept:
         if not self.io.send_stanza(stanza):
             return False
         self.stanzas_out += 1
+        if self.monitor is not None:
+            self.monitor.stanza(stanza)
         return True
 
     def reject_stanza(self, stanza: domish.Element, failure: StanzaFailure) -> None:
@@ -174,6 +184,8 @@ class ComponentAccept:
         if self._answer is not None and self._answer.active():
             self._answer.cancel()
         self._answer = None
+        if self.monitor is not None:
+            self.monitor.stop()
         if self.bound:
             self.router.unbind(self.domain, self)
             self.bound = False

@@ -25,10 +25,13 @@ class ComponentListenerStream:
     protocol's handler and steps aside.  ``make_accept`` and
     ``make_xep0225`` take the connection time (the clock's seconds)."""
 
-    def __init__(self, make_accept, make_xep0225, header_timeout: float = DEFAULT_HEADER_TIMEOUT):
+    def __init__(self, make_accept, make_xep0225, header_timeout: float = DEFAULT_HEADER_TIMEOUT,
+                 keepalive=None):
         self.make_accept = make_accept
         self.make_xep0225 = make_xep0225
         self.header_timeout = header_timeout
+        #: LivenessSettings for TCP keepalive on the connection, if any
+        self.keepalive = keepalive
         self.io = None
         self.connected_at: float | None = None
         self._timer = None
@@ -37,6 +40,8 @@ class ComponentListenerStream:
         self.io = io
         self.connected_at = io.clock.seconds()
         self._timer = io.clock.callLater(self.header_timeout, self._header_timeout)
+        if self.keepalive is not None:
+            io.keep_alive(self.keepalive)
 
     def _header_timeout(self) -> None:
         self._timer = None

@@ -67,6 +67,8 @@ class Xep0225Settings:
     max_hostnames: int = 32
     stamp_from: bool = True
     load_balanced: frozenset = frozenset()
+    #: a ComponentWatch (fedgate.stream.liveness): pings once bound
+    liveness: object = None
 
 
 def _hostname(element: domish.Element) -> tuple[str, str] | None:
@@ -111,6 +113,7 @@ class Xep0225Stream:
         self._scram: ScramServer | None = None
         self._from: str | None = None
         self._timer = None
+        self.monitor = None
 
     # -- stream ---------------------------------------------------------------
     def connected(self, io) -> None:
@@ -179,6 +182,8 @@ class Xep0225Stream:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._stop_waiting()
+        if self.monitor is not None:
+            self.monitor.stop()
         for domain in list(self.bound):
             self.router.unbind(domain, self)
         if self.bound:
@@ -425,6 +430,10 @@ class Xep0225Stream:
         self.bound[domain] = hostname
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
+        if self.monitor is None and self.settings.liveness is not None:
+            self.monitor = self.settings.liveness.watch(
+                self.io, self.io.clock, lambda: next(iter(self.bound), None), lambda: bool(self.bound),
+                ns.CLIENT)
         log.info("XEP-0225 bound {hostname} for {identity}", hostname=hostname, identity=self.identity)
         result = domish.Element((COMPONENT_NS, "bind"))
         result.addElement("hostname", content=hostname)
@@ -451,6 +460,8 @@ class Xep0225Stream:
             sender = stanza["from"] = next(iter(self.bound.values()))
         to_domain, from_domain = checked_domains(stanza, sender, self.bound, "a bound hostname")
         self.stanzas_in += 1
+        if self.monitor is not None:
+            self.monitor.stanza(stanza)
         self.router.route(stanza, to_domain, from_domain)
 
     def deliver(self, stanza) -> bool:
@@ -458,6 +469,8 @@ class Xep0225Stream:
         if not self.io.send_stanza(stanza):
             return False
         self.stanzas_out += 1
+        if self.monitor is not None:
+            self.monitor.stanza(stanza)
         return True
 
     def reject_stanza(self, stanza: domish.Element, failure: StanzaFailure) -> None:

@@ -12,6 +12,7 @@ from typing import Callable
 from fedgate.policy import PolicyTable
 from fedgate.s2s.pairs import ConnectionTable
 from fedgate.tls.contexts import TLSContexts
+from fedgate.stream.liveness import LivenessSettings, PingRegistry
 from fedgate.stream.parser import Limits
 
 
@@ -57,6 +58,11 @@ class S2SContext:
     reverse_dialback: bool = False
     log_traffic: bool = False
     log_bodies: bool = False
+    #: liveness of authenticated streams (pings, keepalives, idle close);
+    #: None: not watched
+    liveness: LivenessSettings | None = None
+    #: our pings in flight (the router hands their answers back)
+    pings: PingRegistry | None = None
     #: tls_failure(reason) counts a TLS failure (the metrics)
     tls_failure: Callable[[str], None] = lambda reason: None
 

@@ -50,11 +50,14 @@ listed in :data:`TRANSITIONS`::
 
 ``idle``, ``reverse`` and ``backoff`` have no shared stream; ``connecting``,
 ``open`` and ``closing`` have one.  ``closing`` is an operator closing it
-(admin API): not a failure of the peer, so the queue is kept for a new
-connection.  So is a stream that refused stanzas because it was closing
-(its peer ended it, say) and then closed without an error: the remote
-domain was just reachable, so what it refused goes out on a new connection
-(once per refusing stream: a new stream that fails bounces as usual).  An ``opened`` event while ``closing`` changes nothing.
+(admin API), or the stream closing for liveness (a peer that stopped
+answering pings, or a stream idle for long: :mod:`fedgate.stream.liveness`):
+not a failure of delivery, so the queue is kept for a new connection.  So is
+a stream that refused stanzas because it was closing (its peer ended it,
+say) and then closed without an error: the remote domain was just
+reachable, so what it refused goes out on a new connection (once per
+refusing stream: a new stream that fails bounces as usual).  An ``opened``
+event while ``closing`` changes nothing.
 
 Streams of their own (one local domain each, see above) have two states
 (:data:`SIDE_OPEN`, :data:`SIDE_CLOSING`): when one an operator closed is

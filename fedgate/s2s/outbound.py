@@ -195,6 +195,13 @@ class OutboundS2S(PairedStream, InitiatingStream):
         if self.io is not None:
             self.io.close()
 
+    def keep_queue(self) -> None:
+        """A liveness close is no failure of delivery: like an operator's
+        close, the destination keeps its queue and connects again."""
+        keep = getattr(self.owner, "keep_queue_on_close", None)
+        if keep is not None:
+            keep(self)
+
     def disconnected(self, reason) -> None:
         super().disconnected(reason)
         self._cancel_timer()

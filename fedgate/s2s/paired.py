@@ -20,6 +20,7 @@ from fedgate.jid import domain_of, domain_part, is_valid_jid
 from fedgate.s2s.pairs import ConnectionRecord
 from fedgate.s2s.throttle import StreamThrottle
 from fedgate.stream.errors import StanzaFailure, StreamFailure
+from fedgate.stream.liveness import Liveness, close_dead, close_idle
 from fedgate.stream.stanza import Stanza
 
 
@@ -80,19 +81,53 @@ class PairedStream:
     io = None
     record: ConnectionRecord | None = None
     throttle: StreamThrottle | None = None
+    liveness: Liveness | None = None
 
     def attach(self, io, record: ConnectionRecord) -> None:
-        """The connection is up: publish its record, set up the rate limit."""
+        """The connection is up: publish its record, set up the rate limit
+        and the liveness watch (TCP keepalive, pings or whitespace, idle close)."""
         self.io = io
         self.record = self.ctx.table.add(record, closer=io.fail, route=self)
         self.throttle = StreamThrottle(io, self.ctx.clock)
+        settings = self.ctx.liveness
+        if settings is not None and self.ctx.pings is not None:
+            io.keep_alive(settings)
+            self.liveness = Liveness(io, self.ctx.clock, settings, self.ctx.pings,
+                                     ping_pair=self.ping_pair,
+                                     authenticated=lambda: self.record.authenticated,
+                                     on_dead=self._peer_gone, on_idle=self._idle)
 
     def detach(self) -> None:
         """The connection is gone: no timer left, no record in the table."""
+        if self.liveness is not None:
+            self.liveness.stop()
         if self.throttle is not None:
             self.throttle.stop()
         if self.record is not None:
             self.ctx.table.remove(self.record)
+
+    # -- liveness -------------------------------------------------------------------
+    def ping_pair(self) -> tuple[str, str] | None:
+        """A (local, remote) pair valid for sending on this stream, preferring
+        the gateway's own domains (their pings' answers stay with us), or
+        None where the stream cannot send (a plain inbound stream)."""
+        record = self.record
+        usable = sorted((p.local, p.remote) for p in record.valid_pairs()
+                        if record.can_send(p.local, p.remote))
+        own = getattr(self.ctx.router, "own_domains", ())
+        return next((pair for pair in usable if pair[0] in own), usable[0] if usable else None)
+
+    def keep_queue(self) -> None:
+        """This stream is about to close for liveness: what waits for it
+        goes out over a new stream (outbound streams tell their destination)."""
+
+    def _peer_gone(self, why: str) -> None:
+        self.keep_queue()
+        close_dead(self.io, why)
+
+    def _idle(self, why: str) -> None:
+        self.keep_queue()
+        close_idle(self.io, why)
 
     # -- the stream asks ----------------------------------------------------------
     def tls_established(self, info) -> None:
@@ -108,6 +143,8 @@ class PairedStream:
         record = self.record
         to_domain, from_domain = check_incoming(record, stanza, self.ctx.local_domains)
         record.pairs[(to_domain, from_domain)].stanzas_in += 1
+        if self.liveness is not None:
+            self.liveness.stanza(stanza)
         self.throttle.stanza(from_domain, self.ctx.policy.rate_limit(from_domain))
         self.ctx.router.route(stanza, to_domain, from_domain)
 
@@ -118,4 +155,6 @@ class PairedStream:
         if not self.io.send_stanza(stanza):
             return False
         self.record.pairs[(local, remote)].stanzas_out += 1
+        if self.liveness is not None:
+            self.liveness.stanza(stanza)
         return True

@@ -29,6 +29,8 @@ class IXmppStream(Interface):
     tls = Attribute("the TLSInfo once a TLS handshake has completed, else None")
     tls_started = Attribute("True once TLS has been started on this connection")
     closed = Attribute("True once the connection is gone")
+    header_sent = Attribute("True once our header of the current stream is written")
+    last_received = Attribute("clock time of the last bytes from the peer")
 
     def open_stream(attributes, features=None):
         """Send our stream header (and features, when given)."""
@@ -83,6 +85,10 @@ class IXmppStream(Interface):
 
     def hand_over(handler):
         """Give the stream to another handler (its ``connected`` is called)."""
+
+    def keep_alive(settings):
+        """TCP keepalive on the connection (a LivenessSettings); False
+        where there is no socket."""
 
     def wait_closed():
         """A Deferred that fires once the connection is gone."""

@@ -46,6 +46,7 @@ from fedgate.logsafe import short
 from fedgate.stream import namespaces as ns
 from fedgate.stream.errors import StreamFailure, StanzaFailure, stream_error_element
 from fedgate.stream.interfaces import IStreamHandler, IXmppStream
+from fedgate.stream.liveness import tcp_keepalive
 from fedgate.stream.parser import Limits, StreamHeader, StreamParser
 from fedgate.stream.serialize import escape_attr, serialize
 from fedgate.stream.stanza import Stanza
@@ -88,6 +89,8 @@ class XmppStream(protocol.Protocol):
         self.closing = False
         self.closed = False
         self.peer = "?"
+        #: when bytes last came from the peer (liveness: fedgate.stream.liveness)
+        self.last_received = clock.seconds()
         self._parser: StreamParser | None = None
         self._parsing = False
         self._restart_pending = False
@@ -123,6 +126,7 @@ class XmppStream(protocol.Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self.closing or self.closed:
             return
+        self.last_received = self.clock.seconds()
         if self.log_traffic:
             self._log_xml("in", data)
         self._parsing = True
@@ -238,6 +242,11 @@ class XmppStream(protocol.Protocol):
         self._paused.discard(reason)
         if not self._paused and not self.closed:
             self.transport.resumeProducing()
+
+    def keep_alive(self, settings) -> bool:
+        """TCP keepalive on this connection (``settings``: a LivenessSettings);
+        False where the transport has no socket."""
+        return tcp_keepalive(self.transport, settings)
 
     @property
     def paused_for(self) -> frozenset:
