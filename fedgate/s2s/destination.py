@@ -14,7 +14,11 @@ a stanza over through its one guarded write path, which refuses once the
 stream is closing; a refused stanza stays in (or goes to) the queue in its
 place, and waits there for the stream that replaces the closing one, or
 bounces when there is none (the counters: accepted = delivered + bounced +
-queued).
+queued).  A stream whose output is past its high-water mark (a peer that
+reads slowly: :mod:`fedgate.stream.flow`) is not handed stanzas either: they
+wait in the same bounded queue, in order, until :meth:`Destination.stream_writable`
+(or, for a bidi route, the pair-changed hook) says it drained; past the
+queue's bound they bounce with ``resource-constraint``.
 
 The shared stream carries further local domains by dialback (piggybacking)
 only where the peer offered dialback after the last restart; otherwise such

@@ -14,6 +14,13 @@ session's :class:`StanzaQueue`) holds stanzas in its own bounded queue
 instead of handing them over, and flushes them in order once the transport
 has drained and the stream says it is writable again.  Without a transport
 that can take a producer (in-memory tests) a stream is always writable.
+
+Reading is never paused for backpressure (the ``BACKPRESSURE`` reason of
+:meth:`XmppStream.pause_reading` stays unused): what one stream reads goes
+to many targets (the pairs multiplexed on an S2S stream, the many domains a
+component writes to), so pausing it for one slow target would stall the
+others; and a pause long enough to matter would race the liveness checks.
+A slow target costs its own bounded queue and then bounces, nothing more.
 """
 
 from __future__ import annotations
