@@ -359,6 +359,10 @@ class StreamParser:
             raise StreamFailure("policy-violation", "stanza too large")
 
     def _text(self, data: str) -> None:
+        if self._parser is None:
+            # Closed: setting CharacterDataHandler in close() flushes
+            # expat's buffered text to this (old) handler; it is dropped.
+            return
         if self._depth >= 2:
             self._current.addContent(data)
         elif self._depth == 1:
