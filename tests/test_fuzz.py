@@ -43,3 +43,17 @@ def test_in_process(role, which):
     if role in ("s2s-in", "s2s-out"):
         assert stats.bidi > 0, (role, seed, stats)
     print(f"{role} seed {seed}: {stats}")
+
+
+def test_over_loopback():
+    """``FEDGATE_FUZZ_CI_LOOPBACK`` cases (half from each seed) over TCP
+    against ``twistd fedgate``: alive, a clean log, every connection ended
+    within 5 s of our close, RSS within 10% (tests.fuzz.loopback.passed)."""
+    from tests.fuzz import loopback
+    count = int(os.environ.get("FEDGATE_FUZZ_CI_LOOPBACK", "300"))
+    figures = loopback.run(count, [seed for _, seed in seeds()], warmup=100, quiet=True)
+    print(figures)
+    assert loopback.passed(figures) == [], figures
+    assert figures["connections"] == count
+    # The cases reached the gateway's answers, not just its TCP accept.
+    assert figures["stream_error"] > count // 2, figures

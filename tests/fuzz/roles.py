@@ -421,36 +421,14 @@ class ComponentRole(Role):
             digest = hashlib.sha1((self._stream_id() + secret).encode()).hexdigest()
             return f"<handshake>{digest}</handshake>".encode()
         if sym.name == "scram_first":
-            mechanism, self._client_first = sym.arg, "n=bots.example,r=fuzznonce"
-            payload = base64.b64encode(("n,," + self._client_first).encode()).decode()
-            return f"<auth xmlns='{ns.SASL}' mechanism='{mechanism}'>{payload}</auth>".encode()
+            self._client_first = CLIENT_FIRST
+            return scram_first(sym.arg)
         if sym.name == "scram_final":
             return self._scram_final(sym.arg)
         return super().resolve(sym)
 
     def _scram_final(self, algorithm: str) -> bytes | None:
-        """The client's final message over the server's last challenge
-        (RFC 5802), when there is one to answer."""
-        out = self.output_text()
-        start = out.rfind("<challenge")
-        if start < 0 or self._client_first is None:
-            return None
-        body = out[out.index(">", start) + 1:out.index("</challenge>", start)]
-        try:
-            server_first = base64.b64decode(body).decode()
-            attrs = dict(part.split("=", 1) for part in server_first.split(","))
-            salted = hashlib.pbkdf2_hmac(algorithm, PASSWORD.encode(), base64.b64decode(attrs["s"]),
-                                         int(attrs["i"]))
-        except (ValueError, KeyError):
-            return None
-        client_key = hmac.new(salted, b"Client Key", algorithm).digest()
-        stored = hashlib.new(algorithm, client_key).digest()
-        without_proof = f"c={base64.b64encode(b'n,,').decode()},r={attrs['r']}"
-        message = f"{self._client_first},{server_first},{without_proof}".encode()
-        signature = hmac.new(stored, message, algorithm).digest()
-        proof = base64.b64encode(bytes(a ^ b for a, b in zip(client_key, signature))).decode()
-        final = base64.b64encode(f"{without_proof},p={proof}".encode()).decode()
-        return f"<response xmlns='{ns.SASL}'>{final}</response>".encode()
+        return scram_final(self.output_text(), self._client_first, algorithm)
 
     def authenticated(self):
         handler = self.stream.handler
@@ -458,6 +436,38 @@ class ComponentRole(Role):
 
     def leftovers(self):
         return [f"component routes left: {sorted(self.router.components)}"] if self.router.components else []
+
+
+def scram_final(output: str, client_first: str | None, algorithm: str) -> bytes | None:
+    """The client's final SCRAM message (RFC 5802) over the last challenge
+    in ``output`` (what the server wrote), when there is one to answer."""
+    start = output.rfind("<challenge")
+    if start < 0 or client_first is None or "</challenge>" not in output[start:]:
+        return None
+    body = output[output.index(">", start) + 1:output.index("</challenge>", start)]
+    try:
+        server_first = base64.b64decode(body).decode()
+        attrs = dict(part.split("=", 1) for part in server_first.split(","))
+        salted = hashlib.pbkdf2_hmac(algorithm, PASSWORD.encode(), base64.b64decode(attrs["s"]),
+                                     int(attrs["i"]))
+    except (ValueError, KeyError):
+        return None
+    client_key = hmac.new(salted, b"Client Key", algorithm).digest()
+    stored = hashlib.new(algorithm, client_key).digest()
+    without_proof = f"c={base64.b64encode(b'n,,').decode()},r={attrs['r']}"
+    message = f"{client_first},{server_first},{without_proof}".encode()
+    signature = hmac.new(stored, message, algorithm).digest()
+    proof = base64.b64encode(bytes(a ^ b for a, b in zip(client_key, signature))).decode()
+    final = base64.b64encode(f"{without_proof},p={proof}".encode()).decode()
+    return f"<response xmlns='{ns.SASL}'>{final}</response>".encode()
+
+
+CLIENT_FIRST = "n=bots.example,r=fuzznonce"
+
+
+def scram_first(mechanism: str) -> bytes:
+    payload = base64.b64encode(("n,," + CLIENT_FIRST).encode()).decode()
+    return f"<auth xmlns='{ns.SASL}' mechanism='{mechanism}'>{payload}</auth>".encode()
 
 
 ROLES = {cls.name: cls for cls in (ParserRole, InboundRole, OutboundRole, VerifyRole, ComponentRole)}
