@@ -226,6 +226,14 @@ def component_iq(draw):
             f"<{verb} xmlns='urn:xmpp:component:0'>{names}</{verb}></iq>").encode()
 
 
+RESTRICTED = (b"<!-- c -->", b"<?pi x?>", b"<!DOCTYPE x>", b"<!ENTITY e 'x'>",
+              b"<message>&e;</message>", b"<message>&#0;</message>",
+              b"<message><![CDATA[</stream:stream>]]></message>",
+              b"<![CDATA[x]]>", b"&amp;", b"text between", b"]]>",
+              # never closed: the rest of the stream is inside them
+              b"<!-- never closed", b"<?pi never closed", b"<message><![CDATA[")
+
+
 @st.composite
 def hostile(draw):
     """Items that push on the parser's bounds and XMPP's XML restrictions."""
@@ -244,10 +252,7 @@ def hostile(draw):
         count = draw(st.integers(5, 40))
         return ("<message" + "".join(f" xmlns:q{i}='urn:q:{i}'" for i in range(count)) + "/>").encode()
     if kind == 5:
-        return draw(st.sampled_from([b"<!-- c -->", b"<?pi x?>", b"<!DOCTYPE x>", b"<!ENTITY e 'x'>",
-                                     b"<message>&e;</message>", b"<message>&#0;</message>",
-                                     b"<message><![CDATA[</stream:stream>]]></message>",
-                                     b"<![CDATA[x]]>", b"&amp;", b"text between", b"]]>"]))
+        return draw(st.sampled_from(RESTRICTED))
     if kind == 6:
         return draw(st.sampled_from((b"\xff", b"\xc3\x28", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\x00",
                                      b"\xef\xbb\xbf", "\ufffe".encode(),)))
