@@ -148,8 +148,10 @@ class Outcome:
     stream_error: int = 0
     clean_close: int = 0
     tls_failed: int = 0
+    reset: int = 0
     bare_close: int = 0
     fin_roles: dict = field(default_factory=dict)
+    fin_samples: list = field(default_factory=list)
     max_end_seconds: float = 0.0
     samples: list = field(default_factory=list)
     bytes_sent: int = 0
@@ -163,6 +165,7 @@ class Connection:
         self.outcome = outcome
         self.received = bytearray()
         self.client_first = None
+        self.reset = False
 
     def resolve(self, sym: Sym) -> bytes | None:
         text = self.received.decode("utf-8", "replace")
@@ -186,7 +189,10 @@ class Connection:
                     return
                 self.received += data
         except (ConnectionError, OSError):
-            return
+            # A reset: the gateway had closed and we went on writing (its
+            # kernel answers with RST, and ours may drop what it had not
+            # read yet, the stream error included).
+            self.reset = True
 
     async def run(self, port: int, role: str, variant: dict, steps: list) -> None:
         out = self.outcome
@@ -198,6 +204,7 @@ class Connection:
             return
         out.connections += 1
         reading = asyncio.ensure_future(self._read(reader))
+        sent = b""
         try:
             pending = b""
             for step in steps:
@@ -210,6 +217,7 @@ class Connection:
                 if step.flush and pending:
                     for piece in split(pending, step.cuts):
                         writer.write(piece)
+                        sent = (sent + piece)[-400:]
                         await writer.drain()
                         out.bytes_sent += len(piece)
                     pending = b""
@@ -238,6 +246,8 @@ class Connection:
                 await asyncio.wait_for(reading, END_WAIT)
                 out.ended_after_fin += 1
                 out.fin_roles[role] = out.fin_roles.get(role, 0) + 1
+                if len(out.fin_samples) < 6:
+                    out.fin_samples.append(f"{role}: sent {sent[-120:]!r}; got {bytes(self.received[-120:])!r}")
             except asyncio.TimeoutError:
                 out.not_ended += 1
                 out.failures.append(f"{role} {variant}: not ended {END_WAIT:.0f} s after our FIN; "
@@ -251,6 +261,8 @@ class Connection:
             out.clean_close += 1
         elif data.endswith(PROCEED):
             out.tls_failed += 1  # our bytes after <proceed/> are no TLS handshake
+        elif self.reset:
+            out.reset += 1
         else:
             out.bare_close += 1
             if len(out.samples) < 3:
@@ -330,8 +342,9 @@ def run(count: int, seeds, concurrency: int = 16, warmup: int = 200, quiet: bool
         "ended_after_close_tag": outcome.ended_after_close_tag, "ended_after_fin": outcome.ended_after_fin,
         "not_ended": outcome.not_ended, "max_end_seconds": round(outcome.max_end_seconds, 2),
         "stream_error": outcome.stream_error, "clean_close": outcome.clean_close,
-        "tls_failed": outcome.tls_failed, "bare_close": outcome.bare_close,
-        "ended_after_fin_by_role": outcome.fin_roles, "bytes_sent": outcome.bytes_sent,
+        "tls_failed": outcome.tls_failed, "reset": outcome.reset, "bare_close": outcome.bare_close,
+        "ended_after_fin_by_role": outcome.fin_roles,
+        "ended_after_fin_samples": outcome.fin_samples, "bytes_sent": outcome.bytes_sent,
         "rss_before_kib": rss_before, "rss_after_kib": rss_after,
         "rss_ratio": round(rss_after / rss_before, 3), "alive": alive, "exit_status": status,
         "fds_idle": idle_fds, "fds_after": fds_after, "connections_left": left,
