@@ -136,7 +136,7 @@ class ScriptedVerifier:
             elif key == "invalid":
                 d.callback(False)
             else:
-                d.errback(DialbackError("remote-connection-failed", "scripted"))
+                d.errback(DialbackError("remote-server-not-found", "scripted"))
 
         if key in ("valid", "invalid", "error"):
             call = self.clock.callLater(0.05, answer)

@@ -11,6 +11,7 @@ repeated exactly.
 from __future__ import annotations
 
 import argparse
+import base64
 import secrets
 import sys
 import time
@@ -47,7 +48,7 @@ C0114_HEADER = (b"<stream:stream xmlns='jabber:component:accept' "
 C0225_HEADER = (b"<?xml version='1.0'?><stream:stream xmlns='jabber:client' "
                 b"xmlns:stream='http://etherx.jabber.org/streams' to='gw.example' from='bots.example' version='1.0'>")
 PLAIN = (f"<auth xmlns='{ns.SASL}' mechanism='PLAIN'>"
-         + __import__("base64").b64encode(b"\0bots.example\0fuzz password").decode() + "</auth>").encode()
+         + base64.b64encode(b"\0bots.example\0fuzz password").decode() + "</auth>").encode()
 
 
 def db_result(sender, to, body="valid", kind=None):
