@@ -12,9 +12,15 @@ one connection, its reads cut as the case says with short pauses between.
 Each connection then sends ``</stream:stream>`` and waits up to 5 s for the
 gateway to close; if it has not, it closes its own side (TCP FIN) and waits
 up to 5 s more.  The run passes when every connection ended within those
-bounds, the process is alive, its log holds no traceback or unhandled
-error, and its RSS after the run (measured after a warm-up, once the
-connections are gone) is within 10% of before.
+bounds, with a stream error, our ``</stream:stream>``, a failed TLS
+handshake after ``<proceed/>`` or a reset after the gateway had closed; the
+process is alive, its log holds no traceback or unhandled error, and its
+RSS after the run (measured after a warm-up, once the connections are
+gone) is within 10% of before.
+
+Known and counted, not failed: a component connection that never completes
+its header ends only at our FIN, since nothing times the component
+listener before the header yet (issue 11, "Components: Timeouts").
 """
 
 from __future__ import annotations
@@ -149,6 +155,7 @@ class Outcome:
     clean_close: int = 0
     tls_failed: int = 0
     reset: int = 0
+    known_no_header_timeout: int = 0
     bare_close: int = 0
     fin_roles: dict = field(default_factory=dict)
     fin_samples: list = field(default_factory=list)
@@ -233,6 +240,7 @@ class Connection:
         except (ConnectionError, OSError):
             pass  # the gateway closed while we wrote
         closed_at = time.monotonic()
+        after_fin = False
         try:
             await asyncio.wait_for(asyncio.shield(reading), END_WAIT)
             out.ended_after_close_tag += 1
@@ -245,6 +253,7 @@ class Connection:
             try:
                 await asyncio.wait_for(reading, END_WAIT)
                 out.ended_after_fin += 1
+                after_fin = True
                 out.fin_roles[role] = out.fin_roles.get(role, 0) + 1
                 if len(out.fin_samples) < 6:
                     out.fin_samples.append(f"{role}: sent {sent[-120:]!r}; got {bytes(self.received[-120:])!r}")
@@ -263,6 +272,11 @@ class Connection:
             out.tls_failed += 1  # our bytes after <proceed/> are no TLS handshake
         elif self.reset:
             out.reset += 1
+        elif not data and after_fin and role == "component":
+            # Known: nothing times a component connection before its
+            # header (issue 11, "Components: Timeouts", left to that work):
+            # one that never completes a header ends at our FIN, silently.
+            out.known_no_header_timeout += 1
         else:
             out.bare_close += 1
             if len(out.samples) < 3:
@@ -342,7 +356,8 @@ def run(count: int, seeds, concurrency: int = 16, warmup: int = 200, quiet: bool
         "ended_after_close_tag": outcome.ended_after_close_tag, "ended_after_fin": outcome.ended_after_fin,
         "not_ended": outcome.not_ended, "max_end_seconds": round(outcome.max_end_seconds, 2),
         "stream_error": outcome.stream_error, "clean_close": outcome.clean_close,
-        "tls_failed": outcome.tls_failed, "reset": outcome.reset, "bare_close": outcome.bare_close,
+        "tls_failed": outcome.tls_failed, "reset": outcome.reset,
+        "known_no_header_timeout": outcome.known_no_header_timeout, "bare_close": outcome.bare_close,
         "ended_after_fin_by_role": outcome.fin_roles,
         "ended_after_fin_samples": outcome.fin_samples, "bytes_sent": outcome.bytes_sent,
         "rss_before_kib": rss_before, "rss_after_kib": rss_after,
