@@ -58,7 +58,7 @@ def config_text(directory: Path) -> str:
     s2s, comp, admin = free_ports(3)
     text = loopback_config(directory, s2s, comp, admin, domains=HOSTED)
     text = text.replace("[s2s]\n", f"[s2s]\nauth_timeout = {AUTH_TIMEOUT}\n", 1)
-    text = text.replace("[components]\n", f"[components]\nauth_timeout = {AUTH_TIMEOUT}\nrequire_tls = false\n", 1)
+    text = text.replace("[components]\n", f"[components]\nauth_timeout = {AUTH_TIMEOUT}\nheader_timeout = {AUTH_TIMEOUT}\nrequire_tls = false\n", 1)
     secrets_ = "".join(f'[components.domains."{d}"]\nsecret = "{s}"\n' for d, s in ComponentRole.secrets.items())
     return text + f'''
 [s2s.policy]
@@ -155,7 +155,6 @@ class Outcome:
     clean_close: int = 0
     tls_failed: int = 0
     reset: int = 0
-    known_no_header_timeout: int = 0
     bare_close: int = 0
     fin_roles: dict = field(default_factory=dict)
     fin_samples: list = field(default_factory=list)
@@ -272,11 +271,6 @@ class Connection:
             out.tls_failed += 1  # our bytes after <proceed/> are no TLS handshake
         elif self.reset:
             out.reset += 1
-        elif not data and after_fin and role == "component":
-            # Known: nothing times a component connection before its
-            # header (issue 11, "Components: Timeouts", left to that work):
-            # one that never completes a header ends at our FIN, silently.
-            out.known_no_header_timeout += 1
         else:
             out.bare_close += 1
             if len(out.samples) < 3:
@@ -357,7 +351,7 @@ def run(count: int, seeds, concurrency: int = 16, warmup: int = 200, quiet: bool
         "not_ended": outcome.not_ended, "max_end_seconds": round(outcome.max_end_seconds, 2),
         "stream_error": outcome.stream_error, "clean_close": outcome.clean_close,
         "tls_failed": outcome.tls_failed, "reset": outcome.reset,
-        "known_no_header_timeout": outcome.known_no_header_timeout, "bare_close": outcome.bare_close,
+        "bare_close": outcome.bare_close,
         "ended_after_fin_by_role": outcome.fin_roles,
         "ended_after_fin_samples": outcome.fin_samples, "bytes_sent": outcome.bytes_sent,
         "rss_before_kib": rss_before, "rss_after_kib": rss_after,

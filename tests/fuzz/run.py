@@ -197,7 +197,6 @@ def main(argv=None) -> int:
         print(f"{role:11} {stats.cases:7} cases {elapsed:7.1f} s ({stats.cases / max(elapsed, 1e-9):6.0f}/s) "
               f"authenticated {stats.authenticated:6} bidi {stats.bidi:5} stream-error {stats.stream_error:6} "
               f"clean-close {stats.clean_close:6} open-until-tcp-close {stats.open_until_tcp_close:5} "
-              f"no-header-timeout {stats.known_no_header_timeout:4} "
               f"bytes {stats.bytes_fed}", flush=True)
     elapsed = time.monotonic() - started
     top = sorted(total.conditions.items(), key=lambda kv: -kv[1])[:12]
