@@ -36,17 +36,17 @@ listed in :data:`TRANSITIONS`::
     idle        need-stream        reverse (a peer's bidi stream asked) | connecting
     reverse     need-stream        reverse (asked again, for another domain) | connecting
     reverse     reverse-done       idle (the bidi route took the whole queue)
-    reverse     reverse-failed     connecting
+    reverse     reverse-failed     connecting | idle (shutting down: the queue bounced)
     reverse     expired            idle (nothing waits for the request any more)
     connecting  opened             open
     connecting  connect-failed     backoff (everything queued bounces)
     connecting  closed             idle (nothing queued) | backoff (queue bounces)
     connecting  operator-close     closing
-    open        closed             idle (nothing queued) | backoff (queue bounces) | connecting (closed cleanly after refusing stanzas)
+    open        closed             idle (nothing queued, or shutting down) | backoff (queue bounces) | connecting (closed cleanly with a queue)
     open        operator-close     closing
     closing     connect-failed     backoff
-    closing     closed             connecting (something queued) | idle
-    backoff     retry              connecting (something queued) | idle
+    closing     closed             connecting (something queued) | idle (nothing queued, or shutting down)
+    backoff     retry              connecting (something queued) | idle (nothing queued, or shutting down)
 
 ``idle``, ``reverse`` and ``backoff`` have no shared stream; ``connecting``,
 ``open`` and ``closing`` have one.  ``closing`` is an operator closing it
@@ -96,7 +96,19 @@ BOUNCE = {
     "pair-timeout": "remote-server-timeout",    # a pending pair got no answer in time
     "dialback-error": "remote-server-timeout",  # db:result type='error' (XEP-0220: MUST)
     "too-many-destinations": "resource-constraint",
+    "shutdown": "remote-server-timeout",        # the gateway stops before it could send
 }
+
+#: a stream error the peer sent -> the stanza error queued stanzas bounce
+#: with, where one fits better than ``remote-server-timeout``
+STREAM_ERROR_BOUNCE = {
+    "host-unknown": "remote-server-not-found",  # the peer does not serve the domain
+    "host-gone": "remote-server-not-found",
+    "policy-violation": "policy-violation",     # the peer refuses us by its policy
+    "not-authorized": "policy-violation",
+}
+
+SHUTDOWN_TEXT = "the gateway is shutting down"
 
 IDLE, CONNECTING, OPEN, BACKOFF = "idle", "connecting", "open", "backoff"
 REVERSE = "reverse"  # authenticating in the reverse direction on a bidi stream
@@ -109,7 +121,7 @@ TRANSITIONS: dict[tuple[str, str], tuple[str, ...]] = {
     (IDLE, "need-stream"): (REVERSE, CONNECTING),
     (REVERSE, "need-stream"): (REVERSE, CONNECTING),
     (REVERSE, "reverse-done"): (IDLE,),
-    (REVERSE, "reverse-failed"): (CONNECTING,),
+    (REVERSE, "reverse-failed"): (CONNECTING, IDLE),
     (REVERSE, "expired"): (IDLE,),
     (CONNECTING, "opened"): (OPEN,),
     (CONNECTING, "connect-failed"): (BACKOFF,),
@@ -192,6 +204,8 @@ class Destination:
         self._routes: dict = {}
         #: our streams that refused a stanza because they were closing
         self._refused_by: set = set()
+        #: reconnected once after a clean close with a queue (see _reconnect_once)
+        self._reconnected = False
         self._retry_timer = None
         self._expiry_timer = None
 
@@ -220,6 +234,10 @@ class Destination:
                 return
         # No open stream took it (none yet, or the one we have is closing):
         # it waits for the next one, or bounces with the rest of the queue.
+        if sender.draining and self._stream_for(local) is None:
+            # Shutting down: no new connection will be made for it.
+            sender.bounce(stanza, BOUNCE["shutdown"], SHUTDOWN_TEXT)
+            return
         size = stanza.size()
         settings = sender.settings
         if len(self.queue) >= settings.max_stanzas or self.queued_bytes + size > settings.max_bytes:
@@ -328,10 +346,16 @@ class Destination:
         return stream
 
     def _connect(self, event: str, local: str) -> None:
+        if self.sender.draining:
+            self._shutdown_bounce(event)
+            return
         self._move(event, CONNECTING)
         self.stream = self._new_stream(local)
 
     def _open_side(self, local: str) -> None:
+        if self.sender.draining:
+            self._bounce_local(local, BOUNCE["shutdown"], SHUTDOWN_TEXT)
+            return
         log.info("Opening a stream of its own for {local} -> {remote}", local=local, remote=self.remote)
         self.side[local] = _Side(self._new_stream(local))
 
@@ -370,6 +394,7 @@ class Destination:
             return
         if state == VALID:
             self.failures = 0
+            self._reconnected = False
             self.last_error = None
             self._flush(local, stream)
             return
@@ -393,7 +418,20 @@ class Destination:
         if stream not in self._refused_by:
             return False
         self._refused_by.discard(stream)
-        return stream.failure is None and stream.stream_error is None
+        return _closed_cleanly(stream)
+
+    def _reconnect_once(self, stream: OutboundS2S) -> bool:
+        """The shared stream, open, closed by the peer with
+        ``</stream:stream>`` and no error (an idle close of its own, say)
+        while stanzas still wait for a pair:
+        the remote domain was just reachable, so they wait for one new
+        connection.  Only once until something is delivered again, so a peer
+        that keeps closing cannot keep them forever (they bounce then)."""
+        if (self._reconnected or self.state != OPEN or not _closed_cleanly(stream)
+                or not getattr(stream.io, "peer_ended", False)):
+            return False
+        self._reconnected = True
+        return True
 
     def stream_closed(self, stream: OutboundS2S) -> None:
         retry = self._retry_refused(stream)
@@ -414,7 +452,7 @@ class Destination:
                 self._move("closed", IDLE)
                 self.sender.note_idle(self)
             return
-        if self.queue and retry and self.state == OPEN:
+        if self.queue and ((retry and self.state == OPEN) or self._reconnect_once(stream)):
             log.info("Stream to {remote} closed while sending: {count} stanzas wait for a new one",
                      remote=self.remote, count=len(self.queue))
             self._connect("closed", self.queue[0].local)
@@ -432,7 +470,8 @@ class Destination:
                 condition = BOUNCE["policy"]
             return condition, stream.failure.text
         what = stream.stream_error or "the connection closed"
-        return BOUNCE["stream"], f"stream to {self.remote} failed: {what}"
+        condition = STREAM_ERROR_BOUNCE.get(stream.stream_error or "", BOUNCE["stream"])
+        return condition, f"stream to {self.remote} failed: {what}"
 
     def _side_closed(self, side: _Side) -> None:
         local = side.stream.first_local
@@ -491,6 +530,28 @@ class Destination:
     def close(self) -> None:
         for stream in self.streams():
             stream.close()
+
+    # -- graceful shutdown ------------------------------------------------
+    def drain(self) -> None:
+        """The gateway is shutting down: what has no stream that is open or
+        connecting bounces now (no new connection will be made; a reverse
+        request cannot be answered on a stream no longer read); the rest
+        stays for the streams we have, for the flush time."""
+        for local in dict.fromkeys(item.local for item in self.queue):
+            if self._stream_for(local) is None and local not in self.side:
+                self._bounce_local(local, BOUNCE["shutdown"], SHUTDOWN_TEXT)
+        if self._retry_timer is not None and self._retry_timer.active():
+            self._retry_timer.cancel()
+            self._retry()  # from backoff to idle (what was queued bounced above)
+        if self.state == REVERSE and not self.queue:
+            self._move("expired", IDLE)
+        self.sender.note_idle(self)
+
+    def _shutdown_bounce(self, event: str) -> None:
+        """Instead of a new connection while shutting down: bounce the queue."""
+        self._bounce_all(BOUNCE["shutdown"], SHUTDOWN_TEXT)
+        self._move(event, IDLE)
+        self.sender.note_idle(self)
 
     # -- queue handling ---------------------------------------------------
     def _flush(self, local: str, stream: OutboundS2S) -> None:
@@ -586,3 +647,8 @@ class Destination:
             if timer is not None and timer.active():
                 timer.cancel()
         self._retry_timer = self._expiry_timer = None
+
+
+def _closed_cleanly(stream: OutboundS2S) -> bool:
+    """Did ``stream`` end without a refusal or a stream error from the peer?"""
+    return stream.failure is None and stream.stream_error is None
