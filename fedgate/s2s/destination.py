@@ -64,6 +64,66 @@ Streams of their own (one local domain each, see above) have two states
 gone, a new one opens for what is queued; when any other one is gone, what
 waits for its local domain bounces (the backoff is the shared stream's).
 
+Closing paths
+-------------
+Every way a stream ends gives each stanza queued for it (or refused by it)
+a fate: requeued for a new stream, or bounced with the condition that fits
+(:data:`BOUNCE`, :data:`STREAM_ERROR_BOUNCE`).  Stanzas written but not yet
+acknowledged by XEP-0198 are not covered here: they are requeued through the
+destination by the stream management code.  Tests: tests/test_closing_paths.py,
+tests/test_write_path.py, tests/test_sender.py (OperatorCloseTests),
+tests/test_liveness.py, tests/test_shutdown_e2e.py::
+
+    path                               queued / refused stanzas
+    ---------------------------------  --------------------------------------------------
+    (a) our outbound streams (the shared one; one of its own behaves alike per local domain)
+    peer close (</stream:stream>)      reconnect once (until something is delivered
+                                       again), then bounce remote-server-timeout
+    connection dropped, no close       a new connection if it refused stanzas while
+                                       closing; else bounce remote-server-timeout
+    stream error from the peer         bounce: host-unknown, host-gone ->
+                                       remote-server-not-found; policy-violation,
+                                       not-authorized -> policy-violation; else
+                                       remote-server-timeout (the condition in the text)
+    our stream error (bad peer input,  bounce remote-server-timeout (a new connection
+      auth timeout)                    if it refused stanzas while closing)
+    refused by our policy / TLS        bounce with the refusal's condition
+                                       (not-authorized -> policy-violation)
+    connect failure                    bounce remote-server-not-found, back off
+    dialback invalid / error / timeout bounce internal-server-error / remote-server-timeout
+    policy block (admin API, reload)   bounce policy-violation first, then the streams
+                                       end with policy-violation; later stanzas bounce
+                                       at once (S2SSender.send)
+    policy requirement changed         the stream ends with policy-violation; the queue
+      (TLS or certificate now needed)  is kept and a new connection tries the new terms
+    operator close (admin API)         kept; a new connection at once (state closing)
+    liveness (dead or idle stream)     kept; a new connection at once (state closing)
+    graceful shutdown                  see below
+    (b) a peer's inbound bidi stream used as a route: a stanza it refuses is
+        queued here and goes out on a stream of our own; a reverse request
+        that fails (the stream closed) falls back to a connection of ours
+    (c) component sessions (fedgate.router): nothing is queued in them; a
+        stanza a closing session refuses goes to another session of a shared
+        domain, else bounces service-unavailable; stanzas a component sent
+        before it left stay queued here and their bounces, if any, are
+        errors to a domain no longer served (dropped, never answered)
+    (d) in the router: routing is synchronous, so a stanza is never held
+        between streams; it is taken by a stream, queued here, or bounced
+    (e) dialback verification streams carry no stanzas: a close before the
+        answer fails the verification (fedgate.s2s.verifier)
+
+Graceful shutdown (:meth:`S2SSender.drain`, then :meth:`S2SSender.stop`,
+driven by :meth:`fedgate.service.Gateway.stopService`): no new connection
+is made; what has no stream that is open or connecting bounces at once
+(backoff, a reverse request, a stream an operator is closing); the rest
+may still go out within ``shutdown_flush`` seconds, then bounces.  Both
+bounce with ``remote-server-timeout``, type wait (RFC 6120 8.3.3: the
+remote domain was resolved but "communications could not be established
+within a reasonable amount of time" -- here, the time the gateway had
+left), so that the sender may try again once the gateway is back;
+``service-unavailable`` is type cancel and says the service is not
+provided, which tells a client not to try again.
+
 The owner interface the outbound streams call: :meth:`Destination.stream_open`,
 :meth:`Destination.pair_result`, :meth:`Destination.stream_closed`.
 """
