@@ -333,6 +333,9 @@ class Gateway(service.Service):
         streams = self._live_streams()
         for stream in streams:
             stream.fail("system-shutdown", "the gateway is stopping")
+            # Read again, so that the closing handshake (the peer's stream
+            # end, TLS close_notify) completes; nothing read is parsed now.
+            stream.resume_reading(SHUTDOWN)
         # Give peers a moment to read the error; then cut what is left.
         waiting = defer.DeferredList([s.wait_closed() for s in streams])
         waiting.addTimeout(self.config.s2s.shutdown_grace, self.reactor)
