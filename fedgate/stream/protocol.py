@@ -87,6 +87,9 @@ class XmppStream(protocol.Protocol):
         self.log_bodies = log_bodies
         self.header_sent = False
         self.closing = False
+        #: the peer closed its stream (``</stream:stream>``), as against a
+        #: connection that was dropped or a stream we ended
+        self.peer_ended = False
         self.closed = False
         self.peer = "?"
         #: when bytes last came from the peer (liveness: fedgate.stream.liveness)
@@ -355,6 +358,7 @@ class XmppStream(protocol.Protocol):
 
     def _on_end(self) -> None:
         log.debug("Peer {peer} closed its stream", peer=self.peer)
+        self.peer_ended = True
         self.close()
 
     def _guard(self, fn, *args) -> None:
