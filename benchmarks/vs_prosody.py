@@ -13,10 +13,12 @@ rounds and the fedgate/Prosody ratio of the medians.
 
 Fedgate reaches ``remote.example`` through a static address; Prosody has
 no such option and asks the test DNS server in this process (once per
-outbound connection).  Protocol work is the same on both: Nagle as each
-server sets it by default (Prosody's LuaSocket sets TCP_NODELAY on accepted
-and outgoing sockets), Server Dialback (XEP-0220) verification with the
-authoritative server on both for every dialback scenario, no XEP-0344.
+outbound connection).  Protocol work is the same on both: Nagle off
+(fedgate sets TCP_NODELAY on every stream; Prosody 0.12 leaves Nagle on
+unless ``network_settings = { nagle = false }``, which this gives it; pass
+``--prosody-nagle on`` for its default), Server Dialback (XEP-0220)
+verification with the authoritative server on both for every dialback
+scenario, no XEP-0344.
 Prosody verifies over the one connection it keeps to ``remote.example``;
 fedgate over whatever its verifier uses (the report counts connections
 ``remote.example`` accepted).
@@ -131,11 +133,12 @@ async def start_fedgate(reactor, workdir: Path, remote_port: int, ca) -> Server:
                   gateway.child.stop)
 
 
-async def start_prosody(reactor, workdir: Path, dns_port: int, ca) -> Server:
+async def start_prosody(reactor, workdir: Path, dns_port: int, ca, nagle: bool = False) -> Server:
     from tests.support.prosody import ProsodyServer
     server = ProsodyServer(GATEWAY_DOMAIN, components={COMPONENT_DOMAIN: COMPONENT_SECRET},
                            dns_port=dns_port, tls_issuer=ca, trusted_cas=[ca], log_level="info",
-                           workdir=workdir)
+                           workdir=workdir,
+                           extra_config="" if nagle else "network_settings = { nagle = false }")
     server.start()  # blocks for a bounded time; nothing else runs meanwhile
     return Server("prosody", server.pid, server.s2s_port, server.component_port, server.stop)
 
@@ -331,6 +334,8 @@ def parse_args(argv):
     parser.add_argument("--idle", type=int, default=200, help="idle connections per RSS scenario")
     parser.add_argument("--timeout", type=float, default=60.0)
     parser.add_argument("--scenario", action="append", choices=sorted(SCENARIOS))
+    parser.add_argument("--prosody-nagle", choices=("on", "off"), default="off",
+                        help="Prosody's Nagle setting (default off, like fedgate; Prosody's own default is on)")
     parser.add_argument("--server", action="append", choices=SERVERS,
                         help="run only this server (repeatable; ratios need both)")
     args = parser.parse_args(argv)
@@ -392,7 +397,8 @@ async def main(reactor, args) -> None:
                 if name == "fedgate":
                     server = await start_fedgate(reactor, where, remote_port.getHost().port, ca)
                 else:
-                    server = await start_prosody(reactor, where, dns_port, ca)
+                    server = await start_prosody(reactor, where, dns_port, ca,
+                                                 nagle=args.prosody_nagle == "on")
                 try:
                     await task.deferLater(reactor, 1.0, lambda: None)
                     results[name]["rss_start"].append(rss_kb(server.pid) / 1024)
@@ -439,13 +445,14 @@ async def main(reactor, args) -> None:
     report = {
         "benchmark": "fedgate vs prosody",
         "parameters": {k: getattr(args, k) for k in ("rounds", "messages", "latency_messages", "sessions",
-                                                      "idle", "timeout", "scenario", "server")},
+                                                      "idle", "timeout", "scenario", "server",
+                                                      "prosody_nagle")},
         "environment": {"python": platform.python_version(), "twisted": twisted.__version__,
                         "platform": platform.platform(), "cpus": os.cpu_count()},
         "ratio_means": "fedgate / prosody of the medians: above 1 is better for rates "
                        "(better=higher), below 1 for costs (better=lower)",
         "protocol": "dialback (XEP-0220) verification with the authoritative server on both; "
-                    "no XEP-0344; each server's default Nagle setting",
+                    f"no XEP-0344; fedgate Nagle off (TCP_NODELAY), Prosody Nagle {args.prosody_nagle}",
         "results": table,
         "remote_connections_accepted": connections,
         "problems": problems,
