@@ -367,7 +367,10 @@ def tcp_no_delay(transport) -> bool:
     Nagle would hold each one until the peer's delayed ACK (about 40 ms per
     round trip of a STARTTLS or dialback handshake).  False where there is
     no socket (memory transports in tests) or the option cannot be set."""
-    sock = _socket_of(transport)
+    try:
+        sock = _socket_of(transport)
+    except AttributeError:  # a wrapper with nothing under it yet (memory transports)
+        return False
     if sock is None:
         return False
     try:
