@@ -160,11 +160,11 @@ class GatewayProcess:
 
 
 async def start_gateway(reactor, workdir: Path, remote_port: int,
-                        profile: Path | None = None) -> GatewayProcess:
+                        profile: Path | None = None, config_text: str | None = None) -> GatewayProcess:
     """Run ``twistd -n fedgate --config <workdir>/fedgate.toml``; fires once
-    both listeners are up."""
+    both listeners are up.  ``config_text`` replaces :func:`gateway_config`."""
     config = workdir / "fedgate.toml"
-    config.write_text(gateway_config(workdir / "state", remote_port))
+    config.write_text(config_text or gateway_config(workdir / "state", remote_port))
     log = workdir / "gateway.log"
     argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
             "-n", "--pidfile", str(workdir / "twistd.pid"), "--logfile", str(log)]

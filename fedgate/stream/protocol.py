@@ -46,7 +46,7 @@ from fedgate.logsafe import short
 from fedgate.stream import namespaces as ns
 from fedgate.stream.errors import StreamFailure, StanzaFailure, stream_error_element
 from fedgate.stream.interfaces import IStreamHandler, IXmppStream
-from fedgate.stream.liveness import tcp_keepalive
+from fedgate.stream.liveness import tcp_keepalive, tcp_no_delay
 from fedgate.stream.parser import Limits, StreamHeader, StreamParser
 from fedgate.stream.serialize import escape_attr, serialize
 from fedgate.stream.stanza import Stanza
@@ -121,6 +121,7 @@ class XmppStream(protocol.Protocol):
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
         self.peer = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
+        tcp_no_delay(self.transport)  # every S2S and component stream, both directions
         if self.admission is not None:
             self.admission.attach(self.fail)  # so that it can be evicted
         self._new_parser()
