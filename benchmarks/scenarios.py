@@ -129,8 +129,9 @@ async def open_component(lab: Lab) -> ComponentStream:
     return peer
 
 
-async def open_inbound(lab: Lab, receiving: str, seconds: float | None = None) -> InboundStream:
-    peer = InboundStream(lab.remote, receiving)
+async def open_inbound(lab: Lab, receiving: str, seconds: float | None = None,
+                       tls=None, external: bool = False) -> InboundStream:
+    peer = InboundStream(lab.remote, receiving, tls=tls, external=external)
     await within(lab, connect(lab.reactor, lab.gateway_s2s_port, peer), "S2S connect", seconds)
     try:
         answer = await within(lab, peer.authenticated, "dialback answer", seconds)

@@ -36,6 +36,8 @@ STREAMS = "http://etherx.jabber.org/streams"
 SERVER = "jabber:server"
 DIALBACK = "jabber:server:dialback"
 COMPONENT = "jabber:component:accept"
+TLS_NS = "urn:ietf:params:xml:ns:xmpp-tls"
+SASL_NS = "urn:ietf:params:xml:ns:xmpp-sasl"
 
 # Element names as the expat reader reports them: "namespace local".
 STREAM_FEATURES = f"{STREAMS} features"
@@ -43,6 +45,11 @@ STREAM_ERROR = f"{STREAMS} error"
 DB_RESULT = f"{DIALBACK} result"
 DB_VERIFY = f"{DIALBACK} verify"
 HANDSHAKE = f"{COMPONENT} handshake"
+STARTTLS = f"{TLS_NS} starttls"
+PROCEED = f"{TLS_NS} proceed"
+SASL_MECHANISMS = f"{SASL_NS} mechanisms"
+SASL_SUCCESS = f"{SASL_NS} success"
+SASL_FAILURE = f"{SASL_NS} failure"
 STANZA_NAMES = frozenset(f"{uri} {name}" for uri in (SERVER, COMPONENT)
                          for name in ("message", "presence", "iq"))
 
@@ -124,6 +131,8 @@ class Inbox:
         self.done_at: float | None = None
         self._want = 0
         self._waiter: defer.Deferred | None = None
+        #: when set, each stanza's id -> perf_counter time of arrival
+        self.arrivals: dict | None = None
 
     def reset(self) -> None:
         self.stanzas = self.errors = 0
@@ -134,6 +143,8 @@ class Inbox:
             self.errors += 1
         else:
             self.stanzas += 1
+        if self.arrivals is not None:
+            self.arrivals[top.attrs.get("id")] = time.perf_counter()
         if self._waiter is not None and self.stanzas + self.errors >= self._want:
             self.done_at = time.perf_counter()
             waiter, self._waiter = self._waiter, None
@@ -159,6 +170,15 @@ class XmppPeer(protocol.Protocol):
         self._reader: StreamReader | None = None
 
     def connectionMade(self) -> None:
+        # The generator never waits on Nagle's algorithm (whatever the server does).
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
+        self._reader = StreamReader(self._header, self.element_received, self.stream_ended)
+        self.stream_started()
+
+    def restart_stream(self) -> None:
+        """After STARTTLS or SASL success: a fresh reader and our header again."""
         self._reader = StreamReader(self._header, self.element_received, self.stream_ended)
         self.stream_started()
 
@@ -263,24 +283,58 @@ class InboundStream(XmppPeer):
     """The fake remote domain's stream into the gateway (Originating Server).
 
     ``authenticated`` fires with the ``type`` of the gateway's ``<db:result>``
-    answer: ``valid``, ``invalid`` or ``error``.
+    answer: ``valid``, ``invalid`` or ``error``.  With ``tls`` (a client
+    connection creator, e.g. from ``optionsForClientTLS``) the stream is
+    secured with STARTTLS first; with ``external`` as well, it authenticates
+    with SASL EXTERNAL (the client certificate in ``tls``) instead of
+    dialback, and ``authenticated`` fires with ``valid`` once the restarted
+    stream's features arrive.
     """
 
-    def __init__(self, server: RemoteServer, receiving: str):
+    def __init__(self, server: RemoteServer, receiving: str, tls=None, external: bool = False):
         super().__init__()
         self.server = server
         self.receiving = receiving
+        self.tls = tls
+        self.external = external
+        self._secured = False
+        self._sasl_done = False
         self.authenticated: defer.Deferred = defer.Deferred()
 
     def stream_started(self) -> None:
         self.write(stream_header(SERVER, dialback=True, from_=self.server.domain,
                                  to=self.receiving, version="1.0"))
 
+    def _give_up(self, answer: str) -> None:
+        if not self.authenticated.called:
+            self.authenticated.callback(answer)
+
     def element_received(self, top: Top) -> None:
-        if top.name == STREAM_FEATURES:
-            key = self.server.key(self.receiving, self.header["id"])
-            self.write(f"<db:result from='{self.server.domain}' to='{self.receiving}'>{key}</db:result>")
-        elif top.name == DB_RESULT and not self.authenticated.called:
+        name = top.name
+        if name == STREAM_FEATURES:
+            if self.tls is not None and not self._secured:
+                if STARTTLS not in top.children:
+                    return self._give_up("no-starttls-offered")
+                self.write(f"<starttls xmlns='{TLS_NS}'/>")
+            elif self.external and not self._sasl_done:
+                if SASL_MECHANISMS not in top.children:
+                    return self._give_up("no-sasl-offered")
+                self.write(f"<auth xmlns='{SASL_NS}' mechanism='EXTERNAL'>=</auth>")
+            elif self.external:
+                self._give_up("valid")
+            else:
+                key = self.server.key(self.receiving, self.header["id"])
+                self.write(f"<db:result from='{self.server.domain}' to='{self.receiving}'>{key}</db:result>")
+        elif name == PROCEED and self.tls is not None and not self._secured:
+            self._secured = True
+            self.transport.startTLS(self.tls)
+            self.restart_stream()
+        elif name == SASL_SUCCESS and self.external and not self._sasl_done:
+            self._sasl_done = True
+            self.restart_stream()
+        elif name == SASL_FAILURE:
+            self._give_up("sasl-failure")
+        elif name == DB_RESULT and not self.authenticated.called:
             self.authenticated.callback(top.attrs.get("type"))
         else:
             super().element_received(top)
@@ -288,7 +342,7 @@ class InboundStream(XmppPeer):
     def connectionLost(self, reason) -> None:
         if not self.authenticated.called:
             self.authenticated.errback(ConnectionError(
-                f"inbound stream closed before dialback ({self.stream_error or 'no stream error'})"))
+                f"inbound stream closed before authentication ({self.stream_error or 'no stream error'})"))
         super().connectionLost(reason)
 
 

@@ -71,6 +71,11 @@ class S2SConfig:
     #: idle destinations (no queue, stream or backoff) are forgotten after this
     destination_idle_timeout: float = 300.0
     max_destinations: int = 10000
+    #: graceful shutdown: seconds queued stanzas get to go out on streams
+    #: that are open or connecting (0: bounce at once), then seconds every
+    #: stream gets to close after its system-shutdown error
+    shutdown_flush: float = 5.0
+    shutdown_grace: float = 2.0
     max_pending_verifications_per_stream: int = 10
     max_pending_verifications: int = 1000
     #: domain pairs one S2S connection may carry (XEP-0220 multiplexing)
@@ -506,6 +511,8 @@ def _s2s(s: _Reader) -> S2SConfig:
         destination_idle_timeout=s.positive("destination_idle_timeout", float,
                                             S2SConfig.destination_idle_timeout),
         max_destinations=s.positive("max_destinations", int, S2SConfig.max_destinations),
+        shutdown_flush=s.not_negative("shutdown_flush", float, S2SConfig.shutdown_flush),
+        shutdown_grace=s.positive("shutdown_grace", float, S2SConfig.shutdown_grace),
         max_pending_verifications_per_stream=s.positive(
             "max_pending_verifications_per_stream", int, S2SConfig.max_pending_verifications_per_stream),
         max_pending_verifications=s.positive(

@@ -4,8 +4,14 @@ listeners.
 Start order: the admin side first (storage opened, stored peer policy and
 component credentials loaded, admin API listening; see fedgate.admin), then
 the XMPP listeners, so stored blocks apply before the first peer connects.
-Stop order: stop accepting, close every stream with ``system-shutdown``,
-bounce what is still queued, let the reactor go, close storage last.
+Stop order (graceful shutdown; :meth:`Gateway.stopService`): stop accepting
+new work (listeners closed, every stream a listener accepted, from peers and
+components, no longer read, the sender makes no new connection); flush
+what is queued on streams that are open or connecting for ``[s2s]
+shutdown_flush`` seconds; bounce the rest while the components' streams are
+still open to take the bounces; then end every stream with
+``system-shutdown``, give them ``shutdown_grace`` seconds, cut what is left,
+close storage last.  The outcome (flushed, bounced) is logged.
 :meth:`Gateway.reload` re-reads the peer policy and the certificates from
 the configuration file without touching a stream (fedgate.tap calls it on
 SIGHUP).
@@ -29,7 +35,7 @@ from dataclasses import fields, is_dataclass, replace
 
 from OpenSSL import SSL
 from twisted.application import service
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from fedgate.admin.service import make_admin_service
@@ -52,6 +58,7 @@ from fedgate.s2s.sender import S2SSender, SenderSettings
 from fedgate.s2s.verifier import DialbackVerifier
 from fedgate.stream import namespaces as ns
 from fedgate.stream.admission import Admission, AdmittingFactory, Caps, fit_to_fd_limit
+from fedgate.stream.interfaces import SHUTDOWN
 from fedgate.logsafe import LineRate, set_line_rate
 from fedgate.stream.liveness import ComponentWatch, LivenessSettings, PingRegistry
 from fedgate.stream.parser import Limits
@@ -61,7 +68,8 @@ from fedgate.tls.contexts import ALPN_S2S, DEFAULT_CIPHERS, TLSContexts, TLSSett
 
 log = Logger(namespace="fedgate.service")
 
-SHUTDOWN_GRACE = 2.0  # seconds streams get to close after system-shutdown
+#: how often a graceful shutdown looks whether the queues are empty
+FLUSH_POLL = 0.05
 
 
 def _stream_factory(gateway: "Gateway", make_handler, stream_ns: str, admission: Admission,
@@ -161,6 +169,8 @@ class Gateway(service.Service):
             max_entries=c.throttle_max_entries), on_event=self._component_auth_event)
         self.component_passwords = PasswordPool(reactor, c.password_threads, c.password_queue)
         self.ports: dict[str, list] = {"s2s": [], "s2s_direct_tls": [], "components": []}
+        #: flushed and bounced stanzas of the last graceful shutdown
+        self.shutdown_outcome: dict[str, int] | None = None
         self.admin = make_admin_service(self, config, reactor, storage)
 
     @staticmethod
@@ -305,13 +315,35 @@ class Gateway(service.Service):
         yield defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports])
         for group in self.ports.values():
             group.clear()
+        # No new work: streams from peers and components are no longer read
+        # (our own outbound streams still are: they finish what is queued).
+        for stream in self._live_streams():
+            if stream.admission is not None:
+                stream.pause_reading(SHUTDOWN)
+        before = self.sender.outcomes()
+        self.sender.drain()
+        yield self._flush(self.config.s2s.shutdown_flush)
+        flushed = self.sender.outcomes()
+        # Bounce the rest now, while the streams (to components, and to
+        # remote senders) are still open to carry the bounces.
         self.sender.stop()
-        streams = [s for s in self.streams if s.transport is not None and not s.closed]
+        after = self.sender.outcomes()
+        self.shutdown_outcome = {
+            "flushed": flushed["delivered"] - before["delivered"],
+            "bounced": after["bounced"] - before["bounced"],
+            "bounced_after_flush": after["bounced"] - flushed["bounced"]}
+        log.info("Shutting down: {flushed} queued stanzas flushed, {bounced} bounced "
+                 "({bounced_after_flush} after the flush time of {flush} s)",
+                 flush=self.config.s2s.shutdown_flush, **self.shutdown_outcome)
+        streams = self._live_streams()
         for stream in streams:
             stream.fail("system-shutdown", "the gateway is stopping")
+            # Read again, so that the closing handshake (the peer's stream
+            # end, TLS close_notify) completes; nothing read is parsed now.
+            stream.resume_reading(SHUTDOWN)
         # Give peers a moment to read the error; then cut what is left.
         waiting = defer.DeferredList([s.wait_closed() for s in streams])
-        waiting.addTimeout(SHUTDOWN_GRACE, self.reactor)
+        waiting.addTimeout(self.config.s2s.shutdown_grace, self.reactor)
         try:
             yield waiting
         except defer.TimeoutError:
@@ -320,6 +352,17 @@ class Gateway(service.Service):
                     stream.transport.abortConnection()
         self.component_passwords.stop()
         yield self.admin.stop()
+
+    def _live_streams(self) -> list:
+        return [s for s in list(self.streams) if s.transport is not None and not s.closed]
+
+    @defer.inlineCallbacks
+    def _flush(self, seconds: float):
+        """Wait until nothing is queued for a remote domain, or ``seconds``."""
+        deadline = self.reactor.seconds() + seconds
+        while self.sender.pending_stanza_count() and self.reactor.seconds() < deadline:
+            yield task.deferLater(self.reactor, min(FLUSH_POLL, deadline - self.reactor.seconds()),
+                                  lambda: None)
 
 
 def _admission(config: Config, fd_limit: int | None) -> dict[str, Admission]:

@@ -83,3 +83,32 @@ class TLSResumptionBenchmarkSmoke(unittest.TestCase):
             self.assertEqual((modes["resumption_off"]["resumed"], modes["resumption_on"]["resumed"]), (0, 4), version)
             for mode in modes.values():
                 self.assertGreater(mode["rate"], 0, version)
+
+
+class VsProsodyBenchmarkSmoke(unittest.TestCase):
+    """benchmarks.vs_prosody runs every scenario against fedgate and Prosody
+    with tiny counts and reports a median for each server and a ratio for
+    each metric.  No speed is asserted."""
+
+    def test_runs_and_reports(self):
+        from tests.support.prosody import prosody_available
+        if not prosody_available():
+            raise unittest.SkipTest("Prosody is not installed")
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+        result = subprocess.run(
+            [sys.executable, "-m", "benchmarks.vs_prosody", "--rounds", "1", "--messages", "40",
+             "--latency-messages", "20", "--sessions", "3", "--idle", "3", "--timeout", "15"],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=150)
+        self.assertEqual(result.returncode, 0, result.stdout[-3000:] + result.stderr[-3000:])
+        report = json.loads(result.stdout)
+        self.assertEqual(report["problems"], [])
+        from benchmarks.vs_prosody import SCENARIOS
+        self.assertEqual(set(report["results"]), {*SCENARIOS, "rss_start", "latency_2000_p99"})
+        for metric, row in report["results"].items():
+            for server in ("fedgate", "prosody"):
+                self.assertIsNotNone(row[server], (metric, server))
+            if metric in SCENARIOS:
+                self.assertIn("fedgate_generator_cpu", row, metric)
+        for metric in ("relay_in", "dialback_concurrent", "sasl_external", "rss_start"):
+            self.assertGreater(report["results"][metric]["ratio"], 0, metric)

@@ -10,7 +10,8 @@ from twisted.trial import unittest
 from fedgate.component.accept import ComponentAccept
 from fedgate.router import Router
 from fedgate.stream import namespaces as ns
-from tests.support.memory import MemoryStream
+from fedgate.stream.parser import StreamParser
+from tests.support.memory import MemoryStream, server_header
 from tests.support.s2s import RecordingSender
 
 HEADER = ("<stream:stream xmlns='jabber:component:accept' "
@@ -101,6 +102,28 @@ class ComponentTests(unittest.TestCase):
                          [("chat.gw.example", "remote.example", "r")])
         local = muc.read()[-1]
         self.assertEqual((local["id"], local.uri), ("l", ns.COMPONENT_ACCEPT))
+
+    def test_payload_in_the_dialback_namespace_reaches_the_component(self):
+        """Found by the fuzzer: an element in the dialback namespace inside a
+        stanza (legal XML; a remote peer's header binds ``db``) was written
+        to the component as ``<db:x/>``, a prefix its stream never declared,
+        so the component could not parse the stream.  Any remote user could
+        break a component's connection with one message."""
+        chat = self.connect()
+        self.handshake(chat)
+        remote = []
+        parser = StreamParser(lambda h: None, remote.append, lambda: None)
+        parser.feed(server_header(to="chat.gw.example", **{"from": "remote.example"}) +
+                    b"<message from='a@remote.example' to='b@chat.gw.example' id='db'>"
+                    b"<db:result>x</db:result><y xmlns='urn:y'><db:verify/></y></message>")
+        self.router.route(remote[0])
+        [got] = chat.read()
+        self.assertEqual((got.name, got["id"]), ("message", "db"))
+        result, outer = got.elements()
+        self.assertEqual((result.uri, result.name, str(result)), (ns.DIALBACK, "result", "x"))
+        inner = outer.firstChildElement()
+        self.assertEqual((inner.uri, inner.name), (ns.DIALBACK, "verify"))
+        self.assertNotIn(b"<db:", chat.transport.value())
 
     def test_offline_component_bounces_service_unavailable(self):
         chat = self.connect()

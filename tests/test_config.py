@@ -31,7 +31,8 @@ def test_example_config_is_valid_and_documents_every_key():
                 "mode", "encryption", "authentication", "allowed", "blocked", "note",
                 "max_pairs_per_connection", "allow_private_ranges",
                 "pair_timeout", "destination_idle_timeout", "max_destinations",
-                "max_connections", "header_timeout", "body_timeout", "max_body_bytes"]:
+                "max_connections", "header_timeout", "body_timeout", "max_body_bytes",
+                "shutdown_flush", "shutdown_grace"]:
         assert key in text, key
 
 
@@ -48,6 +49,7 @@ def test_defaults_and_normalisation():
     assert config.s2s.queue_max_wait == 60.0
     assert (config.s2s.pair_timeout, config.s2s.destination_idle_timeout,
             config.s2s.max_destinations) == (30.0, 300.0, 10000)
+    assert (config.s2s.shutdown_flush, config.s2s.shutdown_grace) == (5.0, 2.0)
     assert (config.s2s.mode, config.s2s.default_policy.encryption,
             config.s2s.default_policy.authentication) == ("open", "required", "dialback")
 
@@ -83,6 +85,8 @@ def test_outbound_address_settings():
     (minimal(s2s={"queue_max_wait": 20}), "s2s.pair_timeout", "less than s2s.queue_max_wait"),
     (minimal(s2s={"pair_timeout": 0}), "s2s.pair_timeout", "greater than zero"),
     (minimal(s2s={"max_destinations": 0}), "s2s.max_destinations", "greater than zero"),
+    (minimal(s2s={"shutdown_flush": -1}), "s2s.shutdown_flush", "negative"),
+    (minimal(s2s={"shutdown_grace": 0}), "s2s.shutdown_grace", "greater than zero"),
     (minimal(s2s={"destination_idle_timeout": "long"}), "s2s.destination_idle_timeout", "expected a number"),
     (minimal(domains=["bad domain"]), "domains", "invalid domain"),
     (minimal(domains=[]), "domains", "at least one"),

@@ -60,6 +60,21 @@ class TwoGateways(TwoGatewaysFixture, unittest.TestCase):
                          [("chat.b.example", "chat.a.example", "sasl-external")])
 
     @defer.inlineCallbacks
+    def test_payload_in_the_dialback_namespace_reaches_the_component(self):
+        """A payload in the dialback namespace crosses S2S (where the header
+        binds ``db``) and reaches the remote component, whose stream does
+        not bind it, intact; the component's stream stays usable."""
+        self.ca.send("<message from='alice@chat.a.example' to='bob@chat.b.example' id='d1'>"
+                     "<x xmlns='jabber:server:dialback'>payload</x></message>")
+        got = yield self.cb.next_element(timeout=TIMEOUT)
+        self.assertEqual(got["id"], "d1")
+        payload = got.firstChildElement()
+        self.assertEqual((payload.uri, payload.name, str(payload)), ("jabber:server:dialback", "x", "payload"))
+        self.ca.send("<message from='alice@chat.a.example' to='bob@chat.b.example' id='d2'/>")
+        got = yield self.cb.next_element(timeout=TIMEOUT)
+        self.assertEqual(got["id"], "d2")
+
+    @defer.inlineCallbacks
     def test_iq_round_trip_and_piggyback(self):
         self.ca.send("<iq from='svc@chat.a.example' to='chat.b.example' type='get' id='q1'>"
                      "<query xmlns='urn:example:q'/></iq>")

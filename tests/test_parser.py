@@ -171,6 +171,17 @@ class ElementTests(ParserCase):
     def test_mismatched_tag(self):
         self.fails("not-well-formed", OPEN, b"<message></presence>")
 
+    def test_mismatched_tag_after_text(self):
+        """Text still in expat's buffer when a stanza turns out malformed
+        is dropped with the parser (found by the fuzzer: closing flushed it
+        into a stanza that was already gone, an AttributeError instead of
+        the stream error)."""
+        for chunks in ([OPEN, b"<message><body>hello</wrong>"], [OPEN + b"<message>hi", b"</presence>"],
+                       [OPEN, b"<message>a<b>c</b>d&amp;</x>"]):
+            rec = self.fails("not-well-formed", *chunks)
+            self.assertTrue(rec.parser.closed)
+            self.assertEqual(rec.elements, [])
+
     def test_garbage_before_header(self):
         self.fails("not-well-formed", b"HELLO " + OPEN)
 

@@ -133,6 +133,14 @@ class StreamErrorTests(StreamCase):
         self.assertEqual(out.root["id"], "err-id")
         self.assertEqual(self.handler.headers, [])
 
+    def test_malformed_stanza_after_its_text_is_not_an_internal_error(self):
+        """Found by the fuzzer: a mismatched tag after text inside a
+        stanza was an AttributeError in the parser's close (an
+        internal-server-error and a traceback per connection), not the
+        stream error the peer earned."""
+        self.connect().dataReceived(HEADER + b"<message><body>hello</wrong>")
+        self.assert_closed_with("not-well-formed")
+
     def test_failure_when_connected(self):
         self.handler.on_connected = fail_with("policy-violation")
         self.connect()

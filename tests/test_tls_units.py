@@ -117,3 +117,18 @@ class TestPolicyChecks:
         assert not policy_check.sasl_external_offer(good, None)
         assert not policy_check.sasl_external_offer(good, "s.example")
         assert not policy_check.sasl_external_offer(None, "r.example")
+
+
+def test_contexts_release_idle_buffers(tmp_path):
+    """Every context (server, SNI-picked, client) frees a connection's TLS
+    buffers while they are empty (SSL_MODE_RELEASE_BUFFERS)."""
+    from OpenSSL import SSL
+
+    from fedgate.tls.contexts import MODE_RELEASE_BUFFERS, TLSContexts
+    assert MODE_RELEASE_BUFFERS == 16  # OpenSSL's SSL_MODE_RELEASE_BUFFERS, on every pyOpenSSL we run
+    CA.issue(dns=("a.example",)).write(tmp_path / "certs", "a")
+    contexts = TLSContexts(CertificateStore(str(tmp_path / "certs"), {}))
+    for ctx in (contexts.server_context(None), contexts.server_context("a.example"),
+                contexts.client_context("a.example"), contexts.client_context(None, b"xmpp-server")):
+        assert isinstance(ctx, SSL.Context)
+        assert ctx.set_mode(0) & MODE_RELEASE_BUFFERS  # set_mode returns the mode now in force

@@ -5,11 +5,14 @@ covers what is already running.  It listens to :class:`PolicyTable` changes
 and, for each remote domain affected (one peer, or every remote we have a
 connection or a queue for when the default or the mode changes):
 
-- blocked now: its streams end with ``policy-violation`` and a text saying
-  why, and its queued stanzas bounce with ``policy-violation``;
+- blocked now: its queued stanzas bounce with ``policy-violation`` (first,
+  so that none is left for a closing stream to take another fate), then its
+  streams end with ``policy-violation`` and a text saying why;
 - encryption now required and a stream has no TLS, or a certificate now
   required and a stream's peer authenticated without one: that stream ends
-  with ``policy-violation`` (the sender reconnects on the new terms).
+  with ``policy-violation`` and the sender keeps its queue and reconnects on
+  the new terms (a reconnection the policy refuses bounces the queue with
+  ``policy-violation`` then).
 """
 
 from __future__ import annotations
@@ -74,15 +77,18 @@ class PolicyEnforcer:
         done = {"closed": [], "bounced": 0}
         if policy.is_blocked(remote):
             text = f"{policy.why_blocked(remote)} (changed by an operator)"
+            done["bounced"] = self.sender.bounce_queued(remote, CONDITION, text)
             for record in table.connections_of(remote):
                 if table.close(record.id, CONDITION, text):
                     done["closed"].append(record.id)
-            done["bounced"] = self.sender.bounce_queued(remote, CONDITION, text)
         else:
             terms = policy.for_peer(remote)
             for record in table.connections_of(remote):
                 reason = violation(record, terms, remote)
-                if reason is not None and table.close(record.id, CONDITION, reason):
+                if reason is None:
+                    continue
+                self.sender.keep_queue_on_close(record)  # reconnect on the new terms
+                if table.close(record.id, CONDITION, reason):
                     done["closed"].append(record.id)
         if done["closed"] or done["bounced"]:
             self.closed += len(done["closed"])

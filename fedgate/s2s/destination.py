@@ -40,17 +40,17 @@ listed in :data:`TRANSITIONS`::
     idle        need-stream        reverse (a peer's bidi stream asked) | connecting
     reverse     need-stream        reverse (asked again, for another domain) | connecting
     reverse     reverse-done       idle (the bidi route took the whole queue)
-    reverse     reverse-failed     connecting
+    reverse     reverse-failed     connecting | idle (shutting down: the queue bounced)
     reverse     expired            idle (nothing waits for the request any more)
     connecting  opened             open
     connecting  connect-failed     backoff (everything queued bounces)
     connecting  closed             idle (nothing queued) | backoff (queue bounces)
     connecting  operator-close     closing
-    open        closed             idle (nothing queued) | backoff (queue bounces) | connecting (closed cleanly after refusing stanzas)
+    open        closed             idle (nothing queued, or shutting down) | backoff (queue bounces) | connecting (closed cleanly with a queue)
     open        operator-close     closing
     closing     connect-failed     backoff
-    closing     closed             connecting (something queued) | idle
-    backoff     retry              connecting (something queued) | idle
+    closing     closed             connecting (something queued) | idle (nothing queued, or shutting down)
+    backoff     retry              connecting (something queued) | idle (nothing queued, or shutting down)
 
 ``idle``, ``reverse`` and ``backoff`` have no shared stream; ``connecting``,
 ``open`` and ``closing`` have one.  ``closing`` is an operator closing it
@@ -67,6 +67,66 @@ Streams of their own (one local domain each, see above) have two states
 (:data:`SIDE_OPEN`, :data:`SIDE_CLOSING`): when one an operator closed is
 gone, a new one opens for what is queued; when any other one is gone, what
 waits for its local domain bounces (the backoff is the shared stream's).
+
+Closing paths
+-------------
+Every way a stream ends gives each stanza queued for it (or refused by it)
+a fate: requeued for a new stream, or bounced with the condition that fits
+(:data:`BOUNCE`, :data:`STREAM_ERROR_BOUNCE`).  Stanzas written but not yet
+acknowledged by XEP-0198 are not covered here: they are requeued through the
+destination by the stream management code.  Tests: tests/test_closing_paths.py,
+tests/test_write_path.py, tests/test_sender.py (OperatorCloseTests),
+tests/test_liveness.py, tests/test_shutdown_e2e.py::
+
+    path                               queued / refused stanzas
+    ---------------------------------  --------------------------------------------------
+    (a) our outbound streams (the shared one; one of its own behaves alike per local domain)
+    peer close (</stream:stream>)      reconnect once (until something is delivered
+                                       again), then bounce remote-server-timeout
+    connection dropped, no close       a new connection if it refused stanzas while
+                                       closing; else bounce remote-server-timeout
+    stream error from the peer         bounce: host-unknown, host-gone ->
+                                       remote-server-not-found; policy-violation,
+                                       not-authorized -> policy-violation; else
+                                       remote-server-timeout (the condition in the text)
+    our stream error (bad peer input,  bounce remote-server-timeout (a new connection
+      auth timeout)                    if it refused stanzas while closing)
+    refused by our policy / TLS        bounce with the refusal's condition
+                                       (not-authorized -> policy-violation)
+    connect failure                    bounce remote-server-not-found, back off
+    dialback invalid / error / timeout bounce internal-server-error / remote-server-timeout
+    policy block (admin API, reload)   bounce policy-violation first, then the streams
+                                       end with policy-violation; later stanzas bounce
+                                       at once (S2SSender.send)
+    policy requirement changed         the stream ends with policy-violation; the queue
+      (TLS or certificate now needed)  is kept and a new connection tries the new terms
+    operator close (admin API)         kept; a new connection at once (state closing)
+    liveness (dead or idle stream)     kept; a new connection at once (state closing)
+    graceful shutdown                  see below
+    (b) a peer's inbound bidi stream used as a route: a stanza it refuses is
+        queued here and goes out on a stream of our own; a reverse request
+        that fails (the stream closed) falls back to a connection of ours
+    (c) component sessions (fedgate.router): nothing is queued in them; a
+        stanza a closing session refuses goes to another session of a shared
+        domain, else bounces service-unavailable; stanzas a component sent
+        before it left stay queued here and their bounces, if any, are
+        errors to a domain no longer served (dropped, never answered)
+    (d) in the router: routing is synchronous, so a stanza is never held
+        between streams; it is taken by a stream, queued here, or bounced
+    (e) dialback verification streams carry no stanzas: a close before the
+        answer fails the verification (fedgate.s2s.verifier)
+
+Graceful shutdown (:meth:`S2SSender.drain`, then :meth:`S2SSender.stop`,
+driven by :meth:`fedgate.service.Gateway.stopService`): no new connection
+is made; what has no stream that is open or connecting bounces at once
+(backoff, a reverse request, a stream an operator is closing); the rest
+may still go out within ``shutdown_flush`` seconds, then bounces.  Both
+bounce with ``remote-server-timeout``, type wait (RFC 6120 8.3.3: the
+remote domain was resolved but "communications could not be established
+within a reasonable amount of time" -- here, the time the gateway had
+left), so that the sender may try again once the gateway is back;
+``service-unavailable`` is type cancel and says the service is not
+provided, which tells a client not to try again.
 
 The owner interface the outbound streams call: :meth:`Destination.stream_open`,
 :meth:`Destination.pair_result`, :meth:`Destination.stream_closed`.
@@ -100,7 +160,19 @@ BOUNCE = {
     "pair-timeout": "remote-server-timeout",    # a pending pair got no answer in time
     "dialback-error": "remote-server-timeout",  # db:result type='error' (XEP-0220: MUST)
     "too-many-destinations": "resource-constraint",
+    "shutdown": "remote-server-timeout",        # the gateway stops before it could send
 }
+
+#: a stream error the peer sent -> the stanza error queued stanzas bounce
+#: with, where one fits better than ``remote-server-timeout``
+STREAM_ERROR_BOUNCE = {
+    "host-unknown": "remote-server-not-found",  # the peer does not serve the domain
+    "host-gone": "remote-server-not-found",
+    "policy-violation": "policy-violation",     # the peer refuses us by its policy
+    "not-authorized": "policy-violation",
+}
+
+SHUTDOWN_TEXT = "the gateway is shutting down"
 
 IDLE, CONNECTING, OPEN, BACKOFF = "idle", "connecting", "open", "backoff"
 REVERSE = "reverse"  # authenticating in the reverse direction on a bidi stream
@@ -113,7 +185,7 @@ TRANSITIONS: dict[tuple[str, str], tuple[str, ...]] = {
     (IDLE, "need-stream"): (REVERSE, CONNECTING),
     (REVERSE, "need-stream"): (REVERSE, CONNECTING),
     (REVERSE, "reverse-done"): (IDLE,),
-    (REVERSE, "reverse-failed"): (CONNECTING,),
+    (REVERSE, "reverse-failed"): (CONNECTING, IDLE),
     (REVERSE, "expired"): (IDLE,),
     (CONNECTING, "opened"): (OPEN,),
     (CONNECTING, "connect-failed"): (BACKOFF,),
@@ -196,6 +268,8 @@ class Destination:
         self._routes: dict = {}
         #: our streams that refused a stanza because they were closing
         self._refused_by: set = set()
+        #: reconnected once after a clean close with a queue (see _reconnect_once)
+        self._reconnected = False
         self._retry_timer = None
         self._expiry_timer = None
 
@@ -234,6 +308,10 @@ class Destination:
         # No open stream took it (none yet, the one we have is closing, or its
         # output is past the high-water mark): it waits in the bounded queue
         # for the next stream or for the output to drain, or bounces.
+        if sender.draining and self._stream_for(local) is None:
+            # Shutting down: no new connection will be made for it.
+            sender.bounce(stanza, BOUNCE["shutdown"], SHUTDOWN_TEXT)
+            return
         size = stanza.size()
         settings = sender.settings
         if len(self.queue) >= settings.max_stanzas or self.queued_bytes + size > settings.max_bytes:
@@ -353,10 +431,16 @@ class Destination:
         return stream
 
     def _connect(self, event: str, local: str) -> None:
+        if self.sender.draining:
+            self._shutdown_bounce(event)
+            return
         self._move(event, CONNECTING)
         self.stream = self._new_stream(local)
 
     def _open_side(self, local: str) -> None:
+        if self.sender.draining:
+            self._bounce_local(local, BOUNCE["shutdown"], SHUTDOWN_TEXT)
+            return
         log.info("Opening a stream of its own for {local} -> {remote}", local=local, remote=self.remote)
         self.side[local] = _Side(self._new_stream(local))
 
@@ -395,6 +479,7 @@ class Destination:
             return
         if state == VALID:
             self.failures = 0
+            self._reconnected = False
             self.last_error = None
             self._flush(local, stream)
             return
@@ -418,7 +503,20 @@ class Destination:
         if stream not in self._refused_by:
             return False
         self._refused_by.discard(stream)
-        return stream.failure is None and stream.stream_error is None
+        return _closed_cleanly(stream)
+
+    def _reconnect_once(self, stream: OutboundS2S) -> bool:
+        """The shared stream, open, closed by the peer with
+        ``</stream:stream>`` and no error (an idle close of its own, say)
+        while stanzas still wait for a pair:
+        the remote domain was just reachable, so they wait for one new
+        connection.  Only once until something is delivered again, so a peer
+        that keeps closing cannot keep them forever (they bounce then)."""
+        if (self._reconnected or self.state != OPEN or not _closed_cleanly(stream)
+                or not getattr(stream.io, "peer_ended", False)):
+            return False
+        self._reconnected = True
+        return True
 
     def stream_closed(self, stream: OutboundS2S) -> None:
         retry = self._retry_refused(stream)
@@ -439,7 +537,7 @@ class Destination:
                 self._move("closed", IDLE)
                 self.sender.note_idle(self)
             return
-        if self.queue and retry and self.state == OPEN:
+        if self.queue and ((retry and self.state == OPEN) or self._reconnect_once(stream)):
             log.info("Stream to {remote} closed while sending: {count} stanzas wait for a new one",
                      remote=self.remote, count=len(self.queue))
             self._connect("closed", self.queue[0].local)
@@ -457,7 +555,8 @@ class Destination:
                 condition = BOUNCE["policy"]
             return condition, stream.failure.text
         what = stream.stream_error or "the connection closed"
-        return BOUNCE["stream"], f"stream to {self.remote} failed: {what}"
+        condition = STREAM_ERROR_BOUNCE.get(stream.stream_error or "", BOUNCE["stream"])
+        return condition, f"stream to {self.remote} failed: {what}"
 
     def _side_closed(self, side: _Side) -> None:
         local = side.stream.first_local
@@ -516,6 +615,28 @@ class Destination:
     def close(self) -> None:
         for stream in self.streams():
             stream.close()
+
+    # -- graceful shutdown ------------------------------------------------
+    def drain(self) -> None:
+        """The gateway is shutting down: what has no stream that is open or
+        connecting bounces now (no new connection will be made; a reverse
+        request cannot be answered on a stream no longer read); the rest
+        stays for the streams we have, for the flush time."""
+        for local in dict.fromkeys(item.local for item in self.queue):
+            if self._stream_for(local) is None and local not in self.side:
+                self._bounce_local(local, BOUNCE["shutdown"], SHUTDOWN_TEXT)
+        if self._retry_timer is not None and self._retry_timer.active():
+            self._retry_timer.cancel()
+            self._retry()  # from backoff to idle (what was queued bounced above)
+        if self.state == REVERSE and not self.queue:
+            self._move("expired", IDLE)
+        self.sender.note_idle(self)
+
+    def _shutdown_bounce(self, event: str) -> None:
+        """Instead of a new connection while shutting down: bounce the queue."""
+        self._bounce_all(BOUNCE["shutdown"], SHUTDOWN_TEXT)
+        self._move(event, IDLE)
+        self.sender.note_idle(self)
 
     # -- queue handling ---------------------------------------------------
     def _flush(self, local: str, stream: OutboundS2S) -> None:
@@ -630,3 +751,8 @@ class Destination:
             if timer is not None and timer.active():
                 timer.cancel()
         self._retry_timer = self._expiry_timer = None
+
+
+def _closed_cleanly(stream: OutboundS2S) -> bool:
+    """Did ``stream`` end without a refusal or a stream error from the peer?"""
+    return stream.failure is None and stream.stream_error is None

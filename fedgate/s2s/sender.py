@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 
 from fedgate.s2s.destination import (  # noqa: F401 (the states, for callers)
-    BACKOFF, BOUNCE, CLOSING, CONNECTING, IDLE, OPEN, REVERSE, Destination, DestinationStatus,
-    stanza_size)
+    BACKOFF, BOUNCE, CLOSING, CONNECTING, IDLE, OPEN, REVERSE, SHUTDOWN_TEXT, Destination,
+    DestinationStatus, stanza_size)
 from fedgate.stream.stanza import Stanza
 
 
@@ -57,6 +57,8 @@ class S2SSender:
         self._idle: OrderedDict[str, float] = OrderedDict()
         self._sweep_timer = None
         self._stopped = False
+        #: shutting down: no new connections; what cannot go out bounces
+        self.draining = False
         self.accepted = self.delivered = self.bounced = 0
         self.evicted = 0
         ctx.table.on_pair_changed(self._pair_changed)
@@ -226,12 +228,26 @@ class S2SSender:
         self.bounced += 1
         self.ctx.router.bounce(stanza, condition, text)
 
+    def drain(self) -> None:
+        """Graceful shutdown begins: no new connection is made from now on;
+        what has no open or connecting stream bounces now, the rest may
+        still go out on the streams we have (see :meth:`pending_stanza_count`
+        for what is left)."""
+        self.draining = True
+        for destination in list(self.destinations.values()):
+            destination.drain()
+
     def stop(self) -> None:
+        """Bounce everything still queued (``remote-server-timeout``: we
+        stop before we could send it; type wait, so its sender may try again
+        later) and stop every timer.  The streams stay up: the gateway ends
+        them with ``system-shutdown`` after the bounces went out, and
+        stanzas that arrive meanwhile go out on an open stream or bounce."""
+        self.draining = True
         self._stopped = True
         if self._sweep_timer is not None and self._sweep_timer.active():
             self._sweep_timer.cancel()
         self._sweep_timer = None
         for destination in self.destinations.values():
             destination.cancel_timers()
-            destination._bounce_all("remote-server-timeout", "the gateway is shutting down")
-            destination.close()
+            destination._bounce_all(BOUNCE["shutdown"], SHUTDOWN_TEXT)

@@ -19,6 +19,8 @@ from zope.interface import Attribute, Interface
 #: reasons a handler pauses reading (each reason holds its own pause)
 RATE_LIMIT = "rate-limit"
 BACKPRESSURE = "backpressure"
+#: the gateway is shutting down: no new work from this stream (held until it closes)
+SHUTDOWN = "shutdown"
 
 
 class IXmppStream(Interface):
@@ -29,6 +31,7 @@ class IXmppStream(Interface):
     tls = Attribute("the TLSInfo once a TLS handshake has completed, else None")
     tls_started = Attribute("True once TLS has been started on this connection")
     closed = Attribute("True once the connection is gone")
+    peer_ended = Attribute("True once the peer closed its stream with </stream:stream>")
     header_sent = Attribute("True once our header of the current stream is written")
     last_received = Attribute("clock time of the last bytes from the peer")
     writable = Attribute("True while the stream's output is below its high-water mark "

@@ -361,6 +361,26 @@ def tcp_keepalive(transport, settings: LivenessSettings) -> bool:
     return True
 
 
+def tcp_no_delay(transport) -> bool:
+    """Turn off Nagle's algorithm (``TCP_NODELAY``) on the socket under
+    ``transport``: XMPP writes small elements and waits for the answer, and
+    Nagle would hold each one until the peer's delayed ACK (about 40 ms per
+    round trip of a STARTTLS or dialback handshake).  False where there is
+    no socket (memory transports in tests) or the option cannot be set."""
+    try:
+        sock = _socket_of(transport)
+    except AttributeError:  # a wrapper with nothing under it yet (memory transports)
+        return False
+    if sock is None:
+        return False
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError as exc:
+        log.debug("Could not set TCP_NODELAY: {error}", error=str(exc))
+        return False
+    return True
+
+
 def _socket_of(transport):
     """The socket under a TCP transport, also once TLS is on (where
     ``getHandle`` gives the TLS connection) or under a TLS wrapper."""

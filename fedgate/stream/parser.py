@@ -491,6 +491,10 @@ class StreamParser:
             raise StreamFailure("policy-violation", "stanza too large")
 
     def _text(self, data: str) -> None:
+        if self._parser is None:
+            # Closed: setting CharacterDataHandler in close() flushes
+            # expat's buffered text to this (old) handler; it is dropped.
+            return
         if self._depth >= 2:
             if self._stanza is None:
                 self._current.addContent(data)

@@ -56,7 +56,7 @@ from fedgate.stream import namespaces as ns
 from fedgate.stream.errors import StreamFailure, StanzaFailure, stream_error_element
 from fedgate.stream.flow import DEFAULT_HIGH_WATER, OutputFlow
 from fedgate.stream.interfaces import IStreamHandler, IXmppStream
-from fedgate.stream.liveness import tcp_keepalive
+from fedgate.stream.liveness import tcp_keepalive, tcp_no_delay
 from fedgate.stream.parser import Limits, StreamHeader, StreamParser
 from fedgate.stream.serialize import escape_attr, serialize
 from fedgate.stream.stanza import Stanza
@@ -102,6 +102,9 @@ class XmppStream(protocol.Protocol):
         self.log_bodies = log_bodies
         self.header_sent = False
         self.closing = False
+        #: the peer closed its stream (``</stream:stream>``), as against a
+        #: connection that was dropped or a stream we ended
+        self.peer_ended = False
         self.closed = False
         self.peer = "?"
         #: when bytes last came from the peer (liveness: fedgate.stream.liveness)
@@ -133,6 +136,7 @@ class XmppStream(protocol.Protocol):
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
         self.peer = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
+        tcp_no_delay(self.transport)  # every S2S and component stream, both directions
         if self.admission is not None:
             self.admission.attach(self.fail)  # so that it can be evicted
         register = getattr(self.transport, "registerProducer", None)
@@ -406,6 +410,7 @@ class XmppStream(protocol.Protocol):
 
     def _on_end(self) -> None:
         log.debug("Peer {peer} closed its stream", peer=self.peer)
+        self.peer_ended = True
         self.close()
 
     def _guard(self, fn, *args) -> None:

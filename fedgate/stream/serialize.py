@@ -16,9 +16,12 @@ from twisted.words.xish import domish
 from fedgate.stream import namespaces as ns
 
 _STANZA_NS = ns.STANZA_NAMESPACES
-#: Prefixes our stream headers declare (``db`` only on jabber:server streams,
-#: the only ones that carry dialback elements).
-_HEADER_PREFIXES = {ns.STREAMS: "stream", ns.DIALBACK: "db"}
+#: Prefixes our stream headers declare: ``stream`` on every stream, ``db``
+#: only on jabber:server streams.  A dialback-namespaced element inside a
+#: stanza written on any other stream (a component's) gets a default
+#: namespace declaration instead: its header binds no ``db``.
+_HEADER_PREFIXES = {ns.STREAMS: "stream"}
+_SERVER_PREFIXES = {ns.STREAMS: "stream", ns.DIALBACK: "db"}
 
 
 def escape_text(text: str) -> str:
@@ -55,13 +58,13 @@ def serialize(element: domish.Element, stream_ns: str | None = None) -> str:
     """Serialise ``element`` as a top-level child of a stream whose default
     namespace is ``stream_ns``."""
     out: list[str] = []
-    _write(element, stream_ns, out)
+    _write(element, stream_ns, out, _SERVER_PREFIXES if stream_ns == ns.SERVER else _HEADER_PREFIXES)
     return "".join(out)
 
 
-def _write(element: domish.Element, parent_ns: str | None, out: list) -> None:
+def _write(element: domish.Element, parent_ns: str | None, out: list, prefixes: dict) -> None:
     uri = element.uri
-    prefix = _HEADER_PREFIXES.get(uri)
+    prefix = prefixes.get(uri)
     if prefix is not None:
         # Stream and dialback elements use the prefixes every stream header
         # declares; some peers look for them literally.
@@ -104,7 +107,7 @@ def _write(element: domish.Element, parent_ns: str | None, out: list) -> None:
         if isinstance(child, str):
             out.append(escape_text(child))
         else:
-            _write(child, effective, out)
+            _write(child, effective, out, prefixes)
     out.append("</")
     out.append(name)
     out.append(">")
