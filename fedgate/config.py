@@ -61,6 +61,9 @@ class S2SConfig:
     queue_max_stanzas: int = 1000
     queue_max_bytes: int = 4 * 1024 * 1024
     queue_max_wait: float = 60.0
+    #: bytes a stream's output may hold past the transport's own buffer
+    #: before the destination stops writing and holds stanzas in its queue
+    output_high_water: int = 1024 * 1024
     backoff_initial: float = 2.0
     backoff_max: float = 600.0
     #: seconds a domain pair we asked for may stay pending (below queue_max_wait)
@@ -130,6 +133,11 @@ class ComponentsConfig:
     ping_idle: float = 60.0
     ping_timeout: float = 30.0
     idle_close: float = 0.0
+    #: output flow control: the high-water mark of a component stream's
+    #: output, and the bounded queue that holds stanzas while it is past it
+    output_high_water: int = 1024 * 1024
+    queue_max_stanzas: int = 1000
+    queue_max_bytes: int = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -496,6 +504,7 @@ def _s2s(s: _Reader) -> S2SConfig:
         queue_max_stanzas=s.positive("queue_max_stanzas", int, S2SConfig.queue_max_stanzas),
         queue_max_bytes=s.positive("queue_max_bytes", int, S2SConfig.queue_max_bytes),
         queue_max_wait=queue_max_wait,
+        output_high_water=s.positive("output_high_water", int, S2SConfig.output_high_water),
         backoff_initial=s.positive("backoff_initial", float, S2SConfig.backoff_initial),
         backoff_max=s.positive("backoff_max", float, S2SConfig.backoff_max),
         pair_timeout=pair_timeout,
@@ -614,6 +623,9 @@ def _component_bounds(c: _Reader) -> dict:
         "throttle_max_entries": c.positive("throttle_max_entries", int, d.throttle_max_entries),
         "password_threads": c.positive("password_threads", int, d.password_threads),
         "password_queue": c.positive("password_queue", int, d.password_queue),
+        "output_high_water": c.positive("output_high_water", int, d.output_high_water),
+        "queue_max_stanzas": c.positive("queue_max_stanzas", int, d.queue_max_stanzas),
+        "queue_max_bytes": c.positive("queue_max_bytes", int, d.queue_max_bytes),
     }
     for name in ("throttle_free_failures", "throttle_address_free_failures"):
         bounds[name] = c.get(name, int, getattr(d, name))

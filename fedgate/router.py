@@ -11,6 +11,9 @@ Everything routed is a :class:`fedgate.stream.stanza.Stanza` (an element
 built here, a bounce or a reply, is wrapped once on entry).  A component
 whose stream refuses a stanza (it is closing) does not get it: another
 session of a shared domain does, else it bounces with ``service-unavailable``.
+A component that reads too slowly has its stanzas held in its session's
+bounded queue (:class:`fedgate.stream.flow.StanzaQueue`); past that bound
+they bounce with ``resource-constraint``, and no other component waits.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from fedgate.logsafe import short
 from fedgate.domain import InvalidDomain
 from fedgate.jid import domain_of, is_valid_jid
 from fedgate.local import LocalHandler
-from fedgate.stream.errors import is_bounceable, make_error_reply
+from fedgate.stream.errors import StanzaFailure, is_bounceable, make_error_reply
 from fedgate.stream.stanza import Stanza
 
 log = Logger(namespace="fedgate.router")
@@ -64,11 +67,19 @@ class SessionGroup:
             self.members.remove(session)
 
     def deliver(self, stanza) -> bool:
-        """The next member that takes ``stanza`` gets it; False if none does."""
+        """The next member that takes ``stanza`` gets it; False if none does
+        (all closing), or the last ``StanzaFailure`` raised when the members
+        that are open all have full queues."""
+        full = None
         for _ in range(len(self.members)):
             self._next = (self._next + 1) % len(self.members)
-            if self.members[self._next].deliver(stanza):
-                return True
+            try:
+                if self.members[self._next].deliver(stanza):
+                    return True
+            except StanzaFailure as failure:
+                full = failure
+        if full is not None:
+            raise full
         return False
 
 
@@ -171,8 +182,7 @@ class Router:
                 return
         session = self.components.get(to_domain)
         if session is not None:
-            if not session.deliver(stanza):
-                self.bounce(stanza, "service-unavailable", f"{to_domain} is disconnecting")
+            self._to_component(session, stanza, to_domain)
         elif to_domain in self.own_domains:
             self.local_handler.handle(stanza)
         elif to_domain in self.component_domains:
@@ -193,6 +203,32 @@ class Router:
                 log.warn("Refusing to relay {sender} -> {to}", sender=from_domain, to=to_domain)
                 return
             self.sender.send(from_domain, to_domain, stanza)
+
+    def _to_component(self, session, stanza: Stanza, to_domain: str) -> None:
+        """Hand ``stanza`` to a component session (or group); it bounces
+        when the session is closing, or with ``resource-constraint`` when the
+        component reads too slowly and its bounded queue is full."""
+        try:
+            taken = session.deliver(stanza)
+        except StanzaFailure as failure:
+            self.bounce(stanza, failure.condition, f"{to_domain} is not reading: {failure.text}")
+            return
+        if not taken:
+            self.bounce(stanza, "service-unavailable", f"{to_domain} is disconnecting")
+
+    def reroute_to_component(self, stanza: Stanza) -> None:
+        """A stanza a component session still held when it went away: another
+        session of its domain takes it, else it bounces with
+        ``service-unavailable`` (never to a remote domain)."""
+        try:
+            to_domain = domain_of(stanza.to or "")
+        except InvalidDomain:
+            to_domain = None
+        session = self.components.get(to_domain) if to_domain is not None else None
+        if session is None:
+            self.bounce(stanza, "service-unavailable", f"{to_domain} disconnected")
+        else:
+            self._to_component(session, stanza, to_domain)
 
     def bounce(self, stanza: Stanza | domish.Element, condition: str, text: str | None = None,
                reply_from: str | None = None) -> None:

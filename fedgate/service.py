@@ -232,7 +232,9 @@ class Gateway(service.Service):
         stream = XmppStream(handler, self.reactor, self.limits,
                             log_traffic=self.config.logging.xml_traffic,
                             log_bodies=self.config.logging.xml_bodies, stream_ns=stream_ns,
-                            on_tls_failure=self._tls_failure, admission=admission)
+                            on_tls_failure=self._tls_failure, admission=admission,
+                            output_high_water=(self.config.s2s.output_high_water if stream_ns == ns.SERVER
+                                               else self.config.components.output_high_water))
         self.streams.add(stream)
         return stream
 
@@ -250,13 +252,16 @@ class Gateway(service.Service):
     def _component_0114(self, connected_at: float | None = None) -> ComponentAccept:
         return ComponentAccept(self.component_secrets, self.router, self.reactor,
                                self.config.components.auth_timeout, throttle=self.component_throttle,
-                               connected_at=connected_at, liveness=self.component_liveness)
+                               connected_at=connected_at, liveness=self.component_liveness,
+                               queue_max_stanzas=self.config.components.queue_max_stanzas,
+                               queue_max_bytes=self.config.components.queue_max_bytes)
 
     def _component_0225(self, connected_at: float | None = None) -> Xep0225Stream:
         c = self.config.components
         return Xep0225Stream(self.component_credentials, self.router, self.tls, Xep0225Settings(
             require_tls=c.require_tls, auth_timeout=c.auth_timeout, max_hostnames=c.max_hostnames,
-            stamp_from=c.stamp_from, load_balanced=c.load_balanced, liveness=self.component_liveness),
+            stamp_from=c.stamp_from, load_balanced=c.load_balanced, liveness=self.component_liveness,
+            queue_max_stanzas=c.queue_max_stanzas, queue_max_bytes=c.queue_max_bytes),
             self.ctx.local_domains, throttle=self.component_throttle, passwords=self.component_passwords,
             connected_at=connected_at)
 

@@ -365,6 +365,9 @@ class BidiFallbackTests(SenderCase):
                 self.asked.append((local, remote))
                 return True
 
+            def is_writable(self):
+                return True
+
             def write_stanza(self, local, remote, stanza):
                 self.written.append(stanza["id"])
                 return True

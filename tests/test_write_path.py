@@ -157,6 +157,9 @@ class RefusedStanzaTests(SenderCase):
             def authenticate_reverse(self, local, remote):
                 return True
 
+            def is_writable(self):
+                return True
+
             def write_stanza(self, local, remote, stanza):
                 if not self.open:
                     return False

@@ -34,6 +34,7 @@ from fedgate.component.throttle import XEP0114, source_of
 from fedgate.domain import InvalidDomain, normalize_domain
 from fedgate.stream import namespaces as ns
 from fedgate.stream.errors import StanzaFailure, StreamFailure, is_bounceable, make_error_reply
+from fedgate.stream.flow import StanzaQueue
 from fedgate.stream.interfaces import IStreamHandler
 from fedgate.stream.protocol import new_stream_id
 
@@ -49,8 +50,12 @@ class ComponentAccept:
     """The handler of one XEP-0114 component connection."""
 
     def __init__(self, secrets: dict, router, clock, auth_timeout: float = 30.0, *,
-                 throttle=None, connected_at: float | None = None, liveness=None):
+                 throttle=None, connected_at: float | None = None, liveness=None,
+                 queue_max_stanzas: int = 1000, queue_max_bytes: int = 4 * 1024 * 1024):
         self.secrets = secrets
+        self.queue_bounds = (queue_max_stanzas, queue_max_bytes)
+        #: stanzas for the component while its output is past the mark (flow)
+        self.output: StanzaQueue | None = None
         #: a ComponentWatch (fedgate.stream.liveness): pings once bound
         self.liveness = liveness
         self.monitor = None
@@ -69,6 +74,9 @@ class ComponentAccept:
 
     def connected(self, io) -> None:
         self.io = io
+        self.output = StanzaQueue(io.send_stanza, lambda: io.writable, *self.queue_bounds,
+                                  on_delivered=self._delivered)
+        io.on_writable(self.output.flush)
         started = self.clock.seconds() if self.connected_at is None else self.connected_at
         left = max(0.0, self.auth_timeout - (self.clock.seconds() - started))
         self._timer = self.clock.callLater(left, self._auth_timeout)
@@ -142,14 +150,16 @@ class ComponentAccept:
                                                lambda: self.bound, ns.COMPONENT_ACCEPT)
 
     def deliver(self, stanza) -> bool:
-        """True if the component's open stream took ``stanza``; False once
-        it is closing (the router then bounces it)."""
-        if not self.io.send_stanza(stanza):
-            return False
+        """True if the component's open stream took ``stanza``, or holds it
+        in the bounded queue while its output is past the mark; False once
+        it is closing (the router then bounces it).  A full queue raises
+        ``StanzaFailure('resource-constraint')``."""
+        return self.output.put(stanza)
+
+    def _delivered(self, stanza) -> None:
         self.stanzas_out += 1
         if self.monitor is not None:
             self.monitor.stanza(stanza)
-        return True
 
     def reject_stanza(self, stanza: domish.Element, failure: StanzaFailure) -> None:
         if is_bounceable(stanza):
@@ -190,3 +200,6 @@ class ComponentAccept:
             self.router.unbind(self.domain, self)
             self.bound = False
             log.info("Component {domain} disconnected", domain=self.domain)
+        if self.output is not None:
+            for stanza in self.output.drain():  # another session of the domain, or a bounce
+                self.router.reroute_to_component(stanza)

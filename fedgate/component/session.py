@@ -17,7 +17,10 @@ class IComponentSession(Interface):
     stanzas_out = Attribute("stanzas delivered to the component")
 
     def deliver(stanza):
-        """Send ``stanza`` to the component."""
+        """Send ``stanza`` to the component: True when taken (written, or
+        held in the session's bounded queue while the component's output is
+        past its high-water mark), False when the stream is closing; raises
+        ``StanzaFailure('resource-constraint')`` when that queue is full."""
 
     def disconnect(condition="policy-violation", text=None):
         """End the component's stream with a stream error."""

@@ -50,6 +50,7 @@ from fedgate.domain import InvalidDomain, normalize_domain
 from fedgate.jid import check_resourcepart
 from fedgate.stream import namespaces as ns
 from fedgate.stream.errors import StanzaFailure, StreamFailure, is_bounceable, make_error_reply
+from fedgate.stream.flow import StanzaQueue
 from fedgate.stream.interfaces import IStreamHandler
 from fedgate.stream.protocol import new_stream_id
 from fedgate.stream.sasl import decode_payload, encode_payload, sasl_failure, sasl_mechanisms
@@ -69,6 +70,9 @@ class Xep0225Settings:
     load_balanced: frozenset = frozenset()
     #: a ComponentWatch (fedgate.stream.liveness): pings once bound
     liveness: object = None
+    #: the bounded queue for stanzas while the output is past its mark
+    queue_max_stanzas: int = 1000
+    queue_max_bytes: int = 4 * 1024 * 1024
 
 
 def _hostname(element: domish.Element) -> tuple[str, str] | None:
@@ -114,10 +118,15 @@ class Xep0225Stream:
         self._from: str | None = None
         self._timer = None
         self.monitor = None
+        #: stanzas for the component while its output is past the mark (flow)
+        self.output: StanzaQueue | None = None
 
     # -- stream ---------------------------------------------------------------
     def connected(self, io) -> None:
         self.io = io
+        self.output = StanzaQueue(io.send_stanza, lambda: io.writable, self.settings.queue_max_stanzas,
+                                  self.settings.queue_max_bytes, on_delivered=self._delivered)
+        io.on_writable(self.output.flush)
         now = io.clock.seconds()
         started = now if self.connected_at is None else self.connected_at
         self._timer = io.clock.callLater(max(0.0, self.settings.auth_timeout - (now - started)),
@@ -190,6 +199,9 @@ class Xep0225Stream:
             log.info("XEP-0225 component {identity} gone; unbound {hosts}", identity=self.identity,
                      hosts=", ".join(self.bound.values()))
         self.bound.clear()
+        if self.output is not None:
+            for stanza in self.output.drain():  # another session of the domain, or a bounce
+                self.router.reroute_to_component(stanza)
 
     # -- elements -------------------------------------------------------------
     def element_received(self, element: domish.Element) -> None:
@@ -465,13 +477,15 @@ class Xep0225Stream:
         self.router.route(stanza, to_domain, from_domain)
 
     def deliver(self, stanza) -> bool:
-        """True if this stream took ``stanza``; False once it is closing."""
-        if not self.io.send_stanza(stanza):
-            return False
+        """True if this stream took ``stanza`` (or holds it while its output
+        is past the mark); False once it is closing.  A full queue raises
+        ``StanzaFailure('resource-constraint')``."""
+        return self.output.put(stanza)
+
+    def _delivered(self, stanza) -> None:
         self.stanzas_out += 1
         if self.monitor is not None:
             self.monitor.stanza(stanza)
-        return True
 
     def reject_stanza(self, stanza: domish.Element, failure: StanzaFailure) -> None:
         if is_bounceable(stanza):

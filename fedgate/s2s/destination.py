@@ -14,7 +14,11 @@ a stanza over through its one guarded write path, which refuses once the
 stream is closing; a refused stanza stays in (or goes to) the queue in its
 place, and waits there for the stream that replaces the closing one, or
 bounces when there is none (the counters: accepted = delivered + bounced +
-queued).
+queued).  A stream whose output is past its high-water mark (a peer that
+reads slowly: :mod:`fedgate.stream.flow`) is not handed stanzas either: they
+wait in the same bounded queue, in order, until :meth:`Destination.stream_writable`
+(or, for a bidi route, the pair-changed hook) says it drained; past the
+queue's bound they bounce with ``resource-constraint``.
 
 The shared stream carries further local domains by dialback (piggybacking)
 only where the peer offered dialback after the last restart; otherwise such
@@ -279,21 +283,31 @@ class Destination:
     def send(self, local: str, stanza: Stanza) -> None:
         sender = self.sender
         sender.accepted += 1
+        congested = False  # a stream carries the pair but its output is past the mark
         if not self.queue or not any(item.local == local for item in self.queue):
             # (never ahead of stanzas for the same pair that wait already)
             stream = self._stream_for(local)
             if stream is not None and stream.is_valid(local):
-                if stream.send_stanza(local, stanza):
+                if not stream.is_writable():
+                    congested = True
+                elif stream.send_stanza(local, stanza):
                     sender.delivered += 1
                     return
-                self._refused_by.add(stream)
-            route = self._route(local)
-            if route is not None and not self._closing(route) and route.write_stanza(local, self.remote, stanza):
+                else:
+                    self._refused_by.add(stream)
+            route = None if congested else self._route(local)
+            if route is not None and not self._closing(route):
                 # an inbound bidi stream already carries the pair
-                sender.delivered += 1
-                return
-        # No open stream took it (none yet, or the one we have is closing):
-        # it waits for the next one, or bounces with the rest of the queue.
+                if not route.is_writable():
+                    congested = True
+                elif route.write_stanza(local, self.remote, stanza):
+                    sender.delivered += 1
+                    return
+        else:
+            congested = True  # waits behind its pair's queue either way
+        # No open stream took it (none yet, the one we have is closing, or its
+        # output is past the high-water mark): it waits in the bounded queue
+        # for the next stream or for the output to drain, or bounces.
         if sender.draining and self._stream_for(local) is None:
             # Shutting down: no new connection will be made for it.
             sender.bounce(stanza, BOUNCE["shutdown"], SHUTDOWN_TEXT)
@@ -306,10 +320,20 @@ class Destination:
         self.queue.append(_Queued(local, stanza, size, sender.clock.seconds()))
         self.queued_bytes += size
         self._schedule_expiry()
+        if congested and self._carried(local):
+            return  # goes out when the stream's output drains (stream_writable)
         if local not in self.side and self.state in (IDLE, REVERSE):
             self._start(local)
         else:
             self._authenticate(local)
+
+    def _carried(self, local: str) -> bool:
+        """Does an open stream carry local -> remote (writable or not)?"""
+        stream = self._stream_for(local)
+        if stream is not None and stream.is_valid(local):
+            return True
+        route = self._route(local)
+        return route is not None and not self._closing(route)
 
     def is_idle(self) -> bool:
         """Nothing to remember but the domain: no queue, no stream, no backoff
@@ -388,7 +412,8 @@ class Destination:
             route = self._route(local)
             if route is None:
                 return
-            self._flush_to(local, lambda stanza: route.write_stanza(local, self.remote, stanza))
+            self._flush_to(local, lambda stanza: route.write_stanza(local, self.remote, stanza),
+                           route.is_writable)
             if self.state == REVERSE and not self.queue:
                 self._move("reverse-done", IDLE)
                 self.sender.note_idle(self)
@@ -615,17 +640,36 @@ class Destination:
 
     # -- queue handling ---------------------------------------------------
     def _flush(self, local: str, stream: OutboundS2S) -> None:
-        if not self._flush_to(local, lambda stanza: stream.send_stanza(local, stanza)):
+        if not self._flush_to(local, lambda stanza: stream.send_stanza(local, stanza),
+                              stream.is_writable):
             self._refused_by.add(stream)
 
-    def _flush_to(self, local: str, send) -> bool:
+    def stream_writable(self, stream: OutboundS2S) -> None:
+        """``stream``'s output drained below the high-water mark: hand it
+        what waits for the local domains it carries, in order, while it
+        stays writable."""
+        if not self._owns(stream):
+            return
+        for local in dict.fromkeys(item.local for item in self.queue):
+            if self._stream_for(local) is stream and stream.is_valid(local):
+                self._flush(local, stream)
+                if not stream.is_writable():
+                    break
+
+    def _flush_to(self, local: str, send, writable=None) -> bool:
         """Hand what waits for ``local`` to ``send`` in order; once it refuses
         one (its stream is closing), that one and the rest stay queued in
-        their places (for the next stream, or a bounce).  False if refused."""
+        their places (for the next stream, or a bounce).  False if refused.
+        Once ``writable()`` says the stream's output is past its high-water
+        mark, the rest stay queued too, until it drains."""
         keep: deque[_Queued] = deque()
-        refused = False
+        refused = stalled = False
         for item in self.queue:
-            if item.local == local and not refused:
+            if item.local == local and not refused and not stalled:
+                if writable is not None and not writable():
+                    stalled = True
+                    keep.append(item)
+                    continue
                 if send(item.stanza):
                     self.sender.delivered += 1
                     self.queued_bytes -= item.size

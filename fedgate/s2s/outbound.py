@@ -132,6 +132,10 @@ class OutboundS2S(PairedStream, InitiatingStream):
         """True if the transport took ``stanza`` (see :meth:`write_stanza`)."""
         return self.write_stanza(local, self.remote, stanza)
 
+    def writable_again(self) -> None:
+        """Our output drained: the destination hands over what it held."""
+        self.owner.stream_writable(self)
+
     # -- a route for other destinations once bidi allows (write_stanza: PairedStream)
     def authenticate_reverse(self, local: str, remote: str) -> bool:
         return False  # further remote domains get their own outbound stream

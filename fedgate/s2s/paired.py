@@ -89,6 +89,7 @@ class PairedStream:
         self.io = io
         self.record = self.ctx.table.add(record, closer=io.fail, route=self)
         self.throttle = StreamThrottle(io, self.ctx.clock)
+        io.on_writable(self.writable_again)
         settings = self.ctx.liveness
         if settings is not None and self.ctx.pings is not None:
             io.keep_alive(settings)
@@ -149,6 +150,19 @@ class PairedStream:
         self.ctx.router.route(stanza, to_domain, from_domain)
 
     # -- send: the route the pair table hands out ---------------------------------
+    def is_writable(self) -> bool:
+        """Does the stream take more stanzas now (its output is below the
+        high-water mark)?  If not, the sender holds them in its queue."""
+        return self.io is not None and self.io.writable
+
+    def writable_again(self) -> None:
+        """The stream's output drained: the destinations that send over it
+        hand over what they held (as when a pair becomes usable)."""
+        record = self.record
+        for pair in list(record.valid_pairs()):
+            if record.can_send(pair.local, pair.remote):
+                self.ctx.table.pair_changed(pair.local, pair.remote, True)
+
     def write_stanza(self, local: str, remote: str, stanza: Stanza) -> bool:
         """Hand ``stanza`` to this stream: True if the open transport took
         it, False if the stream is closing (the caller requeues or bounces)."""

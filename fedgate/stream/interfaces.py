@@ -34,6 +34,8 @@ class IXmppStream(Interface):
     peer_ended = Attribute("True once the peer closed its stream with </stream:stream>")
     header_sent = Attribute("True once our header of the current stream is written")
     last_received = Attribute("clock time of the last bytes from the peer")
+    writable = Attribute("True while the stream's output is below its high-water mark "
+                         "(else the owner holds stanzas in its bounded queue)")
 
     def open_stream(attributes, features=None):
         """Send our stream header (and features, when given)."""
@@ -52,6 +54,10 @@ class IXmppStream(Interface):
 
     def observe_stanzas(observer):
         """Call ``observer(stanza, size)`` for every stanza a transport took."""
+
+    def on_writable(callback):
+        """Call ``callback()`` each time the stream becomes writable again
+        (its transport's write buffer drained below the mark)."""
 
     def start_tls(creator):
         """Switch the connection to TLS; ``tls_established`` follows."""

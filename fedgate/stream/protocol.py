@@ -18,6 +18,15 @@ with :meth:`XmppStream.observe_stanzas` about each stanza taken (the hook for
 acknowledgements and output accounting).  Nothing at all is written after
 our ``</stream:stream>``.
 
+Output is bounded: the stream registers an :class:`fedgate.stream.flow.OutputFlow`
+as the streaming producer of its transport, and is :attr:`XmppStream.writable`
+until the transport's write buffer holds about ``output_high_water`` bytes;
+the stanza's owner then holds stanzas in its own bounded queue and hands them
+over again when the callbacks added with :meth:`XmppStream.on_writable` say
+the buffer has drained.  :meth:`XmppStream.send_stanza` itself keeps its
+contract (it writes whenever the stream is open), so one stanza past the mark
+still goes out.
+
 Reading is paused per reason (a rate limit, backpressure): the transport
 stays paused while any reason holds, so one reason's resume never undoes
 another's pause.
@@ -45,6 +54,7 @@ from twisted.words.xish import domish
 from fedgate.logsafe import short
 from fedgate.stream import namespaces as ns
 from fedgate.stream.errors import StreamFailure, StanzaFailure, stream_error_element
+from fedgate.stream.flow import DEFAULT_HIGH_WATER, OutputFlow
 from fedgate.stream.interfaces import IStreamHandler, IXmppStream
 from fedgate.stream.liveness import tcp_keepalive, tcp_no_delay
 from fedgate.stream.parser import Limits, StreamHeader, StreamParser
@@ -75,8 +85,13 @@ class XmppStream(protocol.Protocol):
 
     def __init__(self, handler: IStreamHandler, clock, limits: Limits = Limits(),
                  log_traffic: bool = False, log_bodies: bool = False,
-                 stream_ns: str = ns.SERVER, on_tls_failure=None, admission=None):
+                 stream_ns: str = ns.SERVER, on_tls_failure=None, admission=None,
+                 output_high_water: int = DEFAULT_HIGH_WATER):
         self.handler = handler
+        #: the producer the transport pauses when its write buffer fills
+        self.flow = OutputFlow(output_high_water, self._writable_again)
+        self._flow_registered = False
+        self._writable_observers: list = []
         #: the listener's admission ticket (fedgate.stream.admission), None on
         #: outbound streams: given back on authentication and on close
         self.admission = admission
@@ -124,6 +139,10 @@ class XmppStream(protocol.Protocol):
         tcp_no_delay(self.transport)  # every S2S and component stream, both directions
         if self.admission is not None:
             self.admission.attach(self.fail)  # so that it can be evicted
+        register = getattr(self.transport, "registerProducer", None)
+        if register is not None and getattr(self.transport, "producer", None) is None:
+            register(self.flow, True)  # streaming: pauseProducing/resumeProducing
+            self._flow_registered = True
         self._new_parser()
         self._guard(self.handler.connected, self)
 
@@ -148,6 +167,7 @@ class XmppStream(protocol.Protocol):
 
     def connectionLost(self, reason) -> None:
         self.closed = True
+        self._writable_observers = []
         if self.admission is not None:
             self.admission.release()
         if self._parser is not None:
@@ -198,7 +218,9 @@ class XmppStream(protocol.Protocol):
             return False
         if self.log_traffic:
             self._log_xml("out", text)
-        self.transport.write(text.encode("utf-8"))
+        data = text.encode("utf-8")
+        self.transport.write(data)
+        self.flow.wrote(len(data))
         return True
 
     def send_stanza(self, stanza) -> bool:
@@ -213,6 +235,7 @@ class XmppStream(protocol.Protocol):
         if self.log_traffic:
             self._log_xml("out", data)
         self.transport.write(data)
+        self.flow.wrote(len(data))
         for observer in self._stanza_observers:
             observer(stanza, len(data))
         return True
@@ -220,6 +243,28 @@ class XmppStream(protocol.Protocol):
     def observe_stanzas(self, observer) -> None:
         """Call ``observer(stanza, size)`` for every stanza a transport takes."""
         self._stanza_observers.append(observer)
+
+    @property
+    def writable(self) -> bool:
+        """Is the output below its high-water mark?  While it is not, the
+        owner holds stanzas in its own bounded queue.  (A closing stream
+        may be writable: :meth:`send_stanza` refuses, and the owner treats
+        that refusal as it always did.)"""
+        return self.flow.writable
+
+    def on_writable(self, callback) -> None:
+        """Call ``callback()`` each time the stream is writable again after
+        it was not (the transport's buffer has drained)."""
+        self._writable_observers.append(callback)
+
+    def _writable_again(self) -> None:
+        if self.closing or self.closed:
+            return
+        for callback in list(self._writable_observers):
+            try:
+                callback()
+            except Exception:
+                log.failure("Error flushing to {peer} after its output drained", peer=self.peer)
 
     def authenticated(self) -> None:
         """The peer has authenticated: the connection leaves its listener's
@@ -322,8 +367,14 @@ class XmppStream(protocol.Protocol):
         self.closing = True
         if self._parser is not None:
             self._parser.close()  # nothing more is parsed; free it now
+        self._unregister_flow()  # (TLS would hold the close while a producer is registered)
         self.transport.loseConnection()
         self._close_timer = self.clock.callLater(CLOSE_GRACE, self._abort)
+
+    def _unregister_flow(self) -> None:
+        if self._flow_registered:
+            self._flow_registered = False
+            self.transport.unregisterProducer()
 
     def _abort(self) -> None:
         self._close_timer = None
