@@ -542,7 +542,8 @@ class Destination:
     def _taken(self, route) -> None:
         """A stream took a stanza: delivered, or in flight until the peer
         acknowledges it (XEP-0198)."""
-        if getattr(route, "sm_tracking", False):
+        sm = route.sm
+        if sm is not None and sm.counting:
             self.sender.in_flight += 1
         else:
             self.sender.delivered += 1

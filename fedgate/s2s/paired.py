@@ -106,7 +106,7 @@ class PairedStream:
         if store is not None and store.settings.enabled:
             self.sm = StreamManagement(self.ctx.clock, store.settings, io.write, self._sm_fail,
                                        on_acked=self._sm_acked)
-            io.observe_stanzas(lambda stanza, size: self.sm.sent(stanza, self._routing))
+            io.observe_stanzas(self._sm_sent)
             self.record._sm = self.sm
         settings = self.ctx.liveness
         if settings is not None and self.ctx.pings is not None:
@@ -126,6 +126,9 @@ class PairedStream:
             self.ctx.table.remove(self.record)
 
     # -- XEP-0198 -----------------------------------------------------------------
+    def _sm_sent(self, stanza, size: int) -> None:
+        self.sm.sent(stanza, self._routing)
+
     def _sm_fail(self, element) -> None:
         """End the stream with ``element``, a stream error (handled-count-too-high)."""
         self.io.send(element)
@@ -151,11 +154,6 @@ class PairedStream:
         if self.sm is None:
             return []
         return [stanza for stanza, routed in self.sm.stop() if routed]
-
-    @property
-    def sm_tracking(self) -> bool:
-        """Is delivery on this stream counted when acknowledged (XEP-0198)?"""
-        return self.sm is not None and self.sm.counting
 
     # -- liveness -------------------------------------------------------------------
     def ping_pair(self) -> tuple[str, str] | None:
@@ -208,8 +206,8 @@ class PairedStream:
         """Hand ``stanza`` to this stream: True if the open transport took
         it, False if the stream is closing (the caller requeues or bounces)."""
         sm = self.sm
-        if sm is not None and not sm.writable():
-            self._sm_full = True
+        if sm is not None and sm.counting and len(sm.out.unacked) >= sm.settings.max_unacked:
+            self._sm_full = True  # the destination holds it until an ack makes room
             return False
         self._routing = True
         try:

@@ -138,7 +138,13 @@ class Outgoing:
         n = distance(h, self.acked)
         if n > len(self.unacked):
             raise HandledCountTooHigh(h, self.sent)
-        done = [self.unacked.popleft() for _ in range(n)]
+        unacked = self.unacked
+        if n == len(unacked):
+            done = list(unacked)
+            unacked.clear()
+        else:
+            popleft = unacked.popleft
+            done = [popleft() for _ in range(n)]
         self.acked = h
         return done
 
@@ -215,6 +221,7 @@ class StreamManagement:
         self._fail = fail
         self.on_acked = on_acked
         self.machine = Machine("sm", TRANSITIONS, OFF)
+        self.counting = False
         self.out = Outgoing()
         self.inc = Incoming()
         #: the session id (given or taken), and whether it may be resumed
@@ -229,10 +236,11 @@ class StreamManagement:
     def state(self) -> str:
         return self.machine.state
 
-    @property
-    def counting(self) -> bool:
-        """Are stanzas counted (from our <enable/> or the peer's)?"""
-        return self.state in (ENABLING, ENABLED)
+    def _fire(self, event: str) -> None:
+        self.machine.fire(event)
+        #: are stanzas counted (from our <enable/> or the peer's)?  An
+        #: attribute, read for every stanza written
+        self.counting = self.machine.state in (ENABLING, ENABLED)
 
     @property
     def enabled(self) -> bool:
@@ -248,13 +256,13 @@ class StreamManagement:
         return features is not None and any(c.uri == NS and c.name == "sm" for c in features.elements())
 
     def enable(self, resume: bool) -> None:
-        self.machine.fire("enable")
+        self._fire("enable")
         self._write(f"<enable xmlns='{NS}'" + (" resume='true'" if resume else "") + "/>")
 
     def resume(self, previd: str, handled: int, acked: int) -> None:
         """Ask to resume ``previd``; we handled ``handled`` of the peer's
         stanzas, and the peer had acknowledged ``acked`` of ours."""
-        self.machine.fire("resume")
+        self._fire("resume")
         self.id = previd
         self.inc = Incoming(handled)
         self.out = Outgoing(acked)
@@ -272,7 +280,7 @@ class StreamManagement:
             return
         if self.state != OFF:
             raise StreamFailure("policy-violation", "stream management is enabled once per stream")
-        self.machine.fire("enabled")
+        self._fire("enabled")
         self.resumable = (element.getAttribute("resume") in ("true", "1")
                           and self.settings.resume_timeout > 0)
         attrs = ""
@@ -285,7 +293,7 @@ class StreamManagement:
     def accept_resume(self, session: Session, h: int) -> None:
         """Resume ``session`` (the store checked it): our counter of handled
         stanzas continues, and ``h`` acknowledges what we had sent."""
-        self.machine.fire("resumed")
+        self._fire("resumed")
         self.id, self.resumable, self.max = session.id, True, int(self.settings.resume_timeout)
         self.inc = Incoming(session.handled)
         self.out = Outgoing(h)
@@ -307,14 +315,14 @@ class StreamManagement:
                 raise StreamFailure("unsupported-stanza-type", "<a/> without stream management")
             self.ack(parse_h(element))
         elif name == "enabled" and self.state == ENABLING:
-            self.machine.fire("enabled")
+            self._fire("enabled")
             self.resumable = element.getAttribute("resume") in ("true", "1") and bool(element.getAttribute("id"))
             self.id = element.getAttribute("id") if self.resumable else None
             raw_max = element.getAttribute("max") or ""
             self.max = int(raw_max) if raw_max.isdigit() else None
         elif name == "failed" and self.state in (ENABLING, RESUMING):
             resuming = self.state == RESUMING
-            self.machine.fire("failed")
+            self._fire("failed")
             self._stop_timer()
             condition = next((c.name for c in element.elements() if c.uri == STANZAS), "undefined-condition")
             items = list(self.out.unacked)
@@ -325,7 +333,7 @@ class StreamManagement:
             if element.getAttribute("previd") != self.id:
                 raise StreamFailure("invalid-xml", "<resumed/> for another session")
             h = parse_h(element)
-            self.machine.fire("resumed")
+            self._fire("resumed")
             self.resumable = True
             role.sm_resumed(h)
         elif name == "enable":
@@ -355,15 +363,14 @@ class StreamManagement:
         """A stanza went out on the stream (the stream's observer)."""
         if not self.counting:
             return
-        self.out.append((stanza, routed))
+        self.out.unacked.append((stanza, routed))
         self._since_request += 1
         if self._since_request >= self.settings.ack_every:
             self.request()
-        else:
-            if self._timer is None:
-                self._timer = self.clock.callLater(self.settings.ack_interval, self._interval)
-            if self._burst is None:
-                self._burst = self.clock.callLater(0, self._burst_end)
+        elif self._burst is None:
+            self._burst = self.clock.callLater(0, self._burst_end)
+        if self._timer is None:
+            self._timer = self.clock.callLater(self.settings.ack_interval, self._interval)
 
     def _burst_end(self) -> None:
         """The reactor turn that wrote stanzas is over: one <r/> for what it
@@ -379,16 +386,17 @@ class StreamManagement:
             self.inc.stanza()
 
     def request(self) -> None:
+        """Send <r/>; the interval timer, if running, asks again later."""
         self._since_request = 0
-        self._stop_timer()
-        self._write(f"<r xmlns='{NS}'/>")
-        if self.out.unacked:
-            self._timer = self.clock.callLater(self.settings.ack_interval, self._interval)
+        self._write(_R)
 
     def _interval(self) -> None:
+        """``ack_interval`` after the oldest unacknowledged stanza (or the
+        last request): ask (again) while anything is unacknowledged."""
         self._timer = None
         if self.counting and self.out.unacked:
             self.request()
+            self._timer = self.clock.callLater(self.settings.ack_interval, self._interval)
 
     def _stop_timer(self) -> None:
         for timer in (self._timer, self._burst):
@@ -399,7 +407,7 @@ class StreamManagement:
     def stop(self) -> list:
         """The connection is gone: what was sent and never acknowledged."""
         self._stop_timer()
-        self.machine.fire("stop")
+        self._fire("stop")
         items = list(self.out.unacked)
         self.out.unacked.clear()
         return items
@@ -408,6 +416,9 @@ class StreamManagement:
         """The admin API's view."""
         return {"enabled": self.enabled, "unacked": len(self.out.unacked),
                 "resumable": self.resumable, "h_in": self.inc.handled, "h_out": self.out.sent}
+
+
+_R = f"<r xmlns='{NS}'/>"
 
 
 def _failed(condition: str) -> str:
