@@ -334,3 +334,89 @@ class InboundDialback(unittest.TestCase):
         early.feed(f"<resume xmlns='{sm.NS}' previd='{previd}' h='0'/>")
         [failed] = self.sm_out(early)
         self.assertEqual(failed.firstChildElement().name, "unexpected-request")
+
+
+class OutboundBound(unittest.TestCase):
+    """Past ``sm_max_unacked`` the outbound stream takes no more: the rest
+    waits in the destination's queue and flows as acks make room; a dead
+    stream's unacknowledged stanzas go back to the queue's head in order."""
+
+    def setUp(self):
+        import random
+
+        from fedgate.router import Router
+        from fedgate.s2s.sender import S2SSender, SenderSettings
+        from fedgate.stream.protocol import XmppStream
+        from tests.support.s2s import FakeConnector
+
+        self.clock = Clock()
+        router = Router({"gw.example"}, set())
+        ctx = make_context(self.clock, secret="s", router=router, auth_timeout=30.0,
+                           sm=sm.ResumeStore(self.clock, sm.SMSettings(max_unacked=3, ack_every=100)))
+        self.connector = FakeConnector(self.clock)
+        self.sender = S2SSender(ctx, self.connector, lambda h: XmppStream(h, self.clock),
+                                SenderSettings(), rng=random.Random(1))
+        router.sender = self.sender
+
+    def send(self, n: int):
+        self.sender.send("gw.example", "remote.example", Stanza.of(element(
+            f"<message from='u@gw.example' to='v@remote.example' id='m{n}'/>")))
+
+    def open_peer(self):
+        peer = self.connector.succeed()
+        peer.read()
+        peer.stream.dataReceived(
+            server_header(id="SID", **{"from": "remote.example"}, version="1.0")
+            + b"<stream:features><dialback xmlns='urn:xmpp:features:dialback'><errors/></dialback>"
+            + f"<sm xmlns='{sm.NS}'/></stream:features>".encode())
+        peer.read()
+        peer.stream.dataReceived(b"<db:result from='remote.example' to='gw.example' type='valid'/>")
+        peer.stream.dataReceived(f"<enabled xmlns='{sm.NS}' id='sess' resume='true'/>".encode())
+        return peer
+
+    def ids(self, peer):
+        return [e["id"] for e in peer.take() if e.name == "message"]
+
+    def test_past_the_bound_stanzas_wait_and_flow_with_acks(self):
+        self.send(0)
+        peer = self.open_peer()
+        for n in range(1, 8):
+            self.send(n)
+        self.assertEqual(self.ids(peer), ["m0", "m1", "m2"])
+        self.assertEqual(self.sender.pending_stanza_count(), 5)
+        self.assertEqual(self.sender.outcomes()["in_flight"], 3)
+        peer.stream.dataReceived(f"<a xmlns='{sm.NS}' h='2'/>".encode())
+        self.assertEqual(self.ids(peer), ["m3", "m4"])
+        self.assertEqual((self.sender.delivered, self.sender.outcomes()["in_flight"],
+                          self.sender.pending_stanza_count()), (2, 3, 3))
+
+    def test_dead_stream_requeues_the_unacknowledged_in_order(self):
+        self.send(0)
+        peer = self.open_peer()
+        self.send(1)
+        self.send(2)
+        peer.stream.dataReceived(f"<a xmlns='{sm.NS}' h='1'/>".encode())
+        self.send(3)  # queued behind nothing: the stream takes it (3 unacknowledged)
+        self.send(4)  # past the bound: queued
+        peer.stream.connectionLost(None)
+        destination = self.sender.destinations["remote.example"]
+        self.assertEqual([item.stanza.id for item in destination.queue], ["m1", "m2", "m3", "m4"])
+        self.assertEqual((self.sender.delivered, self.sender.outcomes()["in_flight"]), (1, 0))
+        # The next stream resumes the session: the peer had handled m1 only.
+        again = self.connector.succeed()
+        again.read()
+        again.stream.dataReceived(
+            server_header(id="SID2", **{"from": "remote.example"}, version="1.0")
+            + b"<stream:features><dialback xmlns='urn:xmpp:features:dialback'><errors/></dialback>"
+            + f"<sm xmlns='{sm.NS}'/></stream:features>".encode())
+        again.read()
+        again.stream.dataReceived(b"<db:result from='remote.example' to='gw.example' type='valid'/>")
+        [resume] = [e for e in again.take() if e.uri == sm.NS]
+        self.assertEqual((resume.name, resume["previd"]), ("resume", "sess"))
+        self.assertEqual(self.ids(again), [], "nothing sent before the answer")
+        again.stream.dataReceived(f"<resumed xmlns='{sm.NS}' previd='sess' h='2'/>".encode())
+        self.assertEqual(self.ids(again), ["m2", "m3", "m4"])
+        self.assertEqual(self.sender.delivered, 2)
+        outcomes = self.sender.outcomes()
+        self.assertEqual(outcomes["accepted"], outcomes["delivered"] + outcomes["in_flight"]
+                         + outcomes["bounced"] + self.sender.pending_stanza_count())
