@@ -542,7 +542,7 @@ class Destination:
     def _taken(self, route) -> None:
         """A stream took a stanza: delivered, or in flight until the peer
         acknowledges it (XEP-0198)."""
-        sm = route.sm
+        sm = getattr(route, "sm", None)
         if sm is not None and sm.counting:
             self.sender.in_flight += 1
         else:
