@@ -282,8 +282,10 @@ class OutboundS2S(PairedStream, InitiatingStream):
             self._cancel_pair_timer(local)
         if self.dialback is not None:
             self.dialback.close()
-        sm, lost = self.sm, self.sm_lost()
-        if lost or self._resuming is not None:
+        sm = self.sm
+        acking = sm is not None and (sm.counting or self._resuming is not None)
+        lost = self.sm_lost()
+        if acking:  # a stream with acks: a lost transport means try again
             self.owner.sm_requeue(self, lost, sm)
         self.detach()
         self.owner.stream_closed(self)
