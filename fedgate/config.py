@@ -90,6 +90,15 @@ class S2SConfig:
     ping_idle: float = 60.0
     ping_timeout: float = 30.0
     idle_close: float = 600.0
+    #: XEP-0198 on S2S: on/off, an ack request every sm_ack_every stanzas or
+    #: sm_ack_interval seconds, dropped streams resumable for
+    #: sm_resume_timeout seconds (0: no resumption), at most sm_max_unacked
+    #: unacknowledged stanzas per stream (the rest waits in the queue)
+    stream_management: bool = True
+    sm_ack_every: int = 10
+    sm_ack_interval: float = 5.0
+    sm_resume_timeout: float = 60.0
+    sm_max_unacked: int = 5000
     #: non-global address ranges outbound S2S may reach for peers that are
     #: not static: names from fedgate.s2s.addresses.RANGE_NAMES or CIDR
     allow_private_ranges: tuple[str, ...] = ()
@@ -524,6 +533,11 @@ def _s2s(s: _Reader) -> S2SConfig:
         ping_idle=s.positive("ping_idle", float, S2SConfig.ping_idle),
         ping_timeout=s.positive("ping_timeout", float, S2SConfig.ping_timeout),
         idle_close=s.not_negative("idle_close", float, S2SConfig.idle_close),
+        stream_management=s.get("stream_management", bool, S2SConfig.stream_management),
+        sm_ack_every=s.positive("sm_ack_every", int, S2SConfig.sm_ack_every),
+        sm_ack_interval=s.positive("sm_ack_interval", float, S2SConfig.sm_ack_interval),
+        sm_resume_timeout=s.not_negative("sm_resume_timeout", float, S2SConfig.sm_resume_timeout),
+        sm_max_unacked=s.positive("sm_max_unacked", int, S2SConfig.sm_max_unacked),
         allow_private_ranges=_ranges(s, "allow_private_ranges"),
         mode=mode,
         default_policy=default_policy,

@@ -197,7 +197,7 @@ class _LiveCollector:
         outcomes = CounterMetricFamily("fedgate_sender_stanzas", "Stanzas for remote domains by "
                                        "outcome", labels=["outcome"])
         counts = sender.outcomes()
-        for outcome in ("accepted", "delivered", "bounced"):
+        for outcome in ("accepted", "delivered", "bounced", "in_flight"):
             outcomes.add_metric([outcome], counts.get(outcome, 0))
         yield outcomes
 

@@ -55,6 +55,7 @@ from fedgate.s2s.inbound import InboundS2S
 from fedgate.s2s.pairs import ConnectionTable
 from fedgate.s2s.resolver import S2SResolver
 from fedgate.s2s.sender import S2SSender, SenderSettings
+from fedgate.s2s.sm import ResumeStore, SMSettings
 from fedgate.s2s.verifier import DialbackVerifier
 from fedgate.stream import namespaces as ns
 from fedgate.stream.admission import Admission, AdmittingFactory, Caps, fit_to_fd_limit
@@ -141,6 +142,9 @@ class Gateway(service.Service):
             tls_failure=self._tls_failure,
             liveness=LivenessSettings(s2s.ping_idle, s2s.ping_timeout, s2s.idle_close),
             pings=self.pings,
+            sm=ResumeStore(reactor, SMSettings(
+                s2s.stream_management, s2s.sm_ack_every, s2s.sm_ack_interval,
+                s2s.sm_resume_timeout, s2s.sm_max_unacked)) if s2s.stream_management else None,
             log_traffic=config.logging.xml_traffic,
             log_bodies=config.logging.xml_bodies,
         )

@@ -52,6 +52,8 @@ def test_defaults_and_normalisation():
     assert (config.s2s.shutdown_flush, config.s2s.shutdown_grace) == (5.0, 2.0)
     assert (config.s2s.mode, config.s2s.default_policy.encryption,
             config.s2s.default_policy.authentication) == ("open", "required", "dialback")
+    assert (config.s2s.stream_management, config.s2s.sm_ack_every, config.s2s.sm_ack_interval,
+            config.s2s.sm_resume_timeout, config.s2s.sm_max_unacked) == (True, 10, 5.0, 60.0, 5000)
 
 
 def test_peer_policy():
@@ -102,6 +104,11 @@ def test_outbound_address_settings():
     (minimal(s2s={"allow_private_ranges": "loopback"}), "s2s.allow_private_ranges", "expected list"),
     (minimal(s2s={"allow_private_ranges": [10]}), "s2s.allow_private_ranges", "range names"),
     (minimal(s2s={"max_pairs_per_connection": 0}), "s2s.max_pairs_per_connection", "greater than zero"),
+    (minimal(s2s={"stream_management": "on"}), "s2s.stream_management", "expected bool"),
+    (minimal(s2s={"sm_ack_every": 0}), "s2s.sm_ack_every", "greater than zero"),
+    (minimal(s2s={"sm_ack_interval": 0}), "s2s.sm_ack_interval", "greater than zero"),
+    (minimal(s2s={"sm_resume_timeout": -1}), "s2s.sm_resume_timeout", "must not be negative"),
+    (minimal(s2s={"sm_max_unacked": 0}), "s2s.sm_max_unacked", "greater than zero"),
     (minimal(s2s={"peers": {"p.example": {"encryption": "maybe"}}}), "s2s.peers.p.example.encryption", "must be one of"),
     (minimal(admin={"max_connections": 0}), "admin.max_connections", "greater than zero"),
     (minimal(admin={"header_timeout": "10s"}), "admin.header_timeout", "expected a number"),

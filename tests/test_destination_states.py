@@ -99,7 +99,7 @@ class NarrowViewTests(SenderCase):
         self.assertEqual(self.sender.pending_stanza_count("nowhere.example"), 0)
         self.assertEqual(self.sender.pending_stanza_count(), 3)
         self.assertEqual(self.sender.state_counts(), {CONNECTING: 2})
-        self.assertEqual(self.sender.outcomes(), {"accepted": 3, "delivered": 0, "bounced": 0})
+        self.assertEqual(self.sender.outcomes(), {"accepted": 3, "delivered": 0, "bounced": 0, "in_flight": 0})
         self.assertEqual([s.domain for s in self.sender.statuses()], ["other.example", "remote.example"])
         status = self.sender.status("remote.example")
         self.assertEqual((status.state, status.queued_stanzas), (CONNECTING, 2))

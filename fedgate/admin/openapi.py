@@ -67,7 +67,8 @@ SCHEMAS = {
         "since": {"type": "number"}, "stanzas_in": {"type": "integer"},
         "stanzas_out": {"type": "integer"}}, extra=True),
     "Connection": _obj(["id", "direction", "remote_address", "opened_at", "remote_domain", "tls",
-                        "bidi", "state", "age_seconds", "auth_methods", "counters", "pair_count"], {
+                        "bidi", "state", "age_seconds", "auth_methods", "counters", "pair_count",
+                        "stream_management"], {
         "id": {"type": "integer"}, "direction": {"enum": ["inbound", "outbound"]},
         "remote_address": {"type": "string"}, "opened_at": {"type": "number"},
         "remote_domain": NULLABLE_STR,
@@ -80,6 +81,14 @@ SCHEMAS = {
         "counters": _obj(["stanzas_in", "stanzas_out"], {"stanzas_in": {"type": "integer"},
                                                          "stanzas_out": {"type": "integer"}}),
         "pair_count": {"type": "integer"},
+        "stream_management": _obj(["enabled", "unacked", "resumable", "h_in", "h_out"], {
+            "enabled": {"type": "boolean", "description": "XEP-0198 enabled on this stream"},
+            "unacked": {"type": "integer", "description": "stanzas we sent that the peer has not "
+                        "acknowledged yet"},
+            "resumable": {"type": "boolean", "description": "the session may be resumed within "
+                          "s2s.sm_resume_timeout after the connection drops"},
+            "h_in": {"type": "integer", "description": "stanzas handled from the peer (mod 2^32)"},
+            "h_out": {"type": "integer", "description": "stanzas sent to the peer (mod 2^32)"}}),
         "pairs": {"type": "array", "items": _ref("Pair")}}, extra=True),
     "ConnectionList": _obj(["connections"], {"connections": {"type": "array", "items": _ref("Connection")}}),
     "Closed": _obj(["id", "closed", "condition", "text"], {

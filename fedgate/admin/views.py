@@ -195,6 +195,7 @@ def connection_json(record, now: float, detail: bool = False) -> dict:
     out["counters"] = {"stanzas_in": sum(p.stanzas_in for p in pairs),
                        "stanzas_out": sum(p.stanzas_out for p in pairs)}
     out["pair_count"] = len(pairs)
+    out["stream_management"] = record.stream_management()
     if detail:
         out["pairs"] = [_plain(dataclasses.asdict(p)) for p in pairs]
     return out

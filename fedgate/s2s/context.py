@@ -63,6 +63,9 @@ class S2SContext:
     liveness: LivenessSettings | None = None
     #: our pings in flight (the router hands their answers back)
     pings: PingRegistry | None = None
+    #: XEP-0198: its settings, the resumable sessions and the sender's
+    #: delivery hooks (fedgate.s2s.sm.ResumeStore); None: no stream management
+    sm: object = None
     #: tls_failure(reason) counts a TLS failure (the metrics)
     tls_failure: Callable[[str], None] = lambda reason: None
 

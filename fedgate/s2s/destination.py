@@ -130,6 +130,20 @@ provided, which tells a client not to try again.
 
 The owner interface the outbound streams call: :meth:`Destination.stream_open`,
 :meth:`Destination.pair_result`, :meth:`Destination.stream_closed`.
+
+XEP-0198 (:mod:`fedgate.s2s.sm`)
+--------------------------------
+On a stream with stream management, a stanza the transport took is in
+flight until the peer acknowledges it, and only then delivered
+(:meth:`Destination._taken`).  When such a stream dies, what the peer never
+acknowledged goes back to the head of the queue in order
+(:meth:`Destination.sm_requeue`) and the destination connects again, as for a
+stream that refused stanzas: it goes out on the next stream, or bounces like
+the rest of the queue (past ``max_wait``, or when the next attempt fails).
+Where the dead stream was resumable, the next stream for the same local
+domain tries ``<resume/>`` first; the peer's ``h`` says how many of those
+stanzas it had handled, and they leave the queue as delivered
+(:meth:`Destination.sm_resumed`), so nothing arrives twice.
 """
 
 from __future__ import annotations
@@ -140,6 +154,7 @@ from typing import TYPE_CHECKING
 
 from twisted.logger import Logger
 
+from fedgate.jid import domain_part
 from fedgate.s2s.connect import ConnectError
 from fedgate.s2s.outbound import TIMEOUT, OutboundS2S
 from fedgate.s2s.pairs import INVALID, VALID
@@ -221,6 +236,22 @@ def stanza_size(stanza) -> int:
 
 
 @dataclass(frozen=True)
+class ResumeToken:
+    """A dead stream's XEP-0198 session, for the next stream to resume."""
+    local: str
+    previd: str
+    #: stanzas we had handled from the peer, and the peer's last ack of ours
+    handled: int
+    acked: int
+    #: what the peer had not acknowledged, in order (now at the queue's head)
+    stanzas: tuple
+    expires: float
+
+    def usable(self, now: float) -> bool:
+        return now < self.expires
+
+
+@dataclass(frozen=True)
 class DestinationStatus:
     """What the admin API and the metrics may know of one destination: a
     snapshot, so that they never hold the queue or a stream."""
@@ -272,6 +303,10 @@ class Destination:
         self._reconnected = False
         self._retry_timer = None
         self._expiry_timer = None
+        #: XEP-0198: streams that died with stanzas unacknowledged, and the
+        #: session the next stream may resume
+        self._requeued_by: set = set()
+        self._resume: ResumeToken | None = None
 
     def _move(self, event: str, new: str) -> None:
         """The one place the state changes, and only as :data:`TRANSITIONS` allows."""
@@ -291,7 +326,7 @@ class Destination:
                 if not stream.is_writable():
                     congested = True
                 elif stream.send_stanza(local, stanza):
-                    sender.delivered += 1
+                    self._taken(stream)
                     return
                 else:
                     self._refused_by.add(stream)
@@ -301,7 +336,7 @@ class Destination:
                 if not route.is_writable():
                     congested = True
                 elif route.write_stanza(local, self.remote, stanza):
-                    sender.delivered += 1
+                    self._taken(route)
                     return
         else:
             congested = True  # waits behind its pair's queue either way
@@ -412,8 +447,7 @@ class Destination:
             route = self._route(local)
             if route is None:
                 return
-            self._flush_to(local, lambda stanza: route.write_stanza(local, self.remote, stanza),
-                           route.is_writable)
+            self._flush_to(local, lambda stanza: route.write_stanza(local, self.remote, stanza), route)
             if self.state == REVERSE and not self.queue:
                 self._move("reverse-done", IDLE)
                 self.sender.note_idle(self)
@@ -425,6 +459,9 @@ class Destination:
         stream = OutboundS2S(self.sender.ctx, self.remote, local, self,
                              pair_timeout=self.sender.settings.pair_timeout)
         stream.authenticate(local)
+        token, self._resume = self._resume, None
+        if token is not None and token.local == local:
+            stream.resume_from = token
         d = self.sender.connector.connect(
             self.remote, lambda target=None: self.sender.make_stream(stream.for_target(target)))
         d.addErrback(self._connect_failed, stream)
@@ -520,6 +557,10 @@ class Destination:
 
     def stream_closed(self, stream: OutboundS2S) -> None:
         retry = self._retry_refused(stream)
+        if stream in self._requeued_by:  # XEP-0198: unacknowledged stanzas wait
+            self._requeued_by.discard(stream)
+            retry = retry or (stream.failure is None and stream.stream_error is None
+                              and not self.sender.ctx.is_blocked(self.remote))
         if stream is not self.stream:
             side = self._side_of(stream)
             if side is not None:
@@ -640,8 +681,7 @@ class Destination:
 
     # -- queue handling ---------------------------------------------------
     def _flush(self, local: str, stream: OutboundS2S) -> None:
-        if not self._flush_to(local, lambda stanza: stream.send_stanza(local, stanza),
-                              stream.is_writable):
+        if not self._flush_to(local, lambda stanza: stream.send_stanza(local, stanza), stream):
             self._refused_by.add(stream)
 
     def stream_writable(self, stream: OutboundS2S) -> None:
@@ -656,12 +696,71 @@ class Destination:
                 if not stream.is_writable():
                     break
 
-    def _flush_to(self, local: str, send, writable=None) -> bool:
+    def _taken(self, route) -> None:
+        """A stream took a stanza: delivered, or in flight until the peer
+        acknowledges it (XEP-0198)."""
+        sm = getattr(route, "sm", None)
+        if sm is not None and sm.counting:
+            self.sender.in_flight += 1
+        else:
+            self.sender.delivered += 1
+
+    def sm_requeue(self, stream: OutboundS2S, lost: list, sm) -> None:
+        """``stream`` is gone with ``lost`` unacknowledged (routed) stanzas:
+        back to the head of the queue, in order, and a new stream for them
+        (resuming the session where the peer offered that)."""
+        if not lost:
+            self._requeued_by.add(stream)
+            return
+        self.sender.in_flight -= len(lost)
+        if self.sender.stopped or self.sender.ctx.is_blocked(self.remote):
+            # no next stream: shutting down, or the peer was just blocked
+            blocked = not self.sender.stopped
+            for stanza in lost:
+                self.sender.bounce(stanza, BOUNCE["policy"] if blocked else BOUNCE["stream"],
+                                   self.sender.ctx.policy.why_blocked(self.remote) if blocked
+                                   else "the gateway is shutting down")
+            return
+        self._requeued_by.add(stream)
+        now = self.sender.clock.seconds()
+        items = []
+        for stanza in lost:
+            size = stanza.size()
+            local = domain_part(stanza.sender or "") or stream.first_local
+            items.append(_Queued(local, stanza, size, now))
+            self.queued_bytes += size
+        self.queue.extendleft(reversed(items))
+        self._schedule_expiry()
+        settings = sm.settings
+        if sm.resumable and sm.id and settings.resume_timeout > 0:
+            keep = settings.resume_timeout if sm.max is None else min(sm.max, settings.resume_timeout)
+            self._resume = ResumeToken(stream.first_local, sm.id, sm.inc.handled, sm.out.acked,
+                                       tuple(lost), now + keep)
+        log.info("Stream to {remote} gone with {count} stanzas unacknowledged: queued again",
+                 remote=self.remote, count=len(lost))
+
+    def sm_resumed(self, stream: OutboundS2S, token: ResumeToken, handled: int) -> None:
+        """The peer resumed ``token`` and had handled its first ``handled``
+        stanzas: they leave the queue as delivered; the rest go out again."""
+        done = {id(stanza) for stanza in token.stanzas[:handled]}
+        if not done:
+            return
+        keep: deque[_Queued] = deque()
+        for item in self.queue:
+            if id(item.stanza) in done:
+                self.queued_bytes -= item.size
+                self.sender.delivered += 1
+            else:
+                keep.append(item)
+        self.queue = keep
+
+    def _flush_to(self, local: str, send, route=None) -> bool:
         """Hand what waits for ``local`` to ``send`` in order; once it refuses
         one (its stream is closing), that one and the rest stay queued in
         their places (for the next stream, or a bounce).  False if refused.
-        Once ``writable()`` says the stream's output is past its high-water
+        Once ``route.is_writable()`` says its output is past its high-water
         mark, the rest stay queued too, until it drains."""
+        writable = route.is_writable if route is not None else None
         keep: deque[_Queued] = deque()
         refused = stalled = False
         for item in self.queue:
@@ -671,7 +770,7 @@ class Destination:
                     keep.append(item)
                     continue
                 if send(item.stanza):
-                    self.sender.delivered += 1
+                    self._taken(route)
                     self.queued_bytes -= item.size
                     continue
                 refused = True

@@ -46,6 +46,7 @@ from fedgate.s2s.dialback import Authoritative, StreamDialback
 from fedgate.s2s.paired import PairedStream
 from fedgate.s2s.pairs import INBOUND, PENDING, REMOTE, VALID, ConnectionRecord
 from fedgate.s2s.policy_check import SASL_EXTERNAL, sasl_external_offer
+from fedgate.s2s import sm as xep0198
 from fedgate.stream.sasl import decode_external, sasl_failure, sasl_mechanisms
 from fedgate.stream import namespaces as ns
 from fedgate.stream.errors import StreamFailure
@@ -184,6 +185,12 @@ class InboundS2S(PairedStream):
         bidi = self.bidi.feature()
         if bidi is not None:
             extra.append(bidi)
+        # XEP-0198 on every open stream: after SASL on the restarted one,
+        # and in the first features too, for dialback streams, which get no
+        # restart after authentication (<enable/> waits for a valid pair).
+        offer = self.sm.feature() if self.sm is not None else None
+        if offer is not None:
+            extra.append(offer)
         return dialback.features_element(extra)
 
     @staticmethod
@@ -201,9 +208,50 @@ class InboundS2S(PairedStream):
             self._timer.cancel()
         if self.dialback is not None:
             self.dialback.close()
+        self._sm_gone()
         self.detach()
         if self.record is not None:
             self._reverse_requests_failed()
+
+    # -- XEP-0198: the receiving entity ----------------------------------------
+    def _sm_pairs(self) -> tuple[str | None, frozenset]:
+        """The remote domain authenticated here (None unless exactly one) and
+        the valid pairs, which a resumption is bound to."""
+        pairs = frozenset((p.local, p.remote) for p in self.record.valid_pairs())
+        remotes = {remote for _, remote in pairs}
+        return (remotes.pop() if len(remotes) == 1 else None), pairs
+
+    def sm_enable(self, element) -> None:
+        self.sm.accept_enable(element, self.record.authenticated)
+
+    def sm_resume(self, previd: str, h: int) -> None:
+        remote, pairs = self._sm_pairs()
+        session = None
+        if self.record.authenticated and self.sm.state == xep0198.OFF:
+            session = self.ctx.sm.take(previd, remote, pairs)
+        if session is None:
+            log.info("Refused to resume a stream management session for {remote} from {peer}",
+                     remote=short(remote), peer=self.io.peer)
+            self.sm.refuse_resume(self.record.authenticated)
+            return
+        self.sm.accept_resume(session, h)
+        log.info("Resumed the stream of {remote} from {peer} at h={h}", remote=remote,
+                 peer=self.io.peer, h=session.handled)
+
+    def _sm_gone(self) -> None:
+        """Keep a resumable session for ``sm_resume_timeout``; what we sent
+        here (bidi) and was not acknowledged goes back to the sender."""
+        sm = self.sm
+        if sm is None or self.record is None:
+            return
+        remote, pairs = self._sm_pairs()
+        resumable = sm.enabled and sm.resumable and remote is not None
+        lost = self.sm_lost()
+        if resumable:
+            self.ctx.sm.keep(xep0198.Session(sm.id, remote, pairs, sm.inc.handled,
+                                             self.ctx.clock.seconds() + sm.settings.resume_timeout))
+        if lost:
+            self.ctx.sm.requeue(self.record.remote_domain, lost)
 
     def _reverse_requests_failed(self) -> None:
         """Reverse requests we made here can no longer succeed."""
@@ -219,6 +267,14 @@ class InboundS2S(PairedStream):
         answer to a closed Receiving half, which ignores them."""
         old, self.dialback = self.dialback, StreamDialback(self)
         old.close()
+        if self.sm is not None and self.sm.state != xep0198.OFF:
+            # XEP-0198 state does not survive a restart either
+            lost = self.sm_lost()
+            if lost:
+                self.ctx.sm.requeue(self.record.remote_domain, lost)
+            self.sm = xep0198.StreamManagement(self.ctx.clock, self.ctx.sm.settings, self.io.write,
+                                               self._sm_fail, on_acked=self._sm_acked)
+            self.record._sm = self.sm
         self._reverse_requests_failed()
         self.record.forget_pairs(keep)
         if keep is None:
@@ -243,6 +299,8 @@ class InboundS2S(PairedStream):
                 self.dialback.originating.answer(element)  # only answers to our own (reverse) requests
             else:
                 self.dialback.receiving.request(element)
+        elif uri == xep0198.NS and self.sm is not None:
+            self.sm.element(element, self)
         elif uri == ns.BIDI and element.name == "bidi" and self.ctx.bidi:
             self.bidi.requested()
         elif uri == ns.DIALBACK and element.name == "verify":

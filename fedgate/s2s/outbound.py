@@ -19,6 +19,16 @@ Originating half (and, on a bidi stream, its Receiving half) in
 :mod:`fedgate.s2s.dialback`; the receive path, shared with inbound streams,
 in :mod:`fedgate.s2s.paired`.  The owner (a Destination in the sender) hears about every change through
 ``stream_open``, ``pair_result`` and ``stream_closed``.
+
+XEP-0198: as the initiating entity we send ``<enable resume='true'/>`` as
+soon as a pair is valid where the peer's current features offer it (after
+the SASL restart, or in the first features on a dialback stream), and count
+from then on.  Where the owner hands us a session to resume
+(:attr:`resume_from`), we send ``<resume/>`` instead and hold the pair's
+result (so that nothing is sent) until ``<resumed/>`` or ``<failed/>``: on
+``<resumed h/>`` the owner drops what the peer had handled from its queue
+and the rest goes out again; on ``<failed/>`` we enable afresh and the owner
+sends the whole rest (:meth:`Destination.sm_resumed`).
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ from fedgate.s2s.initiating import READY, InitiatingStream
 from fedgate.s2s.paired import PairedStream
 from fedgate.s2s.pairs import INVALID, LOCAL, OUTBOUND, PENDING, VALID, ConnectionRecord
 from fedgate.s2s.policy_check import DIALBACK, SASL_EXTERNAL
+from fedgate.s2s import sm as xep0198
 from fedgate.stream import namespaces as ns
 from fedgate.stream.errors import StreamFailure
 
@@ -63,6 +74,10 @@ class OutboundS2S(PairedStream, InitiatingStream):
         self._pair_timers: dict = {}
         #: local domains whose request here went unanswered
         self.timed_out: set[str] = set()
+        #: the session to resume (a Destination's ResumeToken), if any
+        self.resume_from = None
+        #: pair results held while <resume/> waits for its answer
+        self._held: list = []
 
     @property
     def is_open(self) -> bool:
@@ -93,7 +108,63 @@ class OutboundS2S(PairedStream, InitiatingStream):
         self.record.set_pair(self.local, self.remote, VALID, SASL_EXTERNAL, self.ctx.clock.seconds())
         log.info("Authenticated {local} -> {remote} by SASL EXTERNAL", local=self.local, remote=self.remote)
         self._cancel_timer()
-        self.owner.pair_result(self, self.local, VALID, None)
+        self._report(self.local, VALID, None, None)
+
+    # -- XEP-0198: the initiating entity ----------------------------------------
+    def _report(self, local: str, state: str, condition, text) -> None:
+        """Tell the owner about a pair, starting stream management first on
+        the first valid one (or holding the news while we resume)."""
+        sm = self.sm
+        if state == VALID and sm is not None and sm.state == xep0198.OFF and sm.offered(self.features):
+            token, self.resume_from = self.resume_from, None
+            if token is not None and token.usable(self.ctx.clock.seconds()):
+                sm.resume(token.previd, token.handled, token.acked)
+                self._resuming = token
+            else:
+                sm.enable(resume=sm.settings.resume_timeout > 0)
+        if sm is not None and sm.state == xep0198.RESUMING:
+            self._held.append((local, state, condition, text))
+            return
+        self.owner.pair_result(self, local, state, condition, text)
+
+    def _release(self) -> None:
+        held, self._held = self._held, []
+        for local, state, condition, text in held:
+            self.owner.pair_result(self, local, state, condition, text)
+
+    _resuming = None
+
+    def sm_resumed(self, h: int) -> None:
+        token, self._resuming = self._resuming, None
+        handled = xep0198.distance(h, token.acked)
+        if handled > len(token.stanzas):
+            self.sm.ack(h)  # more than we ever sent: handled-count-too-high
+            return
+        self.sm.out = xep0198.Outgoing(h)
+        log.info("Resumed our stream to {remote}: {handled} of {count} unacknowledged stanzas "
+                 "had arrived", remote=self.remote, handled=handled, count=len(token.stanzas))
+        self.owner.sm_resumed(self, token, handled)
+        self._release()
+
+    def sm_failed(self, condition: str, items, resuming: bool) -> None:
+        if resuming:
+            log.info("{remote} did not resume our stream ({condition}): sending again what it "
+                     "had not acknowledged", remote=self.remote, condition=condition)
+            self._resuming = None
+            self.sm.enable(resume=self.sm.settings.resume_timeout > 0)
+            self._release()
+            return
+        log.info("{remote} refused stream management ({condition})", remote=self.remote,
+                 condition=condition)
+        routed = [stanza for stanza, was_routed in items if was_routed]
+        if routed:
+            self.sm_delivered(routed)  # no ack will come: the transport took them
+
+    def sm_enable(self, element) -> None:
+        self.sm.refuse_resume(False)  # the initiating entity enables, not the peer
+
+    def sm_resume(self, previd: str, h: int) -> None:
+        self.sm.refuse_resume(False)
 
     def ready(self, features) -> None:
         wanted, self._wanted = self._wanted, []
@@ -152,6 +223,8 @@ class OutboundS2S(PairedStream, InitiatingStream):
         elif uri == ns.DIALBACK and name == "verify":
             throttled(log, self.io).warn("Ignoring db:verify on an outbound stream from {remote}",
                                          remote=self.remote)
+        elif uri == xep0198.NS and self.sm is not None:
+            self.sm.element(element, self)
         elif uri == ns.SERVER and name in ns.STANZA_NAMES and self.bidi.on:
             self.receive_stanza(element)  # the same path, and rate limit, as inbound
         else:
@@ -166,7 +239,7 @@ class OutboundS2S(PairedStream, InitiatingStream):
         self._cancel_pair_timer(local)
         if state == VALID:
             self._cancel_timer()
-        self.owner.pair_result(self, local, state, condition, text)
+        self._report(local, state, condition, text)
 
     def _pair_timed_out(self, local: str) -> None:
         self._pair_timers.pop(local, None)
@@ -213,5 +286,10 @@ class OutboundS2S(PairedStream, InitiatingStream):
             self._cancel_pair_timer(local)
         if self.dialback is not None:
             self.dialback.close()
+        sm = self.sm
+        acking = sm is not None and (sm.counting or self._resuming is not None)
+        lost = self.sm_lost()
+        if acking:  # a stream with acks: a lost transport means try again
+            self.owner.sm_requeue(self, lost, sm)
         self.detach()
         self.owner.stream_closed(self)

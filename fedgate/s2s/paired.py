@@ -10,6 +10,13 @@ one guarded write path), :meth:`tls_established` and :meth:`reject_stanza`.  A s
 outbound bidirectional stream (XEP-0288), goes through
 :meth:`receive_stanza`: the RFC 6120 address checks against the pairs
 proven here, the count, the rate limit, the router.
+
+XEP-0198 (:mod:`fedgate.s2s.sm`) hooks in here for both roles: every
+stanza the stream's write path takes is counted (and kept until the peer
+acknowledges it), every stanza received is counted handled, and past
+``sm_max_unacked`` unacknowledged stanzas :meth:`write_stanza` refuses (the
+destination holds them) until an ack makes room.  When the connection is
+gone, what the peer never acknowledged goes back to the sender's queue.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 from fedgate.domain import InvalidDomain
 from fedgate.jid import domain_of, domain_part, is_valid_jid
 from fedgate.s2s.pairs import ConnectionRecord
+from fedgate.s2s.sm import StreamManagement
 from fedgate.s2s.throttle import StreamThrottle
 from fedgate.stream.errors import StanzaFailure, StreamFailure
 from fedgate.stream.liveness import Liveness, close_dead, close_idle
@@ -82,6 +90,11 @@ class PairedStream:
     record: ConnectionRecord | None = None
     throttle: StreamThrottle | None = None
     liveness: Liveness | None = None
+    sm: StreamManagement | None = None
+    #: is the stanza being written one the sender routed (not a ping of ours)?
+    _routing = False
+    #: did XEP-0198 refuse a stanza (too many unacknowledged)?
+    _sm_full = False
 
     def attach(self, io, record: ConnectionRecord) -> None:
         """The connection is up: publish its record, set up the rate limit
@@ -90,6 +103,12 @@ class PairedStream:
         self.record = self.ctx.table.add(record, closer=io.fail, route=self)
         self.throttle = StreamThrottle(io, self.ctx.clock)
         io.on_writable(self.writable_again)
+        store = getattr(self.ctx, "sm", None)
+        if store is not None and store.settings.enabled:
+            self.sm = StreamManagement(self.ctx.clock, store.settings, io.write, self._sm_fail,
+                                       on_acked=self._sm_acked)
+            io.observe_stanzas(self._sm_sent)
+            self.record._sm = self.sm
         settings = self.ctx.liveness
         if settings is not None and self.ctx.pings is not None:
             io.keep_alive(settings)
@@ -106,6 +125,36 @@ class PairedStream:
             self.throttle.stop()
         if self.record is not None:
             self.ctx.table.remove(self.record)
+
+    # -- XEP-0198 -----------------------------------------------------------------
+    def _sm_sent(self, stanza, size: int) -> None:
+        self.sm.sent(stanza, self._routing)
+
+    def _sm_fail(self, element) -> None:
+        """End the stream with ``element``, a stream error (handled-count-too-high)."""
+        self.io.send(element)
+        self.io.close()
+
+    def _sm_acked(self, items) -> None:
+        routed = [stanza for stanza, was_routed in items if was_routed]
+        if routed:
+            self.sm_delivered(routed)
+        if self._sm_full and self.sm.writable():
+            self._sm_full = False
+            for pair in self.record.valid_pairs():  # the destinations flush what waits
+                if self.record.can_send(pair.local, pair.remote):
+                    self.ctx.table.pair_changed(pair.local, pair.remote, True)
+
+    def sm_delivered(self, stanzas) -> None:
+        """The peer acknowledged these routed stanzas: delivered now."""
+        self.ctx.sm.acked(self.record.remote_domain, len(stanzas))
+
+    def sm_lost(self) -> list:
+        """The connection is gone: the routed stanzas the peer never
+        acknowledged, in order (the caller puts them back in the queue)."""
+        if self.sm is None:
+            return []
+        return [stanza for stanza, routed in self.sm.stop() if routed]
 
     # -- liveness -------------------------------------------------------------------
     def ping_pair(self) -> tuple[str, str] | None:
@@ -147,7 +196,11 @@ class PairedStream:
         if self.liveness is not None:
             self.liveness.stanza(stanza)
         self.throttle.stanza(from_domain, self.ctx.policy.rate_limit(from_domain))
-        self.ctx.router.route(stanza, to_domain, from_domain)
+        try:
+            self.ctx.router.route(stanza, to_domain, from_domain)
+        finally:
+            if self.sm is not None:
+                self.sm.handled()  # routed or bounced: handled either way
 
     # -- send: the route the pair table hands out ---------------------------------
     def is_writable(self) -> bool:
@@ -166,8 +219,16 @@ class PairedStream:
     def write_stanza(self, local: str, remote: str, stanza: Stanza) -> bool:
         """Hand ``stanza`` to this stream: True if the open transport took
         it, False if the stream is closing (the caller requeues or bounces)."""
-        if not self.io.send_stanza(stanza):
+        sm = self.sm
+        if sm is not None and sm.counting and len(sm.out.unacked) >= sm.settings.max_unacked:
+            self._sm_full = True  # the destination holds it until an ack makes room
             return False
+        self._routing = True
+        try:
+            if not self.io.send_stanza(stanza):
+                return False
+        finally:
+            self._routing = False
         self.record.pairs[(local, remote)].stanzas_out += 1
         if self.liveness is not None:
             self.liveness.stanza(stanza)

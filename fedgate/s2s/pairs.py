@@ -55,6 +55,14 @@ class ConnectionRecord:
     id: int = field(default_factory=lambda: next(_ids))
     pairs: dict = field(default_factory=dict)
     _valid: set = field(default_factory=set, repr=False)
+    #: the stream's XEP-0198 state (fedgate.s2s.sm), if it has any
+    _sm: object = field(default=None, repr=False, compare=False)
+
+    def stream_management(self) -> dict:
+        """XEP-0198 on this connection: enabled, unacked, resumable, h_in, h_out."""
+        if self._sm is None:
+            return {"enabled": False, "unacked": 0, "resumable": False, "h_in": 0, "h_out": 0}
+        return self._sm.describe()
 
     def set_pair(self, local: str, remote: str, state: str, method: str | None, now: float,
                  origin: str | None = None) -> DomainPair:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from fedgate.s2s.destination import (  # noqa: F401 (the states, for callers)
     BACKOFF, BOUNCE, CLOSING, CONNECTING, IDLE, OPEN, REVERSE, SHUTDOWN_TEXT, Destination,
     DestinationStatus, stanza_size)
+from fedgate.jid import domain_part
 from fedgate.stream.stanza import Stanza
 
 
@@ -60,8 +61,32 @@ class S2SSender:
         #: shutting down: no new connections; what cannot go out bounces
         self.draining = False
         self.accepted = self.delivered = self.bounced = 0
+        #: taken by a stream with XEP-0198 and not yet acknowledged
+        self.in_flight = 0
         self.evicted = 0
         ctx.table.on_pair_changed(self._pair_changed)
+        if getattr(ctx, "sm", None) is not None:
+            ctx.sm.acked = self._sm_acked
+            ctx.sm.requeue = self._sm_requeue
+
+    def _sm_acked(self, remote, count: int) -> None:
+        """The peer acknowledged ``count`` stanzas in flight: delivered."""
+        self.in_flight -= count
+        self.delivered += count
+
+    def _sm_requeue(self, remote, stanzas: list) -> None:
+        """Unacknowledged stanzas of a stream we do not own (an inbound bidi
+        stream, or one restarted): they go out again, after what waits."""
+        self.in_flight -= len(stanzas)
+        for stanza in stanzas:
+            if self._stopped:
+                self.bounce(stanza, BOUNCE["stream"], "the gateway is shutting down")
+                continue
+            local, to = domain_part(stanza.sender or ""), domain_part(stanza.to or "")
+            if local is None or to is None:
+                continue  # never routed like that: nothing to send again
+            self.accepted -= 1  # counted again by send
+            self.send(local, to, stanza)
 
     def _pair_changed(self, local: str, remote: str, usable: bool) -> None:
         destination = self.destinations.get(remote)
@@ -158,9 +183,12 @@ class S2SSender:
 
     # -- narrow views: what the admin API and the metrics may ask and do ---------
     def outcomes(self) -> dict[str, int]:
-        """Stanzas accepted, delivered (taken by an open transport) and
-        bounced so far; accepted = delivered + bounced + queued."""
-        return {"accepted": self.accepted, "delivered": self.delivered, "bounced": self.bounced}
+        """Stanzas accepted, delivered (taken by an open transport, or with
+        XEP-0198 acknowledged by the peer), in flight (taken, not yet
+        acknowledged) and bounced so far; accepted = delivered + bounced +
+        in_flight + queued."""
+        return {"accepted": self.accepted, "delivered": self.delivered, "bounced": self.bounced,
+                "in_flight": self.in_flight}
 
     def destination_count(self) -> int:
         return len(self.destinations)
@@ -236,6 +264,10 @@ class S2SSender:
         self.draining = True
         for destination in list(self.destinations.values()):
             destination.drain()
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
 
     def stop(self) -> None:
         """Bounce everything still queued (``remote-server-timeout``: we
