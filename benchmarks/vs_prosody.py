@@ -116,6 +116,8 @@ def fedgate_config(state_dir: Path, remote_port: int, ca_path: Path) -> str:
         'listen = ["tcp:0:interface=127.0.0.1"]',
         f"[components.domains.{toml_string(COMPONENT_DOMAIN)}]",
         f"secret = {toml_string(COMPONENT_SECRET)}",
+        "[admin]",
+        "listen = []",  # no admin API, and no fixed port to collide on
         "[logging]",
         "xml_traffic = false",
         "",

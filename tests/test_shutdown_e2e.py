@@ -118,7 +118,7 @@ class GracefulShutdownEndToEnd(unittest.TestCase):
         self.assertEqual(reply.error_condition(), "system-shutdown")
         self.assertTrue(reply.ended)
 
-        self.assertEqual(a.sender.outcomes(), {"accepted": 6, "delivered": 3, "bounced": 3})
+        self.assertEqual(a.sender.outcomes(), {"accepted": 6, "delivered": 3, "bounced": 3, "in_flight": 0})
         self.assertEqual(a.shutdown_outcome, {"flushed": 3, "bounced": 3, "bounced_after_flush": 3})
         self.assertGreaterEqual(took, FLUSH - 0.1, "the silent peer's stanzas waited the flush time")
         self.assertLess(took, FLUSH + 5)
@@ -151,4 +151,4 @@ class GracefulShutdownEndToEnd(unittest.TestCase):
         ids = [e.getAttribute("id") for e in reply.elements if e.name in ("iq", "message")]
         self.assertEqual(ids, ["s0"], "the late iq was never read")
         self.assertEqual(reply.error_condition(), "system-shutdown")
-        self.assertEqual(a.sender.outcomes(), {"accepted": 1, "delivered": 0, "bounced": 1})
+        self.assertEqual(a.sender.outcomes(), {"accepted": 1, "delivered": 0, "bounced": 1, "in_flight": 0})
