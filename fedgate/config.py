@@ -6,7 +6,7 @@ than silently ignored: a typo in a security setting must not pass unnoticed.
 :func:`parse_config` reads the top-level keys and hands each section to its
 own reader (``_s2s`` with ``_s2s_policy`` and ``_s2s_peers``, ``_components``
 with ``_component_domains`` and ``_component_credentials``, ``_tls``,
-``_limits``, ``_logging``, ``_admin``); each reader gets a :class:`_Reader`
+``_limits``, ``_logging``, ``_admin``, ``_cluster``); each reader gets a :class:`_Reader`
 whose prefix puts the section's name into every error.
 """
 
@@ -212,6 +212,32 @@ class AdminConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """``[cluster]``: several nodes sharing state through Redis (fedgate.cluster).
+    Off by default: one node keeps its state in SQLite."""
+
+    enabled: bool = False
+    #: "host:port", "[v6]:port", or a unix socket path ("/run/redis/redis.sock")
+    redis: str = "127.0.0.1:6379"
+    password: str | None = field(default=None, repr=False)
+    #: where the password was read from, if from a file
+    password_file: str | None = None
+    tls: bool = False
+    #: CA bundle to verify Redis's certificate with (None: the system's)
+    tls_ca_file: str | None = None
+    #: this node's name in the cluster (channel names, ownership records)
+    node_id: str = ""
+    #: prefix of every Redis key and channel (several clusters on one Redis)
+    key_prefix: str = "fedgate"
+    #: seconds a node's records live without a heartbeat; heartbeat interval
+    lease: float = 6.0
+    heartbeat: float = 2.0
+    #: threads (and connections) for Redis commands; commands waiting at most
+    threads: int = 4
+    max_pending: int = 10000
+
+
+@dataclass(frozen=True)
 class Config:
     path: str
     state_dir: str
@@ -222,6 +248,7 @@ class Config:
     limits: LimitsConfig
     logging: LoggingConfig
     admin: AdminConfig = AdminConfig()
+    cluster: ClusterConfig = ClusterConfig()
 
     @property
     def local_domains(self) -> frozenset:
@@ -296,7 +323,7 @@ def unknown_key_message(name: str, known) -> str:
 
 #: the top-level keys; checked before anything else, so that a misspelt
 #: ``domainz`` is reported as such and not as a missing ``domains``
-TOP_KEYS = ("state_dir", "domains", "s2s", "components", "tls", "limits", "logging", "admin")
+TOP_KEYS = ("state_dir", "domains", "s2s", "components", "tls", "limits", "logging", "admin", "cluster")
 
 
 def _domain(reader: _Reader, name: str, value) -> str:
@@ -412,9 +439,11 @@ def parse_config(data: dict, path="<config>") -> Config:
     limits = _limits(top.section("limits"))
     logging = _logging(top.section("logging"))
     admin = _admin(top.section("admin"))
+    cluster = _cluster(top.section("cluster"))
     top.done()
     return Config(path=str(path), state_dir=state_dir, domains=domains, s2s=s2s,
-                  components=components, tls=tls, limits=limits, logging=logging, admin=admin)
+                  components=components, tls=tls, limits=limits, logging=logging, admin=admin,
+                  cluster=cluster)
 
 
 def _s2s_policy(pol: _Reader) -> tuple[str, PeerPolicy]:
@@ -728,6 +757,74 @@ def _admin(ar: _Reader) -> AdminConfig:
     )
     ar.done()
     return admin
+
+
+_NODE_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_")
+
+
+def _node_name(reader: _Reader, name: str, value: str) -> str:
+    if not value or len(value) > 64 or not set(value) <= _NODE_ID_CHARS:
+        raise reader.error(name, f"{value!r}: use 1 to 64 letters, digits, '.', '-' or '_'")
+    return value
+
+
+def _cluster(cr: _Reader) -> ClusterConfig:
+    """``[cluster]``: the Redis server, this node's id, leases."""
+    from fedgate.cluster.redisclient import RedisAddress  # no redis-py needed to parse
+    enabled = cr.get("enabled", bool, False)
+    address = cr.get("redis", str, ClusterConfig.redis)
+    tls = cr.get("tls", bool, False)
+    try:
+        parsed = RedisAddress.parse(address)
+    except ValueError as exc:
+        raise cr.error("redis", str(exc)) from None
+    if tls and parsed.path:
+        raise cr.error("tls", "TLS needs a TCP address in redis, not a unix socket")
+    password = cr.get("password", str, None)
+    password_file = cr.get("password_file", str, None)
+    if password is not None and password_file is not None:
+        raise cr.error("password_file", "set either password or password_file, not both")
+    if password is not None and not password:
+        raise cr.error("password", "must not be empty (leave it out for no password)")
+    if password_file is not None:
+        try:
+            password = Path(password_file).read_text().strip()
+        except OSError as exc:
+            raise cr.error("password_file", f"cannot read {password_file}: {exc.strerror}") from None
+        if not password:
+            raise cr.error("password_file", f"{password_file} is empty")
+    tls_ca_file = cr.get("tls_ca_file", str, None)
+    if tls_ca_file is not None and not os.path.isfile(tls_ca_file):
+        raise cr.error("tls_ca_file", f"{tls_ca_file}: no such file")
+    node_id = cr.get("node_id", str, None)
+    node_id = _node_name(cr, "node_id", node_id if node_id is not None else _hostname())
+    key_prefix = _node_name(cr, "key_prefix", cr.get("key_prefix", str, ClusterConfig.key_prefix))
+    lease = cr.positive("lease", float, ClusterConfig.lease)
+    heartbeat = cr.positive("heartbeat", float, ClusterConfig.heartbeat)
+    if heartbeat >= lease:
+        raise cr.error("heartbeat", f"must be shorter than lease ({lease:g} s), or leases expire "
+                                    "between heartbeats")
+    cluster = ClusterConfig(
+        enabled=enabled, redis=address, password=password, password_file=password_file, tls=tls,
+        tls_ca_file=tls_ca_file, node_id=node_id, key_prefix=key_prefix, lease=lease,
+        heartbeat=heartbeat, threads=cr.positive("threads", int, ClusterConfig.threads),
+        max_pending=cr.positive("max_pending", int, ClusterConfig.max_pending))
+    cr.done()
+    return cluster
+
+
+def _hostname() -> str:
+    """The default node id: the host's short name, in the allowed characters."""
+    import socket
+    name = socket.gethostname().split(".")[0]
+    return "".join(c if c in _NODE_ID_CHARS else "-" for c in name)[:64] or "node"
+
+
+def redis_address(cluster: ClusterConfig):
+    """The :class:`~fedgate.cluster.redisclient.RedisAddress` ``cluster`` names."""
+    from fedgate.cluster.redisclient import RedisAddress
+    return RedisAddress.parse(cluster.redis, password=cluster.password, tls=cluster.tls,
+                              tls_ca_file=cluster.tls_ca_file)
 
 
 def dialback_secret(config: Config) -> str:

@@ -44,7 +44,8 @@ from fedgate.component.credentials import CredentialRegistry
 from fedgate.component.listener import ComponentListenerStream
 from fedgate.component.throttle import AuthThrottle, PasswordPool, ThrottleSettings
 from fedgate.component.xep0225 import Xep0225Settings, Xep0225Stream
-from fedgate.config import Config, ConfigError, dialback_secret, load_config
+from fedgate.config import Config, ConfigError, load_config
+from fedgate.config import dialback_secret as secret_for
 from fedgate.listen import listen
 from fedgate.policy import PolicyTable
 from fedgate.router import Router
@@ -99,10 +100,12 @@ class Gateway(service.Service):
     """All of fedgate: S2S in and out, components, the router.  ``storage``
     is the admin side's backend (see :func:`fedgate.tap.choose_storage`);
     ``fd_limit`` the soft limit on open files (fedgate.tap raises and passes
-    it), which the caps on unauthenticated connections must fit."""
+    it), which the caps on unauthenticated connections must fit;
+    ``dialback_secret`` overrides the configured (or state_dir's) one."""
 
     def __init__(self, config: Config, reactor, dns_resolver, storage,
-                 rng: random.Random | None = None, fd_limit: int | None = None):
+                 rng: random.Random | None = None, fd_limit: int | None = None,
+                 dialback_secret: str | None = None):
         self.config = config
         self.reactor = reactor
         self.rng = rng or random.Random()
@@ -126,7 +129,8 @@ class Gateway(service.Service):
         verifying = S2SContext(
             clock=reactor,
             local_domains=self.router.live_local_domains,
-            secret=dialback_secret(config),
+            # A cluster's nodes share one (fedgate.tap.cluster_dialback_secret).
+            secret=dialback_secret or secret_for(config),
             table=self.table,
             router=self.router,
             verifier=None,

@@ -187,3 +187,18 @@ class MemoryContract(StorageContract, unittest.TestCase):
 
     def make_storage(self):
         return MemoryStorage()
+
+
+class RedisContract(StorageContract, unittest.TestCase):
+    """The cluster's shared store, against a real redis-server (skipped
+    without one, or without redis-py)."""
+
+    def make_storage(self):
+        from fedgate.storage.redis import RedisStorage
+        from tests.support.redisserver import start_redis
+        self.redis = start_redis(self)
+        return RedisStorage(reactor, self.redis.address, node_id="contract")
+
+    def reopen(self, storage):
+        from fedgate.storage.redis import RedisStorage
+        return RedisStorage(reactor, storage.address, node_id="contract")

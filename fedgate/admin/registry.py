@@ -147,6 +147,73 @@ class PeerRegistry:
         mode, default = self.config_global
         self.policy.set_default(default, mode)
 
+    # -- following the shared store (a cluster: fedgate.cluster.sync) ----------
+    @defer.inlineCallbacks
+    def refresh_peer(self, domain: str):
+        """Another node changed ``domain``'s stored entry: apply what the
+        store holds now, through the same policy table (and so the same
+        enforcer) as a local write."""
+        self.adopt_peer(domain, (yield self.storage.get_peer(domain)))
+
+    @defer.inlineCallbacks
+    def refresh_global(self):
+        settings = yield self.storage.settings()
+        self.adopt_global(settings.get(FEDERATION_SETTING))
+
+    @defer.inlineCallbacks
+    def reload(self):
+        """Bring everything in line with the store (after a reconnect to a
+        shared store, when change notices may have been missed)."""
+        settings = yield self.storage.settings()
+        peers = yield self.storage.peers()
+        self.adopt_global(settings.get(FEDERATION_SETTING))
+        found = {peer.domain for peer in peers}
+        for peer in peers:
+            self.adopt_peer(peer.domain, peer)
+        for domain in sorted(self.stored - found):
+            self.adopt_peer(domain, None)
+
+    def adopt_peer(self, domain: str, peer: PeerPolicy | None) -> None:
+        """Make the live table hold ``peer`` as the stored entry for
+        ``domain`` (None: no stored entry, the file's applies); a no-op,
+        and no enforcement pass, when nothing changes."""
+        if peer is not None:
+            if domain in self.stored and self.policy.peers.get(domain) == peer:
+                return
+            self.stored.add(domain)
+            self.policy.set_peer(peer)
+            log.info("Peer policy for {domain} changed on another node: allowed={allowed}",
+                     domain=domain, allowed=peer.allowed)
+            return
+        if domain not in self.stored:
+            return
+        self.stored.discard(domain)
+        fallback = self.config_peers.get(domain)
+        if fallback is not None:
+            self.policy.set_peer(fallback)
+        else:
+            self.policy.remove_peer(domain)
+        log.info("Stored peer policy for {domain} removed on another node", domain=domain)
+
+    def adopt_global(self, federation) -> None:
+        """The stored federation setting (None: none stored, the file's applies)."""
+        if isinstance(federation, dict):
+            try:
+                default = PeerPolicy(**federation.get("default", {}))
+                mode = federation.get("mode")
+                if (self.global_source == API and self.policy.mode == mode
+                        and self.policy.default == default):
+                    return
+                self.policy.set_default(default, mode)
+                self.global_source = API
+            except (TypeError, ValueError) as exc:
+                log.error("Ignoring the stored federation setting: {error}", error=str(exc))
+            return
+        if self.global_source == API:
+            self.global_source = CONFIG
+            mode, default = self.config_global
+            self.policy.set_default(default, mode)
+
     def replace_config_layer(self, peers: dict, mode: str, default: PeerPolicy) -> ConfigLayerChange:
         """Swap in a re-read configuration file's peers and federation
         setting (a reload).  Stored entries keep winning: where one exists,
@@ -333,6 +400,49 @@ class ComponentRegistry:
                 _end(session, "its credentials were removed by an operator")
             return None
         return CONFIG
+
+    # -- following the shared store (a cluster: fedgate.cluster.sync) ----------
+    @defer.inlineCallbacks
+    def refresh(self, domain: str):
+        """Another node changed ``domain``'s stored credentials."""
+        self.adopt(domain, (yield self.storage.get_component(domain)))
+
+    @defer.inlineCallbacks
+    def reload(self):
+        """Bring everything in line with the store (after a reconnect)."""
+        records = yield self.storage.components()
+        found = {record.domain for record in records}
+        for record in records:
+            self.adopt(record.domain, record)
+        for domain in sorted(set(self.stored) - found):
+            self.adopt(domain, None)
+
+    def adopt(self, domain: str, record: ComponentCredential | None) -> None:
+        """Apply ``record`` as the stored credentials of ``domain`` (None: no
+        stored ones), with the same checks and the same effect on live
+        sessions as a local write or delete."""
+        if record is not None:
+            if self.stored.get(domain) == record:
+                return
+            try:
+                self._check_claims(record)
+            except (ValueError, ApiError) as exc:
+                log.error("Ignoring the stored component {domain}: {error}", domain=domain,
+                          error=str(exc))
+                return
+            self.stored[domain] = record
+            self._apply(domain)
+            log.info("Component credentials for {domain} changed on another node", domain=domain)
+            return
+        if domain not in self.stored:
+            return
+        sessions = self.sessions(domain)
+        del self.stored[domain]
+        self._apply(domain)
+        if not self.knows(domain):
+            for session in sessions:
+                _end(session, "its credentials were removed by an operator")
+        log.info("Stored component credentials for {domain} removed on another node", domain=domain)
 
     def disconnect(self, domain: str, text: str = OPERATOR_TEXT) -> bool:
         sessions = self.sessions(domain)

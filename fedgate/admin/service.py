@@ -56,6 +56,8 @@ class AdminService:
         self.ports: list = []
         self.token_file = None
         self._storage_open = False
+        #: a shared store's change feed (cluster mode), see fedgate.cluster.sync
+        self.sync = None
 
     @defer.inlineCallbacks
     def start(self):
@@ -64,6 +66,12 @@ class AdminService:
         yield self.peers.load()
         yield self.components.load()
         self.enforcer.attach()
+        if hasattr(self.storage, "watch"):
+            # A shared store: follow the other nodes' writes from now on.
+            from fedgate.cluster.sync import ClusterSync
+            self.sync = ClusterSync(self.storage, self.peers, self.components,
+                                    health_check=self.config.cluster.heartbeat)
+            self.sync.start()
         admin = self.config.admin
         if not admin.listen:
             return
@@ -93,6 +101,9 @@ class AdminService:
     @defer.inlineCallbacks
     def stop(self):
         yield self.stop_listening()
+        if self.sync is not None:
+            self.sync.stop()
+            self.sync = None
         if self._storage_open:
             self._storage_open = False
             yield self.storage.close()

@@ -12,7 +12,7 @@ from twisted.internet import defer
 
 from fedgate.config import load_config, parse_config
 from fedgate.service import Gateway
-from fedgate.tap import choose_storage
+from fedgate.tap import choose_storage, cluster_dialback_secret
 from tests.support.dnsserver import make_client_resolver
 from tests.support.pki import TestCA
 
@@ -113,7 +113,7 @@ def start_gateway(reactor, config_dict: dict, dns_port: int, testcase=None, conf
     else:
         config = parse_config(config_dict, "<test>")
     gateway = Gateway(config, reactor, make_client_resolver(reactor, dns_port),
-                      choose_storage(config, reactor))
+                      choose_storage(config, reactor), dialback_secret=cluster_dialback_secret(config))
     yield gateway.startService()
     if testcase is not None:
         testcase.addCleanup(gateway.stopService)

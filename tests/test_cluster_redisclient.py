@@ -1,0 +1,330 @@
+"""fedgate.cluster.redisclient against a real redis-server (tests/support/redisserver.py)."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+from twisted.internet import defer, reactor, task
+from twisted.trial import unittest
+
+from fedgate.cluster.redisclient import (MISSING_CLIENT, RedisAddress, RedisBusy, RedisClient,
+                                         RedisClientMissing, RedisUnavailable, load_redis)
+from tests.support.redisserver import start_redis
+
+
+def wait_for(predicate, timeout=5.0, step=0.01):
+    """Fires once ``predicate()`` is true; fails after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+
+    @defer.inlineCallbacks
+    def poll():
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"condition not met within {timeout} s")
+            yield task.deferLater(reactor, step, lambda: None)
+    return poll()
+
+
+class AddressTests(unittest.TestCase):
+    def test_forms(self):
+        self.assertEqual(RedisAddress.parse("redis.example:6380"), RedisAddress(host="redis.example", port=6380))
+        self.assertEqual(RedisAddress.parse("redis.example"), RedisAddress(host="redis.example", port=6379))
+        self.assertEqual(RedisAddress.parse("[2001:db8::1]:7000"), RedisAddress(host="2001:db8::1", port=7000))
+        self.assertEqual(RedisAddress.parse("/run/redis/redis.sock"), RedisAddress(path="/run/redis/redis.sock"))
+        self.assertEqual(RedisAddress.parse("unix:/run/r.sock", password="pw").password, "pw")
+        self.assertEqual(RedisAddress.parse("[::1]:6379", tls=True).describe(), "tls:[::1]:6379")
+
+    def test_bad_forms(self):
+        for text in ("", "host:0", "host:99999", "host:x", "2001:db8::1", "[::1", "[::1]6379",
+                     "unix:relative", ":6379"):
+            with self.assertRaises(ValueError, msg=text):
+                RedisAddress.parse(text)
+
+
+class MissingClientTests(unittest.TestCase):
+    def test_one_line_naming_the_packages(self):
+        saved = {name: mod for name, mod in sys.modules.items() if name == "redis" or name.startswith("redis.")}
+        for name in saved:
+            del sys.modules[name]
+        sys.modules["redis"] = None  # makes "import redis" raise ImportError
+        try:
+            with self.assertRaises(RedisClientMissing) as caught:
+                load_redis()
+            with self.assertRaises(RedisClientMissing):
+                RedisClient(reactor, RedisAddress(path="/nonexistent"))
+        finally:
+            del sys.modules["redis"]
+            sys.modules.update(saved)
+        message = str(caught.exception)
+        self.assertIn("python3-redis", message)
+        self.assertIn("pip package redis", message)
+        self.assertTrue(message.startswith(MISSING_CLIENT))
+        self.assertNotIn("\n", message)
+
+
+class ClientTests(unittest.TestCase):
+    def setUp(self):
+        self.server = start_redis(self)
+        self.client = RedisClient(reactor, self.server.address, threads=2)
+        self.client.start()
+        self.addCleanup(self.client.stop)
+
+    @defer.inlineCallbacks
+    def test_commands_and_pipeline(self):
+        self.assertTrue((yield self.client.execute("SET", "k", "v")))
+        self.assertEqual((yield self.client.execute("GET", "k")), b"v")
+        replies = yield self.client.pipeline([("INCR", "n"), ("INCR", "n"), ("GET", "n")])
+        self.assertEqual(replies, [1, 2, b"2"])
+        replies = yield self.client.pipeline([("INCR", "k"), ("INCR", "n")], raise_on_error=False)
+        self.assertIsInstance(replies[0], Exception)  # "v" is not an integer
+        self.assertEqual(replies[1], 3)
+        replies = yield self.client.pipeline([("SET", "t", "1"), ("INCR", "t")], transaction=True)
+        self.assertEqual(replies, [True, 2])
+
+    @defer.inlineCallbacks
+    def test_commands_run_off_the_reactor_thread(self):
+        main = threading.get_ident()
+        seen = yield self.client.run(lambda r: threading.get_ident())
+        self.assertNotEqual(seen, main)
+
+    @defer.inlineCallbacks
+    def test_max_pending_bound(self):
+        self.client.max_pending = 3
+        gate = threading.Event()
+        blocked = [self.client.run(lambda r: gate.wait(5)) for _ in range(3)]
+        with self.assertRaises(RedisBusy):
+            yield self.client.execute("PING")
+        gate.set()
+        yield defer.gatherResults(blocked)
+        self.assertTrue((yield self.client.execute("PING")))
+
+    @defer.inlineCallbacks
+    def test_server_down_is_an_error_value_then_recovers(self):
+        yield self.client.execute("SET", "k", "v")
+        self.server.stop()
+        with self.assertRaises(RedisUnavailable):
+            yield self.client.execute("GET", "k")
+        self.server.start()
+        # Persistence is off: the restarted server is empty, and the pool
+        # reconnects on the next command.
+        self.assertIsNone((yield self.client.execute("GET", "k")))
+
+    @defer.inlineCallbacks
+    def test_stop_joins_threads(self):
+        yield self.client.execute("PING")  # the pool has a thread now
+        self.assertTrue([t for t in threading.enumerate() if self.client.name in t.name])
+        self.client.stop()
+        self.assertEqual([t.name for t in threading.enumerate() if self.client.name in t.name], [])
+        self.assertFalse(self.client.running)
+        yield self.assertFailure(self.client.execute("PING"), RedisUnavailable)
+
+
+class PubSubTests(unittest.TestCase):
+    def setUp(self):
+        self.server = start_redis(self)
+        self.client = RedisClient(reactor, self.server.address, threads=2)
+        self.client.start()
+        self.addCleanup(self.client.stop)
+        self.received: list[tuple[str, bytes]] = []
+        self.batches: list[int] = []
+        self.events: list[str] = []
+
+    def subscriber(self, channels=("c1",), **kwargs):
+        def on_messages(batch):
+            self.batches.append(len(batch))
+            self.received.extend(batch)
+        sub = self.client.subscriber(channels=channels, on_messages=on_messages,
+                                     on_connected=lambda: self.events.append("up"),
+                                     on_disconnected=lambda reason: self.events.append("down"), **kwargs)
+        sub.start()
+        return sub
+
+    @defer.inlineCallbacks
+    def test_publish_counts_receivers_and_batches(self):
+        publisher = self.client.publisher()
+        self.assertEqual((yield publisher.publish("c1", b"nobody")), 0)
+        sub = self.subscriber()
+        yield wait_for(lambda: sub.connected)
+        calls = []
+        original = self.client.pipeline
+
+        def counting(commands, **kwargs):
+            calls.append(len(commands))
+            return original(commands, **kwargs)
+        self.client.pipeline = counting
+        counts = yield defer.gatherResults([publisher.publish("c1", b"m%d" % i) for i in range(200)])
+        self.assertEqual(counts, [1] * 200)
+        self.assertEqual(calls, [200])  # one reactor turn, one round trip
+        yield wait_for(lambda: len(self.received) == 200)
+        self.assertEqual(self.received, [("c1", b"m%d" % i) for i in range(200)])
+        self.assertLess(len(self.batches), 200)  # handed over in batches
+
+    @defer.inlineCallbacks
+    def test_publisher_bound(self):
+        publisher = self.client.publisher(max_queued=3)
+        waiting = [publisher.publish("c", b"x") for _ in range(3)]
+        with self.assertRaises(RedisBusy):
+            yield publisher.publish("c", b"one too many")
+        self.assertEqual((yield defer.gatherResults(waiting)), [0, 0, 0])
+
+    @defer.inlineCallbacks
+    def test_batch_size_bound(self):
+        publisher = self.client.publisher(batch=50)
+        sub = self.subscriber(batch=10)
+        yield wait_for(lambda: sub.connected)
+        yield defer.gatherResults([publisher.publish("c1", b"%d" % i) for i in range(120)])
+        yield wait_for(lambda: len(self.received) == 120)
+        self.assertLessEqual(max(self.batches), 10)
+        self.assertEqual([int(d) for _, d in self.received], list(range(120)))
+
+    @defer.inlineCallbacks
+    def test_channels_added_and_removed_at_runtime(self):
+        publisher = self.client.publisher()
+        sub = self.subscriber(channels=())
+        yield wait_for(lambda: sub.connected)
+        self.assertEqual((yield publisher.publish("late", b"before")), 0)
+        sub.subscribe("late")
+
+        @defer.inlineCallbacks
+        def receivers():
+            return (yield self.client.execute("PUBSUB", "NUMSUB", "late"))[1]
+        yield wait_for(lambda: sub.channels == {"late"})
+        for _ in range(200):
+            if (yield receivers()) == 1:
+                break
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual((yield publisher.publish("late", b"after")), 1)
+        yield wait_for(lambda: self.received == [("late", b"after")])
+        sub.unsubscribe("late")
+        for _ in range(200):
+            if (yield receivers()) == 0:
+                break
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual((yield publisher.publish("late", b"gone")), 0)
+
+    @defer.inlineCallbacks
+    def test_reconnect_after_restart(self):
+        publisher = self.client.publisher()
+        sub = self.subscriber(backoff_initial=0.02, backoff_max=0.2)
+        yield wait_for(lambda: sub.connected)
+        self.assertEqual(self.events, ["up"])
+        self.server.restart()
+        yield wait_for(lambda: self.events == ["up", "down", "up"])
+        self.assertTrue(sub.connected)
+        self.assertEqual((yield publisher.publish("c1", b"after restart")), 1)
+        yield wait_for(lambda: ("c1", b"after restart") in self.received)
+
+    @defer.inlineCallbacks
+    def test_backoff_is_capped_while_redis_is_down(self):
+        sub = self.subscriber(backoff_initial=0.01, backoff_max=0.05)
+        yield wait_for(lambda: sub.connected)
+        self.server.stop()
+        yield wait_for(lambda: self.events == ["up", "down"])
+        start = sub.reconnects
+        yield task.deferLater(reactor, 0.5, lambda: None)
+        # 0.5 s at a cap of 0.05 s (jittered down to half) is at least 5
+        # attempts, and at most 0.5 / 0.005 without a cap.
+        self.assertGreaterEqual(sub.reconnects - start, 5)
+        self.server.start()
+        yield wait_for(lambda: self.events == ["up", "down", "up"])
+
+    @defer.inlineCallbacks
+    def test_stop_joins_the_listener(self):
+        sub = self.subscriber()
+        yield wait_for(lambda: sub.connected)
+        thread = sub._thread
+        self.client.stop()
+        self.assertFalse(thread.is_alive())
+        self.assertFalse(sub.connected)
+
+
+class BoundAndTransportTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_batches_waiting_for_the_reactor_are_bounded(self):
+        """While the reactor is busy, the listener hands over at most
+        ``max_batches_queued`` batches and then stops reading (Redis holds
+        the rest); nothing is lost or reordered."""
+        server = start_redis(self)
+        client = RedisClient(reactor, server.address)
+        client.start()
+        self.addCleanup(client.stop)
+        received, waiting_seen = [], []
+        flood_done = threading.Event()
+
+        def flood():
+            # Another process's publisher, while the reactor thread sleeps.
+            import redis
+            r = redis.Redis(unix_socket_path=server.socket_path)
+            for i in range(300):
+                r.publish("c", b"%d" % i)
+            r.close()
+            flood_done.set()
+
+        def on_messages(batch):
+            if not received:
+                threading.Thread(target=flood).start()
+                flood_done.wait(10)
+                time.sleep(0.2)  # the listener has had time to read all it would
+                waiting_seen.append(sub.handed - sub.delivered)
+            received.extend(int(data) for _, data in batch)
+
+        sub = client.subscriber(channels=["c"], on_messages=on_messages, batch=10, max_batches_queued=2)
+        sub.start()
+        yield wait_for(lambda: sub.connected)
+        publisher = client.publisher()
+        for _ in range(200):
+            if (yield client.execute("PUBSUB", "NUMSUB", "c"))[1] == 1:
+                break
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        yield publisher.publish("c", b"-1")
+        yield wait_for(lambda: len(received) == 301)
+        self.assertEqual(received, list(range(-1, 300)))
+        self.assertEqual(len(waiting_seen), 1)
+        self.assertLessEqual(waiting_seen[0], 2)
+        self.assertGreater(sub.handed, 20)  # 300 messages in batches of at most 10
+
+    @defer.inlineCallbacks
+    def test_password_and_tcp(self):
+        from tests.support.twistd import free_ports
+        [port] = free_ports(1)
+        server = start_redis(self, password="pw-0123456789", tcp_port=port)
+        good = RedisClient(reactor, RedisAddress.parse(f"127.0.0.1:{port}", password="pw-0123456789"))
+        good.start()
+        self.addCleanup(good.stop)
+        self.assertEqual((yield good.execute("SET", "k", "tcp")), True)
+        bad = RedisClient(reactor, RedisAddress.parse(f"127.0.0.1:{port}", password="wrong"))
+        bad.start()
+        self.addCleanup(bad.stop)
+        yield self.assertFailure(bad.execute("GET", "k"), RedisUnavailable, load_redis().ResponseError)
+        unix = RedisClient(reactor, server.address)
+        unix.start()
+        self.addCleanup(unix.stop)
+        self.assertEqual((yield unix.execute("GET", "k")), b"tcp")
+
+    @defer.inlineCallbacks
+    def test_tls(self):
+        from tests.support.gateway import shared_ca, temp_dir
+        from tests.support.twistd import free_ports
+        directory = temp_dir(self)
+        ca = shared_ca()
+        cert, key = ca.issue(dns=("localhost",)).write(directory, "redis")
+        root = ca.write_root(f"{directory}/ca.pem")
+        [port] = free_ports(1)
+        start_redis(self, options={"tls-port": str(port), "tls-cert-file": str(cert),
+                                   "tls-key-file": str(key), "tls-ca-cert-file": str(root),
+                                   "tls-auth-clients": "no"})
+        client = RedisClient(reactor, RedisAddress.parse(f"localhost:{port}", tls=True,
+                                                         tls_ca_file=str(root)))
+        client.start()
+        self.addCleanup(client.stop)
+        self.assertEqual((yield client.execute("SET", "k", "over tls")), True)
+        # A client that does not trust the server's CA refuses it.
+        other = f"{directory}/other.pem"
+        from tests.support.pki import TestCA
+        TestCA().write_root(other)
+        wary = RedisClient(reactor, RedisAddress.parse(f"localhost:{port}", tls=True, tls_ca_file=other))
+        wary.start()
+        self.addCleanup(wary.stop)
+        yield self.assertFailure(wary.execute("GET", "k"), RedisUnavailable)
