@@ -166,6 +166,14 @@ class VerifierTests(unittest.TestCase):
         self.clock.advance(self.IDLE)
         self.assertTrue(peer.disconnecting)
 
+    def test_no_request_on_a_connection_the_peer_is_closing(self):
+        peer = self.start()
+        self.answer(peer, "valid")
+        peer.stream.dataReceived(b"</stream:stream>")  # the peer ends its stream; TCP still up
+        self.ask(stream_id="SID2")
+        self.assertEqual(len(self.connector.attempts), 2, "a new connection, not the closing one")
+        self.assertEqual([r for r in peer.read() if r.name == "verify"], [])
+
     def test_idle_zero_closes_after_the_last_answer(self):
         self.verifier.idle_timeout = 0
         peer = self.start()
@@ -417,3 +425,4 @@ class HostileValuesTests(unittest.TestCase):
             self.assertEqual((element["from"], element["to"], str(element)),
                              ("a'<>&\"", "b'<>&\"", self.HOSTILE_KEY))
             self.assertEqual([c for c in element.children if not isinstance(c, str)], [])
+

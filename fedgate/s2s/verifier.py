@@ -83,6 +83,10 @@ def _answer_value(element: domish.Element):
     return None
 
 
+def _writable(io) -> bool:
+    return io is not None and not io.closed and not io.closing
+
+
 class _Request:
     """One verification: its Deferred, its timer, the channel it is on."""
 
@@ -209,7 +213,7 @@ class StreamChannel(_Channel):
     @property
     def usable(self) -> bool:
         stream = self.stream
-        return (stream.io is not None and not stream.io.closed and stream.is_open
+        return (_writable(stream.io) and stream.is_open
                 and stream.offers_dialback and stream.record is not None and stream.record.authenticated)
 
     def submit(self, request: _Request) -> None:
@@ -281,8 +285,9 @@ class PooledConnection(_Channel):
         return len(self.outstanding) + len(self.queued)
 
     def has_room(self, request: _Request) -> bool:
-        return (not self.closed and super().has_room(request)
-                and all(q.match != request.match for q in self.queued))
+        if self.closed or (self.is_ready and not _writable(self.handler.io)):
+            return False  # gone, or going (the peer ended its stream)
+        return super().has_room(request) and all(q.match != request.match for q in self.queued)
 
     def submit(self, request: _Request) -> None:
         request.channel = self
