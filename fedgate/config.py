@@ -78,6 +78,11 @@ class S2SConfig:
     shutdown_grace: float = 2.0
     max_pending_verifications_per_stream: int = 10
     max_pending_verifications: int = 1000
+    #: seconds a dialback verification connection stays open after its last
+    #: answer for the next verification (0: closed after its last answer)
+    verification_idle_timeout: float = 30.0
+    #: verifications one connection (or outbound stream) carries at once
+    verifications_per_connection: int = 10
     #: domain pairs one S2S connection may carry (XEP-0220 multiplexing)
     max_pairs_per_connection: int = 1000
     #: unauthenticated connections (plain and Direct TLS together) from one
@@ -555,6 +560,10 @@ def _s2s(s: _Reader) -> S2SConfig:
             "max_pending_verifications_per_stream", int, S2SConfig.max_pending_verifications_per_stream),
         max_pending_verifications=s.positive(
             "max_pending_verifications", int, S2SConfig.max_pending_verifications),
+        verification_idle_timeout=s.not_negative(
+            "verification_idle_timeout", float, S2SConfig.verification_idle_timeout),
+        verifications_per_connection=s.positive(
+            "verifications_per_connection", int, S2SConfig.verifications_per_connection),
         max_pairs_per_connection=s.positive(
             "max_pairs_per_connection", int, S2SConfig.max_pairs_per_connection),
         max_unauthenticated_per_address=per_address,

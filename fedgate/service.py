@@ -153,7 +153,11 @@ class Gateway(service.Service):
             log_bodies=config.logging.xml_bodies,
         )
         self.verifier = DialbackVerifier(self.connector, reactor, self.make_stream,
-                                         timeout=s2s.connect_timeout + s2s.auth_timeout, ctx=verifying)
+                                         timeout=s2s.connect_timeout + s2s.auth_timeout, ctx=verifying,
+                                         idle_timeout=s2s.verification_idle_timeout,
+                                         pipeline=s2s.verifications_per_connection,
+                                         max_idle=s2s.max_pending_verifications,
+                                         outbound=lambda remote: self.sender.streams_to(remote))
         self.ctx = replace(verifying, verifier=self.verifier)
         self.sender = S2SSender(self.ctx, self.connector, self.make_stream, SenderSettings(
             max_stanzas=s2s.queue_max_stanzas, max_bytes=s2s.queue_max_bytes,

@@ -188,3 +188,17 @@ def test_peer_allowed_and_the_deprecated_blocked(tmp_path):
     from fedgate.config import deprecated_keys
     assert deprecated_keys(minimal(s2s={"peers": {"c.example": {"blocked": True}, "a.example": {}}})) == \
         ["s2s.peers.c.example.blocked"]
+
+
+def test_verification_reuse_keys():
+    s2s = parse_config(minimal()).s2s
+    assert (s2s.verification_idle_timeout, s2s.verifications_per_connection) == (30.0, 10)
+    s2s = parse_config(minimal(s2s={"verification_idle_timeout": 0, "verifications_per_connection": 1})).s2s
+    assert (s2s.verification_idle_timeout, s2s.verifications_per_connection) == (0.0, 1)
+    for key, bad in (("verification_idle_timeout", -1), ("verifications_per_connection", 0),
+                     ("verifications_per_connection", "many")):
+        with pytest.raises(ConfigError) as info:
+            parse_config(minimal(s2s={key: bad}), "f.toml")
+        assert info.value.key == f"s2s.{key}"
+    text = (REPO / "etc" / "fedgate.toml").read_text()
+    assert "verification_idle_timeout = 30" in text and "verifications_per_connection = 10" in text

@@ -132,3 +132,18 @@ def test_contexts_release_idle_buffers(tmp_path):
                 contexts.client_context("a.example"), contexts.client_context(None, b"xmpp-server")):
         assert isinstance(ctx, SSL.Context)
         assert ctx.set_mode(0) & MODE_RELEASE_BUFFERS  # set_mode returns the mode now in force
+
+
+def test_valid_for_answers_are_kept_per_connection_and_bounded():
+    from fedgate.tls.contexts import VALID_FOR_CACHE
+    info = _tls(CA.issue(dns=("r.example", "*.w.example")))
+    assert info.valid_for("r.example") and info.valid_for("r.example")
+    assert not info.valid_for("s.example") and not info.valid_for("s.example")
+    # A peer naming many domains cannot grow the cache past its bound; the
+    # answers past it are still right.
+    answers = [info.valid_for(f"d{n}.w.example") for n in range(3 * VALID_FOR_CACHE)]
+    assert all(answers)
+    assert [info.valid_for(f"x{n}.example") for n in range(VALID_FOR_CACHE)] == [False] * VALID_FOR_CACHE
+    assert len(info._valid) == VALID_FOR_CACHE
+    # Never true without a trusted chain, whatever was kept.
+    assert not _tls(CA.issue(dns=("r.example",)), errors=[(0, 20, "untrusted")]).valid_for("r.example")

@@ -11,7 +11,8 @@ from fedgate.s2s.verifier import DialbackError, DialbackVerifier
 from fedgate.stream.parser import StreamParser
 from fedgate.stream.protocol import XmppStream
 from tests.support.memory import MemoryStream, server_header
-from tests.support.s2s import FakeConnector, make_context
+from fedgate.s2s.outbound import OutboundS2S
+from tests.support.s2s import FakeConnector, FakeOwner, make_context
 
 FEATURES = b"<stream:features><dialback xmlns='urn:xmpp:features:dialback'><errors/></dialback></stream:features>"
 
@@ -23,22 +24,31 @@ class VerifierTests(unittest.TestCase):
         ctx = make_context(self.clock, local_domains={"gw.example"}, secret="s")
         self.verifier = DialbackVerifier(self.connector, self.clock,
                                          lambda handler: XmppStream(handler, self.clock), timeout=30,
-                                         ctx=ctx)
+                                         ctx=ctx, idle_timeout=self.IDLE, pipeline=3, max_idle=2)
         self.results = []
 
-    def start(self):
-        self.finished = []
-        d = self.verifier.verify("gw.example", "remote.example", "SID", "KEY",
-                                 finished=lambda: self.finished.append(True))
-        self.d = d
+    IDLE = 20
+
+    def ask(self, stream_id="SID", originating="remote.example", key="KEY"):
+        finished = []
+        d = self.verifier.verify("gw.example", originating, stream_id, key,
+                                 finished=lambda: finished.append(True))
         d.addBoth(self.results.append)
-        domain, factory, connecting = self.connector.attempts[-1]
-        self.assertEqual(domain, "remote.example")
+        return d, finished
+
+    def connect(self, index=-1):
+        """Complete a connect attempt; the peer sends its header and features."""
+        domain, factory, connecting = self.connector.attempts[index]
         peer = MemoryStream(None, self.clock, stream=factory(None))
         connecting.callback(peer.stream)
         peer.read()
-        self.assertEqual((peer.header.get("to"), peer.header.get("from")), ("remote.example", "gw.example"))
-        peer.stream.dataReceived(server_header(id="AUTH", **{"from": "remote.example"}, version="1.0") + FEATURES)
+        self.assertEqual((peer.header.get("to"), peer.header.get("from")), (domain, "gw.example"))
+        peer.stream.dataReceived(server_header(id="AUTH", **{"from": domain}, version="1.0") + FEATURES)
+        return peer
+
+    def start(self):
+        self.d, self.finished = self.ask()
+        peer = self.connect()
         [request] = peer.read()
         self.assertEqual((request.name, request["id"], request["from"], request["to"], str(request)),
                          ("verify", "SID", "gw.example", "remote.example", "KEY"))
@@ -52,7 +62,8 @@ class VerifierTests(unittest.TestCase):
         peer = self.start()
         self.answer(peer, "valid")
         self.assertEqual(self.results, [True])
-        self.assertTrue(peer.disconnecting, "the verification connection is closed after the answer")
+        self.assertEqual(self.finished, [True], "the verification counts no more once answered")
+        self.assertFalse(peer.disconnecting, "the connection stays for the next verification")
 
     def test_invalid(self):
         self.answer(self.start(), "invalid")
@@ -73,10 +84,7 @@ class VerifierTests(unittest.TestCase):
         self.assertEqual(failure.value.condition, "remote-server-not-found")
 
     def test_connect_failure(self):
-        finished = []
-        d = self.verifier.verify("gw.example", "remote.example", "SID", "KEY",
-                                 finished=lambda: finished.append(True))
-        d.addBoth(self.results.append)
+        d, finished = self.ask()
         self.connector.attempts[-1][2].errback(ConnectError(
             "remote-server-not-found", "could not connect to the servers of remote.example",
             "tried 10.0.0.7:5269 refused: private address; ::1:5269 refused: loopback address"))
@@ -88,27 +96,104 @@ class VerifierTests(unittest.TestCase):
         self.assertNotIn("::1", failure.value.text)
         self.assertIn("10.0.0.7", failure.value.detail)
         self.assertEqual(finished, [True])
+        self.assertEqual(self.verifier.pool, {}, "a failed connection is not pooled")
 
     def test_only_xep_0220_conditions(self):
         with self.assertRaises(ValueError):
             DialbackError("remote-connection-failed")
 
-    def test_in_flight_until_the_connection_is_gone(self):
+    # -- pooling ---------------------------------------------------------------
+    def test_the_next_verification_reuses_the_idle_connection(self):
         peer = self.start()
         self.answer(peer, "valid")
-        self.assertEqual(self.results, [True])
-        self.assertTrue(peer.disconnecting)
-        self.assertEqual(self.finished, [], "the connection is still closing")
-        peer.stream.connectionLost(None)
-        self.assertEqual(self.finished, [True])
-        self.clock.advance(100)
-        self.assertEqual(self.finished, [True], "once only")
+        self.ask(stream_id="SID2", key="KEY2")
+        self.assertEqual(len(self.connector.attempts), 1, "no second connection")
+        [request] = peer.read()
+        self.assertEqual((request["id"], str(request)), ("SID2", "KEY2"))
+        self.answer(peer, "invalid", stream_id="SID2")
+        self.assertEqual(self.results, [True, False])
 
+    def test_another_domain_pair_gets_its_own_connection(self):
+        peer = self.start()
+        self.answer(peer, "valid")
+        self.ask(originating="other.example")
+        self.assertEqual([a[0] for a in self.connector.attempts], ["remote.example", "other.example"])
+        self.assertEqual(peer.read(), [])
+
+    def test_pipelined_requests_wait_for_the_connection_and_match_by_id(self):
+        for n in range(3):
+            self.ask(stream_id=f"S{n}", key=f"K{n}")
+        self.assertEqual(len(self.connector.attempts), 1, "three requests, one connection")
+        peer = self.connect()
+        self.assertEqual([(r["id"], str(r)) for r in peer.read()], [("S0", "K0"), ("S1", "K1"), ("S2", "K2")])
+        # Answers in any order, each to its own request.
+        self.answer(peer, "invalid", stream_id="S2")
+        self.answer(peer, "valid", stream_id="S0")
+        self.answer(peer, "valid", stream_id="S1")
+        self.assertEqual(self.results, [False, True, True])
+
+    def test_past_the_pipeline_a_second_connection(self):
+        for n in range(4):
+            self.ask(stream_id=f"S{n}")
+        self.assertEqual(len(self.connector.attempts), 2, "pipeline of 3: the fourth opens another")
+        first, second = self.connect(0), self.connect(1)
+        self.assertEqual([r["id"] for r in first.read()], ["S0", "S1", "S2"])
+        self.assertEqual([r["id"] for r in second.read()], ["S3"])
+
+    def test_the_same_question_twice_never_shares_a_connection(self):
+        self.ask()
+        self.ask()
+        self.assertEqual(len(self.connector.attempts), 2, "(id, from, to) is unique on a connection")
+
+    def test_idle_connection_closes_after_the_idle_timeout(self):
+        peer = self.start()
+        self.answer(peer, "valid")
+        self.clock.advance(self.IDLE - 1)
+        self.assertFalse(peer.disconnecting)
+        self.clock.advance(1)
+        self.assertTrue(peer.disconnecting, "closed after the idle time")
+        self.ask(stream_id="SID2")
+        self.assertEqual(len(self.connector.attempts), 2, "a closing connection takes no request")
+
+    def test_busy_connection_does_not_expire(self):
+        peer = self.start()
+        self.answer(peer, "valid")
+        self.clock.advance(self.IDLE - 1)
+        self.ask(stream_id="SID2")
+        self.clock.advance(self.IDLE)
+        self.assertFalse(peer.disconnecting, "a request in flight keeps it open")
+        self.answer(peer, "valid", stream_id="SID2")
+        self.clock.advance(self.IDLE)
+        self.assertTrue(peer.disconnecting)
+
+    def test_no_request_on_a_connection_the_peer_is_closing(self):
+        peer = self.start()
+        self.answer(peer, "valid")
+        peer.stream.dataReceived(b"</stream:stream>")  # the peer ends its stream; TCP still up
+        self.ask(stream_id="SID2")
+        self.assertEqual(len(self.connector.attempts), 2, "a new connection, not the closing one")
+        self.assertEqual([r for r in peer.read() if r.name == "verify"], [])
+
+    def test_idle_zero_closes_after_the_last_answer(self):
+        self.verifier.idle_timeout = 0
+        peer = self.start()
+        self.answer(peer, "valid")
+        self.assertTrue(peer.disconnecting)
+
+    def test_idle_connections_are_capped(self):
+        peers = []
+        for n, domain in enumerate(["a.example", "b.example", "c.example"]):
+            self.ask(originating=domain)
+            peer = self.connect()
+            self.answer(peer, "valid", sender=domain)
+            peers.append(peer)
+        self.assertEqual([p.disconnecting for p in peers], [True, False, False],
+                         "max_idle 2: the longest idle one closes")
+        self.assertEqual(self.verifier.idle_count(), 2)
+
+    # -- cancelling ------------------------------------------------------------
     def test_cancel_while_connecting_stops_the_attempt(self):
-        finished = []
-        d = self.verifier.verify("gw.example", "remote.example", "SID", "KEY",
-                                 finished=lambda: finished.append(True))
-        d.addBoth(self.results.append)
+        d, finished = self.ask()
         connecting = self.connector.attempts[-1][2]
         d.cancel()
         self.assertTrue(connecting.called, "the connect attempt was cancelled")
@@ -118,32 +203,180 @@ class VerifierTests(unittest.TestCase):
         self.clock.advance(100)
         self.assertEqual(finished, [True])
 
-    def test_cancel_when_connected_closes_the_connection(self):
+    def test_cancel_of_a_shared_connection_cancels_only_the_request(self):
+        d0, finished0 = self.ask(stream_id="S0")
+        d1, finished1 = self.ask(stream_id="S1")
+        d0.cancel()
+        self.assertFalse(self.connector.attempts[-1][2].called, "the attempt goes on for S1")
+        self.assertEqual(finished0, [], "counted until the attempt is up")
+        peer = self.connect()
+        self.assertEqual(finished0, [True])
+        self.assertEqual([r["id"] for r in peer.read()], ["S1"], "the cancelled request is not sent")
+        d2, _ = self.ask(stream_id="S2")
+        d2.cancel()
+        self.assertFalse(peer.disconnecting, "S1 still needs the connection")
+        self.answer(peer, "valid", stream_id="S2")  # a late answer: taken silently
+        self.answer(peer, "valid", stream_id="S1")
+        self.assertEqual(len(self.results), 3)
+        self.assertEqual(self.results[2], True)
+        self.assertFalse(peer.disconnecting)
+
+    def test_cancel_of_the_last_request_closes_the_connection(self):
         peer = self.start()
         self.d.cancel()
         [failure] = self.results
         self.assertTrue(failure.check(defer.CancelledError))
-        self.assertTrue(peer.disconnecting, "the verification connection is closed")
-        self.assertEqual(self.finished, [])
+        self.assertTrue(peer.disconnecting, "nobody needs the connection: closed")
+        self.assertEqual(self.finished, [], "counted until the connection is gone")
         peer.stream.connectionLost(None)
         self.assertEqual(self.finished, [True])
+        self.clock.advance(100)
+        self.assertEqual(self.finished, [True], "once only")
 
-    def test_timeout_aborts_the_connection(self):
+    def test_a_late_answer_never_answers_a_later_request(self):
+        d0, _ = self.ask(stream_id="S0")
+        self.ask(stream_id="S1")
+        peer = self.connect()
+        peer.read()
+        d0.cancel()
+        d0b, _ = self.ask(stream_id="S0", key="OTHER")
+        self.assertEqual(len(self.connector.attempts), 2, "S0 is still outstanding on the first connection")
+        self.answer(peer, "valid", stream_id="S0")
+        self.assertEqual(len(self.results), 1, "the late answer went to the cancelled request only")
+
+    # -- timeouts and loss -----------------------------------------------------
+    def test_timeout_aborts_the_connection_and_fails_its_requests(self):
         peer = self.start()
-        self.clock.advance(31)
+        self.clock.advance(20)
+        self.ask(stream_id="SID2")
+        self.clock.advance(11)
         [failure] = self.results
         self.assertEqual(failure.value.condition, "remote-server-timeout")
         self.assertTrue(peer.transport.disconnecting)
+        peer.stream.connectionLost(None)
+        [_, other] = self.results
+        self.assertEqual(other.value.condition, "remote-server-timeout")
+        self.assertEqual(self.verifier.pool, {})
 
     def test_closed_without_answer(self):
         peer = self.start()
         peer.stream.connectionLost(None)
         [failure] = self.results
         self.assertEqual(failure.value.condition, "remote-server-timeout")
+        self.assertEqual(self.finished, [True])
 
-    def test_timeout(self):
-        self.start()
+    def test_timeout_while_connecting(self):
+        d, finished = self.ask()
         self.clock.advance(31)
+        [failure] = self.results
+        self.assertEqual(failure.value.condition, "remote-server-timeout")
+        self.assertTrue(self.connector.attempts[-1][2].called, "the attempt was given up")
+        self.assertEqual(finished, [True])
+
+
+class OutboundStreamChannelTests(unittest.TestCase):
+    """<db:verify> over our authenticated outbound stream to the
+    authoritative domain, where its peer offered dialback."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.connector = FakeConnector(self.clock)
+        self.ctx = make_context(self.clock, local_domains={"gw.example"}, secret="s")
+        self.streams = []
+        self.verifier = DialbackVerifier(self.connector, self.clock,
+                                         lambda handler: XmppStream(handler, self.clock), timeout=30,
+                                         ctx=self.ctx, outbound=lambda domain: [
+                                             s for s in self.streams if s.remote == domain])
+        self.results = []
+
+    def outbound(self, dialback=True):
+        handler = OutboundS2S(self.ctx, "remote.example", "gw.example", FakeOwner())
+        peer = MemoryStream(None, self.clock, stream=XmppStream(handler, self.clock))
+        handler.authenticate("gw.example")
+        features = "<dialback xmlns='urn:xmpp:features:dialback'><errors/></dialback>" if dialback else ""
+        peer.stream.dataReceived(server_header(id="OUT", **{"from": "remote.example"}, version="1.0")
+                                 + f"<stream:features>{features}</stream:features>".encode())
+        peer.feed("<db:result from='remote.example' to='gw.example' type='valid'/>")
+        peer.take()
+        self.streams.append(handler)
+        return handler, peer
+
+    def ask(self, stream_id="SID"):
+        d = self.verifier.verify("gw.example", "remote.example", stream_id, "KEY")
+        d.addBoth(self.results.append)
+        return d
+
+    def test_verify_goes_over_the_outbound_stream(self):
+        _, peer = self.outbound()
+        self.ask()
+        self.assertEqual(self.connector.attempts, [], "no verification connection")
+        [request] = peer.take()
+        self.assertEqual((request.name, request["id"], request["to"], str(request)),
+                         ("verify", "SID", "remote.example", "KEY"))
+        peer.feed("<db:verify from='remote.example' to='gw.example' id='SID' type='valid'/>")
+        self.assertEqual(self.results, [True])
+        self.assertFalse(peer.disconnecting)
+
+    def test_not_where_the_peer_offered_no_dialback(self):
+        # A peer without dialback (ejabberd without mod_s2s_dialback) would
+        # silently ignore db:verify.  Authenticated here by SASL instead:
+        handler = OutboundS2S(self.ctx, "remote.example", "gw.example", FakeOwner())
+        peer = MemoryStream(None, self.clock, stream=XmppStream(handler, self.clock))
+        peer.stream.dataReceived(server_header(id="OUT", **{"from": "remote.example"}, version="1.0")
+                                 + b"<stream:features/>")
+        handler.record.set_pair("gw.example", "remote.example", "valid", "sasl-external", 0)
+        self.assertTrue(handler.record.authenticated and handler.is_open)
+        self.streams.append(handler)
+        peer.take()
+        self.ask()
+        self.assertEqual(len(self.connector.attempts), 1, "a verification connection instead")
+        self.assertEqual(peer.take(), [])
+
+    def test_not_before_the_stream_is_authenticated(self):
+        handler = OutboundS2S(self.ctx, "remote.example", "gw.example", FakeOwner())
+        peer = MemoryStream(None, self.clock, stream=XmppStream(handler, self.clock))
+        handler.authenticate("gw.example")
+        peer.stream.dataReceived(server_header(id="OUT", **{"from": "remote.example"}, version="1.0")
+                                 + FEATURES)
+        self.streams.append(handler)
+        self.ask()
+        self.assertEqual(len(self.connector.attempts), 1)
+
+    def test_an_answer_on_another_stream_is_ignored(self):
+        _, peer = self.outbound()
+        self.ask()
+        # The same answer on a verification connection of ours, or on any
+        # other stream, is not the answer to a request sent here.
+        self.ask(stream_id="SID2")
+        other_peer = None
+        for n in range(8):
+            self.ask(stream_id=f"X{n}")
+        self.ask(stream_id="OVER")  # pipeline of 10 on the stream: this one takes a connection
+        self.assertEqual(len(self.connector.attempts), 1)
+        domain, factory, connecting = self.connector.attempts[0]
+        other_peer = MemoryStream(None, self.clock, stream=factory(None))
+        connecting.callback(other_peer.stream)
+        other_peer.stream.dataReceived(server_header(id="A", **{"from": "remote.example"}, version="1.0")
+                                       + FEATURES)
+        other_peer.feed("<db:verify from='remote.example' to='gw.example' id='SID' type='valid'/>")
+        self.assertEqual(self.results, [], "SID was sent on the outbound stream, not here")
+        peer.feed("<db:verify from='remote.example' to='gw.example' id='OVER' type='valid'/>")
+        self.assertEqual(self.results, [], "OVER was sent on the verification connection, not here")
+        peer.feed("<db:verify from='remote.example' to='gw.example' id='SID' type='invalid'/>")
+        self.assertEqual(self.results, [False])
+
+    def test_timeout_leaves_the_outbound_stream_open(self):
+        _, peer = self.outbound()
+        self.ask()
+        self.clock.advance(31)
+        [failure] = self.results
+        self.assertEqual(failure.value.condition, "remote-server-timeout")
+        self.assertFalse(peer.disconnecting)
+
+    def test_stream_lost_fails_its_requests(self):
+        handler, peer = self.outbound()
+        self.ask()
+        peer.stream.connectionLost(None)
         [failure] = self.results
         self.assertEqual(failure.value.condition, "remote-server-timeout")
 
@@ -192,3 +425,4 @@ class HostileValuesTests(unittest.TestCase):
             self.assertEqual((element["from"], element["to"], str(element)),
                              ("a'<>&\"", "b'<>&\"", self.HOSTILE_KEY))
             self.assertEqual([c for c in element.children if not isinstance(c, str)], [])
+

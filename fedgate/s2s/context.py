@@ -18,9 +18,10 @@ from fedgate.stream.parser import Limits
 
 class VerificationBudget:
     """Caps dialback verifications in flight across all streams: each one
-    makes us open a connection, so an unbounded number is an amplifier.  A
-    place is held from the request until the verification's connection is
-    gone, not just until its answer."""
+    may make us open a connection, so an unbounded number is an amplifier.
+    A place is held from the request until its answer, or, for one
+    cancelled before its connection is up (or left alone on it), until that
+    connection is up or gone (see :mod:`fedgate.s2s.verifier`)."""
 
     def __init__(self, limit: int):
         self.limit = limit

@@ -8,8 +8,8 @@ XEP-0220 names three servers, and so does this module:
   request made on that stream;
 - :class:`Receiving` (the Receiving Server): the other side asks us to
   accept one of its domains; we check policy, then have its key verified by
-  its Authoritative Server over a separate connection
-  (:mod:`fedgate.s2s.verifier`), or accept it on the strength of the TLS
+  its Authoritative Server over another connection (a verification
+  connection or our outbound stream to it, :mod:`fedgate.s2s.verifier`), or accept it on the strength of the TLS
   certificate (XEP-0344), and answer on the stream;
 - :class:`Authoritative` (the Authoritative Server): a ``<db:verify>`` asks
   whether a key is one we issued; we recompute it and answer.
@@ -172,13 +172,13 @@ class Receiving:
     ``ctx``, ``io``, ``record`` and ``dialback_stream_id``.
 
     Bounds: at most ``ctx.max_pairs_per_connection`` domain pairs on the
-    connection (whatever proved them), and verifications in flight (from
-    the request until their connection is gone) at most
+    connection (whatever proved them), and verifications in flight (as
+    the verifier's ``finished`` counts them) at most
     ``ctx.max_pending_per_stream`` for this stream and ``ctx.budget`` in all.
     Past a bound the request gets a ``<resource-constraint/>`` dialback
     error (XEP-0220 2.5).  When the stream goes (or restarts), its pending
-    verifications are cancelled, which closes their connections, and their
-    answers are ignored."""
+    verifications are cancelled (a verification connection nobody else
+    needs is closed) and their answers are ignored."""
 
     def __init__(self, stream, may_accept=None):
         self.stream = stream
@@ -246,7 +246,7 @@ class Receiving:
         d.addErrback(lambda f: log.failure("Dialback answer failed", f))
 
     def _verification_over(self) -> None:
-        """A verification's connection is gone: it counts no more."""
+        """A verification counts no more (the verifier's ``finished``)."""
         self.in_flight -= 1
         self.ctx.budget.release()
 

@@ -62,6 +62,9 @@ class OutboundS2S(PairedStream, InitiatingStream):
 
     use_sasl = True
     use_bidi = True
+    #: the verifier's channel on this stream, once it sent a <db:verify> here
+    #: (fedgate.s2s.verifier.StreamChannel)
+    verify_channel = None
 
     def __init__(self, ctx, remote: str, first_local: str, owner, pair_timeout: float = 30.0):
         super().__init__(ctx, first_local, remote)
@@ -221,8 +224,12 @@ class OutboundS2S(PairedStream, InitiatingStream):
             else:
                 raise StreamFailure("unsupported-stanza-type", "dialback requests need bidi here")
         elif uri == ns.DIALBACK and name == "verify":
-            throttled(log, self.io).warn("Ignoring db:verify on an outbound stream from {remote}",
-                                         remote=self.remote)
+            if element.getAttribute("type") and self.verify_channel is not None:
+                # The answer to a verification we sent here (fedgate.s2s.verifier).
+                self.verify_channel.answer(element, self.io)
+            else:
+                throttled(log, self.io).warn("Ignoring db:verify on an outbound stream from {remote}",
+                                             remote=self.remote)
         elif uri == xep0198.NS and self.sm is not None:
             self.sm.element(element, self)
         elif uri == ns.SERVER and name in ns.STANZA_NAMES and self.bidi.on:
@@ -286,6 +293,8 @@ class OutboundS2S(PairedStream, InitiatingStream):
             self._cancel_pair_timer(local)
         if self.dialback is not None:
             self.dialback.close()
+        if self.verify_channel is not None:
+            self.verify_channel.lost()
         sm = self.sm
         acking = sm is not None and (sm.counting or self._resuming is not None)
         lost = self.sm_lost()

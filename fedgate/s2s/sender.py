@@ -193,6 +193,12 @@ class S2SSender:
     def destination_count(self) -> int:
         return len(self.destinations)
 
+    def streams_to(self, remote: str) -> list:
+        """Our outbound streams to ``remote`` (the verifier sends
+        ``<db:verify>`` over one where it can)."""
+        destination = self.destinations.get(remote)
+        return destination.streams() if destination is not None else []
+
     def remotes(self) -> list[str]:
         """The remote domains that have a destination now."""
         return list(self.destinations)

@@ -57,6 +57,8 @@ OP_NO_TICKET = getattr(SSL, "OP_NO_TICKET", 0x4000)
 RESUMED_SESSION_ERROR = "resumed session: certificate not verified on this connection"
 X509_V_NOT_VERIFIED_HERE = -1  # our own code for it (OpenSSL's are >= 0)
 ALPN_S2S = b"xmpp-server"
+#: domains whose valid_for answer one connection's TLSInfo keeps
+VALID_FOR_CACHE = 8
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,11 @@ class TLSInfo:
     chain_errors: tuple = ()
     #: the certificates the peer sent besides its leaf (untrusted)
     peer_chain: tuple = field(default=(), repr=False)
+    #: domain -> valid_for's answer: a stream asks for the same domain at
+    #: every set of features and again on SASL <auth/>; matching a name
+    #: against the certificate (service_identity) is the costly part.  At
+    #: most VALID_FOR_CACHE domains (they come from the peer).
+    _valid: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def verified_here(self) -> bool:
@@ -99,7 +106,14 @@ class TLSInfo:
 
     def valid_for(self, domain: str) -> bool:
         """A trusted chain and an identity for ``domain``."""
-        return self.chain_ok and certificate_matches(self.peer_certificate, domain) is not None
+        if not self.chain_ok:
+            return False
+        answer = self._valid.get(domain)
+        if answer is None:
+            answer = certificate_matches(self.peer_certificate, domain) is not None
+            if len(self._valid) < VALID_FOR_CACHE:
+                self._valid[domain] = answer
+        return answer
 
     def describe(self) -> dict:
         cert = self.peer_certificate
