@@ -280,3 +280,196 @@ class ChaosWithoutStreamManagement(Chaos):
         # RFC 6120 forbids sending: whatever a stream refused, or never got,
         # before it reached a socket bounced.
         self.assertEqual(counts["lost"], in_transit + unanswerable, report)
+
+
+KILL_TOTAL = 4000  # both directions together (fewer than 10,000: two twistd starts cost time)
+
+
+class KillNine(unittest.TestCase):
+    """Gateway A runs in this process; gateway B is a real ``twistd fedgate``
+    process, killed with SIGKILL mid-flood and started again on the same
+    ports and config; its component connects again and the flood goes on.
+
+    What can be lost is only what the killed process held: stanzas it had
+    acknowledged to A (XEP-0198) but not yet delivered to its component,
+    and stanzas its component had handed it but it had not yet written to
+    A (or A had not read).  A re-sends, or bounces, everything B had not
+    acknowledged.  The test bounds the first loss by A's own counters
+    (acknowledged by the dead B, minus what B's component received before
+    the kill) and checks the second: everything A read from the dead B
+    reached A's component."""
+
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.dns, dns_port = start_dns(self)
+        s2s = {"bidi": False, "queue_max_stanzas": 50000, "queue_max_bytes": 256 * 1024 * 1024}
+        a_config = gateway_config(temp_dir(self), ["a.example"], {"chat.a.example": "secret-a"}, **s2s)
+        self.a = yield start_gateway(reactor, a_config, dns_port, self)
+        self.counts = StanzaCounts(self.a)
+        self.dns.add_a("gw-a.example", "127.0.0.1")
+        for domain in ("a.example", "chat.a.example"):
+            self.dns.add_srv(f"_xmpp-server._tcp.{domain}", 0, 0, self.a.port_of("s2s"), "gw-a.example")
+        # B: the same kind of config, on fixed ports, written as TOML for twistd
+        directory = Path(temp_dir(self))
+        s2s_port, self.b_component_port, admin_port = free_ports(3)
+        b_config = gateway_config(str(directory), ["b.example"], {"chat.b.example": "secret-b"},
+                                  dns_servers=[f"127.0.0.1:{dns_port}"], **s2s)
+        b_config["s2s"]["listen"] = [f"tcp:{s2s_port}:interface=127.0.0.1"]
+        b_config["components"]["listen"] = [f"tcp:{self.b_component_port}:interface=127.0.0.1"]
+        b_config["admin"]["listen"] = [f"tcp:{admin_port}:interface=127.0.0.1"]
+        self.b_config_file = write_config(directory / "fedgate.toml", b_config)
+        self.b_log = directory / "twistd.log"
+        self.dns.add_a("gw-b.example", "127.0.0.1")
+        for domain in ("b.example", "chat.b.example"):
+            self.dns.add_srv(f"_xmpp-server._tcp.{domain}", 0, 0, s2s_port, "gw-b.example")
+        self.b = None
+        self.addCleanup(self.stop_b)
+        yield self.start_b()
+        self.ca = yield connect_component(reactor, "127.0.0.1", self.a.port_of("components"),
+                                          "chat.a.example", "secret-a")
+        self.addCleanup(self.ca.close)
+        self.cb = yield self.connect_cb()
+        self.tally = Tally()
+        # both ways flowing before the flood, so that the kill lands mid-flood
+        self.ca.send("<message from='u@chat.a.example' to='v@chat.b.example' id='w1'/>")
+        self.cb.send("<message from='v@chat.b.example' to='u@chat.a.example' id='w2'/>")
+        got = yield defer.gatherResults([self.cb.next_element(timeout=20), self.ca.next_element(timeout=20)])
+        self.assertEqual([e.getAttribute("id") for e in got], ["w1", "w2"])
+
+    @defer.inlineCallbacks
+    def start_b(self):
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        with open(self.b_log, "a") as log:
+            self.b = subprocess.Popen(
+                TWISTD + ["-n", "--pidfile=", "fedgate", "--config", str(self.b_config_file)],
+                cwd=self.b_config_file.parent, env=env, stdout=log, stderr=subprocess.STDOUT)
+        for _ in range(300):  # until its component port accepts (30 s at most)
+            self.assertIsNone(self.b.poll(), self.b_log.read_text())
+            probe = socket.socket()
+            try:
+                if probe.connect_ex(("127.0.0.1", self.b_component_port)) == 0:
+                    return
+            finally:
+                probe.close()
+            yield sleep(0.1)
+        self.fail("gateway B did not start:\n" + self.b_log.read_text())
+
+    def stop_b(self):
+        if self.b is not None and self.b.poll() is None:
+            self.b.terminate()
+            try:
+                self.b.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.b.kill()
+                self.b.wait()
+
+    @defer.inlineCallbacks
+    def connect_cb(self):
+        client = yield connect_component(reactor, "127.0.0.1", self.b_component_port,
+                                         "chat.b.example", "secret-b")
+        self.addCleanup(client.close)
+        return client
+
+    def drain(self) -> None:
+        self.tally.drain("a", self.ca)
+        if self.cb is not None:
+            self.tally.drain("b", self.cb)
+
+    @defer.inlineCallbacks
+    def test_kill_and_restart_mid_flood(self):
+        seed = chaos_seed()
+        print(f"\nchaos kill -9 seed {seed} (repeat with FEDGATE_CHAOS_SEED={seed})")
+        rng = random.Random(seed)
+        half = KILL_TOTAL // 2
+        batches = half // BATCH
+        kill_at = rng.randrange(batches // 4, batches // 2)
+        a_ids = iter(range(half))
+        b_ids = iter(range(half, KILL_TOTAL))
+        sent_by_cb1: set = set()
+        sent_by_cb2: set = set()
+        sent_by_cb = sent_by_cb1
+        snapshot = None
+        for number in range(batches):
+            for _ in range(BATCH):
+                self.ca.send(stanza(next(a_ids), "chat.a.example", "chat.b.example"))
+            if self.cb is not None:
+                for _ in range(BATCH):
+                    n = next(b_ids)
+                    self.cb.send(stanza(n, "chat.b.example", "chat.a.example"))
+                    sent_by_cb.add(f"c{n}")
+            yield sleep(0.005)
+            self.drain()
+            if number == kill_at:
+                self.b.send_signal(signal.SIGKILL)
+                self.b.wait()
+                self.drain()
+                cb1_got = set(self.tally.received.get("b", []))
+                cb1_back = set(self.tally.bounced.get("b", []))
+                self.cb = None
+                snapshot = yield self.after_kill()
+                yield self.start_b()
+                self.cb = yield self.connect_cb()
+                sent_by_cb = sent_by_cb2
+        for n in b_ids:  # what cb did not send while B was down
+            self.cb.send(stanza(n, "chat.b.example", "chat.a.example"))
+            sent_by_cb2.add(f"c{n}")
+        sent = {"a": {f"c{n}" for n in range(half)}, "b": sent_by_cb1 | sent_by_cb2}
+        yield self.settle(sum(map(len, sent.values())))
+        to = {"a": "b", "b": "a"}
+        counts = self.tally.count(sent, to)
+        a_to_b = self.tally.count({"a": sent["a"]}, to)
+        from_cb1 = self.tally.count({"b": sent_by_cb1}, to)
+        from_cb2 = self.tally.count({"b": sent_by_cb2}, to)
+        # held by the dead B: acknowledged to A, not received by its component
+        # (the warm-up message was one of those acknowledged)
+        acked_by_dead, read_from_dead = snapshot
+        held = acked_by_dead - 1 - len(cb1_got)
+        # iq results that A bounced: counted by A, since they cannot bounce
+        unanswerable = self.a.router.dropped_errors
+        outcome = self.a.sender.outcomes()
+        report = (f"chaos kill -9 (seed {seed}): {counts['sent']} mixed stanzas both ways, gateway B "
+                  f"killed after batch {kill_at + 1} of {batches} and restarted: received "
+                  f"{counts['received']}, bounced {counts['bounced']} (+ {self.a.router.dropped_errors} "
+                  f"iq results A could not bounce), lost {counts['lost'] - unanswerable}, duplicated "
+                  f"{counts['duplicated']}, bounced though received {counts['bounced_though_received']}. "
+                  f"A -> B: lost {a_to_b['lost'] - unanswerable} of {a_to_b['sent']}, B had acknowledged {acked_by_dead} "
+                  f"and its component received {len(cb1_got)} ({held} held only by the dead B); "
+                  f"B -> A: sent to the dead B {from_cb1['sent']}, A read {read_from_dead} of them, "
+                  f"lost {from_cb1['lost']} (held only by the dead B); sent after the restart "
+                  f"{from_cb2['sent']}, lost {from_cb2['lost']}; A's sender {outcome}")
+        print(report)
+        # What the dead B held is all that may be lost, each way.
+        self.assertLessEqual(a_to_b["lost"] - unanswerable, held, report)
+        self.assertEqual(len(set(self.tally.received.get("a", [])) & sent_by_cb1) + 1, read_from_dead,
+                         report)  # (+ the warm-up message)
+        self.assertEqual(from_cb2["lost"], 0, report)
+        # A re-sent or bounced everything B had not acknowledged: it holds nothing
+        self.assertEqual(outcome["accepted"], outcome["delivered"] + outcome["bounced"], report)
+        self.assertEqual(outcome["in_flight"], 0, report)
+        self.assertTrue(cb1_back.isdisjoint(cb1_got), report)
+
+    @defer.inlineCallbacks
+    def after_kill(self):
+        """Once A noticed that B is gone (no connection left to it):
+        (stanzas B had acknowledged, stanzas A had read from B)."""
+        for _ in range(200):
+            if not len(self.a.table):
+                break
+            yield sleep(0.05)
+        self.assertEqual(len(self.a.table), 0, "A still has connections to the dead B")
+        return self.a.sender.outcomes()["delivered"], self.counts.read()
+
+    @defer.inlineCallbacks
+    def settle(self, expected: int, limit: float = 60.0):
+        last, still = -1, 0
+        for _ in range(int(limit / 0.1)):
+            self.drain()
+            done = self.tally.done()
+            if settled(self.a) and (done >= expected or still >= 30):
+                break
+            still = still + 1 if done == last else 0
+            last = done
+            yield sleep(0.1)
+        self.drain()
