@@ -43,8 +43,10 @@ from twisted.trial import unittest
 
 from tests.support.component_client import connect_component
 from tests.support.federation import TwoGatewaysFixture, start_dns
-from tests.support.gateway import gateway_config, start_gateway, temp_dir, write_config
+from tests.support.gateway import gateway_config, shared_ca, start_gateway, temp_dir, write_config
 from tests.support.prosody import prosody_available
+from tests.support.prosody_federation import (
+    GW_COMPONENT, PROSODY, PROSODY_COMPONENT, ProsodyFederation)
 from tests.support.twistd import REPO, TWISTD, free_ports
 
 TOTAL = 10000  # both directions together
@@ -473,3 +475,104 @@ class KillNine(unittest.TestCase):
             last = done
             yield sleep(0.1)
         self.drain()
+
+
+PROSODY_TOTAL = 10000  # both directions together
+PROSODY_ABORTS = 5
+
+
+class ProsodyChaos(ProsodyFederation, unittest.TestCase):
+    """Prosody 0.12 as the peer (mod_smacks: acks on S2S both ways, no
+    resumption), random aborts of fedgate's S2S transports over a mixed
+    flood in both directions.
+
+    fedgate -> Prosody: 0 lost (what Prosody had not acknowledged goes out
+    again on a new stream; Prosody does not resume S2S streams, so
+    duplicates are allowed here, and printed).
+
+    Prosody -> fedgate: what Prosody loses is reported as a number, not
+    asserted away: Prosody 0.12 writes the stanzas it queued while
+    connecting before it sends ``<enable/>`` (so they are counted by no
+    session), and on a lost stream it bounces only what was unacknowledged
+    after ``<enable/>``; an iq result cannot bounce (RFC 6120 8.2.3).  The
+    test checks fedgate's part: every stanza fedgate read from Prosody (and
+    so acknowledged) reached fedgate's component."""
+
+    timeout = 120
+    chain_ok = True
+    if not prosody_available():
+        skip = "prosody is not installed (scripts/bootstrap --test installs it)"
+
+    def prosody_options(self) -> dict:
+        return {"s2s_secure_auth": True, "tls_issuer": shared_ca(), "trusted_cas": [shared_ca()],
+                "modules_enabled": ["smacks"]}
+
+    def gateway_s2s(self) -> dict:
+        return {"bidi": False, "queue_max_stanzas": 50000, "queue_max_bytes": 256 * 1024 * 1024,
+                "peers": {d: {"authentication": "certificate"} for d in (PROSODY, PROSODY_COMPONENT)}}
+
+    def drain(self) -> None:
+        self.tally.drain("gw", self.gw_comp)
+        self.tally.drain("prosody", self.prosody_comp)
+
+    @defer.inlineCallbacks
+    def test_random_transport_aborts(self):
+        counted = StanzaCounts(self.gateway)
+        yield self.exchange_messages()
+        seed = chaos_seed()
+        print(f"\nchaos with Prosody seed {seed} (repeat with FEDGATE_CHAOS_SEED={seed})")
+        rng = random.Random(seed)
+        self.tally = Tally()
+        half = PROSODY_TOTAL // 2
+        batches = half // BATCH
+        abort_at = sorted(rng.sample(range(1, batches), PROSODY_ABORTS))
+        aborted = 0
+        for number, start in enumerate(range(0, half, BATCH)):
+            for n in range(start, start + BATCH):
+                self.gw_comp.send(stanza(n, GW_COMPONENT, PROSODY_COMPONENT))
+                self.prosody_comp.send(stanza(half + n, PROSODY_COMPONENT, GW_COMPONENT))
+            yield sleep(0.01)
+            self.drain()
+            if abort_at and number >= abort_at[0] and abort_random(rng, [self.gateway]):
+                abort_at.pop(0)
+                aborted += 1
+        for _ in range(200):  # aborts the flood was too quick for
+            if not abort_at:
+                break
+            yield sleep(0.02)
+            if abort_random(rng, [self.gateway]):
+                abort_at.pop(0)
+                aborted += 1
+        sent = {"gw": {f"c{n}" for n in range(half)},
+                "prosody": {f"c{n}" for n in range(half, PROSODY_TOTAL)}}
+        to = {"gw": "prosody", "prosody": "gw"}
+        last, still = -1, 0
+        for _ in range(600):  # until all arrived or bounced, or nothing moved for 5 s
+            self.drain()
+            done = self.tally.done()
+            if settled(self.gateway) and (done >= PROSODY_TOTAL or still >= 50):
+                break
+            still = still + 1 if done == last else 0
+            last = done
+            yield sleep(0.1)
+        self.drain()
+        counts = self.tally.count(sent, to)
+        out = self.tally.count({"gw": sent["gw"]}, to)
+        back = self.tally.count({"prosody": sent["prosody"]}, to)
+        unanswerable = self.gateway.router.dropped_errors
+        report = (f"chaos with Prosody 0.12 (seed {seed}): {counts['sent']} mixed stanzas both ways, "
+                  f"{aborted} fedgate S2S transports aborted: received {counts['received']}, bounced "
+                  f"{counts['bounced']} (+ {unanswerable} iq results fedgate could not bounce), lost "
+                  f"{counts['lost']}, duplicated {counts['duplicated']} (Prosody does not resume S2S), "
+                  f"bounced though received {counts['bounced_though_received']}; fedgate -> Prosody: "
+                  f"lost {out['lost']}, duplicated {out['duplicated']}; Prosody -> fedgate: lost by "
+                  f"Prosody {back['lost']}, duplicated {back['duplicated']}, bounced by Prosody "
+                  f"{back['bounced']}; fedgate read {counted.read()} stanzas from Prosody; fedgate's sender "
+                  f"{self.gateway.sender.outcomes()}")
+        print(report)
+        self.assertEqual(aborted, PROSODY_ABORTS, report)
+        self.assertEqual(out["lost"], 0, report)
+        # everything fedgate read from Prosody reached its component (the
+        # message of exchange_messages too)
+        got = len(self.tally.received.get("gw", [])) + len(self.tally.bounced.get("gw", []))
+        self.assertEqual(counted.read(), 1 + got, report)
