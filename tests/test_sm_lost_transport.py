@@ -106,6 +106,19 @@ class Initiating(unittest.TestCase):
         self.assertEqual(self.ids(peer), ["m0"])
         self.assertEqual((self.sender.delivered, self.sender.outcomes()["in_flight"]), (1, 0))
 
+    def test_no_answer_to_enable_ends_the_stream_after_the_pair_timeout(self):
+        self.send(0)
+        peer = self.connect()
+        self.clock.advance(self.settings.pair_timeout - 0.1)
+        self.assertEqual((self.ids(peer), peer.stream_error()), ([], None))
+        self.clock.advance(0.1)
+        peer.read()
+        self.assertEqual(peer.stream_error(), "connection-timeout")
+        peer.stream.connectionLost(None)
+        self.assertEqual((self.destination.state, len(self.connector.attempts)), (CONNECTING, 2))
+        self.assertEqual([item.stanza.id for item in self.destination.queue], ["m0"])
+        self.assertEqual(self.sender.bounced, 0)
+
     def test_lost_before_enabled_keeps_the_queue(self):
         self.send(0)
         peer = self.connect()

@@ -124,6 +124,7 @@ class OutboundS2S(PairedStream, InitiatingStream):
                 self._resuming = token
             else:
                 sm.enable(resume=sm.settings.resume_timeout > 0)
+            self._sm_timer = self.ctx.clock.callLater(self.pair_timeout, self._sm_no_answer)
         if self._sm_pending():
             self._held.append((local, state, condition, text))
             return
@@ -144,7 +145,26 @@ class OutboundS2S(PairedStream, InitiatingStream):
         """Below the high-water mark, and not waiting for stream management's answer."""
         return super().is_writable() and not self._sm_pending()
 
+    _sm_timer = None
+
+    def _sm_no_answer(self) -> None:
+        """``pair_timeout`` passed and the peer has not answered our
+        ``<enable/>`` (or ``<resume/>``): the held stanzas would wait for
+        ever, so the stream ends (``connection-timeout``) and the
+        destination tries a new one; they bounce past ``max_wait``."""
+        self._sm_timer = None
+        if self._sm_pending() and self.io is not None:
+            log.info("{remote} did not answer our stream management request within {timeout} s",
+                     remote=self.remote, timeout=self.pair_timeout)
+            self.io.fail("connection-timeout", "no answer to the stream management request")
+
+    def _cancel_sm_timer(self) -> None:
+        if self._sm_timer is not None and self._sm_timer.active():
+            self._sm_timer.cancel()
+        self._sm_timer = None
+
     def _release(self) -> None:
+        self._cancel_sm_timer()
         held, self._held = self._held, []
         for local, state, condition, text in held:
             self.owner.pair_result(self, local, state, condition, text)
@@ -312,6 +332,7 @@ class OutboundS2S(PairedStream, InitiatingStream):
     def disconnected(self, reason) -> None:
         super().disconnected(reason)
         self._cancel_timer()
+        self._cancel_sm_timer()
         for local in list(self._pair_timers):
             self._cancel_pair_timer(local)
         if self.dialback is not None:
