@@ -201,7 +201,7 @@ class Chaos(TwoGatewaysFixture, unittest.TestCase):
                     break  # no connection at all just now: at the next batch
                 abort_at.pop(0)
                 aborted += hit
-        for _ in range(100):  # the flood was quicker than the connections
+        for _ in range(500):  # the flood was quicker than the connections (or a backoff)
             if not abort_at:
                 break
             yield sleep(0.02)
