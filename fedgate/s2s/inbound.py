@@ -249,8 +249,8 @@ class InboundS2S(PairedStream):
             return None
         for record in self.ctx.table:
             sm = getattr(record, "_sm", None)
-            if (record is self.record or sm is None or sm.id != previd or not sm.enabled
-                    or not sm.resumable):
+            if (record is self.record or record.direction != INBOUND or sm is None
+                    or sm.id != previd or not sm.enabled or not sm.resumable):
                 continue
             old_pairs = frozenset((p.local, p.remote) for p in record.valid_pairs())
             if {r for _, r in old_pairs} != {remote} or not set(pairs) <= old_pairs:
