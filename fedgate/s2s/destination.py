@@ -44,7 +44,7 @@ listed in :data:`TRANSITIONS`::
     reverse     expired            idle (nothing waits for the request any more)
     connecting  opened             open
     connecting  connect-failed     backoff (everything queued bounces)
-    connecting  closed             idle (nothing queued) | backoff (queue bounces)
+    connecting  closed             idle (nothing queued) | backoff (queue bounces) | connecting (XEP-0198: a lost transport, see _sm_lost_transport)
     connecting  operator-close     closing
     open        closed             idle (nothing queued, or shutting down) | backoff (queue bounces) | connecting (closed cleanly with a queue)
     open        operator-close     closing
@@ -84,7 +84,10 @@ tests/test_liveness.py, tests/test_shutdown_e2e.py::
     peer close (</stream:stream>)      reconnect once (until something is delivered
                                        again), then bounce remote-server-timeout
     connection dropped, no close       a new connection if it refused stanzas while
-                                       closing; else bounce remote-server-timeout
+                                       closing; else bounce remote-server-timeout;
+                                       with XEP-0198 on, kept: a new connection at
+                                       once, then (dropped again before a pair was
+                                       valid) after a backoff; bounce past max_wait
     stream error from the peer         bounce: host-unknown, host-gone ->
                                        remote-server-not-found; policy-violation,
                                        not-authorized -> policy-violation; else
@@ -143,7 +146,14 @@ the rest of the queue (past ``max_wait``, or when the next attempt fails).
 Where the dead stream was resumable, the next stream for the same local
 domain tries ``<resume/>`` first; the peer's ``h`` says how many of those
 stanzas it had handled, and they leave the queue as delivered
-(:meth:`Destination.sm_resumed`), so nothing arrives twice.
+(:meth:`Destination.sm_resumed`), so nothing arrives twice.  A stream lost
+before the peer answered that ``<resume/>`` hands the session back
+(:meth:`Destination.sm_keep_resume`) for the next one.  With stream
+management on, a transport lost before stream management was up on the
+stream (while it negotiated, or before ``<enabled/>``: the stream takes no
+stanza until then) does not bounce the queue either
+(:meth:`Destination._sm_lost_transport`): it waits for the next stream, and
+bounces only past ``max_wait``.
 """
 
 from __future__ import annotations
@@ -204,7 +214,7 @@ TRANSITIONS: dict[tuple[str, str], tuple[str, ...]] = {
     (REVERSE, "expired"): (IDLE,),
     (CONNECTING, "opened"): (OPEN,),
     (CONNECTING, "connect-failed"): (BACKOFF,),
-    (CONNECTING, "closed"): (IDLE, BACKOFF),
+    (CONNECTING, "closed"): (IDLE, BACKOFF, CONNECTING),
     (CONNECTING, "operator-close"): (CLOSING,),
     (OPEN, "closed"): (IDLE, BACKOFF, CONNECTING),
     (OPEN, "operator-close"): (CLOSING,),
@@ -307,6 +317,9 @@ class Destination:
         #: session the next stream may resume
         self._requeued_by: set = set()
         self._resume: ResumeToken | None = None
+        #: transports lost in a row with XEP-0198 on (see _sm_lost_transport);
+        #: reset when a pair is valid
+        self._sm_losses = 0
 
     def _move(self, event: str, new: str) -> None:
         """The one place the state changes, and only as :data:`TRANSITIONS` allows."""
@@ -517,6 +530,7 @@ class Destination:
         if state == VALID:
             self.failures = 0
             self._reconnected = False
+            self._sm_losses = 0
             self.last_error = None
             self._flush(local, stream)
             return
@@ -561,6 +575,8 @@ class Destination:
             self._requeued_by.discard(stream)
             retry = retry or (stream.failure is None and stream.stream_error is None
                               and not self.sender.ctx.is_blocked(self.remote))
+        keep = self._sm_lost_transport(stream)
+        retry = retry or keep == "reconnect"
         if stream is not self.stream:
             side = self._side_of(stream)
             if side is not None:
@@ -578,10 +594,15 @@ class Destination:
                 self._move("closed", IDLE)
                 self.sender.note_idle(self)
             return
-        if self.queue and ((retry and self.state == OPEN) or self._reconnect_once(stream)):
+        if self.queue and ((retry and self.state in (OPEN, CONNECTING)) or self._reconnect_once(stream)):
             log.info("Stream to {remote} closed while sending: {count} stanzas wait for a new one",
                      remote=self.remote, count=len(self.queue))
             self._connect("closed", self.queue[0].local)
+        elif self.queue and keep == "back-off":
+            condition, text = self._close_reason(stream)
+            log.info("Stream to {remote} lost again: {count} stanzas wait (backing off)",
+                     remote=self.remote, count=len(self.queue))
+            self._back_off("closed", condition, text)
         elif self.queue:
             condition, text = self._close_reason(stream)
             self._failed("closed", condition, text)
@@ -739,6 +760,38 @@ class Destination:
         log.info("Stream to {remote} gone with {count} stanzas unacknowledged: queued again",
                  remote=self.remote, count=len(lost))
 
+    def sm_keep_resume(self, token: ResumeToken) -> None:
+        """A stream that was to resume ``token`` is gone before the peer
+        answered (or before it asked): the next stream tries it again, while
+        it is usable.  Its stanzas are still at the head of the queue."""
+        if self._resume is None and token.usable(self.sender.clock.seconds()):
+            self._resume = token
+
+    def _sm_lost_transport(self, stream: OutboundS2S) -> str | None:
+        """With XEP-0198 on, ``stream`` lost its transport (no stream error
+        from the peer, no refusal): the queue waits rather than bounces.  A
+        stanza that was in flight is requeued (or resumed) by the stream
+        management code, but a loss before stream management was up on the
+        stream (while it negotiated, or before ``<enabled/>``) came here and
+        bounced everything queued; the peer may even hold some of it already
+        (a session to resume), so a bounce could be a lie, and an iq result
+        cannot bounce at all.  XEP-0198 (and issue 12): what the peer did not
+        acknowledge goes out on the next stream, and bounces only once the
+        destination stays unreachable past the queue's ``max_wait``.
+
+        "reconnect" (at once) for the first loss since a pair was last valid:
+        the remote domain was just reachable; "back-off" (keeping the queue,
+        so a peer that keeps dropping connections costs one attempt per
+        backoff period) after that; None where this does not apply (the
+        usual paths decide).  A peer that is down fails to connect
+        (:meth:`_connect_failed`) and bounces as before."""
+        store = getattr(self.sender.ctx, "sm", None)
+        if (store is None or not store.settings.enabled or not _closed_cleanly(stream)
+                or self.sender.draining or self.sender.ctx.is_blocked(self.remote)):
+            return None
+        self._sm_losses += 1
+        return "reconnect" if self._sm_losses == 1 else "back-off"
+
     def sm_resumed(self, stream: OutboundS2S, token: ResumeToken, handled: int) -> None:
         """The peer resumed ``token`` and had handled its first ``handled``
         stanzas: they leave the queue as delivered; the rest go out again."""
@@ -795,9 +848,14 @@ class Destination:
 
     def _failed(self, event: str, condition: str, text: str) -> None:
         log.info("Sending to {remote} failed: {text}", remote=self.remote, text=text)
+        self._bounce_all(condition, text)
+        self._back_off(event, condition, text)
+
+    def _back_off(self, event: str, condition: str, text: str) -> None:
+        """Wait a jittered, growing delay before the next attempt (what is
+        still queued waits for it, or for ``max_wait``)."""
         self.last_error = text
         self._last_condition = condition
-        self._bounce_all(condition, text)
         self.failures += 1
         settings = self.sender.settings
         delay = min(settings.backoff_max, settings.backoff_initial * 2 ** (self.failures - 1))

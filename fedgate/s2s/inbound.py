@@ -228,7 +228,7 @@ class InboundS2S(PairedStream):
         remote, pairs = self._sm_pairs()
         session = None
         if self.record.authenticated and self.sm.state == xep0198.OFF:
-            session = self.ctx.sm.take(previd, remote, pairs)
+            session = self.ctx.sm.take(previd, remote, pairs) or self._sm_take_live(previd, remote, pairs)
         if session is None:
             log.info("Refused to resume a stream management session for {remote} from {peer}",
                      remote=short(remote), peer=self.io.peer)
@@ -237,6 +237,30 @@ class InboundS2S(PairedStream):
         self.sm.accept_resume(session, h)
         log.info("Resumed the stream of {remote} from {peer} at h={h}", remote=remote,
                  peer=self.io.peer, h=session.handled)
+
+    def _sm_take_live(self, previd: str, remote: str | None, pairs) -> xep0198.Session | None:
+        """The session ``previd`` while its old stream is still open here
+        (we have not yet noticed that its connection died, or the peer gave
+        it up first), under the same binding as :meth:`ResumeStore.take`:
+        XEP-0198 section 5, the old stream gets a ``conflict`` stream error
+        and its session moves to this stream.  Closing it first means it
+        handles nothing more, so its count is final."""
+        if remote is None or not pairs:
+            return None
+        for record in self.ctx.table:
+            sm = getattr(record, "_sm", None)
+            if (record is self.record or record.direction != INBOUND or sm is None
+                    or sm.id != previd or not sm.enabled or not sm.resumable):
+                continue
+            old_pairs = frozenset((p.local, p.remote) for p in record.valid_pairs())
+            if {r for _, r in old_pairs} != {remote} or not set(pairs) <= old_pairs:
+                return None  # someone else's: refused as if unknown
+            sm.resumable = False  # its session lives on here: not kept when it closes
+            self.ctx.table.close(record.id, "conflict", "the stream was resumed on another connection")
+            log.info("Resuming the stream of {remote} while its old stream was open: closed it",
+                     remote=remote)
+            return xep0198.Session(previd, remote, old_pairs, sm.inc.handled, self.ctx.clock.seconds())
+        return None
 
     def _sm_gone(self) -> None:
         """Keep a resumable session for ``sm_resume_timeout``; what we sent

@@ -23,7 +23,9 @@ in :mod:`fedgate.s2s.paired`.  The owner (a Destination in the sender) hears abo
 XEP-0198: as the initiating entity we send ``<enable resume='true'/>`` as
 soon as a pair is valid where the peer's current features offer it (after
 the SASL restart, or in the first features on a dialback stream), and count
-from then on.  Where the owner hands us a session to resume
+from then on; but we hold the pairs' results (so that no stanza is written)
+until ``<enabled/>`` or ``<failed/>`` comes, since a stanza sent before
+``<enabled/>`` belongs to no session that could be resumed.  Where the owner hands us a session to resume
 (:attr:`resume_from`), we send ``<resume/>`` instead and hold the pair's
 result (so that nothing is sent) until ``<resumed/>`` or ``<failed/>``: on
 ``<resumed h/>`` the owner drops what the peer had handled from its queue
@@ -125,12 +127,47 @@ class OutboundS2S(PairedStream, InitiatingStream):
                 self._resuming = token
             else:
                 sm.enable(resume=sm.settings.resume_timeout > 0)
-        if sm is not None and sm.state == xep0198.RESUMING:
+            self._sm_timer = self.ctx.clock.callLater(self.pair_timeout, self._sm_no_answer)
+        if self._sm_pending():
             self._held.append((local, state, condition, text))
             return
         self.owner.pair_result(self, local, state, condition, text)
 
+    def _sm_pending(self) -> bool:
+        """Did we send ``<enable/>`` or ``<resume/>`` and wait for the answer?
+        Until it comes the pairs' results are held and the stream takes no
+        stanza: one written before ``<enabled/>`` belongs to no session that
+        could be resumed, so a transport lost meanwhile would leave its fate
+        unknown (sent again: perhaps twice).  They wait in the destination's
+        queue instead (XEP-0198 lets the initiating entity send stanzas at
+        any time after ``<enable/>``; waiting is its choice)."""
+        sm = self.sm
+        return sm is not None and sm.state in (xep0198.ENABLING, xep0198.RESUMING)
+
+    def is_writable(self) -> bool:
+        """Below the high-water mark, and not waiting for stream management's answer."""
+        return super().is_writable() and not self._sm_pending()
+
+    _sm_timer = None
+
+    def _sm_no_answer(self) -> None:
+        """``pair_timeout`` passed and the peer has not answered our
+        ``<enable/>`` (or ``<resume/>``): the held stanzas would wait for
+        ever, so the stream ends (``connection-timeout``) and the
+        destination tries a new one; they bounce past ``max_wait``."""
+        self._sm_timer = None
+        if self._sm_pending() and self.io is not None:
+            log.info("{remote} did not answer our stream management request within {timeout} s",
+                     remote=self.remote, timeout=self.pair_timeout)
+            self.io.fail("connection-timeout", "no answer to the stream management request")
+
+    def _cancel_sm_timer(self) -> None:
+        if self._sm_timer is not None and self._sm_timer.active():
+            self._sm_timer.cancel()
+        self._sm_timer = None
+
     def _release(self) -> None:
+        self._cancel_sm_timer()
         held, self._held = self._held, []
         for local, state, condition, text in held:
             self.owner.pair_result(self, local, state, condition, text)
@@ -155,13 +192,23 @@ class OutboundS2S(PairedStream, InitiatingStream):
                      "had not acknowledged", remote=self.remote, condition=condition)
             self._resuming = None
             self.sm.enable(resume=self.sm.settings.resume_timeout > 0)
-            self._release()
-            return
+            return  # the held pairs wait for <enabled/> (or <failed/>) again
         log.info("{remote} refused stream management ({condition})", remote=self.remote,
                  condition=condition)
         routed = [stanza for stanza, was_routed in items if was_routed]
         if routed:
             self.sm_delivered(routed)  # no ack will come: the transport took them
+        self._release()  # stanzas go out without acks
+
+    def _sm_keep_token(self) -> None:
+        """The connection is gone before the peer answered our ``<resume/>``
+        (or before we got as far as asking): the session is still the
+        peer's to resume, so the owner keeps it for the next stream."""
+        token = self._resuming or self.resume_from
+        self._resuming = self.resume_from = None
+        keep = getattr(self.owner, "sm_keep_resume", None)
+        if token is not None and keep is not None:
+            keep(token)
 
     def sm_enable(self, element) -> None:
         self.sm.refuse_resume(False)  # the initiating entity enables, not the peer
@@ -231,7 +278,10 @@ class OutboundS2S(PairedStream, InitiatingStream):
                 throttled(log, self.io).warn("Ignoring db:verify on an outbound stream from {remote}",
                                              remote=self.remote)
         elif uri == xep0198.NS and self.sm is not None:
+            enabling = self.sm.state == xep0198.ENABLING
             self.sm.element(element, self)
+            if enabling and self.sm.state == xep0198.ENABLED:
+                self._release()  # <enabled/>: the held pairs may carry stanzas now
         elif uri == ns.SERVER and name in ns.STANZA_NAMES and self.bidi.on:
             self.receive_stanza(element)  # the same path, and rate limit, as inbound
         else:
@@ -289,6 +339,7 @@ class OutboundS2S(PairedStream, InitiatingStream):
     def disconnected(self, reason) -> None:
         super().disconnected(reason)
         self._cancel_timer()
+        self._cancel_sm_timer()
         for local in list(self._pair_timers):
             self._cancel_pair_timer(local)
         if self.dialback is not None:
@@ -297,6 +348,7 @@ class OutboundS2S(PairedStream, InitiatingStream):
             self.verify_channel.lost()
         sm = self.sm
         acking = sm is not None and (sm.counting or self._resuming is not None)
+        self._sm_keep_token()
         lost = self.sm_lost()
         if acking:  # a stream with acks: a lost transport means try again
             self.owner.sm_requeue(self, lost, sm)
