@@ -148,6 +148,18 @@ def _local(name: str) -> str:
     return name[first + 1:] if second < 0 else name[first + 1:second]
 
 
+#: Expat's character-data buffer per parser (pyexpat's default is 8 KiB,
+#: held for the whole life of every stream).  Longer text only reaches the
+#: handler in several calls, which it adds up; 1 KiB keeps one call for the
+#: text of almost any stanza built as a DOM (lazy stanzas ignore it).
+TEXT_BUFFER = 1024
+
+#: Namespace names and prefixes that every stream declares: one shared copy
+#: instead of expat's fresh strings, which a stream's header context keeps.
+_COMMON_NAMES = {name: name for name in (
+    ns.STREAMS, ns.SERVER, ns.CLIENT, ns.COMPONENT_ACCEPT, ns.DIALBACK, ns.XML,
+    "stream", "db", "xml")}
+
 _HANDLERS = ("CharacterDataHandler", "StartNamespaceDeclHandler", "XmlDeclHandler",
              "CommentHandler", "ProcessingInstructionHandler", "StartDoctypeDeclHandler",
              "EntityDeclHandler", "UnparsedEntityDeclHandler", "NotationDeclHandler",
@@ -191,6 +203,7 @@ class StreamParser:
         self._keep_from = 0
         p = self._parser = expat.ParserCreate("UTF-8", " ")
         p.namespace_prefixes = True
+        p.buffer_size = TEXT_BUFFER
         p.buffer_text = True
         p.ordered_attributes = False
         p.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
@@ -315,7 +328,9 @@ class StreamParser:
         if (prefix is not None and _too_long(prefix, limits.max_name_bytes)) or (
                 uri is not None and _too_long(uri, limits.max_name_bytes)):
             raise StreamFailure("policy-violation", "namespace prefix or name too long")
-        decls[prefix] = uri
+        common = _COMMON_NAMES
+        decls[common.get(prefix, prefix) if prefix is not None else None] = (
+            common.get(uri, uri) if uri is not None else None)
         if self._stanza is not None and uri in _STANZA_NS:
             # Inside a stanza, (re)declaring a stanza namespace: re-serialise
             # it (the stanza element's own declarations are checked in
