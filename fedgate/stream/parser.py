@@ -160,6 +160,25 @@ _COMMON_NAMES = {name: name for name in (
     ns.STREAMS, ns.SERVER, ns.CLIENT, ns.COMPONENT_ACCEPT, ns.DIALBACK, ns.XML,
     "stream", "db", "xml")}
 
+def _restricted(what: str):
+    def handler(*args):
+        raise StreamFailure("restricted-xml", f"{what} is not allowed in XMPP")
+    return handler
+
+
+#: The handlers that refuse what XMPP's restricted XML forbids, shared by
+#: every parser (none needs the parser itself).
+_RESTRICTED = {
+    "CommentHandler": _restricted("comment"),
+    "ProcessingInstructionHandler": _restricted("processing instruction"),
+    "StartDoctypeDeclHandler": _restricted("DOCTYPE"),
+    "EntityDeclHandler": _restricted("entity declaration"),
+    "UnparsedEntityDeclHandler": _restricted("entity declaration"),
+    "NotationDeclHandler": _restricted("notation declaration"),
+    "ExternalEntityRefHandler": _restricted("external entity"),
+    "SkippedEntityHandler": _restricted("entity reference"),
+}
+
 _HANDLERS = ("CharacterDataHandler", "StartNamespaceDeclHandler", "XmlDeclHandler",
              "CommentHandler", "ProcessingInstructionHandler", "StartDoctypeDeclHandler",
              "EntityDeclHandler", "UnparsedEntityDeclHandler", "NotationDeclHandler",
@@ -201,7 +220,9 @@ class StreamParser:
         self._buf = bytearray()
         self._buf_start = 0
         self._keep_from = 0
-        p = self._parser = expat.ParserCreate("UTF-8", " ")
+        # intern=None: no per-parser dictionary keeping every element and
+        # attribute name the peer ever sent for the stream's whole life.
+        p = self._parser = expat.ParserCreate("UTF-8", " ", intern=None)
         p.namespace_prefixes = True
         p.buffer_size = TEXT_BUFFER
         p.buffer_text = True
@@ -212,14 +233,8 @@ class StreamParser:
         p.CharacterDataHandler = self._text
         p.StartNamespaceDeclHandler = self._ns_decl
         p.XmlDeclHandler = self._xml_decl
-        p.CommentHandler = self._restricted("comment")
-        p.ProcessingInstructionHandler = self._restricted("processing instruction")
-        p.StartDoctypeDeclHandler = self._restricted("DOCTYPE")
-        p.EntityDeclHandler = self._restricted("entity declaration")
-        p.UnparsedEntityDeclHandler = self._restricted("entity declaration")
-        p.NotationDeclHandler = self._restricted("notation declaration")
-        p.ExternalEntityRefHandler = self._restricted("external entity")
-        p.SkippedEntityHandler = self._restricted("entity reference")
+        for handler_name, refuse in _RESTRICTED.items():
+            setattr(p, handler_name, refuse)
 
     @property
     def header_seen(self) -> bool:
@@ -310,11 +325,6 @@ class StreamParser:
                     expat.errors.codes[errors.XML_ERROR_EXTERNAL_ENTITY_HANDLING]):
             return StreamFailure("restricted-xml", "entity references are not allowed")
         return StreamFailure("not-well-formed", exc.args[0] if exc.args else None)
-
-    def _restricted(self, what: str):
-        def handler(*args):
-            raise StreamFailure("restricted-xml", f"{what} is not allowed in XMPP")
-        return handler
 
     def _xml_decl(self, version, encoding, standalone):
         if encoding is not None and encoding.lower() not in ("utf-8", "utf8"):
