@@ -165,6 +165,18 @@ class ElementTests(ParserCase):
         self.assertIs(declared["db"], ns.DIALBACK)
         self.assertIs([p for p in declared if p == "db"][0], "db")
 
+    def test_usual_headers_share_one_context(self):
+        # A stanza's context (the header's declarations) is kept as long as
+        # the stanza; streams with the usual header share one, others not.
+        first = Recorder().feed(OPEN, b"<message id='1'/>").elements[0]
+        second = Recorder().feed(OPEN, b"<message id='2'/>").elements[0]
+        self.assertIs(first._context, second._context)
+        other = OPEN.replace(b"xmlns:db=", b"xmlns:x='urn:x' xmlns:db=")
+        third = Recorder().feed(other, b"<message id='3'><x:y/></message>").elements[0]
+        self.assertIsNot(third._context, first._context)
+        self.assertEqual(third._context.declarations["x"], "urn:x")
+        self.assertEqual(third.element.firstChildElement().uri, "urn:x")
+
     def test_whitespace_keepalives(self):
         rec = Recorder().feed(OPEN, b" ", b"\n\t ", b"<message/>", b"\r\n", b" ")
         self.assertEqual(len(rec.elements), 1)

@@ -166,6 +166,23 @@ def _restricted(what: str):
     return handler
 
 
+def _frozen(decls: dict):
+    try:
+        return frozenset(decls.items())
+    except TypeError:
+        return None
+
+
+#: The header contexts of the usual S2S and component streams, one shared
+#: copy each (a fixed set, never keyed by what a peer sends): a stream whose
+#: header declares exactly these uses it instead of its own.
+_USUAL_CONTEXTS = {
+    frozenset(d.items()): SourceContext(d) for d in (
+        {None: ns.SERVER, "stream": ns.STREAMS, "db": ns.DIALBACK},
+        {None: ns.SERVER, "stream": ns.STREAMS},
+        {None: ns.COMPONENT_ACCEPT, "stream": ns.STREAMS})}
+
+
 #: The handlers that refuse what XMPP's restricted XML forbids, shared by
 #: every parser (none needs the parser itself).
 _RESTRICTED = {
@@ -191,6 +208,12 @@ class StreamParser:
     A parser lives for one stream instance: after a stream restart (STARTTLS,
     SASL) make a new one and throw away whatever bytes were left.
     """
+
+    # One per open stream, for its whole life.
+    __slots__ = ("_on_header", "_on_element", "_on_end", "limits", "_utf8", "_depth", "_current",
+                 "_stanza_start", "_elements", "_fed", "_tail", "_mark", "_ns_decls", "_header_seen",
+                 "_ended", "_lazy", "_stanza", "_forwardable", "_context", "_buf", "_buf_start",
+                 "_keep_from", "_parser", "__weakref__")
 
     def __init__(self, on_header: Callable[[StreamHeader], None],
                  on_element: Callable[[domish.Element], None],
@@ -507,7 +530,7 @@ class StreamParser:
                 plain[key] = value
         header = StreamHeader(default_ns=decls.get(None), attributes=plain,
                               prefix=prefix, namespaces=decls)
-        self._context = SourceContext(decls)
+        self._context = _USUAL_CONTEXTS.get(_frozen(decls)) or SourceContext(decls)
         self._keep_from = self._mark
         self._on_header(header)
 
