@@ -166,13 +166,6 @@ def _restricted(what: str):
     return handler
 
 
-def _frozen(decls: dict):
-    try:
-        return frozenset(decls.items())
-    except TypeError:
-        return None
-
-
 #: The header contexts of the usual S2S and component streams, one shared
 #: copy each (a fixed set, never keyed by what a peer sends): a stream whose
 #: header declares exactly these uses it instead of its own.
@@ -530,7 +523,7 @@ class StreamParser:
                 plain[key] = value
         header = StreamHeader(default_ns=decls.get(None), attributes=plain,
                               prefix=prefix, namespaces=decls)
-        self._context = _USUAL_CONTEXTS.get(_frozen(decls)) or SourceContext(decls)
+        self._context = _USUAL_CONTEXTS.get(frozenset(decls.items())) or SourceContext(decls)
         self._keep_from = self._mark
         self._on_header(header)
 
