@@ -1,7 +1,8 @@
 """What the gateway itself answers for its own domains.
 
 XEP-0199 ping and XEP-0030 disco#info (built with wokkel's disco elements
-through the compat shim); any other iq gets ``service-unavailable``, messages
+through the compat shim, imported at the first disco#info query, not at
+start); any other iq gets ``service-unavailable``, messages
 bounce the same way, and presence to the gateway is accepted and ignored
 (RFC 6120 10.3: a server handles presence to itself on its own terms).
 """
@@ -13,8 +14,6 @@ from twisted.words.xish import domish
 from fedgate.stream import namespaces as ns
 from fedgate.stream.stanza import Stanza
 from fedgate.wokkel_compat import wokkel_module
-
-disco = wokkel_module("disco")
 
 IDENTITY = ("server", "im", "fedgate XMPP federation gateway")
 FEATURES = (ns.DISCO_INFO, ns.PING)
@@ -32,9 +31,16 @@ def _result(stanza: Stanza) -> domish.Element:
 class LocalHandler:
     def __init__(self, router):
         self.router = router
-        info = [disco.DiscoIdentity(IDENTITY[0], IDENTITY[1], IDENTITY[2])]
-        info += [disco.DiscoFeature(f) for f in FEATURES]
-        self._disco_items = info
+        self._disco_items: list | None = None
+
+    def disco_items(self) -> list:
+        """The identity and features disco#info answers with."""
+        if self._disco_items is None:
+            disco = wokkel_module("disco")
+            info = [disco.DiscoIdentity(IDENTITY[0], IDENTITY[1], IDENTITY[2])]
+            info += [disco.DiscoFeature(f) for f in FEATURES]
+            self._disco_items = info
+        return self._disco_items
 
     def handle(self, stanza: Stanza) -> None:
         """Answer ``stanza`` (the router wraps every stanza as a Stanza;
@@ -50,7 +56,7 @@ class LocalHandler:
                 if payload.uri == ns.DISCO_INFO and payload.name == "query" and not payload.getAttribute("node"):
                     reply = _result(stanza)
                     query = reply.addElement((ns.DISCO_INFO, "query"))
-                    for item in self._disco_items:
+                    for item in self.disco_items():
                         query.addChild(item.toElement())
                     return self.router.route(reply)
             return self.router.bounce(stanza, "service-unavailable")

@@ -235,10 +235,10 @@ class Gateway(service.Service):
 
     def _tls_failure(self, reason: str) -> None:
         # No stream exists before the admin side (and its metrics) does.
-        self.admin.metrics.tls_failure(reason)
+        self.admin.tls_failure(reason)
 
     def _component_auth_event(self, event: str, protocol: str) -> None:
-        self.admin.metrics.component_auth(event, protocol)
+        self.admin.component_auth(event, protocol)
 
     def make_stream(self, handler, stream_ns: str = ns.SERVER, admission=None) -> XmppStream:
         stream = XmppStream(handler, self.reactor, self.limits,

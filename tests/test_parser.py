@@ -6,7 +6,7 @@ from twisted.trial import unittest
 
 from fedgate.stream import namespaces as ns
 from fedgate.stream.errors import StreamFailure
-from fedgate.stream.parser import Limits, StreamParser
+from fedgate.stream.parser import TEXT_BUFFER, Limits, StreamParser
 
 HEADER = ("<stream:stream xmlns='jabber:server' xmlns:stream='http://etherx.jabber.org/streams'"
           " xmlns:db='jabber:server:dialback' to='a.example' from='b.example' version='1.0'>")
@@ -139,6 +139,43 @@ class ElementTests(ParserCase):
         message = rec.elements[0]
         self.assertEqual(message["a"], '<AB"')
         self.assertEqual(str(message.body), "&>'<not a tag> & ")
+
+    def test_text_longer_than_expat_buffer_arrives_whole(self):
+        # Expat hands text over in pieces of at most TEXT_BUFFER characters;
+        # an element built as a DOM (here a dialback key) gets all of it.
+        key = ("k\u00e9&amp;" * (3 * TEXT_BUFFER)).encode()
+        data = OPEN + b"<db:result from='b.example' to='a.example'>" + key + b"</db:result>"
+        for chunks in ([data], [data[i:i + 700] for i in range(0, len(data), 700)]):
+            rec = Recorder().feed(*chunks)
+            self.assertEqual(str(rec.elements[0]), "k\u00e9&" * (3 * TEXT_BUFFER))
+
+    def test_whitespace_longer_than_expat_buffer(self):
+        rec = Recorder().feed(OPEN, b" \n" * (2 * TEXT_BUFFER), b"<message/>")
+        self.assertEqual(len(rec.elements), 1)
+        self.fails("bad-format", OPEN, b" " * (3 * TEXT_BUFFER) + b"x<message/>")
+
+    def test_header_namespaces_share_the_common_strings(self):
+        # Every stream keeps its header's declarations: the usual names are
+        # one shared copy, not a fresh string per stream.
+        header = ("<stream:stream xmlns='" + "jabber:" + "server' xmlns:stream='http://etherx."
+                  "jabber.org/streams' xmlns:db='jabber:server:dialback' to='a' version='1.0'>")
+        declared = Recorder().feed(header.encode()).header.namespaces
+        self.assertIs(declared[None], ns.SERVER)
+        self.assertIs(declared["stream"], ns.STREAMS)
+        self.assertIs(declared["db"], ns.DIALBACK)
+        self.assertIs([p for p in declared if p == "db"][0], "db")
+
+    def test_usual_headers_share_one_context(self):
+        # A stanza's context (the header's declarations) is kept as long as
+        # the stanza; streams with the usual header share one, others not.
+        first = Recorder().feed(OPEN, b"<message id='1'/>").elements[0]
+        second = Recorder().feed(OPEN, b"<message id='2'/>").elements[0]
+        self.assertIs(first._context, second._context)
+        other = OPEN.replace(b"xmlns:db=", b"xmlns:x='urn:x' xmlns:db=")
+        third = Recorder().feed(other, b"<message id='3'><x:y/></message>").elements[0]
+        self.assertIsNot(third._context, first._context)
+        self.assertEqual(third._context.declarations["x"], "urn:x")
+        self.assertEqual(third.element.firstChildElement().uri, "urn:x")
 
     def test_whitespace_keepalives(self):
         rec = Recorder().feed(OPEN, b" ", b"\n\t ", b"<message/>", b"\r\n", b" ")

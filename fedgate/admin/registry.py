@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from fedgate.admin.web import ApiError, not_found
+from fedgate.admin.errors import ApiError, not_found
 from fedgate.component.certauth import CertificateAuth
 from fedgate.component.credentials import Credential, claim_conflicts
 from fedgate.component.scram import ScramKeys

@@ -9,23 +9,27 @@ picks it).  Registries, enforcer, metrics and routes each get the narrow
 views they need (the sender's counts and commands, the router's component
 queries, the connection table, the component registry), not the gateway;
 only the diagnosis still drives the gateway itself (see fedgate.admin.diagnose).
+
+The HTTP side (twisted.web, the routes, the diagnosis) and the metrics
+(prometheus_client) are built, and their modules imported, only when
+``[admin] listen`` names a listener: about 5 MB of a process that has no
+API to serve them (storage and the stored policy load either way).  Asked
+for anyway (:attr:`AdminService.api`, :attr:`AdminService.metrics`, as
+tests do), they are built then; events before that are not counted.
 """
 
 from __future__ import annotations
+
+import functools
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
 import fedgate
-from fedgate.admin.auth import BearerCheck, load_or_create_token
 from fedgate.admin.enforce import PolicyEnforcer
 from fedgate.admin.registry import ComponentRegistry, PeerRegistry
-from fedgate.admin.channel import AdminSite
-from fedgate.admin.resources import AdminApi, ApiViews
-from fedgate.admin.web import AdminResource
 from fedgate.config import Config
 from fedgate.listen import listen
-from fedgate.metrics import GatewayMetrics
 
 log = Logger(namespace="fedgate.admin")
 
@@ -44,15 +48,24 @@ class AdminService:
             gateway.component_credentials, gateway.router, config.domains, config.components,
             self.storage, authenticated_as=gateway.components_authenticated_as)
         self.enforcer = PolicyEnforcer(gateway.policy, gateway.table, gateway.sender)
-        self.metrics = GatewayMetrics(
-            reactor, gateway.table, gateway.sender, gateway.router, gateway.component_credentials,
-            gateway.policy, config.admin.metrics_domains, admission=gateway.admission,
-            certificate_expiry=lambda: certificate_expiry(gateway.tls.store, config.domains))
-        self.api = AdminApi(
-            ApiViews(config=config, policy=gateway.policy, table=gateway.table, sender=gateway.sender,
-                     router=gateway.router, tls=gateway.tls, listeners=gateway.listeners,
-                     diagnosis=gateway),
-            self.peers, self.components, self.metrics, self.enforcer, reactor, fedgate.__version__)
+
+        def make_metrics():
+            from fedgate.metrics import GatewayMetrics
+            return GatewayMetrics(
+                reactor, gateway.table, gateway.sender, gateway.router, gateway.component_credentials,
+                gateway.policy, config.admin.metrics_domains, admission=gateway.admission,
+                certificate_expiry=lambda: certificate_expiry(gateway.tls.store, config.domains))
+
+        def make_api():
+            from fedgate.admin.resources import AdminApi, ApiViews
+            return AdminApi(
+                ApiViews(config=config, policy=gateway.policy, table=gateway.table, sender=gateway.sender,
+                         router=gateway.router, tls=gateway.tls, listeners=gateway.listeners,
+                         diagnosis=gateway),
+                self.peers, self.components, self.metrics, self.enforcer, reactor, fedgate.__version__)
+        self._make_metrics, self._make_api = make_metrics, make_api
+        if config.admin.listen:
+            self.api  # noqa: B018 (built now, with the metrics, as it will serve them)
         self.ports: list = []
         self.token_file = None
         self._storage_open = False
@@ -75,6 +88,10 @@ class AdminService:
         admin = self.config.admin
         if not admin.listen:
             return
+        from fedgate.admin.auth import BearerCheck, load_or_create_token
+        from fedgate.admin.channel import AdminSite
+        from fedgate.admin.web import AdminResource
+
         token, self.token_file, generated = load_or_create_token(self.config)
         if generated:
             log.info("Generated the admin API token in {path}", path=str(self.token_file))
@@ -89,6 +106,27 @@ class AdminService:
             log.info("Listening for admin on {host}:{port} ({description}); token in {where}",
                      host=address.host, port=address.port, description=description,
                      where=str(self.token_file) if self.token_file else "the configuration")
+
+    @functools.cached_property
+    def metrics(self):
+        """The Prometheus collectors (fedgate.metrics.GatewayMetrics)."""
+        return self._make_metrics()
+
+    @functools.cached_property
+    def api(self):
+        """The REST API's routes (fedgate.admin.resources.AdminApi)."""
+        return self._make_api()
+
+    def tls_failure(self, reason: str) -> None:
+        """Count a TLS failure, where metrics exist to count it in."""
+        if "metrics" in self.__dict__:
+            self.metrics.tls_failure(reason)
+
+    def component_auth(self, event: str, protocol: str) -> None:
+        """Count a component authentication failure or throttling, where
+        metrics exist to count it in."""
+        if "metrics" in self.__dict__:
+            self.metrics.component_auth(event, protocol)
 
     def port(self, index: int = 0) -> int:
         return self.ports[index].getHost().port

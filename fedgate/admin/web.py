@@ -26,6 +26,7 @@ from twisted.logger import Logger
 from twisted.web import http, resource, server
 
 from fedgate.admin.auth import BearerCheck
+from fedgate.admin.errors import ApiError, not_found  # noqa: F401 (imported from here too)
 from fedgate.domain import InvalidDomain
 from fedgate.storage.interface import StorageError
 
@@ -36,20 +37,6 @@ API_PREFIX = "/api/v1"
 METRICS_PATH = b"/metrics"
 _JSON_TYPE = re.compile(r"^application/(?:[\w.+-]+\+)?json$")
 _BAD_PATH = re.compile(rb"%2f|%5c|\\", re.I)
-
-
-class ApiError(Exception):
-    """An HTTP error with a message for the operator."""
-
-    def __init__(self, status: int, message: str, **extra):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.extra = extra
-
-
-def not_found(what: str) -> ApiError:
-    return ApiError(404, f"no such {what}")
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ LOCAL = "local"
 _ids = itertools.count(1)
 
 
-@dataclass
+@dataclass(slots=True)
 class DomainPair:
     local: str
     remote: str
@@ -42,7 +42,7 @@ class DomainPair:
     origin: str = REMOTE
 
 
-@dataclass
+@dataclass(slots=True)
 class ConnectionRecord:
     """One S2S connection and the domain pairs it carries."""
 

@@ -148,6 +148,47 @@ def _local(name: str) -> str:
     return name[first + 1:] if second < 0 else name[first + 1:second]
 
 
+#: Expat's character-data buffer per parser (pyexpat's default is 8 KiB,
+#: held for the whole life of every stream).  Longer text only reaches the
+#: handler in several calls, which it adds up; 1 KiB keeps one call for the
+#: text of almost any stanza built as a DOM (lazy stanzas ignore it).
+TEXT_BUFFER = 1024
+
+#: Namespace names and prefixes that every stream declares: one shared copy
+#: instead of expat's fresh strings, which a stream's header context keeps.
+_COMMON_NAMES = {name: name for name in (
+    ns.STREAMS, ns.SERVER, ns.CLIENT, ns.COMPONENT_ACCEPT, ns.DIALBACK, ns.XML,
+    "stream", "db", "xml")}
+
+def _restricted(what: str):
+    def handler(*args):
+        raise StreamFailure("restricted-xml", f"{what} is not allowed in XMPP")
+    return handler
+
+
+#: The header contexts of the usual S2S and component streams, one shared
+#: copy each (a fixed set, never keyed by what a peer sends): a stream whose
+#: header declares exactly these uses it instead of its own.
+_USUAL_CONTEXTS = {
+    frozenset(d.items()): SourceContext(d) for d in (
+        {None: ns.SERVER, "stream": ns.STREAMS, "db": ns.DIALBACK},
+        {None: ns.SERVER, "stream": ns.STREAMS},
+        {None: ns.COMPONENT_ACCEPT, "stream": ns.STREAMS})}
+
+
+#: The handlers that refuse what XMPP's restricted XML forbids, shared by
+#: every parser (none needs the parser itself).
+_RESTRICTED = {
+    "CommentHandler": _restricted("comment"),
+    "ProcessingInstructionHandler": _restricted("processing instruction"),
+    "StartDoctypeDeclHandler": _restricted("DOCTYPE"),
+    "EntityDeclHandler": _restricted("entity declaration"),
+    "UnparsedEntityDeclHandler": _restricted("entity declaration"),
+    "NotationDeclHandler": _restricted("notation declaration"),
+    "ExternalEntityRefHandler": _restricted("external entity"),
+    "SkippedEntityHandler": _restricted("entity reference"),
+}
+
 _HANDLERS = ("CharacterDataHandler", "StartNamespaceDeclHandler", "XmlDeclHandler",
              "CommentHandler", "ProcessingInstructionHandler", "StartDoctypeDeclHandler",
              "EntityDeclHandler", "UnparsedEntityDeclHandler", "NotationDeclHandler",
@@ -160,6 +201,12 @@ class StreamParser:
     A parser lives for one stream instance: after a stream restart (STARTTLS,
     SASL) make a new one and throw away whatever bytes were left.
     """
+
+    # One per open stream, for its whole life.
+    __slots__ = ("_on_header", "_on_element", "_on_end", "limits", "_utf8", "_depth", "_current",
+                 "_stanza_start", "_elements", "_fed", "_tail", "_mark", "_ns_decls", "_header_seen",
+                 "_ended", "_lazy", "_stanza", "_forwardable", "_context", "_buf", "_buf_start",
+                 "_keep_from", "_parser", "__weakref__")
 
     def __init__(self, on_header: Callable[[StreamHeader], None],
                  on_element: Callable[[domish.Element], None],
@@ -189,8 +236,11 @@ class StreamParser:
         self._buf = bytearray()
         self._buf_start = 0
         self._keep_from = 0
-        p = self._parser = expat.ParserCreate("UTF-8", " ")
+        # intern=None: no per-parser dictionary keeping every element and
+        # attribute name the peer ever sent for the stream's whole life.
+        p = self._parser = expat.ParserCreate("UTF-8", " ", intern=None)
         p.namespace_prefixes = True
+        p.buffer_size = TEXT_BUFFER
         p.buffer_text = True
         p.ordered_attributes = False
         p.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
@@ -199,14 +249,8 @@ class StreamParser:
         p.CharacterDataHandler = self._text
         p.StartNamespaceDeclHandler = self._ns_decl
         p.XmlDeclHandler = self._xml_decl
-        p.CommentHandler = self._restricted("comment")
-        p.ProcessingInstructionHandler = self._restricted("processing instruction")
-        p.StartDoctypeDeclHandler = self._restricted("DOCTYPE")
-        p.EntityDeclHandler = self._restricted("entity declaration")
-        p.UnparsedEntityDeclHandler = self._restricted("entity declaration")
-        p.NotationDeclHandler = self._restricted("notation declaration")
-        p.ExternalEntityRefHandler = self._restricted("external entity")
-        p.SkippedEntityHandler = self._restricted("entity reference")
+        for handler_name, refuse in _RESTRICTED.items():
+            setattr(p, handler_name, refuse)
 
     @property
     def header_seen(self) -> bool:
@@ -298,11 +342,6 @@ class StreamParser:
             return StreamFailure("restricted-xml", "entity references are not allowed")
         return StreamFailure("not-well-formed", exc.args[0] if exc.args else None)
 
-    def _restricted(self, what: str):
-        def handler(*args):
-            raise StreamFailure("restricted-xml", f"{what} is not allowed in XMPP")
-        return handler
-
     def _xml_decl(self, version, encoding, standalone):
         if encoding is not None and encoding.lower() not in ("utf-8", "utf8"):
             raise StreamFailure("unsupported-encoding", "only UTF-8 is allowed")
@@ -315,7 +354,9 @@ class StreamParser:
         if (prefix is not None and _too_long(prefix, limits.max_name_bytes)) or (
                 uri is not None and _too_long(uri, limits.max_name_bytes)):
             raise StreamFailure("policy-violation", "namespace prefix or name too long")
-        decls[prefix] = uri
+        common = _COMMON_NAMES
+        decls[common.get(prefix, prefix) if prefix is not None else None] = (
+            common.get(uri, uri) if uri is not None else None)
         if self._stanza is not None and uri in _STANZA_NS:
             # Inside a stanza, (re)declaring a stanza namespace: re-serialise
             # it (the stanza element's own declarations are checked in
@@ -482,7 +523,7 @@ class StreamParser:
                 plain[key] = value
         header = StreamHeader(default_ns=decls.get(None), attributes=plain,
                               prefix=prefix, namespaces=decls)
-        self._context = SourceContext(decls)
+        self._context = _USUAL_CONTEXTS.get(frozenset(decls.items())) or SourceContext(decls)
         self._keep_from = self._mark
         self._on_header(header)
 

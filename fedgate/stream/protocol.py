@@ -118,8 +118,9 @@ class XmppStream(protocol.Protocol):
         self.tls_started = False
         #: called with (stanza, bytes written) for every stanza a transport took
         self._stanza_observers: list = []
-        #: why reading is paused (empty: reading)
-        self._paused: set[str] = set()
+        #: why reading is paused (empty: reading); a frozenset replaced on
+        #: change, so the many streams that never pause share the empty one
+        self._paused: frozenset = frozenset()
         #: called with a reason when TLS fails here (the metrics count them)
         self.on_tls_failure = on_tls_failure  # on_tls_failure(reason): the metrics count it
 
@@ -281,14 +282,14 @@ class XmppStream(protocol.Protocol):
         """Stop reading for ``reason`` until :meth:`resume_reading` with it."""
         if self.closed or reason in self._paused:
             return
-        self._paused.add(reason)
+        self._paused = self._paused | {reason}
         if len(self._paused) == 1:
             self.transport.pauseProducing()
 
     def resume_reading(self, reason: str) -> None:
         if reason not in self._paused:
             return
-        self._paused.discard(reason)
+        self._paused = self._paused - {reason}
         if not self._paused and not self.closed:
             self.transport.resumeProducing()
 
@@ -300,7 +301,7 @@ class XmppStream(protocol.Protocol):
     @property
     def paused_for(self) -> frozenset:
         """The reasons reading is paused for now."""
-        return frozenset(self._paused)
+        return self._paused
 
     def set_stanza_namespace(self, uri: str) -> None:
         self.stream_ns = uri

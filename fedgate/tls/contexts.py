@@ -68,7 +68,7 @@ class TLSSettings:
     trust_roots: str | None = None  # None: the system store
 
 
-@dataclass
+@dataclass(slots=True)
 class VerifyResult:
     """What the verify callback saw on one connection."""
 
