@@ -1,0 +1,132 @@
+"""Three cluster nodes as ``twistd fedgate`` processes on one redis-server,
+under failures only separate processes show (issue 13, Tests: as
+subprocesses).
+
+The remote server is a fedgate gateway in this process (``remote.example``,
+XEP-0198 on its S2S streams, as between fedgate gateways) whose component
+``chat.remote.example`` floods ``chat.a.example``.  The cluster's SRV
+records send the remote to node B first and node C second; the
+component ``chat.a.example`` sits on node A, so every stanza crosses from
+node B (or C) to node A through Redis.  Every stanza is counted: delivered
+at the receiving component(s), bounced at the sending one
+(:mod:`tests.support.floodcount`); the counts are printed.
+
+- kill -9 of node B mid-flood: the remote reconnects to node C and the
+  flood goes on; what node B had acknowledged to the remote but not yet
+  passed on died with it, and is reported as a number.  Everything written
+  after the kill is delivered or bounced.
+- SIGSTOP of node A (the component's node) mid-flood: the other nodes see
+  it gone within its lease (2 s here, 6 s by default); the component
+  reconnects to node C; after SIGCONT, delivered + bounced = sent.
+- Redis restarted mid-flood: delivered + bounced = sent; traffic that stays
+  on one node never needed Redis and is all delivered.
+
+The routing across nodes (and GET /api/v1/cluster) comes from the cluster
+routing work; without it the cross-node tests skip, saying so.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from twisted.internet import defer, reactor
+from twisted.trial import unittest
+
+from tests.support.clusternodes import Cluster, poll, sleep
+from tests.support.federation import start_dns
+from tests.support.floodcount import Flood, Tally, connect_counting, settled
+from tests.support.gateway import gateway_config, publish, start_gateway, temp_dir
+from tests.support.redisserver import start_redis
+
+COMPONENT, SECRET = "chat.a.example", "secret-a"
+REMOTE, REMOTE_COMPONENT, REMOTE_SECRET = "remote.example", "chat.remote.example", "secret-r"
+LEASE, HEARTBEAT = 2.0, 0.5
+TOTAL, RATE = 3000, 1000.0  # stanzas per flood, written per second
+SETTLE = 40.0  # seconds for a flood's last stanzas to arrive or bounce
+
+
+def report(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+class ClusterProcesses(unittest.TestCase):
+    timeout = 150
+    redis_options: dict = {}
+    #: [s2s] of the remote server: a long queue, so nothing bounces there
+    #: just because a node took a while to come back
+    remote_s2s = {"queue_max_stanzas": 50000, "queue_max_bytes": 64 * 1024 * 1024}
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.redis = start_redis(self, options=self.redis_options)
+        self.dns, dns_port = start_dns(self)
+        self.cluster = Cluster(self, self.redis, dns_port, ["a.example"], {COMPONENT: SECRET},
+                               lease=LEASE, heartbeat=HEARTBEAT,
+                               s2s={"queue_max_stanzas": 50000,
+                                    "queue_max_bytes": 64 * 1024 * 1024})
+        yield self.cluster.start(3)
+        self.remote = yield start_gateway(
+            reactor, gateway_config(temp_dir(self), [REMOTE], {REMOTE_COMPONENT: REMOTE_SECRET},
+                                    **self.remote_s2s), dns_port, self)
+        publish(self.dns, self.remote, [REMOTE, REMOTE_COMPONENT], "gw-remote.example")
+        self.sender = yield connect_counting(self.remote.port_of("components"), REMOTE_COMPONENT,
+                                             REMOTE_SECRET, self)
+        self.addCleanup(self.print_logs_on_failure)
+
+    def print_logs_on_failure(self):
+        for node in self.cluster.nodes.values():
+            if node.tracebacks():
+                report(node.log_tail(80))
+
+    @defer.inlineCallbacks
+    def need_routing(self):
+        if not (yield self.cluster.has_cluster_view()):
+            raise unittest.SkipTest("no GET /api/v1/cluster in this build: cross-node routing "
+                                    "(wip/clusterroute) has not landed")
+
+    def flood(self, total=TOTAL, rate=RATE, prefix="f") -> Flood:
+        return Flood(self.sender, f"load@{REMOTE_COMPONENT}", f"bot@{COMPONENT}", total, rate,
+                     prefix=prefix)
+
+    @defer.inlineCallbacks
+    def warm_up(self, receiver, prefix="w"):
+        """One stanza through, so the remote's stream to the cluster exists."""
+        flood = self.flood(1, 100.0, prefix).start()
+        yield settled(flood, [receiver], 30)
+        tally = Tally.of(flood, receiver)
+        self.assertEqual((tally.delivered, tally.bounced), (1, 0),
+                         f"warm-up: {tally}\n{self.cluster.diagnostics()}")
+
+    def remote_streams_to(self, node) -> int:
+        """The remote gateway's authenticated outbound streams to ``node``."""
+        return sum(1 for r in self.remote.table
+                   if r.direction == "out" and r.valid_pairs()
+                   and getattr(r, "remote_address", None) and str(node.s2s_port) in str(r.remote_address))
+
+
+class LocalTrafficAcrossARedisRestart(ClusterProcesses):
+    """What one node holds needs no Redis: the remote streams to node A,
+    where the component is, and a Redis restart mid-flood loses nothing."""
+
+    redis_options = {"appendonly": "yes"}
+
+    @defer.inlineCallbacks
+    def test_redis_restart_mid_flood_local(self):
+        self.cluster.publish(self.dns, ["a.example", COMPONENT], "a")
+        receiver = yield connect_counting(self.cluster["a"].component_port, COMPONENT, SECRET, self)
+        yield self.warm_up(receiver)
+        flood = self.flood().start()
+        yield flood.until(TOTAL // 3)
+        restarted_at = flood.sent
+        self.cluster.restart_redis()
+        tally = yield settled(flood, [receiver], SETTLE)
+        report(tally.line(f"redis restart after {restarted_at}, one node"))
+        self.assertEqual((tally.sent, tally.delivered, tally.bounced, tally.duplicated),
+                         (TOTAL, TOTAL, 0, 0), f"{tally}\n{self.cluster.diagnostics()}")
+        # Each node did see Redis go and come back: it reloaded in full twice.
+        for node in self.cluster.nodes.values():
+            yield poll(lambda: node.log_text().count("reloaded from the shared store") >= 2,
+                       f"{node.name}'s reload after the restart", 15)
+            self.assertTrue(node.running, node.log_tail())
+            self.assertEqual(node.tracebacks(), 0, node.log_tail(80))
