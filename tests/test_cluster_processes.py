@@ -33,6 +33,7 @@ import time
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
+from fedgate.s2s.pairs import OUTBOUND
 from tests.support.clusternodes import Cluster, poll, sleep
 from tests.support.federation import start_dns
 from tests.support.floodcount import Flood, Tally, connect_counting, settled
@@ -101,8 +102,8 @@ class ClusterProcesses(unittest.TestCase):
     def remote_streams_to(self, node) -> int:
         """The remote gateway's authenticated outbound streams to ``node``."""
         return sum(1 for r in self.remote.table
-                   if r.direction == "out" and r.valid_pairs()
-                   and getattr(r, "remote_address", None) and str(node.s2s_port) in str(r.remote_address))
+                   if r.direction == OUTBOUND and r.valid_pairs()
+                   and str(r.remote_address).endswith(f":{node.s2s_port}"))
 
 
 class LocalTrafficAcrossARedisRestart(ClusterProcesses):
@@ -130,3 +131,98 @@ class LocalTrafficAcrossARedisRestart(ClusterProcesses):
                        f"{node.name}'s reload after the restart", 15)
             self.assertTrue(node.running, node.log_tail())
             self.assertEqual(node.tracebacks(), 0, node.log_tail(80))
+
+
+class CrossNode(ClusterProcesses):
+    """The remote reaches node B (node C second); the component is on node A."""
+
+    redis_options = {"appendonly": "yes"}
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        yield super().setUp()
+        yield self.need_routing()
+        self.cluster.publish(self.dns, ["a.example", COMPONENT], "b", "c")
+        for name in self.cluster.nodes:
+            yield self.cluster.wait_seen(name)
+        self.receiver = yield connect_counting(self.cluster["a"].component_port, COMPONENT, SECRET,
+                                               self)
+        yield self.warm_up(self.receiver)
+
+    @defer.inlineCallbacks
+    def settle_after(self, flood, receivers, first: int):
+        """Wait until every id written after the first ``first`` is
+        delivered or bounced (or SETTLE passes); the tally of all and of those."""
+        later = [f"{flood.prefix}{i}" for i in range(first + 1, flood.total + 1)]
+
+        def check():
+            return flood.done.called and Tally.of(flood, *receivers, ids=later).missing == 0
+        try:
+            yield poll(check, "the stanzas written after the failure", SETTLE, 0.1)
+        except AssertionError:
+            pass
+        return Tally.of(flood, *receivers), Tally.of(flood, *receivers, ids=later)
+
+    @defer.inlineCallbacks
+    def test_kill_9_of_the_node_the_flood_passes(self):
+        b = self.cluster["b"]
+        self.assertGreaterEqual(self.remote_streams_to(b), 1, "the remote's stream is on node B")
+        flood = self.flood().start()
+        yield flood.until(TOTAL // 3)
+        killed_at = flood.sent
+        b.kill()
+        gone = yield self.cluster.wait_gone("b", by="a", timeout=LEASE + 5)
+        everything, later = yield self.settle_after(flood, [self.receiver], killed_at)
+        report(everything.line(f"kill -9 of node B after {killed_at} written (noticed by node A "
+                               f"in {gone:.2f} s)"))
+        report(later.line("  of them written after the kill"))
+        report(f"  lost in node B's memory (acknowledged to the remote, never passed on): "
+               f"{everything.missing}")
+        # Everything written after the kill went through node C.
+        self.assertEqual((later.sent, later.missing, later.bounced), (TOTAL - killed_at, 0, 0),
+                         f"{later}\n{self.cluster.diagnostics()}")
+        self.assertEqual(everything.both, 0, everything)
+        # Node B rejoins on its ports and is seen alive again.
+        yield b.restart()
+        yield self.cluster.wait_seen("b")
+
+    @defer.inlineCallbacks
+    def test_sigstop_of_the_component_node(self):
+        a = self.cluster["a"]
+        flood = self.flood().start()
+        yield flood.until(TOTAL // 3)
+        paused_at = flood.sent
+        a.pause()
+        self.addCleanup(a.resume)
+        gone = yield self.cluster.wait_gone("a", by="b", timeout=LEASE + 10)
+        report(f"SIGSTOP of node A after {paused_at} written: node B saw it gone in {gone:.2f} s "
+               f"(lease {LEASE} s, heartbeat {HEARTBEAT} s)")
+        self.assertLessEqual(gone, LEASE + 2 * HEARTBEAT + 0.5, self.cluster.diagnostics())
+        # The component reconnects to another node and the flood goes on.
+        moved = yield connect_counting(self.cluster["c"].component_port, COMPONENT, SECRET, self)
+        yield flood.done
+        a.resume()
+        tally = yield settled(flood, [self.receiver, moved], SETTLE)
+        report(tally.line("SIGSTOP of node A, SIGCONT after the flood"))
+        report(f"  delivered on node A {sum(1 for _ in self.receiver.delivered)}, "
+               f"on node C {sum(1 for _ in moved.delivered)}")
+        self.assertEqual((tally.sent, tally.missing, tally.both), (TOTAL, 0, 0),
+                         f"{tally}\n{self.cluster.diagnostics()}")
+        self.assertGreater(len(moved.delivered), 0, "nothing reached the component on node C")
+
+    @defer.inlineCallbacks
+    def test_redis_restart_mid_flood(self):
+        flood = self.flood().start()
+        yield flood.until(TOTAL // 3)
+        restarted_at = flood.sent
+        started = time.monotonic()
+        self.cluster.restart_redis()
+        report(f"redis restarted in {time.monotonic() - started:.2f} s")
+        everything, later = yield self.settle_after(flood, [self.receiver], restarted_at)
+        report(everything.line(f"redis restart after {restarted_at} written, across nodes"))
+        self.assertEqual((everything.sent, everything.missing, everything.both), (TOTAL, 0, 0),
+                         f"{everything}\n{self.cluster.diagnostics()}")
+        # Once Redis is back, stanzas cross nodes again.
+        self.assertGreater(later.delivered, 0, f"{later}\n{self.cluster.diagnostics()}")
+        self.assertEqual(set(everything.conditions) - {"remote-server-timeout"}, set(),
+                         "cross-node stanzas bounce with remote-server-timeout while Redis is down")
