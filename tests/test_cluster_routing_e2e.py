@@ -146,3 +146,125 @@ class SharedDomainTests(RoutingCase):
         self.assertGreaterEqual(len(got["a"]), total // 4)
         self.assertGreaterEqual(len(got["c"]), total // 4)
         self.assertEqual(self.nodes["b"].cluster.counters.forwarded, total)
+
+
+def error_condition(element) -> str | None:
+    if element.getAttribute("type") != "error" or element.error is None:
+        return None
+    return element.error.firstChildElement().name
+
+
+@defer.inlineCallbacks
+def drain(client, want: int, timeout: float = TIMEOUT) -> defer.Deferred:
+    """The next ``want`` elements ``client`` receives."""
+    out = []
+    for _ in range(want):
+        out.append((yield client.next_element(timeout=timeout)))
+    return out
+
+
+class NodeFailureTests(RoutingCase):
+    node_names = "abc"
+
+    @defer.inlineCallbacks
+    def test_dead_node_is_routed_around_at_once(self):
+        """chat.a.example is held on nodes A and C; node A dies (its Redis
+        subscription and heartbeat stop, as with kill -9) while the remote
+        floods through node B: the first PUBLISH to A that reaches nobody
+        drops A, and every stanza ends at C or bounced: none is lost."""
+        a, b, c = self.nodes["a"], self.nodes["b"], self.nodes["c"]
+        on_a = yield add_component(self, a, "chat.a.example", "secret-a")
+        on_c = yield add_component(self, c, "chat.a.example", "secret-a")
+        cb = yield add_component(self, self.remote, "chat.b.example", "secret-b")
+        yield self.known_everywhere("chat.a.example", "a")
+        yield self.known_everywhere("chat.a.example", "c")
+        cb.send("<message from='y@chat.b.example' to='x@chat.a.example' id='warm'/>")
+        yield wait_until(lambda: len(on_a.received.pending) + len(on_c.received.pending) == 1, "warm-up")
+        a.cluster.kill()
+        killed_at = reactor.seconds()
+        sent = 200
+        for i in range(sent):
+            cb.send(f"<message from='y@chat.b.example' to='x@chat.a.example' id='f{i}'><body>{i}</body></message>")
+        yield wait_until(lambda: "node-a" not in b.cluster.cache.component_owners("chat.a.example"),
+                         "node A dropped on node B")
+        noticed = reactor.seconds() - killed_at
+        yield wait_until(lambda: len(on_c.received.pending) + len(cb.received.pending) >= sent - 1,
+                         "the flood's outcome", TIMEOUT)
+        yield sleep(0.3)
+        at_c = {e["id"] for e in on_c.received.pending if e["id"].startswith("f")}
+        bounced = {e["id"] for e in cb.received.pending if error_condition(e)}
+        # A stanza already on its way to A when A died may have reached A's
+        # component (A's reactor still runs here); none reached it after.
+        at_a = {e["id"] for e in on_a.received.pending if e["id"].startswith("f")}
+        self.assertEqual(len(at_c) + len(bounced) + len(at_a), sent, (len(at_c), len(bounced), len(at_a)))
+        self.assertFalse(at_c & bounced)
+        self.assertGreater(len(at_c), sent // 2)
+        self.assertGreaterEqual(b.cluster.counters.rerouted, 1)
+        print(f"\nnode A's death noticed by node B {noticed * 1000:.0f} ms after it (bound 100 ms); "
+              f"{len(at_c)} delivered to C, {len(at_a)} to A before, {len(bounced)} bounced of {sent}")
+        self.assertLess(noticed, 0.1 + 0.05)  # 50 ms slack for this loaded machine's scheduler
+
+    @defer.inlineCallbacks
+    def test_only_holder_dead_bounces_service_unavailable(self):
+        a, b = self.nodes["a"], self.nodes["b"]
+        yield add_component(self, a, "chat.a.example", "secret-a")
+        cb = yield add_component(self, self.remote, "chat.b.example", "secret-b")
+        yield self.known_everywhere("chat.a.example", "a")
+        a.cluster.kill()
+        for i in range(5):
+            cb.send(f"<message from='y@chat.b.example' to='x@chat.a.example' id='d{i}'/>")
+        got = yield drain(cb, 5)
+        self.assertEqual(sorted(e["id"] for e in got), [f"d{i}" for i in range(5)])
+        self.assertEqual({error_condition(e) for e in got}, {"service-unavailable"})
+
+
+class RedisOutageTests(RoutingCase):
+    @defer.inlineCallbacks
+    def test_redis_down_bounces_cross_node_then_recovers(self):
+        a, b = self.nodes["a"], self.nodes["b"]
+        ca = yield add_component(self, a, "chat.a.example", "secret-a")
+        local = yield add_component(self, b, "bots.a.example", "secret-bots")
+        cb = yield add_component(self, self.remote, "chat.b.example", "secret-b")
+        yield self.known_everywhere("chat.a.example", "a")
+        cb.send("<message from='y@chat.b.example' to='x@chat.a.example' id='before'/>")
+        self.assertEqual((yield ca.next_element(timeout=TIMEOUT))["id"], "before")
+
+        self.redis.stop()
+        yield wait_until(lambda: not b.cluster.connected and not a.cluster.connected, "the outage seen")
+        for i in range(10):
+            cb.send(f"<message from='y@chat.b.example' to='x@chat.a.example' id='down{i}'/>")
+        # Local delivery on node B goes on meanwhile.
+        cb.send("<message from='y@chat.b.example' to='x@bots.a.example' id='local'/>")
+        self.assertEqual((yield local.next_element(timeout=TIMEOUT))["id"], "local")
+        got = yield drain(cb, 10)
+        self.assertEqual(sorted(e["id"] for e in got), sorted(f"down{i}" for i in range(10)))
+        self.assertEqual({error_condition(e) for e in got}, {"remote-server-timeout"})
+        self.assertEqual(b.cluster.counters.bounced["redis"], 10)
+
+        self.redis.start()
+        yield wait_until(lambda: b.cluster.connected and a.cluster.connected, "reconnection", 10)
+        yield self.known_everywhere("chat.a.example", "a")
+        cb.send("<message from='y@chat.b.example' to='x@chat.a.example' id='after'/>")
+        self.assertEqual((yield ca.next_element(timeout=TIMEOUT))["id"], "after")
+        self.assertTrue(ca.received.pending == [])
+
+
+class AckTimeoutTests(RoutingCase):
+    cluster_options = {"ack_timeout": 0.5}
+
+    @defer.inlineCallbacks
+    def test_unacknowledged_stanza_bounces_after_the_timeout(self):
+        """Node A takes the stanza but its acknowledgements never leave (as
+        with a hung node, whose subscription Redis still counts): node B
+        bounces with remote-server-timeout once ack_timeout has passed."""
+        a, b = self.nodes["a"], self.nodes["b"]
+        ca = yield add_component(self, a, "chat.a.example", "secret-a")
+        cb = yield add_component(self, self.remote, "chat.b.example", "secret-b")
+        yield self.known_everywhere("chat.a.example", "a")
+        a.cluster._ack = lambda *args: None  # acknowledgements lost
+        cb.send("<message from='y@chat.b.example' to='x@chat.a.example' id='t1'/>")
+        self.assertEqual((yield ca.next_element(timeout=TIMEOUT))["id"], "t1")
+        bounce = yield cb.next_element(timeout=TIMEOUT)
+        self.assertEqual((bounce["id"], error_condition(bounce)), ("t1", "remote-server-timeout"))
+        self.assertEqual(b.cluster.counters.bounced["timeout"], 1)
+        self.assertEqual(len(b.cluster.inflight), 0)
