@@ -268,3 +268,27 @@ class AckTimeoutTests(RoutingCase):
         self.assertEqual((bounce["id"], error_condition(bounce)), ("t1", "remote-server-timeout"))
         self.assertEqual(b.cluster.counters.bounced["timeout"], 1)
         self.assertEqual(len(b.cluster.inflight), 0)
+
+
+class InFlightBoundTests(RoutingCase):
+    cluster_options = {"ack_timeout": 1.0, "max_in_flight": 5}
+
+    @defer.inlineCallbacks
+    def test_past_max_in_flight_bounces_resource_constraint(self):
+        a, b = self.nodes["a"], self.nodes["b"]
+        ca = yield add_component(self, a, "chat.a.example", "secret-a")
+        cb = yield add_component(self, self.remote, "chat.b.example", "secret-b")
+        yield self.known_everywhere("chat.a.example", "a")
+        a.cluster._ack = lambda *args: None  # nothing is acknowledged: the table fills
+        for i in range(8):
+            cb.send(f"<message from='y@chat.b.example' to='x@chat.a.example' id='p{i}'/>")
+        delivered = yield drain(ca, 5)
+        self.assertEqual([e["id"] for e in delivered], [f"p{i}" for i in range(5)])
+        bounces = yield drain(cb, 8)  # 3 at once, then the 5 unacknowledged ones
+        conditions = {}
+        for e in bounces:
+            conditions.setdefault(error_condition(e), []).append(e["id"])
+        self.assertEqual(sorted(conditions["resource-constraint"]), ["p5", "p6", "p7"])
+        self.assertEqual(sorted(conditions["remote-server-timeout"]), [f"p{i}" for i in range(5)])
+        self.assertEqual(b.cluster.counters.bounced["full"], 3)
+        self.assertEqual(b.cluster.inflight.refused, 3)
