@@ -292,3 +292,82 @@ class InFlightBoundTests(RoutingCase):
         self.assertEqual(sorted(conditions["remote-server-timeout"]), [f"p{i}" for i in range(5)])
         self.assertEqual(b.cluster.counters.bounced["full"], 3)
         self.assertEqual(b.cluster.inflight.refused, 3)
+
+
+class ClusterViewTests(RoutingCase):
+    node_names = "abc"
+
+    @defer.inlineCallbacks
+    def test_any_node_answers_for_the_cluster_and_the_cli_prints_it(self):
+        import os
+        import sys
+
+        from twisted.internet import utils
+
+        from fedgate.admin.openapi import document
+        from tests.support.admin import AdminClient
+        from tests.test_admin_api import V1
+        from tests.test_admin_openapi import validate
+        a, b, c = self.nodes["a"], self.nodes["b"], self.nodes["c"]
+        ca = yield add_component(self, a, "chat.a.example", "secret-a")
+        cb = yield add_component(self, self.remote, "chat.b.example", "secret-b")
+        yield self.known_everywhere("chat.a.example", "a")
+        cb.send("<message from='y@chat.b.example' to='x@chat.a.example' id='v1'/>")
+        yield ca.next_element(timeout=TIMEOUT)
+        # Wait for a heartbeat after the traffic, so the view shows node B's stream.
+        beats = b.cluster.membership.heartbeats
+        yield wait_until(lambda: b.cluster.membership.heartbeats > beats, "a heartbeat")
+
+        api = AdminClient(reactor, c)
+        got = yield api.get(f"{V1}/cluster")
+        self.assertEqual(got.status, 200, got.body)
+        doc = document("1")
+        schema = doc["paths"][f"{V1}/cluster"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+        self.assertEqual(validate(schema, got.json, doc["components"]["schemas"]), [])
+        view = got.json
+        self.assertEqual(view["node"], "node-c")
+        nodes = {n["node"]: n for n in view["nodes"]}
+        self.assertEqual(set(nodes), {"node-a", "node-b", "node-c"})
+        self.assertEqual({n["health"] for n in nodes.values()}, {"up"})
+        self.assertEqual(nodes["node-a"]["components"], ["chat.a.example"])
+        self.assertIn("chat.b.example", {s["remote"] for s in nodes["node-b"]["streams"]})
+        self.assertEqual(nodes["node-b"]["relay"]["forwarded"], 1)
+        self.assertLess(nodes["node-a"]["heartbeat_age_seconds"], 2.0)
+
+        # fedgatectl cluster status, against node C.
+        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = {"PYTHONPATH": repo, "PATH": os.environ.get("PATH", ""),
+               "FEDGATE_ADMIN_URL": api.base, "FEDGATE_ADMIN_TOKEN": api.token}
+        out, err, code = yield utils.getProcessOutputAndValue(
+            sys.executable, ["-m", "fedgate.cli", "cluster", "status"], env=env, path=repo)
+        self.assertEqual(code, 0, err)
+        text = out.decode()
+        self.assertIn("cluster seen from node-c: Redis connected", text)
+        rows = {line.split()[0]: line.split() for line in text.splitlines()
+                if line.startswith("node-")}
+        self.assertEqual(rows["node-a"][1], "up")
+        self.assertIn("chat.a.example", rows["node-a"])
+        self.assertRegex(text, r"node-b\s+\d+\s+inbound\s+chat.b.example")
+
+        # The metrics count the cross-node stanzas with bounded labels.
+        metrics = yield AdminClient(reactor, b).get("/metrics")
+        text = metrics.body.decode()
+        self.assertIn('fedgate_cluster_stanzas_total{outcome="forwarded"} 1.0', text)
+        self.assertIn('fedgate_cluster_bounces_total{reason="timeout"} 0.0', text)
+        self.assertIn("fedgate_cluster_redis_connected 1.0", text)
+        self.assertIn("fedgate_cluster_nodes 3.0", text)
+
+        # Node A dies silently: once its lease has run out it shows as down.
+        a.cluster.kill()
+        yield sleep(2.2)
+        got = yield api.get(f"{V1}/cluster")
+        nodes = {n["node"]: n for n in got.json["nodes"]}
+        self.assertEqual((nodes["node-a"]["health"], nodes["node-b"]["health"]), ("down", "up"))
+
+    @defer.inlineCallbacks
+    def test_single_node_answers_404(self):
+        from tests.support.admin import AdminClient
+        from tests.test_admin_api import V1
+        got = yield AdminClient(reactor, self.remote).get(f"{V1}/cluster")
+        self.assertEqual(got.status, 404)
+        self.assertIn("cluster mode is off", got.json["message"])

@@ -79,8 +79,8 @@ class RelayCounters:
         self.received = 0
         self.acked = 0
         self.rerouted = 0
-        #: reason -> stanzas bounced by the origin (dead, timeout, redis, full)
-        self.bounced = {"no-node": 0, "timeout": 0, "redis": 0, "full": 0}
+        #: reason -> stanzas bounced by the origin (timeout, redis, full)
+        self.bounced = {"timeout": 0, "redis": 0, "full": 0}
 
     def as_dict(self) -> dict:
         return {"forwarded": self.forwarded, "received": self.received, "acked": self.acked,
