@@ -371,3 +371,53 @@ class ClusterViewTests(RoutingCase):
         got = yield AdminClient(reactor, self.remote).get(f"{V1}/cluster")
         self.assertEqual(got.status, 404)
         self.assertIn("cluster mode is off", got.json["message"])
+
+
+class HungNodeTests(RoutingCase):
+    node_names = "abc"
+    cluster_options = {"ack_timeout": 1.0}
+
+    @defer.inlineCallbacks
+    def test_hung_node_is_dropped_within_its_lease(self):
+        """Node A hangs (as with SIGSTOP: Redis still counts its
+        subscription, but it neither renews its lease nor acknowledges):
+        stanzas sent to it bounce after ack_timeout, and once its lease (2 s
+        here) has run out node B routes everything to node C.  Every stanza
+        is accounted for; the ones A took during the hang may be both
+        delivered and bounced (the documented window)."""
+        a, b, c = self.nodes["a"], self.nodes["b"], self.nodes["c"]
+        on_a = yield add_component(self, a, "chat.a.example", "secret-a")
+        on_c = yield add_component(self, c, "chat.a.example", "secret-a")
+        cb = yield add_component(self, self.remote, "chat.b.example", "secret-b")
+        yield self.known_everywhere("chat.a.example", "a")
+        yield self.known_everywhere("chat.a.example", "c")
+        a.cluster.membership.stop()  # no more heartbeats
+        a.cluster._ack = lambda *args: None  # no more acknowledgements
+        hung_at = reactor.seconds()
+        dropped_at = []
+
+        def watch():
+            if not dropped_at and "node-a" not in b.cluster.cache.component_owners("chat.a.example"):
+                dropped_at.append(reactor.seconds())
+        watcher = task.LoopingCall(watch)
+        watcher.start(0.02)
+        self.addCleanup(lambda: watcher.running and watcher.stop())
+        sent = 0
+        while reactor.seconds() - hung_at < 3.5:
+            cb.send(f"<message from='y@chat.b.example' to='x@chat.a.example' id='h{sent}'/>")
+            sent += 1
+            yield sleep(0.05)
+        yield sleep(1.5)  # the last ones to A time out
+        watcher.stop()
+        ids = {f"h{i}" for i in range(sent)}
+        at_a = {e["id"] for e in on_a.received.pending}
+        at_c = {e["id"] for e in on_c.received.pending}
+        bounced = {e["id"] for e in cb.received.pending if error_condition(e) == "remote-server-timeout"}
+        self.assertEqual(at_a | at_c | bounced, ids)
+        self.assertEqual(at_a & at_c, set())
+        self.assertEqual(bounced, at_a)  # to A: taken there, never acknowledged, bounced
+        self.assertTrue(dropped_at)
+        noticed = dropped_at[0] - hung_at
+        print(f"\nhung node dropped {noticed:.2f} s after it hung (lease 2 s, heartbeat 0.5 s); "
+              f"{len(at_c)} to C, {len(at_a)} to A and bounced, of {sent}")
+        self.assertLess(noticed, 2.0 + 0.5 + 0.3)

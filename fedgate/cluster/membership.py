@@ -45,6 +45,8 @@ STREAM = "s"
 INFO_TTL = 86400
 #: default seconds between two comparisons of the local state with what was announced
 SCAN_INTERVAL = 0.25
+#: most seconds between two looks at the other nodes' liveness keys
+LIVENESS_CHECK = 0.5
 
 
 def entry_field(kind: str, key: tuple[str, ...]) -> str:
@@ -172,6 +174,7 @@ class Membership:
         self._stopped = False
         self._schedule("heartbeat", 0)
         self._schedule("scan", self.scan)
+        self._schedule("liveness", self.liveness_interval)
 
     def stop(self) -> None:
         self._stopped = True
@@ -191,13 +194,18 @@ class Membership:
         self._timers = [t for t in self._timers if t.active()]
         if self._stopped:
             return
-        method = self.beat if what == "heartbeat" else self.changed
+        method = {"heartbeat": self.beat, "scan": self.changed, "liveness": self.check_alive}[what]
         self._timers.append(self.reactor.callLater(delay, self._tick, what, method))
+
+    @property
+    def liveness_interval(self) -> float:
+        return min(LIVENESS_CHECK, self.heartbeat_interval)
 
     def _tick(self, what: str, method) -> None:
         d = defer.maybeDeferred(method)
         d.addErrback(lambda f: None)
-        self._schedule(what, self.heartbeat_interval if what == "heartbeat" else self.scan)
+        self._schedule(what, {"heartbeat": self.heartbeat_interval, "scan": self.scan,
+                              "liveness": self.liveness_interval}[what])
 
     # -- this node's entries ---------------------------------------------------------
     @defer.inlineCallbacks
@@ -297,6 +305,19 @@ class Membership:
             self.cache.drop_node(gone)
         self.alive_nodes = alive
         self.reloads += 1
+
+    @defer.inlineCallbacks
+    def check_alive(self):
+        """Drop the nodes whose lease ran out (hung, or cut off from Redis)
+        between two heartbeats: one EXISTS per known node, in one pipeline."""
+        nodes = sorted(self.cache.nodes)
+        if not nodes:
+            return
+        replies = yield self.client.pipeline([("EXISTS", self.key("alive", n)) for n in nodes])
+        for node, alive in zip(nodes, replies):
+            if not alive and self.cache.drop_node(node):
+                self.alive_nodes.discard(node)
+                log.warn("Cluster: node {node}'s lease ran out", node=node)
 
     def announcement(self, data: bytes) -> None:
         """A message on the owners channel."""

@@ -222,8 +222,9 @@ class ClusterRelay:
         """For a remote domain this node has no destination for: forward to
         a node with an authenticated stream for the pair (True), else False
         (this node opens one)."""
-        if to_domain in self.sender.destinations:
-            return False
+        destination = self.sender.destinations.get(to_domain)
+        if destination is not None and not destination.is_idle():
+            return False  # ours is open, connecting or queueing: keep the order
         node = self.cache.pair_owner(from_domain, to_domain)
         if node is None:
             return False
