@@ -6,8 +6,13 @@ Where the gateway is: ``--url``, else ``$FEDGATE_ADMIN_URL``, else the first
 ``$FEDGATE_ADMIN_TOKEN``, ``--token-file``, ``$FEDGATE_ADMIN_TOKEN_FILE``, else
 the configuration's ``admin.token`` or token file (state_dir/admin.token).
 
+``policy export`` and ``policy import`` work on the store itself, not
+through the API: the configuration's (SQLite in state_dir, or the cluster's
+Redis when ``[cluster]`` is enabled), or the one ``--backend`` names.
+
 Exit status: 0 done, 1 the API refused (its message is shown), 2 usage,
-69 the gateway cannot be reached, 77 the token was refused, 78 configuration.
+65 an import file that cannot be used, 69 the gateway (or the store) cannot
+be reached, 77 the token was refused, 78 configuration.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from twisted.internet import defer, error, task
 
 from fedgate.cli_render import render
 
-EX_API, EX_USAGE, EX_UNAVAILABLE, EX_NOPERM, EX_CONFIG = 1, 2, 69, 77, 78
+EX_API, EX_USAGE, EX_DATAERR, EX_UNAVAILABLE, EX_NOPERM, EX_CONFIG = 1, 2, 65, 69, 77, 78
 DEFAULT_CONFIG = "/etc/fedgate/fedgate.toml"
 
 
@@ -237,6 +242,8 @@ def plan(options) -> list[tuple[str, str, object]]:
         if a == "remove":
             return [("DELETE", path + "/credentials", None)]
         return [("GET", path, None)]
+    if c == "cluster":
+        return [("GET", f"{v1}/cluster", None)]
     if c == "diagnose":
         body = {k: v for k, v in (("from", options.from_domain), ("method", options.method)) if v}
         return [("POST", f"{v1}/diagnose/{q(options.domain)}", body)]
@@ -247,6 +254,8 @@ async def run(reactor, options) -> int:
     from treq.client import HTTPClient
     from twisted.web.client import Agent, HTTPConnectionPool
 
+    if options.command == "policy" and options.action in ("export", "import"):
+        return await run_transfer(reactor, options)
     client = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
     if options.command == "check":
         return await run_check(reactor, client, options)
@@ -271,6 +280,71 @@ async def run(reactor, options) -> int:
     if options.command == "diagnose" and isinstance(result, dict) and not result.get("ok"):
         return EX_API
     return 0
+
+
+def _store(reactor, options):
+    """The store ``policy export|import`` works on."""
+    from dataclasses import replace as dc_replace
+
+    from fedgate.cluster.redisclient import RedisClientMissing
+    from fedgate.tap import choose_storage
+    config = _config(options)
+    if options.backend == "sqlite":
+        config = dc_replace(config, cluster=dc_replace(config.cluster, enabled=False))
+    elif options.backend == "redis":
+        config = dc_replace(config, cluster=dc_replace(config.cluster, enabled=True))
+    try:
+        return choose_storage(config, reactor), ("Redis at " + config.cluster.redis
+                                                 if config.cluster.enabled else
+                                                 f"SQLite in {config.state_dir}")
+    except RedisClientMissing as exc:
+        raise CliError(str(exc), EX_CONFIG) from None
+
+
+async def run_transfer(reactor, options) -> int:
+    """``policy export``: the store as JSON (stdout or --output, mode 0600);
+    ``policy import FILE``: the file into the store."""
+    from fedgate.storage.interface import StorageError
+    from fedgate.storage.transfer import TransferError, dumps, export_store, import_store
+    storage, where = _store(reactor, options)
+    if options.action == "import":
+        try:
+            text = sys.stdin.read() if options.file == "-" else Path(options.file).read_text(encoding="utf-8")
+            data = json.loads(text)
+        except OSError as exc:
+            raise CliError(f"cannot read {options.file}: {exc.strerror}", EX_DATAERR) from None
+        except ValueError as exc:
+            raise CliError(f"{options.file}: not JSON: {exc}", EX_DATAERR) from None
+    try:
+        await storage.open()
+    except StorageError as exc:
+        raise CliError(f"cannot open the store ({where}): {exc}", EX_UNAVAILABLE) from None
+    try:
+        if options.action == "export":
+            text = dumps(await export_store(storage))
+            if options.output:
+                fd = os.open(options.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "w", encoding="utf-8") as out:
+                    out.write(text)
+                sys.stderr.write(f"fedgatectl: exported {where} to {options.output}\n")
+            else:
+                sys.stdout.write(text)
+            return 0
+        try:
+            counts = await import_store(storage, data, replace=options.replace)
+        except TransferError as exc:
+            raise CliError(f"{options.file}: {exc}", EX_DATAERR) from None
+        except ValueError as exc:  # an invalid domain
+            raise CliError(f"{options.file}: {exc}", EX_DATAERR) from None
+        summary = (f"imported into {where}: {counts['peers']} peers, {counts['settings']} settings, "
+                   f"{counts['components']} components" +
+                   (f"; removed {counts['removed']} not in the file" if options.replace else ""))
+        print(json.dumps(counts) if options.json else summary)
+        return 0
+    except StorageError as exc:
+        raise CliError(f"the store ({where}): {exc}", EX_UNAVAILABLE) from None
+    finally:
+        await storage.close()
 
 
 class _LiveApi:
@@ -332,6 +406,19 @@ def parser() -> argparse.ArgumentParser:
     ps.add_argument("--encryption", choices=("required", "optional"))
     ps.add_argument("--authentication", choices=("dialback", "certificate"))
     pol.add_parser("reset", help="back to the configuration file's settings")
+    backends = ("sqlite", "redis")
+    ex = pol.add_parser("export", help="every stored peer policy, setting and component "
+                        "credential as JSON (secrets included), read from the store itself")
+    ex.add_argument("--backend", choices=backends,
+                    help="the store to read (default: Redis if [cluster] is enabled, else SQLite)")
+    ex.add_argument("-o", "--output", help="write here (mode 0600) instead of stdout")
+    im = pol.add_parser("import", help="write an export's records into the store (on Redis the "
+                        "running nodes apply them at once; import into SQLite with the gateway stopped)")
+    im.add_argument("file", help="the export's JSON, or - for stdin")
+    im.add_argument("--backend", choices=backends,
+                    help="the store to write (default: Redis if [cluster] is enabled, else SQLite)")
+    im.add_argument("--replace", action="store_true",
+                    help="also remove stored records the file does not have")
 
     chk = sub.add_parser("check", help="find configuration, certificate, DNS, listener and peer "
                          "problems (works with the gateway stopped)",
@@ -405,6 +492,10 @@ def parser() -> argparse.ArgumentParser:
                     help="XEP-0225: a hostname it may bind besides its own (repeatable)")
     cs.add_argument("--note")
 
+    clu = sub.add_parser("cluster", help="the cluster's nodes (cluster mode)").add_subparsers(
+        dest="action", required=True)
+    clu.add_parser("status", help="every node's health, components, S2S streams and destinations, "
+                   "as any node sees them in Redis")
     diag = sub.add_parser("diagnose", help="try to federate with a domain now, step by step")
     diag.add_argument("domain")
     diag.add_argument("--from", dest="from_domain", help="our domain to federate as")

@@ -238,3 +238,93 @@ class PubSubTests(unittest.TestCase):
         self.client.stop()
         self.assertFalse(thread.is_alive())
         self.assertFalse(sub.connected)
+
+
+class BoundAndTransportTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_batches_waiting_for_the_reactor_are_bounded(self):
+        """While the reactor is busy, the listener hands over at most
+        ``max_batches_queued`` batches and then stops reading (Redis holds
+        the rest); nothing is lost or reordered."""
+        server = start_redis(self)
+        client = RedisClient(reactor, server.address)
+        client.start()
+        self.addCleanup(client.stop)
+        received, waiting_seen = [], []
+        flood_done = threading.Event()
+
+        def flood():
+            # Another process's publisher, while the reactor thread sleeps.
+            import redis
+            r = redis.Redis(unix_socket_path=server.socket_path)
+            for i in range(300):
+                r.publish("c", b"%d" % i)
+            r.close()
+            flood_done.set()
+
+        def on_messages(batch):
+            if not received:
+                threading.Thread(target=flood).start()
+                flood_done.wait(10)
+                time.sleep(0.2)  # the listener has had time to read all it would
+                waiting_seen.append(sub.handed - sub.delivered)
+            received.extend(int(data) for _, data in batch)
+
+        sub = client.subscriber(channels=["c"], on_messages=on_messages, batch=10, max_batches_queued=2)
+        sub.start()
+        yield wait_for(lambda: sub.connected)
+        publisher = client.publisher()
+        for _ in range(200):
+            if (yield client.execute("PUBSUB", "NUMSUB", "c"))[1] == 1:
+                break
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        yield publisher.publish("c", b"-1")
+        yield wait_for(lambda: len(received) == 301)
+        self.assertEqual(received, list(range(-1, 300)))
+        self.assertEqual(len(waiting_seen), 1)
+        self.assertLessEqual(waiting_seen[0], 2)
+        self.assertGreater(sub.handed, 20)  # 300 messages in batches of at most 10
+
+    @defer.inlineCallbacks
+    def test_password_and_tcp(self):
+        from tests.support.twistd import free_ports
+        [port] = free_ports(1)
+        server = start_redis(self, password="pw-0123456789", tcp_port=port)
+        good = RedisClient(reactor, RedisAddress.parse(f"127.0.0.1:{port}", password="pw-0123456789"))
+        good.start()
+        self.addCleanup(good.stop)
+        self.assertEqual((yield good.execute("SET", "k", "tcp")), True)
+        bad = RedisClient(reactor, RedisAddress.parse(f"127.0.0.1:{port}", password="wrong"))
+        bad.start()
+        self.addCleanup(bad.stop)
+        yield self.assertFailure(bad.execute("GET", "k"), RedisUnavailable, load_redis().ResponseError)
+        unix = RedisClient(reactor, server.address)
+        unix.start()
+        self.addCleanup(unix.stop)
+        self.assertEqual((yield unix.execute("GET", "k")), b"tcp")
+
+    @defer.inlineCallbacks
+    def test_tls(self):
+        from tests.support.gateway import shared_ca, temp_dir
+        from tests.support.twistd import free_ports
+        directory = temp_dir(self)
+        ca = shared_ca()
+        cert, key = ca.issue(dns=("localhost",)).write(directory, "redis")
+        root = ca.write_root(f"{directory}/ca.pem")
+        [port] = free_ports(1)
+        start_redis(self, options={"tls-port": str(port), "tls-cert-file": str(cert),
+                                   "tls-key-file": str(key), "tls-ca-cert-file": str(root),
+                                   "tls-auth-clients": "no"})
+        client = RedisClient(reactor, RedisAddress.parse(f"localhost:{port}", tls=True,
+                                                         tls_ca_file=str(root)))
+        client.start()
+        self.addCleanup(client.stop)
+        self.assertEqual((yield client.execute("SET", "k", "over tls")), True)
+        # A client that does not trust the server's CA refuses it.
+        other = f"{directory}/other.pem"
+        from tests.support.pki import TestCA
+        TestCA().write_root(other)
+        wary = RedisClient(reactor, RedisAddress.parse(f"localhost:{port}", tls=True, tls_ca_file=other))
+        wary.start()
+        self.addCleanup(wary.stop)
+        yield self.assertFailure(wary.execute("GET", "k"), RedisUnavailable)

@@ -366,6 +366,9 @@ class Subscriber:
         #: Whether the pub/sub connection is subscribed (reactor-thread view).
         self.connected = False
         self.reconnects = 0
+        #: batches handed to the reactor, and those it has taken
+        self.handed = 0
+        self.delivered = 0
 
     # -- the reactor side ----------------------------------------------------
     @property
@@ -391,6 +394,7 @@ class Subscriber:
         if self._thread is not None:
             return
         self._stopping.clear()
+        self._room = threading.Semaphore(self.max_batches_queued)
         self._thread = threading.Thread(target=self._listen, name=self.name, daemon=True)
         self._thread.start()
 
@@ -406,6 +410,7 @@ class Subscriber:
         self.connected = False
 
     def _deliver(self, batch) -> None:
+        self.delivered += 1
         self._room.release()
         if self._thread is None:
             return
@@ -413,6 +418,12 @@ class Subscriber:
             self.on_messages(batch)
         except Exception:
             log.failure("Redis subscriber {name}: message handler failed", name=self.name)
+
+    def _failing(self, reason: str) -> None:
+        if not self.connected and self._thread is not None:
+            log.warn("Redis subscriber {name} cannot connect to {address}: {reason}; retrying "
+                     "(at most every {cap} s)", name=self.name, address=self.address.describe(),
+                     reason=reason, cap=self.backoff_max)
 
     def _set_connected(self, up: bool, reason: str = "") -> None:
         if self._thread is None or self.connected == up:
@@ -454,7 +465,10 @@ class Subscriber:
             except self._errors as e:
                 if self._stopping.is_set():
                     break
-                self.reactor.callFromThread(self._set_connected, False, str(e) or type(e).__name__)
+                reason = str(e) or type(e).__name__
+                if delay == self.backoff_initial:  # the first failure of a streak
+                    self.reactor.callFromThread(self._failing, reason)
+                self.reactor.callFromThread(self._set_connected, False, reason)
                 self.reconnects += 1
                 wait = delay * (0.5 + self._rng.random() / 2)
                 delay = min(delay * 2, self.backoff_max)
@@ -490,4 +504,5 @@ class Subscriber:
                 self._room.acquire()
                 if self._stopping.is_set():
                     return
+                self.handed += 1
                 self.reactor.callFromThread(self._deliver, batch)

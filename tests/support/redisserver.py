@@ -70,8 +70,11 @@ class RedisServer:
     startup_timeout = 10.0
     stop_timeout = 10.0
 
-    def __init__(self, options: dict[str, str] | None = None, password: str | None = None):
+    def __init__(self, options: dict[str, str] | None = None, password: str | None = None,
+                 tcp_port: int | None = None):
+        """``tcp_port``: also listen on 127.0.0.1 there (the unix socket stays)."""
         self.directory = tempfile.mkdtemp(prefix="fedgate-redis-")
+        self.tcp_port = tcp_port
         self.socket_path = os.path.join(self.directory, "redis.sock")
         self.log_path = os.path.join(self.directory, "redis.log")
         self.password = password
@@ -93,7 +96,8 @@ class RedisServer:
         return self._process is not None and self._process.poll() is None
 
     def argv(self) -> list[str]:
-        argv = [REDIS_SERVER, "--port", "0", "--unixsocket", self.socket_path,
+        argv = [REDIS_SERVER, "--port", str(self.tcp_port or 0), "--bind", "127.0.0.1",
+                "--unixsocket", self.socket_path,
                 "--unixsocketperm", "700", "--dir", self.directory,
                 "--logfile", self.log_path, "--daemonize", "no"]
         for name, value in self.options.items():
