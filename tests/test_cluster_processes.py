@@ -173,8 +173,8 @@ class CrossNode(ClusterProcesses):
         b.kill()
         gone = yield self.cluster.wait_gone("b", by="a", timeout=LEASE + 5)
         everything, later = yield self.settle_after(flood, [self.receiver], killed_at)
-        report(everything.line(f"kill -9 of node B after {killed_at} written (noticed by node A "
-                               f"in {gone:.2f} s)"))
+        report(everything.line(f"kill -9 of node B after {killed_at} written (down in node "
+                               f"A's cluster view after {gone:.2f} s)"))
         report(later.line("  of them written after the kill"))
         report(f"  lost in node B's memory (acknowledged to the remote, never passed on): "
                f"{everything.missing}")

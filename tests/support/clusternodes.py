@@ -318,19 +318,11 @@ class Cluster:
 
     @staticmethod
     def alive_in(view, node_id: str) -> bool | None:
-        """Whether ``view`` (a /api/v1/cluster body) lists ``node_id`` as
-        alive; None if it does not list it."""
-        if not view:
-            return None
-        for entry in view.get("nodes", []):
-            if entry.get("id", entry.get("node_id")) != node_id:
-                continue
-            state = entry.get("state", entry.get("health", entry.get("status")))
-            if isinstance(state, dict):
-                state = state.get("state", state.get("status"))
-            if "alive" in entry:
-                return bool(entry["alive"])
-            return state in ("up", "alive", "healthy", "ok")
+        """Whether ``view`` (a /api/v1/cluster body) lists ``node_id`` with
+        health ``up``; None if it does not list it."""
+        for entry in (view or {}).get("nodes", []):
+            if entry.get("node") == node_id:
+                return entry.get("health") == "up"
         return None
 
     def wait_seen(self, name: str, by=None, timeout: float = 20.0):
