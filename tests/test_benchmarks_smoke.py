@@ -123,30 +123,22 @@ class ClusterBenchmarkSmoke(unittest.TestCase):
         from tests.support.redisserver import redis_py_available, redis_server_available
         if not (redis_py_available() and redis_server_available()):
             raise unittest.SkipTest("redis-server or redis-py is not installed")
-        import importlib.util
-        routing = importlib.util.find_spec("fedgate.cluster.membership") is not None
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
         result = subprocess.run(
             [sys.executable, "-m", "benchmarks.cluster", "--rounds", "1", "--messages", "200",
-             "--latency-messages", "40", "--flood-messages", "200", "--timeout", "5" if not routing else "20"],
+             "--latency-messages", "40", "--flood-messages", "200", "--timeout", "20"],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=150)
+        self.assertEqual(result.returncode, 0, result.stdout[-3000:] + result.stderr[-3000:])
         report = json.loads(result.stdout)
+        self.assertEqual(report["problems"], [])
         results = report["results"]
         self.assertEqual(set(results), {"relay", "latency", "cores"})
+        self.assertGreater(results["relay"]["ratio_cross_single"], 0)
+        self.assertIn("p99_added_ms", results["latency"])
+        self.assertGreater(results["cores"]["ratio_two_one"], 0)
         layouts = {"relay": ("single", "cross"), "latency": ("single", "cross"),
                    "cores": ("one_node", "two_nodes")}
-        if not routing:
-            # Before cross-node routing, only the cross-node layouts fail.
-            self.assertTrue(report["problems"])
-            self.assertTrue(all(" cross round " in p for p in report["problems"]), report["problems"])
-            layouts = {"relay": ("single",), "latency": ("single",), "cores": ("one_node", "two_nodes")}
-        else:
-            self.assertEqual((result.returncode, report["problems"]), (0, []), result.stderr[-3000:])
-            for key in ("ratio_cross_single",):
-                self.assertGreater(results["relay"][key], 0)
-            self.assertIn("p99_added_ms", results["latency"])
-            self.assertGreater(results["cores"]["ratio_two_one"], 0)
         for section, names in layouts.items():
             for name in names:
                 entry = results[section][name]

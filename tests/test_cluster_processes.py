@@ -20,9 +20,6 @@ at the receiving component(s), bounced at the sending one
   reconnects to node C; after SIGCONT, delivered + bounced = sent.
 - Redis restarted mid-flood: delivered + bounced = sent; traffic that stays
   on one node never needed Redis and is all delivered.
-
-The routing across nodes (and GET /api/v1/cluster) comes from the cluster
-routing work; without it the cross-node tests skip, saying so.
 """
 
 from __future__ import annotations
@@ -80,12 +77,6 @@ class ClusterProcesses(unittest.TestCase):
             if node.tracebacks():
                 report(node.log_tail(80))
 
-    @defer.inlineCallbacks
-    def need_routing(self):
-        if not (yield self.cluster.has_cluster_view()):
-            raise unittest.SkipTest("no GET /api/v1/cluster in this build: cross-node routing "
-                                    "(wip/clusterroute) has not landed")
-
     def flood(self, total=TOTAL, rate=RATE, prefix="f") -> Flood:
         return Flood(self.sender, f"load@{REMOTE_COMPONENT}", f"bot@{COMPONENT}", total, rate,
                      prefix=prefix)
@@ -141,7 +132,6 @@ class CrossNode(ClusterProcesses):
     @defer.inlineCallbacks
     def setUp(self):
         yield super().setUp()
-        yield self.need_routing()
         self.cluster.publish(self.dns, ["a.example", COMPONENT], "b", "c")
         for name in self.cluster.nodes:
             yield self.cluster.wait_seen(name)

@@ -54,9 +54,6 @@ class ProsodyAgainstACluster(unittest.TestCase):
                                s2s={"peers": {d: {"authentication": "certificate"}
                                               for d in (PROSODY, PROSODY_COMPONENT)}})
         yield self.cluster.start(3)
-        if not (yield self.cluster.has_cluster_view()):
-            raise unittest.SkipTest("no GET /api/v1/cluster in this build: cross-node routing "
-                                    "(wip/clusterroute) has not landed")
         for name in self.cluster.nodes:
             yield self.cluster.wait_seen(name)
         self.cluster.publish(self.dns, [GW, GW_COMPONENT], "a")

@@ -353,11 +353,6 @@ class Cluster:
         d.addCallback(lambda _: time.monotonic() - started)
         return d
 
-    @defer.inlineCallbacks
-    def has_cluster_view(self) -> bool:
-        """Whether this build answers GET /api/v1/cluster (the routing work)."""
-        return (yield self.view(next(iter(self.nodes)))) is not None
-
     def restart_redis(self) -> None:
         """Stop and start the shared redis-server on the same socket (an
         empty server again: the tests run it without persistence)."""
