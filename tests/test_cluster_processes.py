@@ -179,7 +179,8 @@ class CrossNode(ClusterProcesses):
     @defer.inlineCallbacks
     def test_sigstop_of_the_component_node(self):
         a = self.cluster["a"]
-        flood = self.flood().start()
+        total = 2 * TOTAL  # long enough to go on for a while after the move
+        flood = self.flood(total).start()
         yield flood.until(TOTAL // 3)
         paused_at = flood.sent
         a.pause()
@@ -188,17 +189,24 @@ class CrossNode(ClusterProcesses):
         report(f"SIGSTOP of node A after {paused_at} written: node B saw it gone in {gone:.2f} s "
                f"(lease {LEASE} s, heartbeat {HEARTBEAT} s)")
         self.assertLessEqual(gone, LEASE + 2 * HEARTBEAT + 0.5, self.cluster.diagnostics())
-        # The component reconnects to another node and the flood goes on.
+        # The component reconnects to another node and the flood goes on there.
         moved = yield connect_counting(self.cluster["c"].component_port, COMPONENT, SECRET, self)
+        moved_at = flood.sent
+        self.assertLess(moved_at + RATE, total, "the flood ended before the component moved")
         yield flood.done
         a.resume()
         tally = yield settled(flood, [self.receiver, moved], SETTLE)
         report(tally.line("SIGSTOP of node A, SIGCONT after the flood"))
-        report(f"  delivered on node A {sum(1 for _ in self.receiver.delivered)}, "
-               f"on node C {sum(1 for _ in moved.delivered)}")
-        self.assertEqual((tally.sent, tally.missing, tally.both), (TOTAL, 0, 0),
+        on_a = Tally.of(flood, self.receiver).delivered
+        on_c = Tally.of(flood, moved).delivered
+        report(f"  delivered on node A {on_a}, on node C {on_c} (the component moved after "
+               f"{moved_at} written)")
+        self.assertEqual((tally.sent, tally.missing, tally.both), (total, 0, 0),
                          f"{tally}\n{self.cluster.diagnostics()}")
-        self.assertGreater(len(moved.delivered), 0, "nothing reached the component on node C")
+        # What was written a second after the move went to node C.
+        later = [f"{flood.prefix}{i}" for i in range(moved_at + int(RATE) + 1, total + 1)]
+        self.assertEqual(Tally.of(flood, moved, ids=later).delivered, len(later),
+                         f"{Tally.of(flood, moved, ids=later)}\n{self.cluster.diagnostics()}")
 
     @defer.inlineCallbacks
     def test_redis_restart_mid_flood(self):
