@@ -28,7 +28,10 @@ by round), medians over the rounds:
 
 Every comparison reports CPU seconds per wall second of each node, of
 redis-server and of this generator during the measurement (1.0 = one core
-busy), so the scaling can be projected to machines with more cores.  The
+busy), and the throughput ones the CPU microseconds each process spent per
+stanza (``cpu_us_per_stanza``), so the scaling can be projected to machines
+with more cores: on a shared two-core machine the processes compete for
+the same cores and the wall-clock ratio understates it.  The
 exit status is 1 when something was lost or could not run; ``problems``
 says what.
 """
@@ -275,12 +278,16 @@ def median_cpu(samples):
     return {name: median([s.get(name) for s in samples]) for name in sorted(names)}
 
 
-async def compare(reactor, rounds: int, pids, layouts: dict, problems: list, label: str):
+async def compare(reactor, rounds: int, pids, layouts: dict, problems: list, label: str,
+                  rates: bool = True):
     """Run each layout once per round (order alternating); per layout the
-    median value, each round's value and the median CPU."""
+    median value, each round's value and the median CPU; for ``rates``
+    (stanzas/s) also the CPU microseconds each process spent per stanza
+    (median of the rounds), the figure that projects to more cores."""
     names = list(layouts)
     values = {name: [] for name in names}
     cpus = {name: [] for name in names}
+    costs = {name: [] for name in names}
     for number in range(1, rounds + 1):
         for name in (names if number % 2 else list(reversed(names))):
             value, cpu, problem = await measured(pids, layouts[name])
@@ -290,9 +297,17 @@ async def compare(reactor, rounds: int, pids, layouts: dict, problems: list, lab
                 continue
             values[name].append(value)
             cpus[name].append(cpu)
+            if rates and value:
+                cost = {process: used * 1e6 / value for process, used in cpu.items()}
+                cost["nodes_and_redis"] = sum(v for k, v in cost.items() if k != "generator")
+                costs[name].append(cost)
             progress(f"{label} {name} round {number}: {value:.2f} (CPU {cpu})")
-    return {name: {"median": median(values[name]), "rounds": [round(v, 3) for v in values[name]],
-                   "cpu": median_cpu(cpus[name])} for name in names}
+    out = {name: {"median": median(values[name]), "rounds": [round(v, 3) for v in values[name]],
+                  "cpu": median_cpu(cpus[name])} for name in names}
+    if rates:
+        for name in names:
+            out[name]["cpu_us_per_stanza"] = median_cpu(costs[name])
+    return out
 
 
 def ratio(a, b):
@@ -356,7 +371,8 @@ async def main(reactor, args) -> None:
             p99 = {"single": {}, "cross": {}}
             section = await compare(reactor, args.rounds, pids,
                                     {"single": latency(single, p99["single"]),
-                                     "cross": latency(cross, p99["cross"])}, problems, "latency")
+                                     "cross": latency(cross, p99["cross"])}, problems, "latency",
+                                    rates=False)
             for name in ("single", "cross"):
                 section[name]["p99"] = median(p99[name].get("p99", []))
                 section[name]["p99_rounds"] = [round(v, 3) for v in p99[name].get("p99", [])]
