@@ -337,6 +337,7 @@ async def main(reactor, args) -> None:
             progress(f"starting node {name} ...")
             nodes[name] = await start_gateway(
                 reactor, where, remote_port.getHost().port,
+                profile=args.profile / f"node-{name}.prof" if args.profile else None,
                 config_text=node_config(where / "state", remote_port.getHost().port,
                                         redis.socket_path, f"node-{name}", scram))
         a, b = nodes["a"], nodes["b"]
@@ -436,11 +437,15 @@ def parse_args(argv):
     parser.add_argument("--section", action="append", choices=SECTIONS,
                         help="run only this comparison (repeatable)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (node logs)")
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="run both nodes under cProfile; pstats saved as DIR/node-a.prof, node-b.prof")
     args = parser.parse_args(argv)
     for name in ("messages", "latency_messages", "flood_messages", "rounds"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     args.section = list(dict.fromkeys(args.section or SECTIONS))
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
     return args
 
 
