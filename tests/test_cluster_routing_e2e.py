@@ -421,3 +421,48 @@ class HungNodeTests(RoutingCase):
         print(f"\nhung node dropped {noticed:.2f} s after it hung (lease 2 s, heartbeat 0.5 s); "
               f"{len(at_c)} to C, {len(at_a)} to A and bounced, of {sent}")
         self.assertLess(noticed, 2.0 + 0.5 + 0.3)
+
+
+class RedisRestartFloodTests(RoutingCase):
+    cluster_options = {"ack_timeout": 1.0}
+
+    @defer.inlineCallbacks
+    def test_redis_restart_in_the_middle_of_a_flood_loses_nothing(self):
+        """The remote floods node B for a component on node A; Redis restarts
+        half way.  Every stanza ends delivered or bounced (none silently
+        lost); some may be both (acknowledgement lost with Redis)."""
+        a, b = self.nodes["a"], self.nodes["b"]
+        ca = yield add_component(self, a, "chat.a.example", "secret-a")
+        cb = yield add_component(self, self.remote, "chat.b.example", "secret-b")
+        yield self.known_everywhere("chat.a.example", "a")
+        sent, restarted = 0, False
+        started = reactor.seconds()
+        while reactor.seconds() - started < 3.0:
+            for _ in range(20):
+                cb.send(f"<message from='y@chat.b.example' to='x@chat.a.example' id='r{sent}'/>")
+                sent += 1
+            if not restarted and reactor.seconds() - started > 1.0:
+                self.redis.restart()
+                restarted = True
+            yield sleep(0.01)
+        ids = {f"r{i}" for i in range(sent)}
+
+        def outcome():
+            at_a = {e["id"] for e in ca.received.pending}
+            bounced = {e["id"] for e in cb.received.pending if error_condition(e)}
+            return at_a, bounced
+        yield wait_until(lambda: set.union(*outcome()) == ids and not len(b.cluster.inflight),
+                         "every stanza's outcome", 15)
+        at_a, bounced = outcome()
+        self.assertEqual(len(ca.received.pending), len(at_a))  # no duplicates delivered
+        both = at_a & bounced
+        conditions = {}
+        for e in cb.received.pending:
+            if error_condition(e):
+                conditions[error_condition(e)] = conditions.get(error_condition(e), 0) + 1
+        print(f"\nbounce conditions: {conditions}")
+        print(f"\nRedis restarted mid-flood: {sent} sent, {len(at_a)} delivered, {len(bounced)} "
+              f"bounced ({dict(b.cluster.counters.bounced)}), {len(both)} both delivered and "
+              "bounced, 0 lost")
+        self.assertGreater(len(at_a), sent // 2)
+        self.assertTrue(b.cluster.connected and a.cluster.connected)

@@ -151,6 +151,10 @@ class Membership:
         #: what the other nodes were last told this node holds
         self.announced: set = set()
         self.alive_nodes: set[str] = set()
+        #: when the Redis subscription last came (back) up; a missing lease
+        #: key is evidence of a dead node only a lease after that (a Redis
+        #: restarted without persistence has lost every node's keys)
+        self.connected_since = reactor.seconds()
         self._timers: list = []
         self._announcing = False
         self._again = False
@@ -288,11 +292,13 @@ class Membership:
             commands += [("EXISTS", self.key("alive", node)), ("HKEYS", self.key("owns", node))]
         replies = (yield self.client.pipeline(commands)) if commands else []
         alive = set()
+        trusted = self._absence_is_evidence()
         for i, node in enumerate(nodes):
             if node == self.node_id:
                 continue
             if not replies[2 * i]:
-                self.cache.drop_node(node)
+                if trusted:
+                    self.cache.drop_node(node)
                 continue
             alive.add(node)
             entries = []
@@ -301,8 +307,9 @@ class Membership:
                 if parsed is not None:
                     entries.append(parsed)
             self.cache.replace_node(node, entries)
-        for gone in set(self.cache.nodes) - alive:
-            self.cache.drop_node(gone)
+        if trusted:
+            for gone in set(self.cache.nodes) - alive:
+                self.cache.drop_node(gone)
         self.alive_nodes = alive
         self.reloads += 1
 
@@ -311,13 +318,16 @@ class Membership:
         """Drop the nodes whose lease ran out (hung, or cut off from Redis)
         between two heartbeats: one EXISTS per known node, in one pipeline."""
         nodes = sorted(self.cache.nodes)
-        if not nodes:
+        if not nodes or not self._absence_is_evidence():
             return
         replies = yield self.client.pipeline([("EXISTS", self.key("alive", n)) for n in nodes])
         for node, alive in zip(nodes, replies):
             if not alive and self.cache.drop_node(node):
                 self.alive_nodes.discard(node)
                 log.warn("Cluster: node {node}'s lease ran out", node=node)
+
+    def _absence_is_evidence(self) -> bool:
+        return self.reactor.seconds() - self.connected_since >= self.lease
 
     def announcement(self, data: bytes) -> None:
         """A message on the owners channel."""

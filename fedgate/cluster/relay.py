@@ -165,6 +165,7 @@ class ClusterRelay:
     def connected_again(self) -> None:
         """(Re)subscribed: whatever was announced meanwhile is lost, so
         rewrite our entries and reload everyone's."""
+        self.membership.connected_since = self.reactor.seconds()
         d = self.membership.beat()
         d.addCallback(lambda _: self.client.execute("PUBLISH", self.membership.owners_channel,
                                                     f"sync {self.node_id}"))
