@@ -100,3 +100,16 @@ class OwnershipCacheTests(unittest.TestCase):
         self.assertEqual(cache.pair_owner("a", "c"), "n1")
         cache.remove("n1", STREAM, ("a", "c"))
         self.assertEqual(cache.nodes["n1"], set())
+
+    def test_stream_owner_by_remote_domain(self):
+        cache = OwnershipCache("me")
+        cache.add("n2", STREAM, ("a", "r"))
+        cache.add("n2", STREAM, ("b", "r"))
+        cache.add("n1", STREAM, ("c", "r"))
+        self.assertEqual(cache.stream_owner("r"), "n1")
+        cache.remove("n1", STREAM, ("c", "r"))
+        self.assertEqual(cache.stream_owner("r"), "n2")
+        cache.remove("n2", STREAM, ("a", "r"))
+        self.assertEqual(cache.stream_owner("r"), "n2")  # it still has b -> r
+        cache.drop_node("n2")
+        self.assertIsNone(cache.stream_owner("r"))

@@ -109,6 +109,27 @@ class CrossNodeTests(RoutingCase):
         yield wait_until(lambda: a.cluster.counters.acked == 20, "the acknowledgements")
 
     @defer.inlineCallbacks
+    def test_another_local_domain_joins_node_b_stream_to_the_remote(self):
+        """Node B has a stream to chat.b.example for bots.a.example; a
+        stanza from chat.a.example on node A goes to node B, which
+        authenticates chat.a -> chat.b on that same stream."""
+        a, b = self.nodes["a"], self.nodes["b"]
+        cb = yield add_component(self, self.remote, "chat.b.example", "secret-b")
+        bots = yield add_component(self, b, "bots.a.example", "secret-bots")
+        bots.send("<message from='bot@bots.a.example' to='y@chat.b.example' id='m1'/>")
+        self.assertEqual((yield cb.next_element(timeout=TIMEOUT))["id"], "m1")
+        yield wait_until(lambda: a.cluster.cache.stream_owner("chat.b.example") == "node-b",
+                         "node B's stream known to node A")
+        [stream] = [r for r in b.table if r.direction == "outbound"]
+        ca = yield add_component(self, a, "chat.a.example", "secret-a")
+        ca.send("<message from='x@chat.a.example' to='y@chat.b.example' id='j1'/>")
+        self.assertEqual((yield cb.next_element(timeout=TIMEOUT))["id"], "j1")
+        self.assertFalse(a.table.connections_of("chat.b.example"))
+        self.assertEqual(a.cluster.counters.forwarded, 1)
+        self.assertTrue(stream.can_send("chat.a.example", "chat.b.example"))
+        self.assertEqual([r for r in b.table if r.direction == "outbound"], [stream])
+
+    @defer.inlineCallbacks
     def test_component_on_node_a_opens_a_stream_when_no_node_has_one(self):
         a = self.nodes["a"]
         cb = yield add_component(self, self.remote, "chat.b.example", "secret-b")

@@ -71,6 +71,8 @@ class OwnershipCache:
         self.nodes: dict[str, set[tuple[str, tuple]]] = {}
         self._components: dict[str, list[str]] = {}
         self._pairs: dict[tuple[str, str], list[str]] = {}
+        #: remote domain -> {node: how many of its pairs go to that domain}
+        self._remotes: dict[str, dict[str, int]] = {}
         self._turn = 0
 
     def add(self, node: str, kind: str, key: tuple) -> None:
@@ -82,6 +84,9 @@ class OwnershipCache:
         entries.add((kind, key))
         index = self._components if kind == COMPONENT else self._pairs
         index.setdefault(key[0] if kind == COMPONENT else key, []).append(node)
+        if kind == STREAM:
+            counts = self._remotes.setdefault(key[1], {})
+            counts[node] = counts.get(node, 0) + 1
 
     def remove(self, node: str, kind: str, key: tuple) -> None:
         entries = self.nodes.get(node)
@@ -95,6 +100,13 @@ class OwnershipCache:
             holders.remove(node)
             if not holders:
                 del index[name]
+        if kind == STREAM:
+            counts = self._remotes.get(key[1], {})
+            counts[node] = counts.get(node, 1) - 1
+            if counts[node] <= 0:
+                del counts[node]
+            if not counts:
+                self._remotes.pop(key[1], None)
 
     def drop_node(self, node: str) -> bool:
         entries = self.nodes.get(node)
@@ -124,6 +136,12 @@ class OwnershipCache:
     def pair_owner(self, local: str, remote: str) -> str | None:
         holders = self._pairs.get((local, remote))
         return holders[0] if holders else None
+
+    def stream_owner(self, remote: str) -> str | None:
+        """A node with an authenticated stream to ``remote`` for any local
+        domain (it can authenticate one more pair on it), or None."""
+        counts = self._remotes.get(remote)
+        return min(counts) if counts else None
 
 
 class Membership:
@@ -313,6 +331,13 @@ class Membership:
         self.alive_nodes = alive
         self.reloads += 1
 
+    def rejoin(self) -> None:
+        """Rewrite this node's entries and have every node re-read them."""
+        d = self.beat()
+        d.addCallback(lambda _: self.client.execute("PUBLISH", self.owners_channel,
+                                                    f"sync {self.node_id}"))
+        d.addErrback(lambda f: None)
+
     @defer.inlineCallbacks
     def check_alive(self):
         """Drop the nodes whose lease ran out (hung, or cut off from Redis)
@@ -339,8 +364,8 @@ class Membership:
                     self.alive_nodes.discard(parts[1])
                 elif not self._stopped:
                     # Another node took us for dead (our subscriber was
-                    # away): rewrite our entries now.
-                    self.reactor.callLater(0, lambda: self.beat().addErrback(lambda f: None))
+                    # away): rewrite our entries now and have them re-read.
+                    self.reactor.callLater(0, self.rejoin)
             elif len(parts) == 2 and parts[0] == "sync" and parts[1] != self.node_id:
                 self.reload().addErrback(lambda f: None)
             elif len(parts) == 3 and parts[0] in "+-" and parts[1] != self.node_id:

@@ -9,8 +9,10 @@ cannot deliver itself, so the single-node path is unchanged):
   session is always preferred, which keeps traffic on the node it landed on;
 - for a remote domain: through this node's own destination if it has one
   (open, connecting or queueing: order is kept); else through a node that
-  has an authenticated stream for the same (local, remote) pair; else this
-  node opens one itself.
+  has an authenticated stream for the same (local, remote) pair, else one
+  with a stream to that remote domain for another local domain (it
+  authenticates the pair on it, as XEP-0220 allows); else this node opens
+  one itself.
 
 On the wire each stanza is one PUBLISH to ``<p>:node:<target>``: ``S``, a
 JSON envelope (origin node, origin instance, sequence number, kind, the
@@ -166,10 +168,7 @@ class ClusterRelay:
         """(Re)subscribed: whatever was announced meanwhile is lost, so
         rewrite our entries and reload everyone's."""
         self.membership.connected_since = self.reactor.seconds()
-        d = self.membership.beat()
-        d.addCallback(lambda _: self.client.execute("PUBLISH", self.membership.owners_channel,
-                                                    f"sync {self.node_id}"))
-        d.addErrback(lambda f: log.debug("Cluster resync failed: {e}", e=str(f.value)))
+        self.membership.rejoin()
 
     def lost(self, reason: str) -> None:
         log.warn("Cluster: lost Redis ({reason}); stanzas for other nodes bounce until it is back",
@@ -226,7 +225,7 @@ class ClusterRelay:
         destination = self.sender.destinations.get(to_domain)
         if destination is not None and not destination.is_idle():
             return False  # ours is open, connecting or queueing: keep the order
-        node = self.cache.pair_owner(from_domain, to_domain)
+        node = self.cache.pair_owner(from_domain, to_domain) or self.cache.stream_owner(to_domain)
         if node is None:
             return False
         self.forward(node, KIND_S2S, stanza, from_domain, to_domain)
