@@ -67,6 +67,14 @@ class InFlightTableTests(unittest.TestCase):
         self.assertEqual([e.stanza for e in self.table.take_node("node-a")], ["a1", "a2"])
         self.assertEqual((len(self.table), self.table.bytes), (0, 0))
 
+    def test_take_node_confirmed_only(self):
+        s1 = self.table.add("node-a", "got there", 1)
+        self.table.add("node-a", "reply pending", 1)
+        self.table.confirm(s1)
+        self.assertEqual([e.stanza for e in self.table.take_node("node-a", confirmed_only=True)],
+                         ["got there"])
+        self.assertEqual([e.stanza for e in self.table.take_node("node-a")], ["reply pending"])
+
     def test_an_acknowledged_stanza_never_expires(self):
         seq = self.table.add("node-a", "x", 1)
         self.table.ack([seq])

@@ -239,6 +239,33 @@ class NodeFailureTests(RoutingCase):
         self.assertEqual({error_condition(e) for e in got}, {"service-unavailable"})
 
 
+class DeadNodeInFlightTests(RoutingCase):
+    @defer.inlineCallbacks
+    def test_unacknowledged_stanzas_bounce_as_soon_as_the_node_is_found_dead(self):
+        """Stanzas node A took but had not acknowledged when it died bounce
+        the moment node B finds it dead, not ack_timeout (6 s) later."""
+        a, b = self.nodes["a"], self.nodes["b"]
+        ca = yield add_component(self, a, "chat.a.example", "secret-a")
+        cb = yield add_component(self, self.remote, "chat.b.example", "secret-b")
+        yield self.known_everywhere("chat.a.example", "a")
+        a.cluster._ack = lambda *args: None
+        for i in range(3):
+            cb.send(f"<message from='y@chat.b.example' to='x@chat.a.example' id='u{i}'/>")
+        yield drain(ca, 3)
+        self.assertEqual(len(b.cluster.inflight), 3)
+        a.cluster.kill()
+        started = reactor.seconds()
+        cb.send("<message from='y@chat.b.example' to='x@chat.a.example' id='after'/>")
+        got = yield drain(cb, 4, timeout=3.0)
+        took = reactor.seconds() - started
+        self.assertEqual(sorted(e["id"] for e in got), ["after", "u0", "u1", "u2"])
+        conditions = {e["id"]: error_condition(e) for e in got}
+        self.assertEqual(conditions, {"u0": "remote-server-timeout", "u1": "remote-server-timeout",
+                                      "u2": "remote-server-timeout", "after": "service-unavailable"})
+        self.assertLess(took, 1.0)
+        self.assertEqual(len(b.cluster.inflight), 0)
+
+
 class RedisOutageTests(RoutingCase):
     @defer.inlineCallbacks
     def test_redis_down_bounces_cross_node_then_recovers(self):

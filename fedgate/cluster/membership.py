@@ -165,14 +165,17 @@ class Membership:
         self.info = info
         self.scan = scan
         self.cache = OwnershipCache(node_id)
+        #: called with a node id when that node is found dead or gone
+        self.on_gone: Callable[[str], None] = lambda node: None
         self.instance = ""
         #: what the other nodes were last told this node holds
         self.announced: set = set()
         self.alive_nodes: set[str] = set()
-        #: when the Redis subscription last came (back) up; a missing lease
-        #: key is evidence of a dead node only a lease after that (a Redis
-        #: restarted without persistence has lost every node's keys)
-        self.connected_since = reactor.seconds()
+        #: when the Redis subscription last came (back) up, None while it
+        #: is down; a missing lease key is evidence of a dead node only a
+        #: lease after that (a Redis restarted without persistence has lost
+        #: every node's keys, and the others rewrite theirs as they reconnect)
+        self.connected_since: float | None = None
         self._timers: list = []
         self._announcing = False
         self._again = False
@@ -316,7 +319,7 @@ class Membership:
                 continue
             if not replies[2 * i]:
                 if trusted:
-                    self.cache.drop_node(node)
+                    self._drop(node)
                 continue
             alive.add(node)
             entries = []
@@ -327,7 +330,7 @@ class Membership:
             self.cache.replace_node(node, entries)
         if trusted:
             for gone in set(self.cache.nodes) - alive:
-                self.cache.drop_node(gone)
+                self._drop(gone)
         self.alive_nodes = alive
         self.reloads += 1
 
@@ -347,12 +350,20 @@ class Membership:
             return
         replies = yield self.client.pipeline([("EXISTS", self.key("alive", n)) for n in nodes])
         for node, alive in zip(nodes, replies):
-            if not alive and self.cache.drop_node(node):
-                self.alive_nodes.discard(node)
+            if not alive and node in self.cache.nodes:
                 log.warn("Cluster: node {node}'s lease ran out", node=node)
+                self._drop(node)
+
+    def _drop(self, node: str) -> bool:
+        """Forget ``node``'s entries and tell the listener; whether it was known."""
+        known = self.cache.drop_node(node)
+        self.alive_nodes.discard(node)
+        self.on_gone(node)
+        return known
 
     def _absence_is_evidence(self) -> bool:
-        return self.reactor.seconds() - self.connected_since >= self.lease
+        since = self.connected_since
+        return since is not None and self.reactor.seconds() - since >= self.lease
 
     def announcement(self, data: bytes) -> None:
         """A message on the owners channel."""
@@ -360,8 +371,7 @@ class Membership:
             parts = line.split(" ")
             if len(parts) == 2 and parts[0] == "down":
                 if parts[1] != self.node_id:
-                    self.cache.drop_node(parts[1])
-                    self.alive_nodes.discard(parts[1])
+                    self._drop(parts[1])
                 elif not self._stopped:
                     # Another node took us for dead (our subscriber was
                     # away): rewrite our entries now and have them re-read.
@@ -385,8 +395,7 @@ class Membership:
         them back."""
         if node == self.node_id:
             return
-        known = self.cache.drop_node(node)
-        self.alive_nodes.discard(node)
+        known = self._drop(node)
         if known:
             log.warn("Cluster: node {node} is gone (a message to it reached no subscriber)",
                      node=node)

@@ -114,6 +114,7 @@ class ClusterRelay:
                                      heartbeat=settings.heartbeat, local_entries=self.local_entries,
                                      info=self.info)
         self.cache = self.membership.cache
+        self.membership.on_gone = self._node_gone
         self.publisher = None
         self.subscriber = None
         self._acks: dict[tuple[str, str], list[int]] = {}
@@ -171,6 +172,7 @@ class ClusterRelay:
         self.membership.rejoin()
 
     def lost(self, reason: str) -> None:
+        self.membership.connected_since = None
         log.warn("Cluster: lost Redis ({reason}); stanzas for other nodes bounce until it is back",
                  reason=reason)
 
@@ -255,12 +257,22 @@ class ClusterRelay:
 
     def _published(self, receivers: int, seq: int, node: str) -> None:
         if receivers:
+            self.inflight.confirm(seq)
             return
         entry = self.inflight.take_back(seq)
-        self.membership.node_gone(node)
+        self.membership.node_gone(node)  # what else waits for it bounces
         if entry is not None:
             self.counters.rerouted += 1
             self.router.route(entry.stanza)  # another holder, the local path, or a bounce
+
+    def _node_gone(self, node: str) -> None:
+        """``node`` is dead or its lease ran out: what it was sent and has
+        not acknowledged bounces now rather than at ``ack_timeout`` (it may
+        have been delivered just before: the documented window).  Stanzas
+        whose PUBLISH reply is still to come wait for it: one that reached
+        nobody is routed again."""
+        for entry in self.inflight.take_node(node, confirmed_only=True):
+            self._bounce(entry.stanza, "timeout", f"gateway node {node} is gone")
 
     def _not_published(self, failure, seq: int) -> None:
         entry = self.inflight.take_back(seq)
