@@ -241,14 +241,17 @@ class Router:
 
     def reroute_to_component(self, stanza: Stanza) -> None:
         """A stanza a component session still held when it went away: another
-        session of its domain takes it, else it bounces with
-        ``service-unavailable`` (never to a remote domain)."""
+        session of its domain takes it (here, else on another cluster node),
+        else it bounces with ``service-unavailable`` (never to a remote domain)."""
         try:
             to_domain = domain_of(stanza.to or "")
         except InvalidDomain:
             to_domain = None
         session = self.components.get(to_domain) if to_domain is not None else None
         if session is None:
+            if (self.cluster is not None and to_domain is not None
+                    and self.cluster.route_component(stanza, to_domain)):
+                return  # a session of the domain on another node takes it
             self.bounce(stanza, "service-unavailable", f"{to_domain} disconnected")
         else:
             self._to_component(session, stanza, to_domain)

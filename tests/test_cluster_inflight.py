@@ -67,6 +67,14 @@ class InFlightTableTests(unittest.TestCase):
         self.assertEqual([e.stanza for e in self.table.take_node("node-a")], ["a1", "a2"])
         self.assertEqual((len(self.table), self.table.bytes), (0, 0))
 
+    def test_take_node_confirmed_only(self):
+        s1 = self.table.add("node-a", "got there", 1)
+        self.table.add("node-a", "reply pending", 1)
+        self.table.confirm(s1)
+        self.assertEqual([e.stanza for e in self.table.take_node("node-a", confirmed_only=True)],
+                         ["got there"])
+        self.assertEqual([e.stanza for e in self.table.take_node("node-a")], ["reply pending"])
+
     def test_an_acknowledged_stanza_never_expires(self):
         seq = self.table.add("node-a", "x", 1)
         self.table.ack([seq])
@@ -100,3 +108,16 @@ class OwnershipCacheTests(unittest.TestCase):
         self.assertEqual(cache.pair_owner("a", "c"), "n1")
         cache.remove("n1", STREAM, ("a", "c"))
         self.assertEqual(cache.nodes["n1"], set())
+
+    def test_stream_owner_by_remote_domain(self):
+        cache = OwnershipCache("me")
+        cache.add("n2", STREAM, ("a", "r"))
+        cache.add("n2", STREAM, ("b", "r"))
+        cache.add("n1", STREAM, ("c", "r"))
+        self.assertEqual(cache.stream_owner("r"), "n1")
+        cache.remove("n1", STREAM, ("c", "r"))
+        self.assertEqual(cache.stream_owner("r"), "n2")
+        cache.remove("n2", STREAM, ("a", "r"))
+        self.assertEqual(cache.stream_owner("r"), "n2")  # it still has b -> r
+        cache.drop_node("n2")
+        self.assertIsNone(cache.stream_owner("r"))

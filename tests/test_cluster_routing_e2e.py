@@ -109,6 +109,27 @@ class CrossNodeTests(RoutingCase):
         yield wait_until(lambda: a.cluster.counters.acked == 20, "the acknowledgements")
 
     @defer.inlineCallbacks
+    def test_another_local_domain_joins_node_b_stream_to_the_remote(self):
+        """Node B has a stream to chat.b.example for bots.a.example; a
+        stanza from chat.a.example on node A goes to node B, which
+        authenticates chat.a -> chat.b on that same stream."""
+        a, b = self.nodes["a"], self.nodes["b"]
+        cb = yield add_component(self, self.remote, "chat.b.example", "secret-b")
+        bots = yield add_component(self, b, "bots.a.example", "secret-bots")
+        bots.send("<message from='bot@bots.a.example' to='y@chat.b.example' id='m1'/>")
+        self.assertEqual((yield cb.next_element(timeout=TIMEOUT))["id"], "m1")
+        yield wait_until(lambda: a.cluster.cache.stream_owner("chat.b.example") == "node-b",
+                         "node B's stream known to node A")
+        [stream] = [r for r in b.table if r.direction == "outbound"]
+        ca = yield add_component(self, a, "chat.a.example", "secret-a")
+        ca.send("<message from='x@chat.a.example' to='y@chat.b.example' id='j1'/>")
+        self.assertEqual((yield cb.next_element(timeout=TIMEOUT))["id"], "j1")
+        self.assertFalse(a.table.connections_of("chat.b.example"))
+        self.assertEqual(a.cluster.counters.forwarded, 1)
+        self.assertTrue(stream.can_send("chat.a.example", "chat.b.example"))
+        self.assertEqual([r for r in b.table if r.direction == "outbound"], [stream])
+
+    @defer.inlineCallbacks
     def test_component_on_node_a_opens_a_stream_when_no_node_has_one(self):
         a = self.nodes["a"]
         cb = yield add_component(self, self.remote, "chat.b.example", "secret-b")
@@ -216,6 +237,33 @@ class NodeFailureTests(RoutingCase):
         got = yield drain(cb, 5)
         self.assertEqual(sorted(e["id"] for e in got), [f"d{i}" for i in range(5)])
         self.assertEqual({error_condition(e) for e in got}, {"service-unavailable"})
+
+
+class DeadNodeInFlightTests(RoutingCase):
+    @defer.inlineCallbacks
+    def test_unacknowledged_stanzas_bounce_as_soon_as_the_node_is_found_dead(self):
+        """Stanzas node A took but had not acknowledged when it died bounce
+        the moment node B finds it dead, not ack_timeout (6 s) later."""
+        a, b = self.nodes["a"], self.nodes["b"]
+        ca = yield add_component(self, a, "chat.a.example", "secret-a")
+        cb = yield add_component(self, self.remote, "chat.b.example", "secret-b")
+        yield self.known_everywhere("chat.a.example", "a")
+        a.cluster._ack = lambda *args: None
+        for i in range(3):
+            cb.send(f"<message from='y@chat.b.example' to='x@chat.a.example' id='u{i}'/>")
+        yield drain(ca, 3)
+        self.assertEqual(len(b.cluster.inflight), 3)
+        a.cluster.kill()
+        started = reactor.seconds()
+        cb.send("<message from='y@chat.b.example' to='x@chat.a.example' id='after'/>")
+        got = yield drain(cb, 4, timeout=3.0)
+        took = reactor.seconds() - started
+        self.assertEqual(sorted(e["id"] for e in got), ["after", "u0", "u1", "u2"])
+        conditions = {e["id"]: error_condition(e) for e in got}
+        self.assertEqual(conditions, {"u0": "remote-server-timeout", "u1": "remote-server-timeout",
+                                      "u2": "remote-server-timeout", "after": "service-unavailable"})
+        self.assertLess(took, 1.0)
+        self.assertEqual(len(b.cluster.inflight), 0)
 
 
 class RedisOutageTests(RoutingCase):
@@ -421,3 +469,48 @@ class HungNodeTests(RoutingCase):
         print(f"\nhung node dropped {noticed:.2f} s after it hung (lease 2 s, heartbeat 0.5 s); "
               f"{len(at_c)} to C, {len(at_a)} to A and bounced, of {sent}")
         self.assertLess(noticed, 2.0 + 0.5 + 0.3)
+
+
+class RedisRestartFloodTests(RoutingCase):
+    cluster_options = {"ack_timeout": 1.0}
+
+    @defer.inlineCallbacks
+    def test_redis_restart_in_the_middle_of_a_flood_loses_nothing(self):
+        """The remote floods node B for a component on node A; Redis restarts
+        half way.  Every stanza ends delivered or bounced (none silently
+        lost); some may be both (acknowledgement lost with Redis)."""
+        a, b = self.nodes["a"], self.nodes["b"]
+        ca = yield add_component(self, a, "chat.a.example", "secret-a")
+        cb = yield add_component(self, self.remote, "chat.b.example", "secret-b")
+        yield self.known_everywhere("chat.a.example", "a")
+        sent, restarted = 0, False
+        started = reactor.seconds()
+        while reactor.seconds() - started < 3.0:
+            for _ in range(20):
+                cb.send(f"<message from='y@chat.b.example' to='x@chat.a.example' id='r{sent}'/>")
+                sent += 1
+            if not restarted and reactor.seconds() - started > 1.0:
+                self.redis.restart()
+                restarted = True
+            yield sleep(0.01)
+        ids = {f"r{i}" for i in range(sent)}
+
+        def outcome():
+            at_a = {e["id"] for e in ca.received.pending}
+            bounced = {e["id"] for e in cb.received.pending if error_condition(e)}
+            return at_a, bounced
+        yield wait_until(lambda: set.union(*outcome()) == ids and not len(b.cluster.inflight),
+                         "every stanza's outcome", 15)
+        at_a, bounced = outcome()
+        self.assertEqual(len(ca.received.pending), len(at_a))  # no duplicates delivered
+        both = at_a & bounced
+        conditions = {}
+        for e in cb.received.pending:
+            if error_condition(e):
+                conditions[error_condition(e)] = conditions.get(error_condition(e), 0) + 1
+        print(f"\nbounce conditions: {conditions}")
+        print(f"\nRedis restarted mid-flood: {sent} sent, {len(at_a)} delivered, {len(bounced)} "
+              f"bounced ({dict(b.cluster.counters.bounced)}), {len(both)} both delivered and "
+              "bounced, 0 lost")
+        self.assertGreater(len(at_a), sent // 2)
+        self.assertTrue(b.cluster.connected and a.cluster.connected)

@@ -36,6 +36,8 @@ class InFlight:
     stanza: Any
     size: int
     sent_at: float
+    #: Redis reported a subscriber got it (the PUBLISH reply came back > 0)
+    confirmed: bool = False
 
 
 class InFlightTable:
@@ -98,9 +100,18 @@ class InFlightTable:
         nobody or failed): the entry, or None if it was acknowledged already."""
         return self._take(seq)
 
-    def take_node(self, node: str) -> list[InFlight]:
-        """Every entry waiting for ``node`` (it is gone), oldest first."""
-        seqs = [seq for seq, entry in self._waiting.items() if entry.node == node]
+    def confirm(self, seq: int) -> None:
+        """The PUBLISH of ``seq`` reached a subscriber."""
+        entry = self._waiting.get(seq)
+        if entry is not None:
+            entry.confirmed = True
+
+    def take_node(self, node: str, confirmed_only: bool = False) -> list[InFlight]:
+        """Every entry waiting for ``node`` (it is gone), oldest first; with
+        ``confirmed_only``, only those a subscriber is known to have got
+        (the others' PUBLISH replies are still to come)."""
+        seqs = [seq for seq, entry in self._waiting.items()
+                if entry.node == node and (entry.confirmed or not confirmed_only)]
         return [self._take(seq) for seq in seqs]
 
     def take_all(self) -> list[InFlight]:

@@ -71,6 +71,8 @@ class OwnershipCache:
         self.nodes: dict[str, set[tuple[str, tuple]]] = {}
         self._components: dict[str, list[str]] = {}
         self._pairs: dict[tuple[str, str], list[str]] = {}
+        #: remote domain -> {node: how many of its pairs go to that domain}
+        self._remotes: dict[str, dict[str, int]] = {}
         self._turn = 0
 
     def add(self, node: str, kind: str, key: tuple) -> None:
@@ -82,6 +84,9 @@ class OwnershipCache:
         entries.add((kind, key))
         index = self._components if kind == COMPONENT else self._pairs
         index.setdefault(key[0] if kind == COMPONENT else key, []).append(node)
+        if kind == STREAM:
+            counts = self._remotes.setdefault(key[1], {})
+            counts[node] = counts.get(node, 0) + 1
 
     def remove(self, node: str, kind: str, key: tuple) -> None:
         entries = self.nodes.get(node)
@@ -95,6 +100,13 @@ class OwnershipCache:
             holders.remove(node)
             if not holders:
                 del index[name]
+        if kind == STREAM:
+            counts = self._remotes.get(key[1], {})
+            counts[node] = counts.get(node, 1) - 1
+            if counts[node] <= 0:
+                del counts[node]
+            if not counts:
+                self._remotes.pop(key[1], None)
 
     def drop_node(self, node: str) -> bool:
         entries = self.nodes.get(node)
@@ -125,6 +137,12 @@ class OwnershipCache:
         holders = self._pairs.get((local, remote))
         return holders[0] if holders else None
 
+    def stream_owner(self, remote: str) -> str | None:
+        """A node with an authenticated stream to ``remote`` for any local
+        domain (it can authenticate one more pair on it), or None."""
+        counts = self._remotes.get(remote)
+        return min(counts) if counts else None
+
 
 class Membership:
     """This node's lease and entries in Redis, and the cache of the others'.
@@ -147,10 +165,17 @@ class Membership:
         self.info = info
         self.scan = scan
         self.cache = OwnershipCache(node_id)
+        #: called with a node id when that node is found dead or gone
+        self.on_gone: Callable[[str], None] = lambda node: None
         self.instance = ""
         #: what the other nodes were last told this node holds
         self.announced: set = set()
         self.alive_nodes: set[str] = set()
+        #: when the Redis subscription last came (back) up, None while it
+        #: is down; a missing lease key is evidence of a dead node only a
+        #: lease after that (a Redis restarted without persistence has lost
+        #: every node's keys, and the others rewrite theirs as they reconnect)
+        self.connected_since: float | None = None
         self._timers: list = []
         self._announcing = False
         self._again = False
@@ -288,11 +313,13 @@ class Membership:
             commands += [("EXISTS", self.key("alive", node)), ("HKEYS", self.key("owns", node))]
         replies = (yield self.client.pipeline(commands)) if commands else []
         alive = set()
+        trusted = self._absence_is_evidence()
         for i, node in enumerate(nodes):
             if node == self.node_id:
                 continue
             if not replies[2 * i]:
-                self.cache.drop_node(node)
+                if trusted:
+                    self._drop(node)
                 continue
             alive.add(node)
             entries = []
@@ -301,23 +328,42 @@ class Membership:
                 if parsed is not None:
                     entries.append(parsed)
             self.cache.replace_node(node, entries)
-        for gone in set(self.cache.nodes) - alive:
-            self.cache.drop_node(gone)
+        if trusted:
+            for gone in set(self.cache.nodes) - alive:
+                self._drop(gone)
         self.alive_nodes = alive
         self.reloads += 1
+
+    def rejoin(self) -> None:
+        """Rewrite this node's entries and have every node re-read them."""
+        d = self.beat()
+        d.addCallback(lambda _: self.client.execute("PUBLISH", self.owners_channel,
+                                                    f"sync {self.node_id}"))
+        d.addErrback(lambda f: None)
 
     @defer.inlineCallbacks
     def check_alive(self):
         """Drop the nodes whose lease ran out (hung, or cut off from Redis)
         between two heartbeats: one EXISTS per known node, in one pipeline."""
         nodes = sorted(self.cache.nodes)
-        if not nodes:
+        if not nodes or not self._absence_is_evidence():
             return
         replies = yield self.client.pipeline([("EXISTS", self.key("alive", n)) for n in nodes])
         for node, alive in zip(nodes, replies):
-            if not alive and self.cache.drop_node(node):
-                self.alive_nodes.discard(node)
+            if not alive and node in self.cache.nodes:
                 log.warn("Cluster: node {node}'s lease ran out", node=node)
+                self._drop(node)
+
+    def _drop(self, node: str) -> bool:
+        """Forget ``node``'s entries and tell the listener; whether it was known."""
+        known = self.cache.drop_node(node)
+        self.alive_nodes.discard(node)
+        self.on_gone(node)
+        return known
+
+    def _absence_is_evidence(self) -> bool:
+        since = self.connected_since
+        return since is not None and self.reactor.seconds() - since >= self.lease
 
     def announcement(self, data: bytes) -> None:
         """A message on the owners channel."""
@@ -325,12 +371,11 @@ class Membership:
             parts = line.split(" ")
             if len(parts) == 2 and parts[0] == "down":
                 if parts[1] != self.node_id:
-                    self.cache.drop_node(parts[1])
-                    self.alive_nodes.discard(parts[1])
+                    self._drop(parts[1])
                 elif not self._stopped:
                     # Another node took us for dead (our subscriber was
-                    # away): rewrite our entries now.
-                    self.reactor.callLater(0, lambda: self.beat().addErrback(lambda f: None))
+                    # away): rewrite our entries now and have them re-read.
+                    self.reactor.callLater(0, self.rejoin)
             elif len(parts) == 2 and parts[0] == "sync" and parts[1] != self.node_id:
                 self.reload().addErrback(lambda f: None)
             elif len(parts) == 3 and parts[0] in "+-" and parts[1] != self.node_id:
@@ -350,8 +395,7 @@ class Membership:
         them back."""
         if node == self.node_id:
             return
-        known = self.cache.drop_node(node)
-        self.alive_nodes.discard(node)
+        known = self._drop(node)
         if known:
             log.warn("Cluster: node {node} is gone (a message to it reached no subscriber)",
                      node=node)

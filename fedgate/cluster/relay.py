@@ -9,8 +9,10 @@ cannot deliver itself, so the single-node path is unchanged):
   session is always preferred, which keeps traffic on the node it landed on;
 - for a remote domain: through this node's own destination if it has one
   (open, connecting or queueing: order is kept); else through a node that
-  has an authenticated stream for the same (local, remote) pair; else this
-  node opens one itself.
+  has an authenticated stream for the same (local, remote) pair, else one
+  with a stream to that remote domain for another local domain (it
+  authenticates the pair on it, as XEP-0220 allows); else this node opens
+  one itself.
 
 On the wire each stanza is one PUBLISH to ``<p>:node:<target>``: ``S``, a
 JSON envelope (origin node, origin instance, sequence number, kind, the
@@ -112,6 +114,7 @@ class ClusterRelay:
                                      heartbeat=settings.heartbeat, local_entries=self.local_entries,
                                      info=self.info)
         self.cache = self.membership.cache
+        self.membership.on_gone = self._node_gone
         self.publisher = None
         self.subscriber = None
         self._acks: dict[tuple[str, str], list[int]] = {}
@@ -165,12 +168,11 @@ class ClusterRelay:
     def connected_again(self) -> None:
         """(Re)subscribed: whatever was announced meanwhile is lost, so
         rewrite our entries and reload everyone's."""
-        d = self.membership.beat()
-        d.addCallback(lambda _: self.client.execute("PUBLISH", self.membership.owners_channel,
-                                                    f"sync {self.node_id}"))
-        d.addErrback(lambda f: log.debug("Cluster resync failed: {e}", e=str(f.value)))
+        self.membership.connected_since = self.reactor.seconds()
+        self.membership.rejoin()
 
     def lost(self, reason: str) -> None:
+        self.membership.connected_since = None
         log.warn("Cluster: lost Redis ({reason}); stanzas for other nodes bounce until it is back",
                  reason=reason)
 
@@ -225,7 +227,7 @@ class ClusterRelay:
         destination = self.sender.destinations.get(to_domain)
         if destination is not None and not destination.is_idle():
             return False  # ours is open, connecting or queueing: keep the order
-        node = self.cache.pair_owner(from_domain, to_domain)
+        node = self.cache.pair_owner(from_domain, to_domain) or self.cache.stream_owner(to_domain)
         if node is None:
             return False
         self.forward(node, KIND_S2S, stanza, from_domain, to_domain)
@@ -255,12 +257,22 @@ class ClusterRelay:
 
     def _published(self, receivers: int, seq: int, node: str) -> None:
         if receivers:
+            self.inflight.confirm(seq)
             return
         entry = self.inflight.take_back(seq)
-        self.membership.node_gone(node)
+        self.membership.node_gone(node)  # what else waits for it bounces
         if entry is not None:
             self.counters.rerouted += 1
             self.router.route(entry.stanza)  # another holder, the local path, or a bounce
+
+    def _node_gone(self, node: str) -> None:
+        """``node`` is dead or its lease ran out: what it was sent and has
+        not acknowledged bounces now rather than at ``ack_timeout`` (it may
+        have been delivered just before: the documented window).  Stanzas
+        whose PUBLISH reply is still to come wait for it: one that reached
+        nobody is routed again."""
+        for entry in self.inflight.take_node(node, confirmed_only=True):
+            self._bounce(entry.stanza, "timeout", f"gateway node {node} is gone")
 
     def _not_published(self, failure, seq: int) -> None:
         entry = self.inflight.take_back(seq)
