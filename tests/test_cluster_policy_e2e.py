@@ -196,3 +196,29 @@ class RedisRestartTests(ClusterCase):
         yield self.applied_everywhere(
             lambda n: n.admin.components.current("late.a.example") == ComponentCredential(
                 "late.a.example", "s"), "the component")
+
+
+class RedisDownTests(ClusterCase):
+    @defer.inlineCallbacks
+    def test_nodes_keep_serving_and_refuse_writes_while_redis_is_down(self):
+        ca, cb = yield self.federate()
+        yield self.api("b").put(f"{V1}/peers/blocked.example", {"allowed": False})
+        yield self.applied_everywhere(lambda n: n.policy.is_blocked("blocked.example"), "the block")
+        self.redis.stop()
+        yield self.applied_everywhere(lambda n: not n.admin.sync.connected, "the lost feed", 10)
+        # Writes are refused with 503 (nothing acknowledged that Redis lacks)...
+        got = yield self.api("a").put(f"{V1}/peers/other.example", {"allowed": False})
+        self.assertEqual(got.status, 503, got.body)
+        self.assertIn("storage unavailable", got.json["message"])
+        # ...while traffic flows on, under the policy each node holds.
+        ca.send("<message from='x@chat.a.example' to='y@chat.b.example' id='during'/>")
+        self.assertEqual((yield cb.next_element(timeout=TIMEOUT))["id"], "during")
+        self.assertTrue(all(n.policy.is_blocked("blocked.example") for n in self.nodes.values()))
+        # Redis comes back empty (persistence off here): the reload brings
+        # every node in line with it, and writes work again.
+        self.redis.start()
+        yield self.applied_everywhere(lambda n: n.admin.sync.connected
+                                      and not n.policy.is_blocked("blocked.example"), "the reload", 10)
+        got = yield self.api("a").put(f"{V1}/peers/other.example", {"allowed": False})
+        self.assertEqual(got.status, 201, got.body)
+        yield self.applied_everywhere(lambda n: n.policy.is_blocked("other.example"), "the new block")
