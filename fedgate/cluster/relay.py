@@ -120,6 +120,11 @@ class ClusterRelay:
         self._acks: dict[tuple[str, str], list[int]] = {}
         self._ack_flush = None
         self._expiry = None
+        #: after a resubscription (Redis restarted or cut off), the other
+        #: nodes' subscribers come back one by one: until a lease has passed,
+        #: a PUBLISH that reached nobody is no evidence that its node died
+        self._subscribed_before = False
+        self._settling_until = 0.0
 
     # -- keys -------------------------------------------------------------------------
     def channel(self, node: str) -> str:
@@ -168,7 +173,11 @@ class ClusterRelay:
     def connected_again(self) -> None:
         """(Re)subscribed: whatever was announced meanwhile is lost, so
         rewrite our entries and reload everyone's."""
-        self.membership.connected_since = self.reactor.seconds()
+        now = self.reactor.seconds()
+        self.membership.connected_since = now
+        if self._subscribed_before:
+            self._settling_until = now + self.settings.lease
+        self._subscribed_before = True
         self.membership.rejoin()
 
     def lost(self, reason: str) -> None:
@@ -260,6 +269,12 @@ class ClusterRelay:
             self.inflight.confirm(seq)
             return
         entry = self.inflight.take_back(seq)
+        if self.reactor.seconds() < self._settling_until:
+            # Its subscriber may not be back yet: bounce as while Redis is
+            # down, and leave its entries alone.
+            if entry is not None:
+                self._bounce(entry.stanza, "redis", f"gateway node {node} is not listening yet")
+            return
         self.membership.node_gone(node)  # what else waits for it bounces
         if entry is not None:
             self.counters.rerouted += 1
