@@ -248,4 +248,5 @@ class CrossNode(ClusterProcesses):
         # Once Redis is back, stanzas cross nodes again.
         self.assertGreater(later.delivered, 0, f"{later}\n{self.cluster.diagnostics()}")
         self.assertEqual(set(everything.conditions) - {"remote-server-timeout"}, set(),
-                         "cross-node stanzas bounce with remote-server-timeout while Redis is down")
+                         "cross-node stanzas bounce with remote-server-timeout while Redis is "
+                         f"down\n{self.cluster.diagnostics(60)}")
