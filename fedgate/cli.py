@@ -242,6 +242,8 @@ def plan(options) -> list[tuple[str, str, object]]:
         if a == "remove":
             return [("DELETE", path + "/credentials", None)]
         return [("GET", path, None)]
+    if c == "cluster":
+        return [("GET", f"{v1}/cluster", None)]
     if c == "diagnose":
         body = {k: v for k, v in (("from", options.from_domain), ("method", options.method)) if v}
         return [("POST", f"{v1}/diagnose/{q(options.domain)}", body)]
@@ -490,6 +492,10 @@ def parser() -> argparse.ArgumentParser:
                     help="XEP-0225: a hostname it may bind besides its own (repeatable)")
     cs.add_argument("--note")
 
+    clu = sub.add_parser("cluster", help="the cluster's nodes (cluster mode)").add_subparsers(
+        dest="action", required=True)
+    clu.add_parser("status", help="every node's health, components, S2S streams and destinations, "
+                   "as any node sees them in Redis")
     diag = sub.add_parser("diagnose", help="try to federate with a domain now, step by step")
     diag.add_argument("domain")
     diag.add_argument("--from", dest="from_domain", help="our domain to federate as")

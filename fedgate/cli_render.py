@@ -119,9 +119,43 @@ def _step_detail(step: dict) -> str:
     return ""
 
 
+CLUSTER_NODES = [
+    ("NODE", "node"), ("HEALTH", "health"),
+    ("HEARTBEAT", lambda n: f"{duration(n['heartbeat_age_seconds'])} ago"
+     if n.get("heartbeat_age_seconds") is not None else None),
+    ("LEASE LEFT", lambda n: duration(n["lease_remaining_seconds"])),
+    ("COMPONENTS", "components"), ("STREAMS", lambda n: n.get("streams_total", len(n["streams"]))),
+    ("DESTINATIONS", lambda n: n.get("destinations_total", len(n["destinations"]))),
+    ("IN FLIGHT", "in_flight"), ("FORWARDED", lambda n: (n.get("relay") or {}).get("forwarded")),
+    ("ACKED", lambda n: (n.get("relay") or {}).get("acked")),
+    ("BOUNCED", lambda n: sum(((n.get("relay") or {}).get("bounced") or {}).values()))]
+
+
+def render_cluster(result: dict) -> str:
+    """``fedgatectl cluster status``: the nodes, then every node's streams
+    and destinations."""
+    head = (f"cluster seen from {result['node']}: Redis "
+            f"{'connected' if result['redis_connected'] else 'UNREACHABLE'}, lease "
+            f"{duration(result['lease_seconds'])}, {result['in_flight']} stanzas waiting for an "
+            "acknowledgement")
+    parts = [head, table(result["nodes"], CLUSTER_NODES)]
+    streams = [dict(s, node=n["node"]) for n in result["nodes"] for s in n.get("streams", [])]
+    if streams:
+        parts.append(table(streams, [("NODE", "node"), ("STREAM", "id"), ("DIRECTION", "direction"),
+                                     ("REMOTE", "remote"), ("BIDI", "bidi"),
+                                     ("PAIRS", lambda s: [" -> ".join(p) for p in s["pairs"]])]))
+    dests = [dict(d, node=n["node"]) for n in result["nodes"] for d in n.get("destinations", [])]
+    if dests:
+        parts.append(table(dests, [("NODE", "node"), ("DESTINATION", "domain"), ("STATE", "state"),
+                                   ("QUEUED", "queued_stanzas")]))
+    return "\n\n".join(parts)
+
+
 def render(command: str, result, now: float | None = None) -> str:
     if not isinstance(result, dict):
         return str(result).rstrip("\n")
+    if "nodes" in result and "lease_seconds" in result:
+        return render_cluster(result)
     if "peers" in result:
         return f"mode: {result['mode']}\n" + table(result["peers"], PEERS)
     if "connections" in result:

@@ -240,6 +240,12 @@ class ClusterConfig:
     #: threads (and connections) for Redis commands; commands waiting at most
     threads: int = 4
     max_pending: int = 10000
+    #: cross-node stanzas (fedgate.cluster.relay): seconds to wait for the
+    #: receiving node's acknowledgement before bouncing; most stanzas and
+    #: bytes waiting for one (past either: resource-constraint)
+    ack_timeout: float = 6.0
+    max_in_flight: int = 10000
+    max_in_flight_bytes: int = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -817,7 +823,10 @@ def _cluster(cr: _Reader) -> ClusterConfig:
         enabled=enabled, redis=address, password=password, password_file=password_file, tls=tls,
         tls_ca_file=tls_ca_file, node_id=node_id, key_prefix=key_prefix, lease=lease,
         heartbeat=heartbeat, threads=cr.positive("threads", int, ClusterConfig.threads),
-        max_pending=cr.positive("max_pending", int, ClusterConfig.max_pending))
+        max_pending=cr.positive("max_pending", int, ClusterConfig.max_pending),
+        ack_timeout=cr.positive("ack_timeout", float, ClusterConfig.ack_timeout),
+        max_in_flight=cr.positive("max_in_flight", int, ClusterConfig.max_in_flight),
+        max_in_flight_bytes=cr.positive("max_in_flight_bytes", int, ClusterConfig.max_in_flight_bytes))
     cr.done()
     return cluster
 

@@ -44,7 +44,7 @@ class GatewayMetrics:
     content_type = CONTENT_TYPE_LATEST
 
     def __init__(self, clock, table, sender, router, components, policy, domains=(), admission=None,
-                 certificate_expiry=None):
+                 certificate_expiry=None, cluster=None):
         """Reads only narrow views: the connection ``table`` (records, and
         its removal events), the ``sender``'s counts, the ``router``'s
         bounce counts and bound components, the component registry's
@@ -59,6 +59,8 @@ class GatewayMetrics:
         self.domains = tuple(sorted(set(domains)))
         #: () -> {hosted domain: its certificate's notAfter (Unix time)}
         self.certificate_expiry = certificate_expiry
+        #: () -> the cluster relay, or None on a single node
+        self.cluster = cluster
         self.clock = clock
         self.started_at = self.clock.seconds()
         self.registry = CollectorRegistry(auto_describe=False)
@@ -253,5 +255,29 @@ class _LiveCollector:
             for domain, not_after in sorted(metrics.certificate_expiry().items()):
                 expiry.add_metric([domain], not_after)
             yield expiry
+        relay = metrics.cluster() if metrics.cluster is not None else None
+        if relay is not None:
+            yield from _cluster_metrics(relay)
         yield GaugeMetricFamily("fedgate_start_time_seconds", "When the gateway started (Unix time)",
                                 value=metrics.started_at)
+
+
+def _cluster_metrics(relay):
+    """Cross-node routing (fedgate.cluster.relay); labels from fixed sets."""
+    counts = relay.counters
+    stanzas = CounterMetricFamily("fedgate_cluster_stanzas", "Stanzas routed across cluster "
+                                  "nodes, by outcome", labels=["outcome"])
+    for outcome in ("forwarded", "received", "acked", "rerouted"):
+        stanzas.add_metric([outcome], getattr(counts, outcome))
+    yield stanzas
+    bounced = CounterMetricFamily("fedgate_cluster_bounces", "Cross-node stanzas bounced by the "
+                                  "origin node, by reason", labels=["reason"])
+    for reason, value in sorted(counts.bounced.items()):
+        bounced.add_metric([reason], value)
+    yield bounced
+    yield GaugeMetricFamily("fedgate_cluster_in_flight", "Cross-node stanzas waiting for an "
+                            "acknowledgement", value=len(relay.inflight))
+    yield GaugeMetricFamily("fedgate_cluster_redis_connected", "Whether the node's Redis "
+                            "subscription is up", value=1 if relay.connected else 0)
+    yield GaugeMetricFamily("fedgate_cluster_nodes", "Live cluster nodes this node knows of, "
+                            "itself included", value=len(relay.membership.alive_nodes) + 1)

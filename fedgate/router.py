@@ -103,6 +103,10 @@ class Router:
         #: stanza error condition -> bounces so far (for metrics)
         self.bounces: dict[str, int] = {}
         self.live_local_domains = LocalDomains(self)
+        #: the cluster's relay (fedgate.cluster.relay.ClusterRelay) in
+        #: cluster mode; None on a single node, which costs one test on the
+        #: paths that leave the node, none on local delivery
+        self.cluster = None
 
     @property
     def local_domains(self) -> frozenset:
@@ -118,10 +122,14 @@ class Router:
             if current is None:
                 current = self.components[domain] = SessionGroup()
             current.add(session)
+            if self.cluster is not None:
+                self.cluster.bound(domain)
             return True
         if current is not None and current is not session:
             return False
         self.components[domain] = session
+        if self.cluster is not None:
+            self.cluster.bound(domain)
         return True
 
     def unbind(self, domain: str, session) -> None:
@@ -132,6 +140,8 @@ class Router:
                 del self.components[domain]
         elif current is session:
             del self.components[domain]
+        if self.cluster is not None:
+            self.cluster.bound(domain)
 
     # -- narrow views: what the admin API and the metrics may ask and do -----
     def serves(self, domain: str) -> bool:
@@ -185,6 +195,8 @@ class Router:
             self._to_component(session, stanza, to_domain)
         elif to_domain in self.own_domains:
             self.local_handler.handle(stanza)
+        elif self.cluster is not None and self.cluster.route_component(stanza, to_domain):
+            return  # to the node holding the component
         elif to_domain in self.component_domains:
             self.bounce(stanza, "service-unavailable", f"{to_domain} is not connected")
         else:
@@ -202,7 +214,18 @@ class Router:
                 self.refused_relays += 1
                 log.warn("Refusing to relay {sender} -> {to}", sender=from_domain, to=to_domain)
                 return
+            if self.cluster is not None and self.cluster.route_remote(stanza, from_domain, to_domain):
+                return  # through another node's stream to that domain
             self.sender.send(from_domain, to_domain, stanza)
+
+    def deliver_here(self, stanza: Stanza, to_domain: str) -> None:
+        """A stanza another cluster node forwarded for a component: to a
+        session of this node, else a bounce; never forwarded again."""
+        session = self.components.get(to_domain)
+        if session is None:
+            self.bounce(stanza, "service-unavailable", f"{to_domain} is not connected")
+        else:
+            self._to_component(session, stanza, to_domain)
 
     def _to_component(self, session, stanza: Stanza, to_domain: str) -> None:
         """Hand ``stanza`` to a component session (or group); it bounces
@@ -218,14 +241,17 @@ class Router:
 
     def reroute_to_component(self, stanza: Stanza) -> None:
         """A stanza a component session still held when it went away: another
-        session of its domain takes it, else it bounces with
-        ``service-unavailable`` (never to a remote domain)."""
+        session of its domain takes it (here, else on another cluster node),
+        else it bounces with ``service-unavailable`` (never to a remote domain)."""
         try:
             to_domain = domain_of(stanza.to or "")
         except InvalidDomain:
             to_domain = None
         session = self.components.get(to_domain) if to_domain is not None else None
         if session is None:
+            if (self.cluster is not None and to_domain is not None
+                    and self.cluster.route_component(stanza, to_domain)):
+                return  # a session of the domain on another node takes it
             self.bounce(stanza, "service-unavailable", f"{to_domain} disconnected")
         else:
             self._to_component(session, stanza, to_domain)

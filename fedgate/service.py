@@ -183,6 +183,9 @@ class Gateway(service.Service):
         self.ports: dict[str, list] = {"s2s": [], "s2s_direct_tls": [], "components": []}
         #: flushed and bounced stanzas of the last graceful shutdown
         self.shutdown_outcome: dict[str, int] | None = None
+        #: routing across cluster nodes (fedgate.cluster.relay), started
+        #: with the service in cluster mode
+        self.cluster = None
         self.admin = make_admin_service(self, config, reactor, storage)
 
     @staticmethod
@@ -282,6 +285,8 @@ class Gateway(service.Service):
         super().startService()
         self.component_passwords.start()
         yield self.admin.start()
+        if self.config.cluster.enabled:
+            self._start_cluster()
         s2s, components = self.admission["s2s"], self.admission["components"]
         listeners = [("s2s", d, _stream_factory(self, self._inbound, ns.SERVER, s2s))
                      for d in self.config.s2s.listen]
@@ -339,6 +344,7 @@ class Gateway(service.Service):
         # Bounce the rest now, while the streams (to components, and to
         # remote senders) are still open to carry the bounces.
         self.sender.stop()
+        yield self._stop_cluster()
         after = self.sender.outcomes()
         self.shutdown_outcome = {
             "flushed": flushed["delivered"] - before["delivered"],
@@ -364,6 +370,37 @@ class Gateway(service.Service):
                     stream.transport.abortConnection()
         self.component_passwords.stop()
         yield self.admin.stop()
+
+    def _start_cluster(self) -> None:
+        """Join the cluster's routing: a Redis client of its own (the
+        store's stays free for admin writes), leases, the node channel."""
+        from fedgate.cluster.redisclient import RedisClient
+        from fedgate.cluster.relay import ClusterRelay, RelaySettings
+        from fedgate.config import redis_address
+        c = self.config.cluster
+        client = RedisClient(self.reactor, redis_address(c), threads=c.threads,
+                             max_pending=c.max_pending, name=f"fedgate-cluster-{c.node_id}")
+        client.start()
+        self.cluster = ClusterRelay(self.reactor, client, c.node_id, c.key_prefix, self.router,
+                                    self.sender, self.table, RelaySettings.from_config(c))
+        self.router.cluster = self.cluster
+        self.cluster.start()
+
+    @defer.inlineCallbacks
+    def _stop_cluster(self):
+        """Leave the cluster: what waits for another node bounces now, and
+        this node's entries are removed so the others route around it."""
+        cluster = self.cluster
+        if cluster is None:
+            return
+        self.router.cluster = None
+        d = cluster.stop()
+        d.addTimeout(self.config.cluster.heartbeat, self.reactor)
+        try:
+            yield d
+        except defer.TimeoutError:
+            pass
+        cluster.client.stop()
 
     def _live_streams(self) -> list:
         return [s for s in list(self.streams) if s.transport is not None and not s.closed]

@@ -147,6 +147,7 @@ class OpenApiTests(AdminCase):
             ("post", "/diagnose/{domain}", {"method": "dialback"}, f"{V1}/diagnose/b.example"),
             ("post", "/diagnose/{domain}", {"from": "x"}, f"{V1}/diagnose/b.example"),
             ("get", "/openapi.json", None, f"{V1}/openapi.json"),
+            ("get", "/cluster", None, f"{V1}/cluster"),  # a single node: 404
             ("delete", "/connections/{id}", None, f"{V1}/connections/{out.id}"),
             ("delete", "/components/{domain}", None, f"{V1}/components/chat.a.example"),
         ]

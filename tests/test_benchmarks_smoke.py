@@ -112,3 +112,37 @@ class VsProsodyBenchmarkSmoke(unittest.TestCase):
                 self.assertIn("fedgate_generator_cpu", row, metric)
         for metric in ("relay_in", "dialback_concurrent", "sasl_external", "rss_start"):
             self.assertGreater(report["results"][metric]["ratio"], 0, metric)
+
+
+class ClusterBenchmarkSmoke(unittest.TestCase):
+    """benchmarks.cluster runs its three comparisons (relay, latency at
+    2,000/s, two nodes against one) with tiny counts and reports a figure
+    and the CPU of every process for each layout.  No speed is asserted."""
+
+    def test_runs_and_reports(self):
+        from tests.support.redisserver import redis_py_available, redis_server_available
+        if not (redis_py_available() and redis_server_available()):
+            raise unittest.SkipTest("redis-server or redis-py is not installed")
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+        result = subprocess.run(
+            [sys.executable, "-m", "benchmarks.cluster", "--rounds", "1", "--messages", "200",
+             "--latency-messages", "40", "--flood-messages", "200", "--timeout", "20"],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=150)
+        self.assertEqual(result.returncode, 0, result.stdout[-3000:] + result.stderr[-3000:])
+        report = json.loads(result.stdout)
+        self.assertEqual(report["problems"], [])
+        results = report["results"]
+        self.assertEqual(set(results), {"relay", "latency", "cores"})
+        self.assertGreater(results["relay"]["ratio_cross_single"], 0)
+        self.assertIn("p99_added_ms", results["latency"])
+        self.assertGreater(results["cores"]["ratio_two_one"], 0)
+        layouts = {"relay": ("single", "cross"), "latency": ("single", "cross"),
+                   "cores": ("one_node", "two_nodes")}
+        for section, names in layouts.items():
+            for name in names:
+                entry = results[section][name]
+                self.assertGreater(entry["median"], 0, (section, name))
+                self.assertEqual(set(entry["cpu"]), {"node_a", "node_b", "redis", "generator"},
+                                 (section, name))
+        self.assertEqual(report["nodes"]["a"]["tracebacks"] + report["nodes"]["b"]["tracebacks"], 0)

@@ -113,6 +113,42 @@ SCHEMAS = {
                           "items": _obj(["local", "connection_id", "age_seconds"], {
                               "local": {"type": "string"}, "connection_id": {"type": "integer"},
                               "age_seconds": {"type": "number"}})}}),
+    "ClusterNode": _obj(["node", "health", "lease_remaining_seconds", "heartbeat_at",
+                         "heartbeat_age_seconds", "components", "streams", "destinations"], {
+        "node": {"type": "string"},
+        "health": {"enum": ["up", "down"], "description": "up while the node's lease key lives"},
+        "lease_remaining_seconds": {"type": "number"},
+        "instance": {"type": "string"},
+        "heartbeat_at": {"type": "number", "description": "Unix time of the last heartbeat"},
+        "heartbeat_age_seconds": NULLABLE_NUM,
+        "started_at": {"type": "number"},
+        "components": {"type": "array", "items": {"type": "string"},
+                       "description": "component domains bound on the node"},
+        "streams": {"type": "array", "description": "the node's S2S connections (at most 1000)",
+                    "items": _obj(["id", "direction", "remote", "bidi", "pairs"], {
+                        "id": {"type": "integer"}, "direction": {"enum": ["inbound", "outbound"]},
+                        "remote": NULLABLE_STR, "bidi": {"type": "boolean"},
+                        "pairs": {"type": "array", "description": "valid (local, remote) pairs",
+                                  "items": {"type": "array", "items": {"type": "string"}}}})},
+        "streams_total": {"type": "integer"},
+        "destinations": {"type": "array", "description": "the node's senders (at most 1000)",
+                         "items": _obj(["domain", "state", "queued_stanzas"], {
+                             "domain": {"type": "string"}, "state": {"type": "string"},
+                             "queued_stanzas": {"type": "integer"}})},
+        "destinations_total": {"type": "integer"},
+        "in_flight": {"type": "integer"},
+        "relay": _ref("ClusterRelay")}),
+    "ClusterRelay": _obj(["forwarded", "received", "acked", "rerouted", "bounced"], {
+        "forwarded": {"type": "integer"}, "received": {"type": "integer"},
+        "acked": {"type": "integer"}, "rerouted": {"type": "integer"},
+        "bounced": _obj([], {k: {"type": "integer"} for k in ("timeout", "redis", "full")})}),
+    "Cluster": _obj(["node", "redis_connected", "lease_seconds", "heartbeat_seconds", "in_flight",
+                     "relay", "nodes"], {
+        "node": {"type": "string", "description": "the node that answered"},
+        "redis_connected": {"type": "boolean"},
+        "lease_seconds": {"type": "number"}, "heartbeat_seconds": {"type": "number"},
+        "in_flight": {"type": "integer"}, "relay": _ref("ClusterRelay"),
+        "nodes": {"type": "array", "items": _ref("ClusterNode")}}),
     "DestinationList": _obj(["destinations"], {"destinations": {"type": "array", "items": _ref("Destination")}}),
     "Component": _obj(["domain", "source", "protocols", "secret_set", "password_set",
                        "allowed_hostnames", "certificate_sha256", "trust_anchor_set",
@@ -292,6 +328,10 @@ PATHS = {
         "post": _op("diagnose", "Try to federate with a domain now; every step as data",
                     {200: "Diagnosis"}, (400, 413, 415, 422), "DiagnoseInput", body_required=False,
                     tags=["diagnose"])},
+    f"{P}/cluster": {"get": _op("getCluster", "Every cluster node with its health, components, "
+                                "S2S streams and destinations (404 on a single node; 503 while "
+                                "Redis cannot be read)", {200: "Cluster"}, (404, 503),
+                                tags=["cluster"])},
     f"{P}/openapi.json": {"get": _op("getOpenApi", "This document", {200: "Status"},
                                      tags=["meta"])},
     "/metrics": {"get": {

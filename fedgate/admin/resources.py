@@ -45,6 +45,9 @@ class ApiViews:
     #: listeners() -> [{"kind", "host", "port"}] of the XMPP listeners
     listeners: Callable[[], list]
     diagnosis: object
+    #: () -> the cluster relay (fedgate.cluster.relay.ClusterRelay), or None
+    #: on a single node
+    cluster: Callable[[], object] = lambda: None
 
 
 class AdminApi:
@@ -85,6 +88,7 @@ class AdminApi:
             Route("DELETE", f"{p}/components/{{domain}}", self.disconnect_component),
             Route("DELETE", f"{p}/components/{{domain}}/credentials", self.delete_component),
             Route("POST", f"{p}/diagnose/{{domain}}", self.diagnose, body="optional"),
+            Route("GET", f"{p}/cluster", self.cluster),
             Route("GET", f"{p}/openapi.json", self.openapi),
             Route("GET", "/metrics", self.prometheus),
         ]
@@ -117,6 +121,27 @@ class AdminApi:
                 "stanzas": gw.sender.outcomes(),
             },
         }
+
+    # -- the cluster ------------------------------------------------------------------
+    @defer.inlineCallbacks
+    def cluster(self, request: ApiRequest):
+        """Every node of the cluster, as each published itself in its last
+        heartbeat (read from Redis, so any node answers for all); 404 on a
+        single node, 503 while Redis cannot be read."""
+        relay = self.views.cluster()
+        if relay is None:
+            raise ApiError(404, "cluster mode is off ([cluster] enabled = false)")
+        try:
+            nodes = yield relay.membership.view()
+        except Exception as e:
+            raise ApiError(503, f"the cluster's Redis cannot be read: {e}") from None
+        now = self.now()
+        for node in nodes:
+            at = node.get("heartbeat_at")
+            node["heartbeat_age_seconds"] = round(max(0.0, now - at), 3) if at else None
+        return {"node": relay.node_id, "redis_connected": relay.connected,
+                "lease_seconds": relay.settings.lease, "heartbeat_seconds": relay.settings.heartbeat,
+                "in_flight": len(relay.inflight), "relay": relay.counters.as_dict(), "nodes": nodes}
 
     # -- global policy ------------------------------------------------------------
     def get_policy(self, request: ApiRequest) -> dict:

@@ -54,14 +54,15 @@ class AdminService:
             return GatewayMetrics(
                 reactor, gateway.table, gateway.sender, gateway.router, gateway.component_credentials,
                 gateway.policy, config.admin.metrics_domains, admission=gateway.admission,
-                certificate_expiry=lambda: certificate_expiry(gateway.tls.store, config.domains))
+                certificate_expiry=lambda: certificate_expiry(gateway.tls.store, config.domains),
+                cluster=lambda: gateway.cluster)
 
         def make_api():
             from fedgate.admin.resources import AdminApi, ApiViews
             return AdminApi(
                 ApiViews(config=config, policy=gateway.policy, table=gateway.table, sender=gateway.sender,
                          router=gateway.router, tls=gateway.tls, listeners=gateway.listeners,
-                         diagnosis=gateway),
+                         diagnosis=gateway, cluster=lambda: gateway.cluster),
                 self.peers, self.components, self.metrics, self.enforcer, reactor, fedgate.__version__)
         self._make_metrics, self._make_api = make_metrics, make_api
         if config.admin.listen:
