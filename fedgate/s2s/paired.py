@@ -15,8 +15,9 @@ XEP-0198 (:mod:`fedgate.s2s.sm`) hooks in here for both roles: every
 stanza the stream's write path takes is counted (and kept until the peer
 acknowledges it), every stanza received is counted handled, and past
 ``sm_max_unacked`` unacknowledged stanzas :meth:`write_stanza` refuses (the
-destination holds them) until an ack makes room.  When the connection is
-gone, what the peer never acknowledged goes back to the sender's queue.
+destination holds them) until an ack makes room.  A clean close of ours
+first asks for the peer's last ack (``sm_close_wait``).  When the connection
+is gone, what the peer never acknowledged goes back to the sender's queue.
 """
 
 from __future__ import annotations
@@ -108,6 +109,7 @@ class PairedStream:
             self.sm = StreamManagement(self.ctx.clock, store.settings, io.write, self._sm_fail,
                                        on_acked=self._sm_acked)
             io.observe_stanzas(self._sm_sent)
+            io.linger_with(self._sm_linger, self._sm_last_words)
             self.record._sm = self.sm
         settings = self.ctx.liveness
         if settings is not None and self.ctx.pings is not None:
@@ -129,6 +131,15 @@ class PairedStream:
     # -- XEP-0198 -----------------------------------------------------------------
     def _sm_sent(self, stanza, size: int) -> None:
         self.sm.sent(stanza, self._routing)
+
+    def _sm_linger(self, done) -> bool:
+        """A clean close of ours begins: the final <a/> and <r/> (see
+        :meth:`fedgate.s2s.sm.StreamManagement.linger`)."""
+        return self.sm is not None and self.sm.linger(done)
+
+    def _sm_last_words(self) -> None:
+        if self.sm is not None:
+            self.sm.last_words()
 
     def _sm_fail(self, element) -> None:
         """End the stream with ``element``, a stream error (handled-count-too-high)."""
@@ -189,7 +200,12 @@ class PairedStream:
     # -- receive: one path for both directions ------------------------------------
     def receive_stanza(self, stanza: Stanza) -> None:
         """A stanza over an authenticated pair: checked, counted,
-        rate-limited per remote domain, routed."""
+        rate-limited per remote domain, routed.  Not while a clean close of
+        ours waits for the peer's last ack (XEP-0198): a closing stream takes
+        no new work, and the stanza, left out of the ``h`` we answer, is
+        the peer's to send again or bounce."""
+        if self.io.ending:
+            return
         record = self.record
         to_domain, from_domain = check_incoming(record, stanza, self.ctx.local_domains)
         record.pairs[(to_domain, from_domain)].stanzas_in += 1

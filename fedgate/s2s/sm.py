@@ -31,6 +31,16 @@ stream authenticated by another domain is refused as if unknown, with no
 
 An ``h`` that acknowledges more than was sent is the ``undefined-condition``
 stream error with ``<handled-count-too-high/>`` (XEP-0198 section 6).
+
+Closing cleanly (:meth:`StreamManagement.linger`, called by the stream as a
+close of ours begins): we send ``<a/>`` with what we handled (XEP-0198 4
+recommends it before a graceful close, so that the peer does not send again
+what we had), and, while anything of ours is unacknowledged, a last ``<r/>``;
+the close waits for the peer's ``<a/>`` at most ``close_wait`` seconds, so
+that what the peer handled counts as delivered instead of going out again.
+Every close of the stream, ours or answering the peer's, ends with an
+``<a/>`` if we handled anything since the last one we sent
+(:meth:`StreamManagement.last_words`).
 """
 
 from __future__ import annotations
@@ -80,6 +90,8 @@ class SMSettings:
     #: unacknowledged stanzas on one stream; past it the stream takes no more
     #: (they wait in the destination's queue)
     max_unacked: int = 5000
+    #: seconds a clean close of ours waits for the answer to its final <r/>
+    close_wait: float = 1.0
 
 
 def add(h: int, n: int) -> int:
@@ -231,6 +243,13 @@ class StreamManagement:
         self._since_request = 0
         self._timer = None
         self._burst = None
+        #: the h of the last <a/> we sent, and whether a stream error ended
+        #: the stream (then no <a/> follows it)
+        self._answered = 0
+        self.failed = False
+        #: a clean close waiting for the answer to its final <r/>
+        self._closing = None
+        self._close_timer = None
 
     @property
     def state(self) -> str:
@@ -265,6 +284,7 @@ class StreamManagement:
         self._fire("resume")
         self.id = previd
         self.inc = Incoming(handled)
+        self._answered = handled
         self.out = Outgoing(acked)
         self._write(f"<resume xmlns='{NS}' previd='{_attr(previd)}' h='{handled}'/>")
 
@@ -296,6 +316,7 @@ class StreamManagement:
         self._fire("resumed")
         self.id, self.resumable, self.max = session.id, True, int(self.settings.resume_timeout)
         self.inc = Incoming(session.handled)
+        self._answered = session.handled
         self.out = Outgoing(h)
         self._write(f"<resumed xmlns='{NS}' previd='{_attr(session.id)}' h='{session.handled}'/>")
 
@@ -309,7 +330,7 @@ class StreamManagement:
         if name == "r":
             if not self.enabled:
                 raise StreamFailure("unsupported-stanza-type", "<r/> without stream management")
-            self._write(f"<a xmlns='{NS}' h='{self.inc.handled}'/>")
+            self.answer()
         elif name == "a":
             if not self.counting:
                 raise StreamFailure("unsupported-stanza-type", "<a/> without stream management")
@@ -352,12 +373,57 @@ class StreamManagement:
         except HandledCountTooHigh as error:
             log.info("Peer acknowledged {h} stanzas of {sent}", h=error.h, sent=error.send_count)
             self._stop_timer()
+            self.failed = True
             self._fail(too_high_error(error))
             return
         if not self.out.unacked:
             self._stop_timer()
         if done:
             self.on_acked(done)
+        if self._closing is not None and not self.out.unacked:
+            self._close_done()
+
+    def answer(self) -> None:
+        """Send <a/> with what we handled (an <r/> came, or we close)."""
+        self._answered = self.inc.handled
+        self._write(f"<a xmlns='{NS}' h='{self.inc.handled}'/>")
+
+    # -- closing cleanly -----------------------------------------------------
+    def linger(self, done) -> bool:
+        """A clean close of ours begins: tell the peer what we handled, and
+        if it has not acknowledged all we sent, ask once more; True if the
+        close waits (``done()`` comes with the answer, or after
+        ``close_wait`` seconds at most), False to close now."""
+        if not self.enabled or self.failed:
+            return False
+        self.last_words()
+        if not self.out.unacked or self.settings.close_wait <= 0:
+            return False
+        self._closing = done
+        self.request()
+        self._close_timer = self.clock.callLater(self.settings.close_wait, self._close_waited)
+        return True
+
+    def _close_waited(self) -> None:
+        self._close_timer = None
+        if self._closing is not None:
+            log.info("No answer to our last <r/> within {wait} s: {count} stanzas unacknowledged",
+                     wait=self.settings.close_wait, count=len(self.out.unacked))
+        self._close_done()
+
+    def _close_done(self) -> None:
+        done, self._closing = self._closing, None
+        if self._close_timer is not None and self._close_timer.active():
+            self._close_timer.cancel()
+        self._close_timer = None
+        if done is not None:
+            done()
+
+    def last_words(self) -> None:
+        """Just before our </stream:stream>: an <a/> if we handled anything
+        since the last one we sent (never after a stream error of ours)."""
+        if self.enabled and not self.failed and self._answered != self.inc.handled:
+            self.answer()
 
     def sent(self, stanza, routed: bool) -> None:
         """A stanza went out on the stream (the stream's observer)."""
@@ -407,6 +473,10 @@ class StreamManagement:
     def stop(self) -> list:
         """The connection is gone: what was sent and never acknowledged."""
         self._stop_timer()
+        self._closing = None
+        if self._close_timer is not None and self._close_timer.active():
+            self._close_timer.cancel()
+        self._close_timer = None
         self._fire("stop")
         items = list(self.out.unacked)
         self.out.unacked.clear()
