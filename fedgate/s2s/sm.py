@@ -173,20 +173,33 @@ class Incoming:
 
 @dataclass
 class Session:
-    """What a resumable session leaves behind when its connection drops."""
+    """What a resumable session leaves behind when its connection drops.
+
+    On a bidirectional stream (XEP-0288) the receiving entity sends too, but
+    only the initiating entity may ask to resume (XEP-0198 5): what we sent
+    and the peer never acknowledged waits here (``unacked``, numbered from
+    ``acked``) for the peer's ``<resume h/>``, which says how much of it the
+    peer handled; the rest goes out again on the resumed stream.  If no
+    resumption comes within the session's lifetime it goes back to the
+    sender (XEP-0198 4: "before the session state is discarded ...")."""
 
     id: str
     remote: str
     pairs: frozenset
     handled: int
     expires: float
+    #: our side, on a bidi stream: the peer's last ack, and what it had not
+    #: acknowledged as (stanza, routed), held while the transport dropped
+    acked: int = 0
+    unacked: tuple = ()
 
 
 class ResumeStore:
     """The receiving side's resumable sessions, by id, each bound to its
     remote domain and pairs, each forgotten after ``resume_timeout``.  It
     also carries the delivery hooks the sender registers (acks and
-    unacknowledged stanzas of streams the sender does not own)."""
+    unacknowledged stanzas of streams the sender does not own).  Stanzas a
+    forgotten session still held go back through ``requeue``."""
 
     def __init__(self, clock, settings: SMSettings, max_sessions: int = 10000):
         self.clock = clock
@@ -196,12 +209,15 @@ class ResumeStore:
         #: acked(remote, count) and requeue(remote, stanzas): the sender's
         self.acked = lambda remote, count: None
         self.requeue = lambda remote, stanzas: None
+        self._timer = None
 
     def keep(self, session: Session) -> None:
         self._expire()
         if len(self.sessions) >= self.max_sessions:
-            self.sessions.pop(next(iter(self.sessions)))  # the oldest goes
+            self._forget(next(iter(self.sessions)))  # the oldest goes
         self.sessions[session.id] = session
+        if session.unacked:
+            self._schedule()
 
     def take(self, previd: str, remote: str | None, pairs) -> Session | None:
         """The session ``previd`` if the stream asking for it authenticated
@@ -215,10 +231,43 @@ class ResumeStore:
             return None
         return self.sessions.pop(previd)
 
+    def release(self) -> None:
+        """Shutting down: every held stanza goes back to the sender now."""
+        for key in list(self.sessions):
+            self._forget(key)
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def held(self) -> int:
+        """Stanzas held for a resumption."""
+        return sum(1 for s in self.sessions.values() for _, routed in s.unacked if routed)
+
+    def _forget(self, key: str) -> None:
+        session = self.sessions.pop(key)
+        if session.unacked:
+            log.info("Stream of {remote} not resumed: {count} stanzas it never acknowledged go "
+                     "out again", remote=session.remote, count=len(session.unacked))
+            self.requeue(session.remote, [stanza for stanza, routed in session.unacked if routed])
+
     def _expire(self) -> None:
         now = self.clock.seconds()
         for key in [k for k, s in self.sessions.items() if s.expires <= now]:
-            del self.sessions[key]
+            self._forget(key)
+
+    def _schedule(self) -> None:
+        """One timer, for the earliest session that holds stanzas."""
+        due = min((s.expires for s in self.sessions.values() if s.unacked), default=None)
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if due is not None:
+            self._timer = self.clock.callLater(max(0.0, due - self.clock.seconds()), self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        self._expire()
+        self._schedule()
 
 
 class StreamManagement:
@@ -250,6 +299,7 @@ class StreamManagement:
         #: a clean close waiting for the answer to its final <r/>
         self._closing = None
         self._close_timer = None
+        self.failed_h: int | None = None
 
     @property
     def state(self) -> str:
@@ -343,6 +393,8 @@ class StreamManagement:
             self.max = int(raw_max) if raw_max.isdigit() else None
         elif name == "failed" and self.state in (ENABLING, RESUMING):
             resuming = self.state == RESUMING
+            #: a failed resumption may still say what the peer had handled
+            self.failed_h = parse_h(element) if element.getAttribute("h") is not None else None
             self._fire("failed")
             self._stop_timer()
             condition = next((c.name for c in element.elements() if c.uri == STANZAS), "undefined-condition")
