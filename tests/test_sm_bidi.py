@@ -269,3 +269,41 @@ class SaslOnBidi(unittest.TestCase):
         self.assertEqual([e.name for e in peer.elements], ["features", "message", "message"])
         self.assertEqual([e["id"] for e in peer.take() if e.name == "message"], ["m0", "m1"])
         self.assertEqual(gw.outcomes()[2:], (0, 0))
+
+
+class ResumeWhileTheOldStreamIsUp(unittest.TestCase):
+    """The peer saw the drop, we did not yet: its <resume/> takes the
+    session from the stream still up here, which ends with 'conflict'
+    (XEP-0198 5), and what it had sent unacknowledged is resumed."""
+
+    def test_conflict_hands_the_session_over(self):
+        case = ReceivingEntity("test_a_drop_holds_the_unacknowledged_for_the_peers_resumption")
+        case.setUp()
+        handler, peer, previd = case.flood(4)
+        peer.feed(f"<a xmlns='{sm.NS}' h='1'/>")
+        again, peer2 = case.inbound(previd, h=2)
+        peer.read()
+        self.assertEqual(peer.stream_error(), "conflict")
+        self.assertEqual((case.answer.name, case.answer["h"]), ("resumed", "0"))
+        self.assertEqual([e["id"] for e in case.taken if e.name == "message"], ["m2", "m3"])
+        peer.stream.connectionLost(None)
+        self.assertEqual(case.gw.store.held(), 0)
+        self.assertEqual(case.gw.outcomes(), (2, 2, 0, 0))
+        self.assertEqual(case.gw.bounced, [])
+
+    def test_a_stolen_previd_leaves_the_live_stream_alone(self):
+        case = ReceivingEntity("test_a_stolen_previd_gets_nothing_held")
+        case.setUp()
+        handler, peer, previd = case.flood(2)
+        other = InboundS2S(case.gw.ctx)
+        peer2 = MemoryStream(other, case.gw.clock)
+        peer2.feed(server_header(to="gw.example", **{"from": "evil.example"}, version="1.0"))
+        peer2.feed("<db:result from='evil.example' to='gw.example'>k</db:result>")
+        case.gw.verifier.calls[-1][1].callback(True)
+        peer2.take()
+        peer2.feed(f"<resume xmlns='{sm.NS}' previd='{previd}' h='0'/>")
+        [failed] = [e for e in peer2.take() if e.uri == sm.NS]
+        self.assertEqual(failed.name, "failed")
+        peer.read()
+        self.assertIsNone(peer.stream_error())
+        self.assertTrue(handler.sm.enabled)

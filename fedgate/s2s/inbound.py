@@ -241,6 +241,30 @@ class InboundS2S(PairedStream):
 
     def sm_enable(self, element) -> None:
         self.sm.accept_enable(element, self.record.authenticated)
+        if self.sm.resumable and self.sm.id:
+            self.ctx.sm.live[self.sm.id] = self
+
+    def sm_session(self, hold: bool = True) -> xep0198.Session | None:
+        """This stream's resumable session as it would be kept now."""
+        sm = self.sm
+        remote, pairs = self._sm_pairs()
+        if sm is None or not (sm.enabled and sm.resumable and sm.id) or remote is None:
+            return None
+        return xep0198.Session(sm.id, remote, pairs, sm.inc.handled,
+                               self.ctx.clock.seconds() + sm.settings.resume_timeout,
+                               sm.out.acked, tuple(sm.out.unacked) if hold else ())
+
+    def sm_hand_over(self) -> xep0198.Session:
+        """The peer resumes this stream's session on a new one (it saw a
+        drop we did not): the session moves there, this stream ends with
+        'conflict' (XEP-0198 5)."""
+        session = self.sm_session()
+        self.ctx.sm.live.pop(session.id, None)
+        self.sm.stop()
+        log.info("{remote} resumed the session of a stream still up here: closing it",
+                 remote=session.remote)
+        self.io.fail("conflict", "the stream was resumed on another connection")
+        return session
 
     def sm_resume(self, previd: str, h: int) -> None:
         remote, pairs = self._sm_pairs()
@@ -262,6 +286,7 @@ class InboundS2S(PairedStream):
                 h, xep0198.add(session.acked, len(session.unacked)))))
             return
         self.sm.accept_resume(session, h)
+        self.ctx.sm.live[session.id] = self
         log.info("Resumed the stream of {remote} from {peer} at h={h}", remote=remote,
                  peer=self.io.peer, h=session.handled)
         if session.unacked:
@@ -295,6 +320,8 @@ class InboundS2S(PairedStream):
         sm = self.sm
         if sm is None or self.record is None:
             return
+        if sm.id is not None and self.ctx.sm.live.get(sm.id) is self:
+            del self.ctx.sm.live[sm.id]
         remote, pairs = self._sm_pairs()
         resumable = sm.enabled and sm.resumable and remote is not None
         acked = sm.out.acked
@@ -325,6 +352,8 @@ class InboundS2S(PairedStream):
         old.close()
         if self.sm is not None and self.sm.state != xep0198.OFF:
             # XEP-0198 state does not survive a restart either
+            if self.sm.id is not None and self.ctx.sm.live.get(self.sm.id) is self:
+                del self.ctx.sm.live[self.sm.id]
             lost = self.sm_lost()
             if lost:
                 self.ctx.sm.requeue(self.record.remote_domain, lost)

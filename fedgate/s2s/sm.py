@@ -210,6 +210,10 @@ class ResumeStore:
         self.acked = lambda remote, count: None
         self.requeue = lambda remote, stanzas: None
         self._timer = None
+        #: resumable sessions whose stream is still up, by id: the stream's
+        #: hand_over() -> Session (a <resume/> for one of them means the
+        #: peer saw a drop we have not seen yet: XEP-0198 5, 'conflict')
+        self.live: dict = {}
 
     def keep(self, session: Session) -> None:
         self._expire()
@@ -225,10 +229,17 @@ class ResumeStore:
         expired, or someone else's: the id is not given away either way)."""
         self._expire()
         session = self.sessions.get(previd)
+        live = self.live.get(previd) if session is None else None
+        if live is not None:
+            session = live.sm_session()
         if session is None or remote is None or session.remote != remote:
             return None
         if not set(pairs) or not set(pairs) <= session.pairs:
             return None
+        if live is not None:
+            # the old stream is still up here: it ends with 'conflict' and
+            # hands its session over (what it sent unacknowledged included)
+            return live.sm_hand_over()
         return self.sessions.pop(previd)
 
     def release(self) -> None:
