@@ -268,3 +268,48 @@ class BidiCloseAnswers(unittest.TestCase):
         self.stream.feed(f"<a xmlns='{sm.NS}' h='1'/>")
         self.assertEqual(self.stream.stream_error(), "system-shutdown")
         self.assertEqual([s.getAttribute("id") for s in self.router.routed], ["m0"])
+
+
+class PingsAreCounted(unittest.TestCase):
+    """An XEP-0199 ping is a stanza: the peer counts it handled, so ours
+    counts it sent; otherwise the peer's h would acknowledge one stanza too
+    many (a stanza never delivered counted delivered, or
+    handled-count-too-high)."""
+
+    def test_a_ping_between_stanzas_keeps_the_count(self):
+        from fedgate.stream.liveness import LivenessSettings, PingRegistry
+
+        clock = Clock()
+        router = Router({"gw.example"}, set())
+        ctx = make_context(clock, secret="s", router=router, auth_timeout=90.0,
+                           liveness=LivenessSettings(ping_idle=60.0, ping_timeout=30.0, idle_close=600.0),
+                           pings=PingRegistry(),
+                           sm=sm.ResumeStore(clock, sm.SMSettings(ack_every=100)))
+        connector = FakeConnector(clock)
+        sender = S2SSender(ctx, connector, lambda h: XmppStream(h, clock), SenderSettings(),
+                           rng=random.Random(1))
+        router.sender = sender
+
+        def send(n):
+            sender.send("gw.example", "remote.example", Stanza.of(element(
+                f"<message from='u@gw.example' to='v@remote.example' id='m{n}'/>")))
+        send(0)
+        peer = connector.succeed()
+        peer.read()
+        peer.stream.dataReceived(
+            server_header(id="SID", **{"from": "remote.example"}, version="1.0")
+            + b"<stream:features><dialback xmlns='urn:xmpp:features:dialback'><errors/></dialback>"
+            + f"<sm xmlns='{sm.NS}'/></stream:features>".encode())
+        peer.stream.dataReceived(b"<db:result from='remote.example' to='gw.example' type='valid'/>")
+        peer.stream.dataReceived(f"<enabled xmlns='{sm.NS}'/>".encode())
+        for _ in range(60):
+            clock.advance(1)
+        pings = [e for e in peer.take() if e.name == "iq"]
+        self.assertEqual(len(pings), 1, "pinged after the idle time")
+        send(1)
+        # the peer handled m0, the ping and m1: h=3 is right, and only the
+        # two routed stanzas count delivered
+        peer.stream.dataReceived(f"<a xmlns='{sm.NS}' h='3'/>".encode())
+        peer.read()
+        self.assertIsNone(peer.stream_error())
+        self.assertEqual((sender.delivered, sender.in_flight), (2, 0))

@@ -58,7 +58,6 @@ from fedgate.stream.stanza import Stanza
 from fedgate.jid import domain_of
 from fedgate.domain import InvalidDomain
 from fedgate.stream import namespaces as ns
-from fedgate.stream.serialize import serialize
 from fedgate.stream.states import Machine
 
 log = Logger(namespace="fedgate.stream.liveness")
@@ -291,7 +290,9 @@ class Liveness:
         iq.addElement((ns.PING, "ping"))
         self.machine.fire("ping")
         self.pings_sent += 1
-        self.io.send(serialize(iq, self.stanza_ns))
+        # a stanza like any other on the one write path: XEP-0198 counts it
+        # (the peer counts it handled), so that its acks number ours right
+        self.io.send(Stanza.of(iq))
 
     def _schedule(self, when: float) -> None:
         self._cancel()
