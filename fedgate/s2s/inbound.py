@@ -354,12 +354,9 @@ class InboundS2S(PairedStream):
             # XEP-0198 state does not survive a restart either
             if self.sm.id is not None and self.ctx.sm.live.get(self.sm.id) is self:
                 del self.ctx.sm.live[self.sm.id]
-            lost = self.sm_lost()
+            lost = [stanza for stanza, routed in self.sm.restart() if routed]
             if lost:
                 self.ctx.sm.requeue(self.record.remote_domain, lost)
-            self.sm = xep0198.StreamManagement(self.ctx.clock, self.ctx.sm.settings, self.io.write,
-                                               self._sm_fail, on_acked=self._sm_acked)
-            self.record._sm = self.sm
         self._reverse_requests_failed()
         self.record.forget_pairs(keep)
         if keep is None:

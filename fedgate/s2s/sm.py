@@ -81,7 +81,8 @@ class SMSettings:
     """``s2s.stream_management`` and the ``s2s.sm_*`` keys."""
 
     enabled: bool = True
-    #: ask for an ack after this many stanzas (or at the end of a burst) ...
+    #: ask for an ack after this many stanzas (unless an <r/> is still
+    #: unanswered), and at the end of every burst ...
     ack_every: int = 10
     #: ... or this many seconds after the oldest unacknowledged one
     ack_interval: float = 5.0
@@ -136,14 +137,27 @@ class Outgoing:
         self.acked = acked
         #: (stanza, routed) not yet acknowledged, oldest first
         self.unacked: deque = deque()
+        #: how many of them are our own (routed False: pings), so that the
+        #: usual ack, of routed stanzas only, needs no look at each one
+        self.own = 0
 
     @property
     def sent(self) -> int:
         """Our counter: stanzas sent on this session, modulo 2^32."""
         return add(self.acked, len(self.unacked))
 
-    def append(self, item) -> None:
+    def append(self, item, own: bool = False) -> None:
         self.unacked.append(item)
+        if own:
+            self.own += 1
+
+    def own_in(self, items) -> int:
+        """How many of ``items`` (just acknowledged) were our own."""
+        if not self.own:
+            return 0
+        count = sum(1 for _, routed in items if not routed)
+        self.own -= count
+        return count
 
     def ack(self, h: int) -> list:
         """The peer handled everything up to ``h``: what that acknowledges."""
@@ -292,7 +306,25 @@ class StreamManagement:
         self._write = write
         self._fail = fail
         self.on_acked = on_acked
+        self._reset()
+
+    def restart(self) -> list:
+        """A stream restart (TLS, SASL): XEP-0198 state does not survive it
+        (RFC 6120 discards what the old stream negotiated).  What was sent
+        and never acknowledged; the same object starts afresh (the stream's
+        observer stays)."""
+        items = self.stop()
+        self._reset()
+        return items
+
+    def _reset(self) -> None:
         self.machine = Machine("sm", TRANSITIONS, OFF)
+        #: read for every stanza written
+        self.max_unacked = self.settings.max_unacked
+        self._ack_every = self.settings.ack_every
+        #: an <r/> of ours not answered yet: the count of ack_every asks
+        #: again only once an <a/> came (the end of a burst always asks)
+        self._asked = False
         self.counting = False
         self.out = Outgoing()
         self.inc = Incoming()
@@ -411,6 +443,7 @@ class StreamManagement:
             condition = next((c.name for c in element.elements() if c.uri == STANZAS), "undefined-condition")
             items = list(self.out.unacked)
             self.out.unacked.clear()
+            self.out.own = 0
             self.resumable = False
             role.sm_failed(condition, items, resuming)
         elif name == "resumed" and self.state == RESUMING:
@@ -431,6 +464,7 @@ class StreamManagement:
             raise StreamFailure("unsupported-stanza-type", f"unexpected <{name}/> in {NS}")
 
     def ack(self, h: int) -> None:
+        self._asked = False
         try:
             done = self.out.ack(h)
         except HandledCountTooHigh as error:
@@ -488,13 +522,17 @@ class StreamManagement:
         if self.enabled and not self.failed and self._answered != self.inc.handled:
             self.answer()
 
-    def sent(self, stanza, routed: bool) -> None:
-        """A stanza went out on the stream (the stream's observer)."""
+    def sent(self, stanza, routed: bool = True) -> None:
+        """A stanza went out on the stream: one the sender routed, or our
+        own (a ping).  Called for every stanza written: kept cheap."""
         if not self.counting:
             return
-        self.out.unacked.append((stanza, routed))
-        self._since_request += 1
-        if self._since_request >= self.settings.ack_every:
+        if routed:
+            self.out.unacked.append((stanza, True))
+        else:
+            self.out.append((stanza, False), own=True)
+        count = self._since_request = self._since_request + 1
+        if count >= self._ack_every and not self._asked:
             self.request()
         elif self._burst is None:
             self._burst = self.clock.callLater(0, self._burst_end)
@@ -517,6 +555,7 @@ class StreamManagement:
     def request(self) -> None:
         """Send <r/>; the interval timer, if running, asks again later."""
         self._since_request = 0
+        self._asked = True
         self._write(_R)
 
     def _interval(self) -> None:
@@ -543,6 +582,7 @@ class StreamManagement:
         self._fire("stop")
         items = list(self.out.unacked)
         self.out.unacked.clear()
+        self.out.own = 0
         return items
 
     def describe(self) -> dict:

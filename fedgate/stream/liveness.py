@@ -173,8 +173,11 @@ class Liveness:
                  ping_pair: Callable[[], tuple[str, str] | None],
                  authenticated: Callable[[], bool],
                  on_dead: Callable[[str], None], on_idle: Callable[[str], None],
-                 stanza_ns: str = ns.SERVER):
+                 stanza_ns: str = ns.SERVER, send_stanza: Callable | None = None):
         self.io = io
+        #: how a ping goes out: the stream's stanza write path, or the
+        #: handler's (which counts it for XEP-0198 on S2S)
+        self.send_stanza = send_stanza or io.send
         self.clock = clock
         self.settings = settings
         self.pings = pings
@@ -292,7 +295,7 @@ class Liveness:
         self.pings_sent += 1
         # a stanza like any other on the one write path: XEP-0198 counts it
         # (the peer counts it handled), so that its acks number ours right
-        self.io.send(Stanza.of(iq))
+        self.send_stanza(Stanza.of(iq))
 
     def _schedule(self, when: float) -> None:
         self._cancel()
