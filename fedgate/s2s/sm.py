@@ -575,10 +575,9 @@ class StreamManagement:
     def stop(self) -> list:
         """The connection is gone: what was sent and never acknowledged."""
         self._stop_timer()
-        self._closing = None
-        if self._close_timer is not None and self._close_timer.active():
-            self._close_timer.cancel()
-        self._close_timer = None
+        # a close waiting for our last ack goes on now (a stream restart
+        # must not leave it waiting with no bound)
+        self._close_done()
         self._fire("stop")
         items = list(self.out.unacked)
         self.out.unacked.clear()
