@@ -104,6 +104,8 @@ class S2SConfig:
     sm_ack_interval: float = 5.0
     sm_resume_timeout: float = 60.0
     sm_max_unacked: int = 5000
+    #: a clean close of ours waits this long for the peer's last <a/>
+    sm_close_wait: float = 1.0
     #: non-global address ranges outbound S2S may reach for peers that are
     #: not static: names from fedgate.s2s.addresses.RANGE_NAMES or CIDR
     allow_private_ranges: tuple[str, ...] = ()
@@ -582,6 +584,7 @@ def _s2s(s: _Reader) -> S2SConfig:
         sm_ack_interval=s.positive("sm_ack_interval", float, S2SConfig.sm_ack_interval),
         sm_resume_timeout=s.not_negative("sm_resume_timeout", float, S2SConfig.sm_resume_timeout),
         sm_max_unacked=s.positive("sm_max_unacked", int, S2SConfig.sm_max_unacked),
+        sm_close_wait=s.not_negative("sm_close_wait", float, S2SConfig.sm_close_wait),
         allow_private_ranges=_ranges(s, "allow_private_ranges"),
         mode=mode,
         default_policy=default_policy,

@@ -148,7 +148,8 @@ class Gateway(service.Service):
             pings=self.pings,
             sm=ResumeStore(reactor, SMSettings(
                 s2s.stream_management, s2s.sm_ack_every, s2s.sm_ack_interval,
-                s2s.sm_resume_timeout, s2s.sm_max_unacked)) if s2s.stream_management else None,
+                s2s.sm_resume_timeout, s2s.sm_max_unacked, s2s.sm_close_wait))
+            if s2s.stream_management else None,
             log_traffic=config.logging.xml_traffic,
             log_bodies=config.logging.xml_bodies,
         )
@@ -361,7 +362,12 @@ class Gateway(service.Service):
             stream.resume_reading(SHUTDOWN)
         # Give peers a moment to read the error; then cut what is left.
         waiting = defer.DeferredList([s.wait_closed() for s in streams])
-        waiting.addTimeout(self.config.s2s.shutdown_grace, self.reactor)
+        # (plus the time a stream with stanzas unacknowledged waits for
+        # the peer's last XEP-0198 ack before its error goes out)
+        grace = self.config.s2s.shutdown_grace
+        if self.config.s2s.stream_management:
+            grace += self.config.s2s.sm_close_wait
+        waiting.addTimeout(grace, self.reactor)
         try:
             yield waiting
         except defer.TimeoutError:

@@ -54,6 +54,7 @@ def test_defaults_and_normalisation():
             config.s2s.default_policy.authentication) == ("open", "required", "dialback")
     assert (config.s2s.stream_management, config.s2s.sm_ack_every, config.s2s.sm_ack_interval,
             config.s2s.sm_resume_timeout, config.s2s.sm_max_unacked) == (True, 10, 5.0, 60.0, 5000)
+    assert config.s2s.sm_close_wait == 1.0
 
 
 def test_peer_policy():
@@ -109,6 +110,7 @@ def test_outbound_address_settings():
     (minimal(s2s={"sm_ack_interval": 0}), "s2s.sm_ack_interval", "greater than zero"),
     (minimal(s2s={"sm_resume_timeout": -1}), "s2s.sm_resume_timeout", "must not be negative"),
     (minimal(s2s={"sm_max_unacked": 0}), "s2s.sm_max_unacked", "greater than zero"),
+    (minimal(s2s={"sm_close_wait": -1}), "s2s.sm_close_wait", "must not be negative"),
     (minimal(s2s={"peers": {"p.example": {"encryption": "maybe"}}}), "s2s.peers.p.example.encryption", "must be one of"),
     (minimal(admin={"max_connections": 0}), "admin.max_connections", "greater than zero"),
     (minimal(admin={"header_timeout": "10s"}), "admin.header_timeout", "expected a number"),

@@ -98,3 +98,40 @@ class ProsodyStreamManagement(ProsodyFederation, unittest.TestCase):
               f"not resume S2S: what it had not acknowledged was sent again)")
         self.assertEqual(lost, 0, self.diagnostics())
         self.assertIsNot(destination.stream, first)
+
+    @defer.inlineCallbacks
+    def test_clean_close_mid_flood_asks_for_the_last_ack(self):
+        """An operator closes our stream mid-flood: the last <r/> before our
+        </stream:stream> gets Prosody's <a/>, so what it had counts
+        delivered, and nothing goes out twice or bounces."""
+        yield self.exchange_messages()
+        sender = self.gateway.sender
+        destination = sender.destinations[PROSODY_COMPONENT]
+        first = destination.stream
+        closed_with = None
+        for start in range(0, FLOOD, BATCH):
+            for n in range(start, start + BATCH):
+                self.gw_comp.send(f"<message from='a@{GW_COMPONENT}' to='b@{PROSODY_COMPONENT}' "
+                                  f"id='c{n}'><body>{n}</body></message>")
+            yield sleep(0.01)
+            if closed_with is None and start >= FLOOD // 3 and first.sm.out.unacked:
+                closed_with = len(first.sm.out.unacked)
+                destination.keep_queue_on_close(first)
+                destination.close()
+        self.assertIsNotNone(closed_with, "closed while stanzas were unacknowledged")
+        ids = []
+        while True:
+            try:
+                got = yield self.prosody_comp.next_element(timeout=2.0 if len(ids) >= FLOOD else 20)
+            except defer.TimeoutError:
+                break
+            ids.append(got.getAttribute("id"))
+        expected = {f"c{n}" for n in range(FLOOD)}
+        lost = len(expected - set(ids))
+        duplicated = len(ids) - len(set(ids))
+        outcomes = sender.outcomes()
+        print(f"\nXEP-0198 with Prosody 0.12, clean close mid-flood: {FLOOD} sent, {closed_with} "
+              f"unacknowledged at the close, {lost} lost, {duplicated} duplicated, "
+              f"{outcomes['bounced']} bounced")
+        self.assertEqual((lost, duplicated, outcomes["bounced"]), (0, 0, 0), self.diagnostics())
+        self.assertIsNot(destination.stream, first)

@@ -30,6 +30,11 @@ def stanza(n: int) -> Stanza:
     return Stanza.of(element(f"<message from='a@x.example' to='b@y.example' id='m{n}'/>"))
 
 
+def written(m, item, routed: bool = True) -> None:
+    """A stanza written on the stream: routed by the sender, or our own."""
+    m.sm.sent(item, routed)
+
+
 class Machine:
     """A StreamManagement with its writes and failures recorded."""
 
@@ -101,12 +106,12 @@ class Initiating(unittest.TestCase):
 
     def test_counts_from_enable_and_acks_free_the_queue(self):
         m = Machine()
-        m.sm.sent(stanza(0), True)  # before enable: not counted
+        written(m, stanza(0))  # before enable: not counted
         m.sm.enable(resume=False)
-        m.sm.sent(stanza(1), True)  # after enable, before enabled: counted
+        written(m, stanza(1))  # after enable, before enabled: counted
         m.sm.element(element(f"<enabled xmlns='{sm.NS}'/>"), None)
         self.assertFalse(m.sm.resumable)
-        m.sm.sent(stanza(2), False)
+        written(m, stanza(2), routed=False)
         self.assertEqual(m.sm.describe(), {"enabled": True, "unacked": 2, "resumable": False,
                                            "h_in": 0, "h_out": 2})
         m.sm.element(element(f"<a xmlns='{sm.NS}' h='1'/>"), None)
@@ -117,13 +122,30 @@ class Initiating(unittest.TestCase):
 
     def test_ack_every_n_stanzas(self):
         m = self.enabled(ack_every=3, ack_interval=100)
-        for n in range(7):
-            m.sm.sent(stanza(n), True)
+        for n in range(3):
+            written(m, stanza(n))
+        self.assertEqual(m.written, [f"<r xmlns='{sm.NS}'/>"])
+        m.sm.element(element(f"<a xmlns='{sm.NS}' h='2'/>"), None)
+        for n in range(3, 7):
+            written(m, stanza(n))
         self.assertEqual(m.written, [f"<r xmlns='{sm.NS}'/>"] * 2)
+
+    def test_one_count_request_outstanding_and_the_burst_end_asks_again(self):
+        """Past N while an <r/> is unanswered, no second one (the answer
+        is on its way); the end of the burst asks for the rest."""
+        m = self.enabled(ack_every=3, ack_interval=100)
+        for n in range(10):
+            written(m, stanza(n))
+        self.assertEqual(m.written, [f"<r xmlns='{sm.NS}'/>"])
+        m.clock.advance(0)
+        self.assertEqual(m.written, [f"<r xmlns='{sm.NS}'/>"] * 2)
+        m.sm.element(element(f"<a xmlns='{sm.NS}' h='10'/>"), None)
+        m.clock.advance(0)
+        self.assertEqual(len(m.written), 2, "nothing written since: nothing asked")
 
     def test_ack_after_t_seconds_and_at_the_end_of_a_burst(self):
         m = self.enabled(ack_every=100, ack_interval=5)
-        m.sm.sent(stanza(0), True)
+        written(m, stanza(0))
         self.assertEqual(m.written, [])
         m.clock.advance(0)  # the burst is over
         self.assertEqual(m.written, [f"<r xmlns='{sm.NS}'/>"])
@@ -136,8 +158,8 @@ class Initiating(unittest.TestCase):
 
     def test_handled_count_too_high_is_a_stream_error(self):
         m = self.enabled()
-        m.sm.sent(stanza(0), True)
-        m.sm.sent(stanza(1), True)
+        written(m, stanza(0))
+        written(m, stanza(1))
         m.sm.element(element(f"<a xmlns='{sm.NS}' h='3'/>"), None)
         [error] = m.failed
         children = [(c.uri, c.name) for c in error.elements()]
@@ -169,19 +191,19 @@ class Initiating(unittest.TestCase):
                 heard.append((condition, [s.id for s, _ in items], resuming))
 
         m.sm.enable(resume=True)
-        m.sm.sent(stanza(1), True)
+        written(m, stanza(1))
         m.sm.element(element(f"<failed xmlns='{sm.NS}'><unexpected-request "
                              f"xmlns='{sm.STANZAS}'/></failed>"), Role())
         self.assertEqual(heard, [("unexpected-request", ["m1"], False)])
         self.assertEqual(m.sm.state, sm.OFF)
-        m.sm.sent(stanza(2), True)
+        written(m, stanza(2))
         self.assertEqual(m.sm.describe()["unacked"], 0, "not counted once refused")
 
     def test_max_unacked_stops_writing(self):
         m = self.enabled(max_unacked=2, ack_every=100)
-        m.sm.sent(stanza(0), True)
+        written(m, stanza(0))
         self.assertTrue(m.sm.writable())
-        m.sm.sent(stanza(1), True)
+        written(m, stanza(1))
         self.assertFalse(m.sm.writable())
         m.sm.element(element(f"<a xmlns='{sm.NS}' h='1'/>"), None)
         self.assertTrue(m.sm.writable())
@@ -189,7 +211,7 @@ class Initiating(unittest.TestCase):
     def test_stop_returns_the_unacknowledged_in_order(self):
         m = self.enabled()
         for n in range(4):
-            m.sm.sent(stanza(n), True)
+            written(m, stanza(n))
         m.sm.element(element(f"<a xmlns='{sm.NS}' h='1'/>"), None)
         self.assertEqual([s.id for s, _ in m.sm.stop()], ["m1", "m2", "m3"])
         self.assertEqual(m.clock.getDelayedCalls(), [])

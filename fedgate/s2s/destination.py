@@ -154,6 +154,10 @@ stream (while it negotiated, or before ``<enabled/>``: the stream takes no
 stanza until then) does not bounce the queue either
 (:meth:`Destination._sm_lost_transport`): it waits for the next stream, and
 bounces only past ``max_wait``.
+A bidi stream
+that drops is resumed even when nothing of ours waits (:func:`_peer_holds`):
+the peer, the receiving entity, may not resume it and holds what it sent us
+until we do.
 """
 
 from __future__ import annotations
@@ -594,7 +598,13 @@ class Destination:
                 self._move("closed", IDLE)
                 self.sender.note_idle(self)
             return
-        if self.queue and ((retry and self.state in (OPEN, CONNECTING)) or self._reconnect_once(stream)):
+        if (not self.queue and self.state == OPEN and self._resume is not None
+                and not self._resume.stanzas and self._resume.local == stream.first_local):
+            # nothing of ours waits, but the dropped bidi stream's peer holds
+            # stanzas for us until we resume it (XEP-0198: only we may)
+            log.info("Bidi stream to {remote} dropped: connecting to resume it", remote=self.remote)
+            self._connect("closed", self._resume.local)
+        elif self.queue and ((retry and self.state in (OPEN, CONNECTING)) or self._reconnect_once(stream)):
             log.info("Stream to {remote} closed while sending: {count} stanzas wait for a new one",
                      remote=self.remote, count=len(self.queue))
             self._connect("closed", self.queue[0].local)
@@ -732,6 +742,11 @@ class Destination:
         (resuming the session where the peer offered that)."""
         if not lost:
             self._requeued_by.add(stream)
+            if _peer_holds(stream, sm) and not self.sender.draining:
+                # a bidi stream dropped: the peer's stanzas wait for our <resume/>
+                keep = sm.settings.resume_timeout if sm.max is None else min(sm.max, sm.settings.resume_timeout)
+                self._resume = ResumeToken(stream.first_local, sm.id, sm.inc.handled, sm.out.acked,
+                                           (), self.sender.clock.seconds() + keep)
             return
         self.sender.in_flight -= len(lost)
         if self.sender.stopped or self.sender.ctx.is_blocked(self.remote):
@@ -908,6 +923,14 @@ class Destination:
             if timer is not None and timer.active():
                 timer.cancel()
         self._retry_timer = self._expiry_timer = None
+
+
+def _peer_holds(stream: OutboundS2S, sm) -> bool:
+    """Did a resumable bidi stream drop (no close, no error), so that the
+    peer holds what it sent us and never saw acknowledged until we resume?"""
+    io = stream.io
+    return (sm.resumable and bool(sm.id) and sm.settings.resume_timeout > 0 and stream.bidi.on
+            and io is not None and not io.closing and not io.peer_ended)
 
 
 def _closed_cleanly(stream: OutboundS2S) -> bool:

@@ -29,6 +29,16 @@ A dialback failure answers that one request (XEP-0220 section 2.4) and never
 closes a stream that carries other pairs.  Verification happens over a
 separate connection (the verifier), never over this one, and only answers to
 requests made here are accepted.
+
+XEP-0198 as the receiving entity: we accept ``<enable/>`` and ``<resume/>``
+(never send them).  On a bidi stream we send too, and only the peer may
+resume (XEP-0198 5: the initiating entity sends ``<resume/>``): when the
+transport drops, what the peer had not acknowledged waits in the resumable
+session; the ``h`` of the peer's ``<resume/>`` says how much of it arrived
+(delivered), and the rest goes out again on the resumed stream, so nothing
+is lost or sent twice.  Not resumed within the session's lifetime (or
+not resumable, or closed cleanly, when the last ack made the count exact),
+it goes back to the sender's queue.
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ from zope.interface import implementer
 
 from fedgate.logsafe import short, throttled
 from fedgate.domain import InvalidDomain, normalize_domain
+from fedgate.jid import domain_part
 from fedgate.s2s import dialback
 from fedgate.s2s.bidi import Bidi
 from fedgate.s2s.context import S2SContext
@@ -113,6 +124,9 @@ class InboundS2S(PairedStream):
         self.authoritative = Authoritative(ctx)
         self.bidi = Bidi(self)
         self._timer = None
+        #: a pair proved by SASL on a bidi stream, announced as a route once
+        #: the peer restarted the stream
+        self._announce_after_restart = False
 
     @property
     def state(self) -> str:
@@ -165,6 +179,10 @@ class InboundS2S(PairedStream):
             self.io.open_stream(attrs, self._features())
         else:
             self.io.open_stream(attrs)
+        if self._announce_after_restart:
+            self._announce_after_restart = False
+            if self.bidi.on and self.record.can_send(self._to, self._from):
+                self.ctx.table.pair_changed(self._to, self._from, True)
 
     def _features(self) -> domish.Element:
         """What this stream offers now: STARTTLS first, then SASL EXTERNAL
@@ -223,58 +241,99 @@ class InboundS2S(PairedStream):
 
     def sm_enable(self, element) -> None:
         self.sm.accept_enable(element, self.record.authenticated)
+        if self.sm.resumable and self.sm.id:
+            self.ctx.sm.live[self.sm.id] = self
+
+    def sm_session(self, hold: bool = True) -> xep0198.Session | None:
+        """This stream's resumable session as it would be kept now."""
+        sm = self.sm
+        remote, pairs = self._sm_pairs()
+        if sm is None or not (sm.enabled and sm.resumable and sm.id) or remote is None:
+            return None
+        return xep0198.Session(sm.id, remote, pairs, sm.inc.handled,
+                               self.ctx.clock.seconds() + sm.settings.resume_timeout,
+                               sm.out.acked, tuple(sm.out.unacked) if hold else ())
+
+    def sm_hand_over(self) -> xep0198.Session:
+        """The peer resumes this stream's session on a new one (it saw a
+        drop we did not): the session moves there, this stream ends with
+        'conflict' (XEP-0198 5)."""
+        session = self.sm_session()
+        self.ctx.sm.live.pop(session.id, None)
+        self.sm.stop()
+        log.info("{remote} resumed the session of a stream still up here: closing it",
+                 remote=session.remote)
+        self.io.fail("conflict", "the stream was resumed on another connection")
+        return session
 
     def sm_resume(self, previd: str, h: int) -> None:
         remote, pairs = self._sm_pairs()
         session = None
         if self.record.authenticated and self.sm.state == xep0198.OFF:
-            session = self.ctx.sm.take(previd, remote, pairs) or self._sm_take_live(previd, remote, pairs)
+            session = self.ctx.sm.take(previd, remote, pairs)
         if session is None:
             log.info("Refused to resume a stream management session for {remote} from {peer}",
                      remote=short(remote), peer=self.io.peer)
             self.sm.refuse_resume(self.record.authenticated)
             return
+        handled = xep0198.distance(h, session.acked)
+        if session.unacked and handled > len(session.unacked):
+            # the peer says it handled more of ours than we ever sent it
+            # (XEP-0198 6); what the session held goes back to the sender
+            self.ctx.sm.requeue(remote, [st for st, routed in session.unacked if routed])
+            self.sm.failed = True
+            self._sm_fail(xep0198.too_high_error(xep0198.HandledCountTooHigh(
+                h, xep0198.add(session.acked, len(session.unacked)))))
+            return
         self.sm.accept_resume(session, h)
+        self.ctx.sm.live[session.id] = self
         log.info("Resumed the stream of {remote} from {peer} at h={h}", remote=remote,
                  peer=self.io.peer, h=session.handled)
+        if session.unacked:
+            self._resend([st for st, routed in session.unacked[:handled] if routed],
+                         [st for st, routed in session.unacked[handled:] if routed])
 
-    def _sm_take_live(self, previd: str, remote: str | None, pairs) -> xep0198.Session | None:
-        """The session ``previd`` while its old stream is still open here
-        (we have not yet noticed that its connection died, or the peer gave
-        it up first), under the same binding as :meth:`ResumeStore.take`:
-        XEP-0198 section 5, the old stream gets a ``conflict`` stream error
-        and its session moves to this stream.  Closing it first means it
-        handles nothing more, so its count is final."""
-        if remote is None or not pairs:
-            return None
-        for record in self.ctx.table:
-            sm = getattr(record, "_sm", None)
-            if (record is self.record or record.direction != INBOUND or sm is None
-                    or sm.id != previd or not sm.enabled or not sm.resumable):
-                continue
-            old_pairs = frozenset((p.local, p.remote) for p in record.valid_pairs())
-            if {r for _, r in old_pairs} != {remote} or not set(pairs) <= old_pairs:
-                return None  # someone else's: refused as if unknown
-            sm.resumable = False  # its session lives on here: not kept when it closes
-            self.ctx.table.close(record.id, "conflict", "the stream was resumed on another connection")
-            log.info("Resuming the stream of {remote} while its old stream was open: closed it",
-                     remote=remote)
-            return xep0198.Session(previd, remote, old_pairs, sm.inc.handled, self.ctx.clock.seconds())
-        return None
+    def _resend(self, done, rest) -> None:
+        """After a resumption: ``done`` arrived before the drop (delivered);
+        ``rest`` goes out again on this stream, in order, where it may carry
+        it (the sender's queue takes whatever it cannot)."""
+        remote = self.record.remote_domain
+        if done:
+            self.ctx.sm.acked(remote, len(done))
+        refused = []
+        for stanza in rest:
+            local, to = domain_part(stanza.sender or ""), domain_part(stanza.to or "")
+            if refused or local is None or to is None or not self.record.can_send(local, to) \
+                    or not self.write_stanza(local, to, stanza):
+                refused.append(stanza)
+        log.info("Resumed stream of {remote}: {done} of our unacknowledged stanzas had arrived, "
+                 "{sent} sent again here, {queued} to the queue", remote=remote, done=len(done),
+                 sent=len(rest) - len(refused), queued=len(refused))
+        if refused:
+            self.ctx.sm.requeue(remote, refused)
 
     def _sm_gone(self) -> None:
-        """Keep a resumable session for ``sm_resume_timeout``; what we sent
-        here (bidi) and was not acknowledged goes back to the sender."""
+        """Keep a resumable session for ``sm_resume_timeout``.  What we sent
+        here (bidi) and was not acknowledged waits in it for the peer's
+        resumption if the transport dropped; after a clean close, or where
+        the peer cannot resume, it goes back to the sender at once."""
         sm = self.sm
         if sm is None or self.record is None:
             return
+        if sm.id is not None and self.ctx.sm.live.get(sm.id) is self:
+            del self.ctx.sm.live[sm.id]
         remote, pairs = self._sm_pairs()
         resumable = sm.enabled and sm.resumable and remote is not None
-        lost = self.sm_lost()
+        acked = sm.out.acked
+        items = sm.stop()  # (stanza, routed), numbered from acked
+        lost = [stanza for stanza, routed in items if routed]
+        dropped = self.io is not None and not self.io.closing
+        hold = tuple(items) if resumable and dropped and lost else ()
         if resumable:
             self.ctx.sm.keep(xep0198.Session(sm.id, remote, pairs, sm.inc.handled,
-                                             self.ctx.clock.seconds() + sm.settings.resume_timeout))
-        if lost:
+                                             self.ctx.clock.seconds() + sm.settings.resume_timeout,
+                                             acked, hold))
+        if lost and not hold:
             self.ctx.sm.requeue(self.record.remote_domain, lost)
 
     def _reverse_requests_failed(self) -> None:
@@ -293,12 +352,11 @@ class InboundS2S(PairedStream):
         old.close()
         if self.sm is not None and self.sm.state != xep0198.OFF:
             # XEP-0198 state does not survive a restart either
-            lost = self.sm_lost()
+            if self.sm.id is not None and self.ctx.sm.live.get(self.sm.id) is self:
+                del self.ctx.sm.live[self.sm.id]
+            lost = [stanza for stanza, routed in self.sm.restart() if routed]
             if lost:
                 self.ctx.sm.requeue(self.record.remote_domain, lost)
-            self.sm = xep0198.StreamManagement(self.ctx.clock, self.ctx.sm.settings, self.io.write,
-                                               self._sm_fail, on_acked=self._sm_acked)
-            self.record._sm = self.sm
         self._reverse_requests_failed()
         self.record.forget_pairs(keep)
         if keep is None:
@@ -382,8 +440,11 @@ class InboundS2S(PairedStream):
         self.record.remote_domain = self._from
         self.record.set_pair(self._to, self._from, VALID, SASL_EXTERNAL, self.ctx.clock.seconds())
         self.io.authenticated()
-        if self.bidi.on:
-            self.ctx.table.pair_changed(self._to, self._from, True)
+        # On a bidi stream the pair carries our stanzas too, but only once
+        # the peer has restarted the stream after <success/> (anything we
+        # wrote before would be discarded with the old stream): announced
+        # when the new header is answered.
+        self._announce_after_restart = self.bidi.on
         log.info("Authenticated {local} <- {remote} by SASL EXTERNAL from {peer}",
                  local=self._to, remote=self._from, peer=self.io.peer)
         self.io.write(f"<success xmlns='{ns.SASL}'/>")
@@ -391,6 +452,12 @@ class InboundS2S(PairedStream):
         self.io.restart()
 
     # -- a route for our stanzas once bidi is on (write_stanza: PairedStream) ----
+    def is_writable(self) -> bool:
+        """Not between <success/> and the peer's restart: a stanza written
+        then would go with the old stream (the sender holds it until the
+        pair is announced again)."""
+        return self.state != SASL_RESTART and super().is_writable()
+
     def authenticate_reverse(self, local: str, remote: str) -> bool:
         """Ask the peer to accept ``local`` in the reverse direction; only
         towards a domain the peer proved here (XEP-0288)."""

@@ -30,7 +30,11 @@ until ``<enabled/>`` or ``<failed/>`` comes, since a stanza sent before
 result (so that nothing is sent) until ``<resumed/>`` or ``<failed/>``: on
 ``<resumed h/>`` the owner drops what the peer had handled from its queue
 and the rest goes out again; on ``<failed/>`` we enable afresh and the owner
-sends the whole rest (:meth:`Destination.sm_resumed`).
+sends the whole rest (:meth:`Destination.sm_resumed`), less what a
+``<failed h/>`` says the peer had handled.  On a bidi stream the peer sends
+to us too, and only we may resume: when such a stream drops, the owner
+connects again to resume it even with nothing of ours to send, so that the
+peer learns what arrived of its stanzas and sends only the rest again.
 """
 
 from __future__ import annotations
@@ -188,9 +192,16 @@ class OutboundS2S(PairedStream, InitiatingStream):
 
     def sm_failed(self, condition: str, items, resuming: bool) -> None:
         if resuming:
+            token, self._resuming = self._resuming, None
+            h = self.sm.failed_h
+            handled = xep0198.distance(h, token.acked) if h is not None else 0
+            if handled > len(token.stanzas):
+                handled = 0  # an h that says nothing usable: send everything again
             log.info("{remote} did not resume our stream ({condition}): sending again what it "
-                     "had not acknowledged", remote=self.remote, condition=condition)
-            self._resuming = None
+                     "had not acknowledged ({handled} of {count} had arrived)", remote=self.remote,
+                     condition=condition, handled=handled, count=len(token.stanzas))
+            if handled:
+                self.owner.sm_resumed(self, token, handled)
             self.sm.enable(resume=self.sm.settings.resume_timeout > 0)
             return  # the held pairs wait for <enabled/> (or <failed/>) again
         log.info("{remote} refused stream management ({condition})", remote=self.remote,

@@ -12,11 +12,15 @@ outbound bidirectional stream (XEP-0288), goes through
 proven here, the count, the rate limit, the router.
 
 XEP-0198 (:mod:`fedgate.s2s.sm`) hooks in here for both roles: every
-stanza the stream's write path takes is counted (and kept until the peer
-acknowledges it), every stanza received is counted handled, and past
+stanza written is counted (and kept until the peer acknowledges it); a
+stanza goes out on an S2S stream only through :meth:`write_stanza` (what
+the sender routed) or :meth:`send_own` (our pings), which count it in the
+same step as the write (no observer: this is the relay's hot path); every
+stanza received is counted handled, and past
 ``sm_max_unacked`` unacknowledged stanzas :meth:`write_stanza` refuses (the
-destination holds them) until an ack makes room.  When the connection is
-gone, what the peer never acknowledged goes back to the sender's queue.
+destination holds them) until an ack makes room.  A clean close of ours
+first asks for the peer's last ack (``sm_close_wait``).  When the connection
+is gone, what the peer never acknowledged goes back to the sender's queue.
 """
 
 from __future__ import annotations
@@ -91,8 +95,6 @@ class PairedStream:
     throttle: StreamThrottle | None = None
     liveness: Liveness | None = None
     sm: StreamManagement | None = None
-    #: is the stanza being written one the sender routed (not a ping of ours)?
-    _routing = False
     #: did XEP-0198 refuse a stanza (too many unacknowledged)?
     _sm_full = False
 
@@ -107,7 +109,7 @@ class PairedStream:
         if store is not None and store.settings.enabled:
             self.sm = StreamManagement(self.ctx.clock, store.settings, io.write, self._sm_fail,
                                        on_acked=self._sm_acked)
-            io.observe_stanzas(self._sm_sent)
+            io.linger_with(self._sm_linger, self._sm_last_words)
             self.record._sm = self.sm
         settings = self.ctx.liveness
         if settings is not None and self.ctx.pings is not None:
@@ -115,7 +117,8 @@ class PairedStream:
             self.liveness = Liveness(io, self.ctx.clock, settings, self.ctx.pings,
                                      ping_pair=self.ping_pair,
                                      authenticated=lambda: self.record.authenticated,
-                                     on_dead=self._peer_gone, on_idle=self._idle)
+                                     on_dead=self._peer_gone, on_idle=self._idle,
+                                     send_stanza=self.send_own)
 
     def detach(self) -> None:
         """The connection is gone: no timer left, no record in the table."""
@@ -127,8 +130,25 @@ class PairedStream:
             self.ctx.table.remove(self.record)
 
     # -- XEP-0198 -----------------------------------------------------------------
-    def _sm_sent(self, stanza, size: int) -> None:
-        self.sm.sent(stanza, self._routing)
+    def send_own(self, stanza) -> bool:
+        """Write a stanza of our own (a ping), not one the sender routed:
+        XEP-0198 counts it as the peer does, and no ack of it counts as a
+        delivery.  With :meth:`write_stanza`, the only ways a stanza goes
+        out on an S2S stream."""
+        if not self.io.send_stanza(stanza):
+            return False
+        if self.sm is not None:
+            self.sm.sent(stanza, routed=False)
+        return True
+
+    def _sm_linger(self, done) -> bool:
+        """A clean close of ours begins: the final <a/> and <r/> (see
+        :meth:`fedgate.s2s.sm.StreamManagement.linger`)."""
+        return self.sm is not None and self.sm.linger(done)
+
+    def _sm_last_words(self) -> None:
+        if self.sm is not None:
+            self.sm.last_words()
 
     def _sm_fail(self, element) -> None:
         """End the stream with ``element``, a stream error (handled-count-too-high)."""
@@ -136,9 +156,9 @@ class PairedStream:
         self.io.close()
 
     def _sm_acked(self, items) -> None:
-        routed = [stanza for stanza, was_routed in items if was_routed]
+        routed = len(items) - self.sm.out.own_in(items)
         if routed:
-            self.sm_delivered(routed)
+            self.ctx.sm.acked(self.record.remote_domain, routed)
         if self._sm_full and self.sm.writable():
             self._sm_full = False
             for pair in self.record.valid_pairs():  # the destinations flush what waits
@@ -189,7 +209,12 @@ class PairedStream:
     # -- receive: one path for both directions ------------------------------------
     def receive_stanza(self, stanza: Stanza) -> None:
         """A stanza over an authenticated pair: checked, counted,
-        rate-limited per remote domain, routed."""
+        rate-limited per remote domain, routed.  Not while a clean close of
+        ours waits for the peer's last ack (XEP-0198): a closing stream takes
+        no new work, and the stanza, left out of the ``h`` we answer, is
+        the peer's to send again or bounce."""
+        if self.io.ending:
+            return
         record = self.record
         to_domain, from_domain = check_incoming(record, stanza, self.ctx.local_domains)
         record.pairs[(to_domain, from_domain)].stanzas_in += 1
@@ -220,15 +245,15 @@ class PairedStream:
         """Hand ``stanza`` to this stream: True if the open transport took
         it, False if the stream is closing (the caller requeues or bounces)."""
         sm = self.sm
-        if sm is not None and sm.counting and len(sm.out.unacked) >= sm.settings.max_unacked:
-            self._sm_full = True  # the destination holds it until an ack makes room
-            return False
-        self._routing = True
-        try:
+        if sm is not None and sm.counting:
+            if len(sm.out.unacked) >= sm.max_unacked:
+                self._sm_full = True  # the destination holds it until an ack makes room
+                return False
             if not self.io.send_stanza(stanza):
                 return False
-        finally:
-            self._routing = False
+            sm.sent(stanza)  # in flight until acknowledged (counted delivered then)
+        elif not self.io.send_stanza(stanza):
+            return False
         self.record.pairs[(local, remote)].stanzas_out += 1
         if self.liveness is not None:
             self.liveness.stanza(stanza)

@@ -283,6 +283,8 @@ class S2SSender:
         stanzas that arrive meanwhile go out on an open stream or bounce."""
         self.draining = True
         self._stopped = True
+        if getattr(self.ctx, "sm", None) is not None:
+            self.ctx.sm.release()  # stanzas held for a peer's resumption bounce too
         if self._sweep_timer is not None and self._sweep_timer.active():
             self._sweep_timer.cancel()
         self._sweep_timer = None

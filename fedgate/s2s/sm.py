@@ -31,6 +31,16 @@ stream authenticated by another domain is refused as if unknown, with no
 
 An ``h`` that acknowledges more than was sent is the ``undefined-condition``
 stream error with ``<handled-count-too-high/>`` (XEP-0198 section 6).
+
+Closing cleanly (:meth:`StreamManagement.linger`, called by the stream as a
+close of ours begins): we send ``<a/>`` with what we handled (XEP-0198 4
+recommends it before a graceful close, so that the peer does not send again
+what we had), and, while anything of ours is unacknowledged, a last ``<r/>``;
+the close waits for the peer's ``<a/>`` at most ``close_wait`` seconds, so
+that what the peer handled counts as delivered instead of going out again.
+Every close of the stream, ours or answering the peer's, ends with an
+``<a/>`` if we handled anything since the last one we sent
+(:meth:`StreamManagement.last_words`).
 """
 
 from __future__ import annotations
@@ -45,6 +55,7 @@ from twisted.words.xish import domish
 from fedgate.stream.errors import StreamFailure, stream_error_element
 from fedgate.stream.serialize import escape_attr as _attr
 from fedgate.stream.states import Machine
+from fedgate.s2s.sm_sessions import ResumeStore, Session
 
 log = Logger(namespace="fedgate.s2s.sm")
 
@@ -71,7 +82,8 @@ class SMSettings:
     """``s2s.stream_management`` and the ``s2s.sm_*`` keys."""
 
     enabled: bool = True
-    #: ask for an ack after this many stanzas (or at the end of a burst) ...
+    #: ask for an ack after this many stanzas (unless an <r/> is still
+    #: unanswered), and at the end of every burst ...
     ack_every: int = 10
     #: ... or this many seconds after the oldest unacknowledged one
     ack_interval: float = 5.0
@@ -80,6 +92,8 @@ class SMSettings:
     #: unacknowledged stanzas on one stream; past it the stream takes no more
     #: (they wait in the destination's queue)
     max_unacked: int = 5000
+    #: seconds a clean close of ours waits for the answer to its final <r/>
+    close_wait: float = 1.0
 
 
 def add(h: int, n: int) -> int:
@@ -124,14 +138,27 @@ class Outgoing:
         self.acked = acked
         #: (stanza, routed) not yet acknowledged, oldest first
         self.unacked: deque = deque()
+        #: how many of them are our own (routed False: pings), so that the
+        #: usual ack, of routed stanzas only, needs no look at each one
+        self.own = 0
 
     @property
     def sent(self) -> int:
         """Our counter: stanzas sent on this session, modulo 2^32."""
         return add(self.acked, len(self.unacked))
 
-    def append(self, item) -> None:
+    def append(self, item, own: bool = False) -> None:
         self.unacked.append(item)
+        if own:
+            self.own += 1
+
+    def own_in(self, items) -> int:
+        """How many of ``items`` (just acknowledged) were our own."""
+        if not self.own:
+            return 0
+        count = sum(1 for _, routed in items if not routed)
+        self.own -= count
+        return count
 
     def ack(self, h: int) -> list:
         """The peer handled everything up to ``h``: what that acknowledges."""
@@ -159,56 +186,6 @@ class Incoming:
         self.handled = add(self.handled, 1)
 
 
-@dataclass
-class Session:
-    """What a resumable session leaves behind when its connection drops."""
-
-    id: str
-    remote: str
-    pairs: frozenset
-    handled: int
-    expires: float
-
-
-class ResumeStore:
-    """The receiving side's resumable sessions, by id, each bound to its
-    remote domain and pairs, each forgotten after ``resume_timeout``.  It
-    also carries the delivery hooks the sender registers (acks and
-    unacknowledged stanzas of streams the sender does not own)."""
-
-    def __init__(self, clock, settings: SMSettings, max_sessions: int = 10000):
-        self.clock = clock
-        self.settings = settings
-        self.max_sessions = max_sessions
-        self.sessions: dict[str, Session] = {}
-        #: acked(remote, count) and requeue(remote, stanzas): the sender's
-        self.acked = lambda remote, count: None
-        self.requeue = lambda remote, stanzas: None
-
-    def keep(self, session: Session) -> None:
-        self._expire()
-        if len(self.sessions) >= self.max_sessions:
-            self.sessions.pop(next(iter(self.sessions)))  # the oldest goes
-        self.sessions[session.id] = session
-
-    def take(self, previd: str, remote: str | None, pairs) -> Session | None:
-        """The session ``previd`` if the stream asking for it authenticated
-        the same remote domain and one of its pairs; None otherwise (unknown,
-        expired, or someone else's: the id is not given away either way)."""
-        self._expire()
-        session = self.sessions.get(previd)
-        if session is None or remote is None or session.remote != remote:
-            return None
-        if not set(pairs) or not set(pairs) <= session.pairs:
-            return None
-        return self.sessions.pop(previd)
-
-    def _expire(self) -> None:
-        now = self.clock.seconds()
-        for key in [k for k, s in self.sessions.items() if s.expires <= now]:
-            del self.sessions[key]
-
-
 class StreamManagement:
     """XEP-0198 on one stream.  ``write(text)`` writes a nonza, ``fail(element)``
     ends the stream with a stream error; ``on_acked(items)`` hears each
@@ -220,7 +197,25 @@ class StreamManagement:
         self._write = write
         self._fail = fail
         self.on_acked = on_acked
+        self._reset()
+
+    def restart(self) -> list:
+        """A stream restart (TLS, SASL): XEP-0198 state does not survive it
+        (RFC 6120 discards what the old stream negotiated).  What was sent
+        and never acknowledged; the same object starts afresh (the stream's
+        observer stays)."""
+        items = self.stop()
+        self._reset()
+        return items
+
+    def _reset(self) -> None:
         self.machine = Machine("sm", TRANSITIONS, OFF)
+        #: read for every stanza written
+        self.max_unacked = self.settings.max_unacked
+        self._ack_every = self.settings.ack_every
+        #: an <r/> of ours not answered yet: the count of ack_every asks
+        #: again only once an <a/> came (the end of a burst always asks)
+        self._asked = False
         self.counting = False
         self.out = Outgoing()
         self.inc = Incoming()
@@ -231,6 +226,14 @@ class StreamManagement:
         self._since_request = 0
         self._timer = None
         self._burst = None
+        #: the h of the last <a/> we sent, and whether a stream error ended
+        #: the stream (then no <a/> follows it)
+        self._answered = 0
+        self.failed = False
+        #: a clean close waiting for the answer to its final <r/>
+        self._closing = None
+        self._close_timer = None
+        self.failed_h: int | None = None
 
     @property
     def state(self) -> str:
@@ -265,6 +268,7 @@ class StreamManagement:
         self._fire("resume")
         self.id = previd
         self.inc = Incoming(handled)
+        self._answered = handled
         self.out = Outgoing(acked)
         self._write(f"<resume xmlns='{NS}' previd='{_attr(previd)}' h='{handled}'/>")
 
@@ -296,6 +300,7 @@ class StreamManagement:
         self._fire("resumed")
         self.id, self.resumable, self.max = session.id, True, int(self.settings.resume_timeout)
         self.inc = Incoming(session.handled)
+        self._answered = session.handled
         self.out = Outgoing(h)
         self._write(f"<resumed xmlns='{NS}' previd='{_attr(session.id)}' h='{session.handled}'/>")
 
@@ -309,7 +314,7 @@ class StreamManagement:
         if name == "r":
             if not self.enabled:
                 raise StreamFailure("unsupported-stanza-type", "<r/> without stream management")
-            self._write(f"<a xmlns='{NS}' h='{self.inc.handled}'/>")
+            self.answer()
         elif name == "a":
             if not self.counting:
                 raise StreamFailure("unsupported-stanza-type", "<a/> without stream management")
@@ -322,11 +327,14 @@ class StreamManagement:
             self.max = int(raw_max) if raw_max.isdigit() else None
         elif name == "failed" and self.state in (ENABLING, RESUMING):
             resuming = self.state == RESUMING
+            #: a failed resumption may still say what the peer had handled
+            self.failed_h = parse_h(element) if element.getAttribute("h") is not None else None
             self._fire("failed")
             self._stop_timer()
             condition = next((c.name for c in element.elements() if c.uri == STANZAS), "undefined-condition")
             items = list(self.out.unacked)
             self.out.unacked.clear()
+            self.out.own = 0
             self.resumable = False
             role.sm_failed(condition, items, resuming)
         elif name == "resumed" and self.state == RESUMING:
@@ -347,25 +355,75 @@ class StreamManagement:
             raise StreamFailure("unsupported-stanza-type", f"unexpected <{name}/> in {NS}")
 
     def ack(self, h: int) -> None:
+        self._asked = False
         try:
             done = self.out.ack(h)
         except HandledCountTooHigh as error:
             log.info("Peer acknowledged {h} stanzas of {sent}", h=error.h, sent=error.send_count)
             self._stop_timer()
+            self.failed = True
             self._fail(too_high_error(error))
             return
         if not self.out.unacked:
             self._stop_timer()
         if done:
             self.on_acked(done)
+        if self._closing is not None and not self.out.unacked:
+            self._close_done()
 
-    def sent(self, stanza, routed: bool) -> None:
-        """A stanza went out on the stream (the stream's observer)."""
+    def answer(self) -> None:
+        """Send <a/> with what we handled (an <r/> came, or we close)."""
+        self._answered = self.inc.handled
+        self._write(f"<a xmlns='{NS}' h='{self.inc.handled}'/>")
+
+    # -- closing cleanly -----------------------------------------------------
+    def linger(self, done) -> bool:
+        """A clean close of ours begins: tell the peer what we handled, and
+        if it has not acknowledged all we sent, ask once more; True if the
+        close waits (``done()`` comes with the answer, or after
+        ``close_wait`` seconds at most), False to close now."""
+        if not self.enabled or self.failed:
+            return False
+        self.last_words()
+        if not self.out.unacked or self.settings.close_wait <= 0:
+            return False
+        self._closing = done
+        self.request()
+        self._close_timer = self.clock.callLater(self.settings.close_wait, self._close_waited)
+        return True
+
+    def _close_waited(self) -> None:
+        self._close_timer = None
+        if self._closing is not None:
+            log.info("No answer to our last <r/> within {wait} s: {count} stanzas unacknowledged",
+                     wait=self.settings.close_wait, count=len(self.out.unacked))
+        self._close_done()
+
+    def _close_done(self) -> None:
+        done, self._closing = self._closing, None
+        if self._close_timer is not None and self._close_timer.active():
+            self._close_timer.cancel()
+        self._close_timer = None
+        if done is not None:
+            done()
+
+    def last_words(self) -> None:
+        """Just before our </stream:stream>: an <a/> if we handled anything
+        since the last one we sent (never after a stream error of ours)."""
+        if self.enabled and not self.failed and self._answered != self.inc.handled:
+            self.answer()
+
+    def sent(self, stanza, routed: bool = True) -> None:
+        """A stanza went out on the stream: one the sender routed, or our
+        own (a ping).  Called for every stanza written: kept cheap."""
         if not self.counting:
             return
-        self.out.unacked.append((stanza, routed))
-        self._since_request += 1
-        if self._since_request >= self.settings.ack_every:
+        if routed:
+            self.out.unacked.append((stanza, True))
+        else:
+            self.out.append((stanza, False), own=True)
+        count = self._since_request = self._since_request + 1
+        if count >= self._ack_every and not self._asked:
             self.request()
         elif self._burst is None:
             self._burst = self.clock.callLater(0, self._burst_end)
@@ -388,6 +446,7 @@ class StreamManagement:
     def request(self) -> None:
         """Send <r/>; the interval timer, if running, asks again later."""
         self._since_request = 0
+        self._asked = True
         self._write(_R)
 
     def _interval(self) -> None:
@@ -407,9 +466,13 @@ class StreamManagement:
     def stop(self) -> list:
         """The connection is gone: what was sent and never acknowledged."""
         self._stop_timer()
+        # a close waiting for our last ack goes on now (a stream restart
+        # must not leave it waiting with no bound)
+        self._close_done()
         self._fire("stop")
         items = list(self.out.unacked)
         self.out.unacked.clear()
+        self.out.own = 0
         return items
 
     def describe(self) -> dict:

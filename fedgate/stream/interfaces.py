@@ -71,6 +71,10 @@ class IXmppStream(Interface):
     def fail(condition, text=None):
         """Send a stream error and close (RFC 6120 4.9)."""
 
+    def linger_with(linger, last_words=None):
+        """Let a clean close of ours wait for the handler (``linger(done)``
+        True), and let it write last words before our stream end."""
+
     def authenticated():
         """The peer has proved who it is (a first valid domain pair, a
         component's handshake or SASL): the connection stops counting

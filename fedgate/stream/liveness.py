@@ -58,7 +58,6 @@ from fedgate.stream.stanza import Stanza
 from fedgate.jid import domain_of
 from fedgate.domain import InvalidDomain
 from fedgate.stream import namespaces as ns
-from fedgate.stream.serialize import serialize
 from fedgate.stream.states import Machine
 
 log = Logger(namespace="fedgate.stream.liveness")
@@ -174,8 +173,11 @@ class Liveness:
                  ping_pair: Callable[[], tuple[str, str] | None],
                  authenticated: Callable[[], bool],
                  on_dead: Callable[[str], None], on_idle: Callable[[str], None],
-                 stanza_ns: str = ns.SERVER):
+                 stanza_ns: str = ns.SERVER, send_stanza: Callable | None = None):
         self.io = io
+        #: how a ping goes out: the stream's stanza write path, or the
+        #: handler's (which counts it for XEP-0198 on S2S)
+        self.send_stanza = send_stanza or io.send
         self.clock = clock
         self.settings = settings
         self.pings = pings
@@ -291,7 +293,9 @@ class Liveness:
         iq.addElement((ns.PING, "ping"))
         self.machine.fire("ping")
         self.pings_sent += 1
-        self.io.send(serialize(iq, self.stanza_ns))
+        # a stanza like any other on the one write path: XEP-0198 counts it
+        # (the peer counts it handled), so that its acks number ours right
+        self.send_stanza(Stanza.of(iq))
 
     def _schedule(self, when: float) -> None:
         self._cancel()

@@ -18,6 +18,17 @@ with :meth:`XmppStream.observe_stanzas` about each stanza taken (the hook for
 acknowledgements and output accounting).  Nothing at all is written after
 our ``</stream:stream>``.
 
+A clean close may linger (:meth:`XmppStream.linger_with`): when we close
+(:meth:`XmppStream.close`, or :meth:`XmppStream.fail` with one of
+:data:`LINGER_CONDITIONS`: an operator, a policy change, shutdown) outside
+the handling of the peer's input, the handler may first ask the peer for
+what it still owes (XEP-0198's final ``<r/>``), and the stream stays open
+for reading, and for nonzas, until the handler says it is done (within a
+bound of its own).  Meanwhile it is :attr:`XmppStream.ending`: stanzas are
+refused as on a closing stream.  The peer's input ending or failing stops
+the wait at once.  Every close, lingering or not, lets the handler write its
+last words (the final ``<a/>``) before our ``</stream:stream>``.
+
 Output is bounded: the stream registers an :class:`fedgate.stream.flow.OutputFlow`
 as the streaming producer of its transport, and is :attr:`XmppStream.writable`
 until the transport's write buffer holds about ``output_high_water`` bytes;
@@ -66,6 +77,11 @@ log = Logger(namespace="fedgate.stream")
 
 CLOSE_GRACE = 10.0  # seconds we wait for the peer's </stream:stream>
 
+#: stream errors of ours that end a stream in good order (an operator closing
+#: it, a policy change, shutdown): a close with them may linger (see above).
+#: An error about the peer's input never does.
+LINGER_CONDITIONS = frozenset({"system-shutdown", "policy-violation"})
+
 
 class _Restart(Exception):
     """Raised inside the parser to drop the rest of a chunk after a restart."""
@@ -102,6 +118,13 @@ class XmppStream(protocol.Protocol):
         self.log_bodies = log_bodies
         self.header_sent = False
         self.closing = False
+        #: a clean close waits for the handler (XEP-0198's final ack): no
+        #: stanza is taken, reading and nonzas go on (see linger_with)
+        self.ending = False
+        self._linger = None
+        self._last_words = None
+        #: the stream error (condition, text) the lingering close ends with
+        self._end_error = None
         #: the peer closed its stream (``</stream:stream>``), as against a
         #: connection that was dropped or a stream we ended
         self.peer_ended = False
@@ -344,10 +367,58 @@ class XmppStream(protocol.Protocol):
         if self._parsing:
             raise _Restart()
 
+    def linger_with(self, linger, last_words=None) -> None:
+        """``linger(done) -> bool`` is asked at the start of a clean close of
+        ours: True if the handler waits for something (it calls ``done()``,
+        within a bound of its own, and the close goes on then); False to
+        close now.  ``last_words()`` writes what goes just before our
+        ``</stream:stream>`` on every close (stream error or not)."""
+        self._linger = linger
+        self._last_words = last_words
+
+    def _start_linger(self, error) -> bool:
+        """Start a lingering close (ours, outside input handling) if the
+        handler wants one; False to close now."""
+        if self._linger is None or self._parsing or not self.header_sent:
+            return False
+        self.ending = True
+        self._end_error = error
+        try:
+            waiting = self._linger(self._end_lingering)
+        except Exception:
+            log.failure("Error starting a clean close with {peer}", peer=self.peer)
+            waiting = False
+        if not waiting:
+            self.ending = False
+            self._end_error = None
+        return bool(waiting)
+
+    def _end_lingering(self) -> None:
+        """The handler is done (or its bound passed): close now."""
+        if not self.ending or self.closing or self.closed:
+            return
+        error, self._end_error = self._end_error, None
+        self.ending = False
+        if error is not None:
+            self._fail_now(*error)
+        else:
+            self._close_now()
+
     def fail(self, condition: str, text: str | None = None) -> None:
         """Send a stream error and close (RFC 6120 4.9)."""
         if self.closing or self.closed:
             return
+        if self.ending:
+            if not self._parsing:
+                self._end_error = (condition, text)  # the close under way ends with it
+                return
+            self.ending = False  # the peer's input failed: no more waiting
+            self._end_error = None
+        elif condition in LINGER_CONDITIONS and self._start_linger((condition, text)):
+            return
+        self._fail_now(condition, text)
+
+    def _fail_now(self, condition: str, text: str | None) -> None:
         log.info("Stream error {condition} to {peer}: {text}", condition=condition,
                  peer=self.peer, text=short(text) or "")
         if not self.header_sent:
@@ -356,15 +427,36 @@ class XmppStream(protocol.Protocol):
             except Exception:
                 attrs = {}
             self.open_stream(attrs)
+        self._say_last_words()
         self.send(stream_error_element(condition, text))
-        self.close()
+        self._close_now(last_words=False)
 
     def close(self) -> None:
-        """Close our stream and the connection, waiting briefly for the peer."""
+        """Close our stream and the connection, waiting briefly for the peer
+        (lingering first where the handler asks: see :meth:`linger_with`)."""
         if self.closing or self.closed:
             return
+        if self.ending:
+            if self._parsing:  # the peer ended its stream, or its input failed
+                self._end_lingering()
+            return
+        if self._start_linger(None):
+            return
+        self._close_now()
+
+    def _say_last_words(self) -> None:
+        if self._last_words is not None and self.header_sent:
+            try:
+                self._last_words()
+            except Exception:
+                log.failure("Error writing the last words to {peer}", peer=self.peer)
+
+    def _close_now(self, last_words: bool = True) -> None:
         if self.header_sent:
+            if last_words:
+                self._say_last_words()
             self.write("</stream:stream>")  # the last write: closing from here
+        self.ending = False
         self.closing = True
         if self._parser is not None:
             self._parser.close()  # nothing more is parsed; free it now
