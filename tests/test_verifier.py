@@ -245,7 +245,7 @@ class VerifierTests(unittest.TestCase):
         self.assertEqual(len(self.results), 1, "the late answer went to the cancelled request only")
 
     # -- timeouts and loss -----------------------------------------------------
-    def test_timeout_aborts_the_connection_and_fails_its_requests(self):
+    def test_timeout_ends_the_connection_and_fails_its_requests(self):
         peer = self.start()
         self.clock.advance(20)
         self.ask(stream_id="SID2")
@@ -253,6 +253,10 @@ class VerifierTests(unittest.TestCase):
         [failure] = self.results
         self.assertEqual(failure.value.condition, "remote-server-timeout")
         self.assertTrue(peer.transport.disconnecting)
+        # a stream error and our close, not a dropped connection (RFC 6120 4.9.3.4)
+        tail = peer.transport.value()
+        self.assertIn(b"<connection-timeout", tail)
+        self.assertTrue(tail.endswith(b"</stream:stream>"), tail[-120:])
         peer.stream.connectionLost(None)
         [_, other] = self.results
         self.assertEqual(other.value.condition, "remote-server-timeout")

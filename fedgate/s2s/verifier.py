@@ -380,8 +380,9 @@ class PooledConnection(_Channel):
         self.verifier._forget(self)
         io = self.handler.io
         if io is not None:
-            if not io.closed:
-                io.abort()
+            # A peer silent past the deadline gets a stream error (RFC 6120
+            # 4.9.3.4), not a dropped connection without our close.
+            io.fail("connection-timeout", "no answer to a dialback verification in time")
         else:
             self.connecting.cancel()
 
