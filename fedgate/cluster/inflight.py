@@ -95,6 +95,28 @@ class InFlightTable:
         self.acked += done
         return done
 
+    def _range(self, first: int, last: int, node: str | None):
+        """The waiting sequence numbers in ``first..last`` sent to ``node``
+        (any node when None), without walking a range wider than the table."""
+        if last - first + 1 <= len(self._waiting):
+            seqs = (s for s in range(first, last + 1) if s in self._waiting)
+        else:
+            seqs = [s for s in self._waiting if first <= s <= last]
+        return [s for s in seqs if node is None or self._waiting[s].node == node]
+
+    def ack_range(self, first: int, last: int, node: str | None = None) -> int:
+        """:meth:`ack` for ``first..last`` (both included)."""
+        seqs = self._range(first, last, node)
+        for seq in seqs:
+            self._take(seq)
+        self.acked += len(seqs)
+        return len(seqs)
+
+    def take_range(self, first: int, last: int, node: str | None = None) -> list[InFlight]:
+        """The entries in ``first..last`` sent to ``node``, removed (its
+        node refused them unhandled), oldest first."""
+        return [self._take(seq) for seq in self._range(first, last, node)]
+
     def take_back(self, seq: int) -> InFlight | None:
         """Remove ``seq`` without an acknowledgement (its PUBLISH reached
         nobody or failed): the entry, or None if it was acknowledged already."""
