@@ -138,8 +138,8 @@ def encode_ranges(seqs) -> bytes:
 def decode_ranges(text: bytes) -> list[tuple[int, int]]:
     out = []
     for part in text.split(b","):
-        first, _, last = part.partition(b"-")
-        if not first.isdigit() or (last and not last.isdigit()):
+        first, dash, last = part.partition(b"-")
+        if not first.isdigit() or (dash and not last.isdigit()):
             raise BadMessage("bad range")
         a, b = int(first), int(last or first)
         if b < a:
