@@ -15,7 +15,12 @@ What can happen to a waiting stanza:
 - no acknowledgement within ``timeout`` seconds: taken back by :meth:`expire`
   and bounced with ``remote-server-timeout``.  The stanza may still have been
   delivered (the acknowledgement was lost or late): the one window in which
-  a stanza is both delivered and bounced, documented in the README.
+  a stanza is both delivered and bounced, documented in the README;
+- refused by its node (whose own lease had run out): taken back by
+  :meth:`take_range` and bounced, never delivered.
+
+Acknowledgements come as ranges (:meth:`ack_range`); a range wider than the
+table walks the table, not the range.
 
 The table is bounded by count and by bytes; :meth:`add` refuses past either
 bound (the caller bounces with ``resource-constraint``).  Everything here is

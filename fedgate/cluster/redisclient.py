@@ -19,6 +19,10 @@ Three parts:
   pipeline, one pipeline in flight at a time (so messages keep their order),
   and each call's Deferred fires with the number of subscribers that got the
   message: 0 is how a cluster sees that nobody listens on a channel.
+  Owners that gather several items into one message (the relay: all the
+  stanzas for one node) hook :attr:`Publisher.before_flush` and call
+  :meth:`Publisher.wake`; what piles up while a pipeline is on the wire
+  leaves in the next one.
 - :class:`Subscriber`: one listener thread owns a pub/sub connection, reads
   with ``get_message(timeout)`` and hands messages to the reactor in batches
   through ``callFromThread``; channels can be added and removed at runtime.

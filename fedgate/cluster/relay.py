@@ -14,25 +14,51 @@ cannot deliver itself, so the single-node path is unchanged):
   authenticates the pair on it, as XEP-0220 allows); else this node opens
   one itself.
 
-On the wire each stanza is one PUBLISH to ``<p>:node:<target>``: ``S``, a
-JSON envelope (origin node, origin instance, sequence number, kind, the
-stanza's name and addresses) on one line, then the stanza's bytes (the
-original ones where :meth:`~fedgate.stream.stanza.Stanza.encode` allows).
-The receiving node delivers it locally and never forwards it again (loop
-free): to a local component session (else a bounce), or to its own S2S
-sender.  It acknowledges what it handled, one PUBLISH per origin per
-reactor turn (``A`` and a JSON list of sequence numbers) on the origin's
-channel.
+On the wire, the stanzas for one node gathered while the previous Redis
+pipeline was out (at least those of one reactor turn) travel as one PUBLISH
+to ``<p>:node:<target>``: ``B``, the origin node and its run (instance) on
+one line, then one record per stanza: an ASCII header line of decimal
+numbers (sequence number, kind, and the byte length of each field: the
+stanza's name and to/from/type/id, the from and to domains, ``-`` for an
+absent one, and of the stanza's bytes), then those fields and the stanza's
+bytes (the original ones where :meth:`~fedgate.stream.stanza.Stanza.encode`
+allows) back to back.  Everything is length-delimited, so no byte of a
+stanza can pass for a header (at most MAX_BATCH_STANZAS stanzas and
+MAX_BATCH_BYTES per message).  The receiving node delivers each locally
+and never forwards it again (loop free): to a local component session
+(else a bounce), or to its own S2S sender.  It acknowledges what it
+handled, per stanza, as ranges of sequence numbers: ``R``, its node id, the
+origin's instance and ``1-500,502``, one message per origin per pipeline,
+on the origin's channel.
 
 The origin keeps every forwarded stanza in a bounded
 :class:`~fedgate.cluster.inflight.InFlightTable` until acknowledged.  A
 PUBLISH that reached no subscriber means the target is dead: its entries
 are dropped and the stanza re-routed at once (another holder, the local
-path) or bounced.  No acknowledgement within ``ack_timeout``: bounced with
-``remote-server-timeout`` (it may have been delivered all the same).  With
-Redis unreachable, cross-node stanzas bounce with ``remote-server-timeout``
-at once; local delivery goes on, and after the reconnection the ownership
-cache is reloaded in full.
+path) or bounced.  A node found dead or gone (its lease ran out) has its
+unacknowledged stanzas bounced after a fence: a message the origin
+publishes to its own channel, which comes back after every
+acknowledgement Redis received before it; so exactly what was not
+acknowledged bounces.  No acknowledgement within ``ack_timeout``: bounced
+with ``remote-server-timeout`` (it may have been delivered all the same).
+With Redis unreachable, cross-node stanzas bounce with
+``remote-server-timeout`` at once; local delivery goes on, and after the
+reconnection the ownership cache is reloaded in full.
+
+A node whose own lease has run out by its own clock (a heartbeat found it
+expired, or a relayed stanza arrives after it: the node was hung, stopped
+with SIGSTOP, or cut off from Redis) may have been taken for dead, and its
+senders may have bounced what they sent it.  So from then until it has
+rejoined (renewed its lease, then seen a fence come back on its own
+channel, after everything Redis held for it) it neither delivers nor
+acknowledges relayed stanzas: it discards them (counted ``discarded``) and
+refuses them to their senders (``N`` and ranges), who bounce them.  It
+stops taking them a little before the lease ends (``lease_margin``), so an
+acknowledgement sent just before reaches Redis while its liveness key
+still exists.  What remains is the stanzas it delivered in the last
+moments before it was stopped, whose acknowledgement left only after it
+was continued: delivering and acknowledging are two writes to two
+systems (README, Cluster).
 """
 
 from __future__ import annotations
