@@ -266,6 +266,37 @@ class DeadNodeInFlightTests(RoutingCase):
         self.assertEqual(len(b.cluster.inflight), 0)
 
 
+class GoneNodeFenceTests(RoutingCase):
+    @defer.inlineCallbacks
+    def test_acknowledgements_on_their_way_are_counted_before_bouncing(self):
+        """Node B finds node A gone while A's acknowledgements are still on
+        their way to B's subscriber: B bounces only what is still
+        unacknowledged once its fence message has come back, here nothing."""
+        a, b = self.nodes["a"], self.nodes["b"]
+        ca = yield add_component(self, a, "chat.a.example", "secret-a")
+        cb = yield add_component(self, self.remote, "chat.b.example", "secret-b")
+        yield self.known_everywhere("chat.a.example", "a")
+        held = []
+        b.cluster.subscriber.on_messages = held.extend  # B reads, but handles nothing yet
+        for i in range(3):
+            cb.send(f"<message from='y@chat.b.example' to='x@chat.a.example' id='g{i}'/>")
+        yield drain(ca, 3)
+        mine = b.cluster.channel("node-b")
+        yield wait_until(lambda: any(c == mine and d[:1] == b"R" for c, d in held),
+                         "A's acknowledgement, held")
+        self.assertEqual(len(b.cluster.inflight), 3)
+        b.cluster._node_gone("node-a")  # as when its lease key is found missing
+        self.assertEqual(b.cluster.counters.bounced["timeout"], 0)  # not yet
+        yield wait_until(lambda: any(c == mine and d[:1] == b"F" for c, d in held),
+                         "B's fence, held after the acknowledgement")
+        b.cluster.subscriber.on_messages = b.cluster.messages
+        b.cluster.messages(held)
+        self.assertEqual(len(b.cluster.inflight), 0)
+        self.assertEqual((b.cluster.counters.acked, b.cluster.counters.bounced["timeout"]), (3, 0))
+        yield sleep(0.3)
+        self.assertEqual(cb.received.pending, [])  # no bounce came back
+
+
 class RedisOutageTests(RoutingCase):
     @defer.inlineCallbacks
     def test_redis_down_bounces_cross_node_then_recovers(self):

@@ -133,6 +133,10 @@ class InFlightTable:
         if entry is not None:
             entry.confirmed = True
 
+    def waits_for(self, node: str) -> bool:
+        """Whether any entry waits for ``node``."""
+        return any(entry.node == node for entry in self._waiting.values())
+
     def take_node(self, node: str, confirmed_only: bool = False) -> list[InFlight]:
         """Every entry waiting for ``node`` (it is gone), oldest first; with
         ``confirmed_only``, only those a subscriber is known to have got

@@ -458,6 +458,8 @@ class ClusterRelay:
         them; what is still unacknowledged then bounces.  Stanzas whose
         PUBLISH reply is still to come wait for it: one that reached nobody
         is routed again."""
+        if not self.inflight.waits_for(node):
+            return  # (a node long dead is found so at every heartbeat)
         if self.subscriber is None or not self.connected:
             self._bounce_node(node)
             return
