@@ -121,3 +121,14 @@ class OwnershipCacheTests(unittest.TestCase):
         self.assertEqual(cache.stream_owner("r"), "n2")  # it still has b -> r
         cache.drop_node("n2")
         self.assertIsNone(cache.stream_owner("r"))
+
+
+class WaitsForTests(unittest.TestCase):
+    def test_waits_for_names_only_nodes_with_entries(self):
+        table = InFlightTable(lambda: 0.0, timeout=5, max_stanzas=10, max_bytes=1000)
+        self.assertFalse(table.waits_for("a"))
+        seq = table.add("a", object(), 1)
+        self.assertTrue(table.waits_for("a"))
+        self.assertFalse(table.waits_for("b"))
+        table.ack([seq])
+        self.assertFalse(table.waits_for("a"))

@@ -248,7 +248,7 @@ class DeadNodeInFlightTests(RoutingCase):
         ca = yield add_component(self, a, "chat.a.example", "secret-a")
         cb = yield add_component(self, self.remote, "chat.b.example", "secret-b")
         yield self.known_everywhere("chat.a.example", "a")
-        a.cluster._ack = lambda *args: None
+        a.cluster.publisher.before_flush.remove(a.cluster._flush_acks)
         for i in range(3):
             cb.send(f"<message from='y@chat.b.example' to='x@chat.a.example' id='u{i}'/>")
         yield drain(ca, 3)
@@ -264,6 +264,37 @@ class DeadNodeInFlightTests(RoutingCase):
                                       "u2": "remote-server-timeout", "after": "service-unavailable"})
         self.assertLess(took, 1.0)
         self.assertEqual(len(b.cluster.inflight), 0)
+
+
+class GoneNodeFenceTests(RoutingCase):
+    @defer.inlineCallbacks
+    def test_acknowledgements_on_their_way_are_counted_before_bouncing(self):
+        """Node B finds node A gone while A's acknowledgements are still on
+        their way to B's subscriber: B bounces only what is still
+        unacknowledged once its fence message has come back, here nothing."""
+        a, b = self.nodes["a"], self.nodes["b"]
+        ca = yield add_component(self, a, "chat.a.example", "secret-a")
+        cb = yield add_component(self, self.remote, "chat.b.example", "secret-b")
+        yield self.known_everywhere("chat.a.example", "a")
+        held = []
+        b.cluster.subscriber.on_messages = held.extend  # B reads, but handles nothing yet
+        for i in range(3):
+            cb.send(f"<message from='y@chat.b.example' to='x@chat.a.example' id='g{i}'/>")
+        yield drain(ca, 3)
+        mine = b.cluster.channel("node-b")
+        yield wait_until(lambda: any(c == mine and d[:1] == b"R" for c, d in held),
+                         "A's acknowledgement, held")
+        self.assertEqual(len(b.cluster.inflight), 3)
+        b.cluster._node_gone("node-a")  # as when its lease key is found missing
+        self.assertEqual(b.cluster.counters.bounced["timeout"], 0)  # not yet
+        yield wait_until(lambda: any(c == mine and d[:1] == b"F" for c, d in held),
+                         "B's fence, held after the acknowledgement")
+        b.cluster.subscriber.on_messages = b.cluster.messages
+        b.cluster.messages(held)
+        self.assertEqual(len(b.cluster.inflight), 0)
+        self.assertEqual((b.cluster.counters.acked, b.cluster.counters.bounced["timeout"]), (3, 0))
+        yield sleep(0.3)
+        self.assertEqual(cb.received.pending, [])  # no bounce came back
 
 
 class RedisOutageTests(RoutingCase):
@@ -309,7 +340,7 @@ class AckTimeoutTests(RoutingCase):
         ca = yield add_component(self, a, "chat.a.example", "secret-a")
         cb = yield add_component(self, self.remote, "chat.b.example", "secret-b")
         yield self.known_everywhere("chat.a.example", "a")
-        a.cluster._ack = lambda *args: None  # acknowledgements lost
+        a.cluster.publisher.before_flush.remove(a.cluster._flush_acks)  # acknowledgements lost
         cb.send("<message from='y@chat.b.example' to='x@chat.a.example' id='t1'/>")
         self.assertEqual((yield ca.next_element(timeout=TIMEOUT))["id"], "t1")
         bounce = yield cb.next_element(timeout=TIMEOUT)
@@ -327,7 +358,7 @@ class InFlightBoundTests(RoutingCase):
         ca = yield add_component(self, a, "chat.a.example", "secret-a")
         cb = yield add_component(self, self.remote, "chat.b.example", "secret-b")
         yield self.known_everywhere("chat.a.example", "a")
-        a.cluster._ack = lambda *args: None  # nothing is acknowledged: the table fills
+        a.cluster.publisher.before_flush.remove(a.cluster._flush_acks)  # nothing is acknowledged: the table fills
         for i in range(8):
             cb.send(f"<message from='y@chat.b.example' to='x@chat.a.example' id='p{i}'/>")
         delivered = yield drain(ca, 5)
@@ -431,8 +462,10 @@ class HungNodeTests(RoutingCase):
         subscription, but it neither renews its lease nor acknowledges):
         stanzas sent to it bounce after ack_timeout, and once its lease (2 s
         here) has run out node B routes everything to node C.  Every stanza
-        is accounted for; the ones A took during the hang may be both
-        delivered and bounced (the documented window)."""
+        is accounted for.  Here A's reactor runs on (only its heartbeats
+        and acknowledgements stop), so it notices its own lease run out
+        and from then on discards what it is sent: those bounce and are
+        never delivered."""
         a, b, c = self.nodes["a"], self.nodes["b"], self.nodes["c"]
         on_a = yield add_component(self, a, "chat.a.example", "secret-a")
         on_c = yield add_component(self, c, "chat.a.example", "secret-a")
@@ -440,7 +473,7 @@ class HungNodeTests(RoutingCase):
         yield self.known_everywhere("chat.a.example", "a")
         yield self.known_everywhere("chat.a.example", "c")
         a.cluster.membership.stop()  # no more heartbeats
-        a.cluster._ack = lambda *args: None  # no more acknowledgements
+        a.cluster.publisher.before_flush.remove(a.cluster._flush_acks)  # no more acknowledgements
         hung_at = reactor.seconds()
         dropped_at = []
 
@@ -463,11 +496,18 @@ class HungNodeTests(RoutingCase):
         bounced = {e["id"] for e in cb.received.pending if error_condition(e) == "remote-server-timeout"}
         self.assertEqual(at_a | at_c | bounced, ids)
         self.assertEqual(at_a & at_c, set())
-        self.assertEqual(bounced, at_a)  # to A: taken there, never acknowledged, bounced
+        # To A while its lease held: taken there, never acknowledged, bounced.
+        self.assertLessEqual(at_a, bounced)
+        # To A once its own lease had run out by its own clock: discarded
+        # there unhandled, refused, bounced; never delivered.
+        discarded = a.cluster.counters.discarded
+        self.assertEqual(len(bounced - at_a), discarded)
+        self.assertGreater(discarded, 0)
         self.assertTrue(dropped_at)
         noticed = dropped_at[0] - hung_at
         print(f"\nhung node dropped {noticed:.2f} s after it hung (lease 2 s, heartbeat 0.5 s); "
-              f"{len(at_c)} to C, {len(at_a)} to A and bounced, of {sent}")
+              f"{len(at_c)} to C, {len(at_a)} to A and bounced, {discarded} discarded by A "
+              f"(its lease had run out) and bounced, of {sent}")
         self.assertLess(noticed, 2.0 + 0.5 + 0.3)
 
 

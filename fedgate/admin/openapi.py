@@ -141,7 +141,9 @@ SCHEMAS = {
     "ClusterRelay": _obj(["forwarded", "received", "acked", "rerouted", "bounced"], {
         "forwarded": {"type": "integer"}, "received": {"type": "integer"},
         "acked": {"type": "integer"}, "rerouted": {"type": "integer"},
-        "bounced": _obj([], {k: {"type": "integer"} for k in ("timeout", "redis", "full")})}),
+        "discarded": {"type": "integer"},
+        "bounced": _obj([], {k: {"type": "integer"}
+                             for k in ("timeout", "redis", "full", "lapsed")})}),
     "Cluster": _obj(["node", "redis_connected", "lease_seconds", "heartbeat_seconds", "in_flight",
                      "relay", "nodes"], {
         "node": {"type": "string", "description": "the node that answered"},

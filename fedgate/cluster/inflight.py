@@ -15,7 +15,12 @@ What can happen to a waiting stanza:
 - no acknowledgement within ``timeout`` seconds: taken back by :meth:`expire`
   and bounced with ``remote-server-timeout``.  The stanza may still have been
   delivered (the acknowledgement was lost or late): the one window in which
-  a stanza is both delivered and bounced, documented in the README.
+  a stanza is both delivered and bounced, documented in the README;
+- refused by its node (whose own lease had run out): taken back by
+  :meth:`take_range` and bounced, never delivered.
+
+Acknowledgements come as ranges (:meth:`ack_range`); a range wider than the
+table walks the table, not the range.
 
 The table is bounded by count and by bytes; :meth:`add` refuses past either
 bound (the caller bounces with ``resource-constraint``).  Everything here is
@@ -95,6 +100,28 @@ class InFlightTable:
         self.acked += done
         return done
 
+    def _range(self, first: int, last: int, node: str | None):
+        """The waiting sequence numbers in ``first..last`` sent to ``node``
+        (any node when None), without walking a range wider than the table."""
+        if last - first + 1 <= len(self._waiting):
+            seqs = (s for s in range(first, last + 1) if s in self._waiting)
+        else:
+            seqs = [s for s in self._waiting if first <= s <= last]
+        return [s for s in seqs if node is None or self._waiting[s].node == node]
+
+    def ack_range(self, first: int, last: int, node: str | None = None) -> int:
+        """:meth:`ack` for ``first..last`` (both included)."""
+        seqs = self._range(first, last, node)
+        for seq in seqs:
+            self._take(seq)
+        self.acked += len(seqs)
+        return len(seqs)
+
+    def take_range(self, first: int, last: int, node: str | None = None) -> list[InFlight]:
+        """The entries in ``first..last`` sent to ``node``, removed (its
+        node refused them unhandled), oldest first."""
+        return [self._take(seq) for seq in self._range(first, last, node)]
+
     def take_back(self, seq: int) -> InFlight | None:
         """Remove ``seq`` without an acknowledgement (its PUBLISH reached
         nobody or failed): the entry, or None if it was acknowledged already."""
@@ -105,6 +132,10 @@ class InFlightTable:
         entry = self._waiting.get(seq)
         if entry is not None:
             entry.confirmed = True
+
+    def waits_for(self, node: str) -> bool:
+        """Whether any entry waits for ``node``."""
+        return any(entry.node == node for entry in self._waiting.values())
 
     def take_node(self, node: str, confirmed_only: bool = False) -> list[InFlight]:
         """Every entry waiting for ``node`` (it is gone), oldest first; with

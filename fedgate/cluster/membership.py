@@ -47,6 +47,9 @@ INFO_TTL = 86400
 SCAN_INTERVAL = 0.25
 #: most seconds between two looks at the other nodes' liveness keys
 LIVENESS_CHECK = 0.5
+#: most seconds before its own lease ends that a node stops taking relayed
+#: stanzas (a quarter of the lease when that is shorter)
+LEASE_MARGIN = 0.5
 
 
 def entry_field(kind: str, key: tuple[str, ...]) -> str:
@@ -176,6 +179,17 @@ class Membership:
         #: lease after that (a Redis restarted without persistence has lost
         #: every node's keys, and the others rewrite theirs as they reconnect)
         self.connected_since: float | None = None
+        #: until when this node's own liveness key is known to live, by this
+        #: node's clock: the reactor time just *before* the last heartbeat
+        #: that renewed it was sent, plus the lease (Redis started the
+        #: key's expiry later than that, so the key outlives this); 0 before
+        #: the first renewal
+        self.lease_until = 0.0
+        #: called (no arguments) when a heartbeat is about to start and the
+        #: previous renewal has run out (less than :attr:`lease_margin` left
+        #: of it): the node was hung or cut off long enough that the others
+        #: may take it for dead
+        self.on_lapse: Callable[[], None] = lambda: None
         self._timers: list = []
         self._announcing = False
         self._again = False
@@ -211,6 +225,7 @@ class Membership:
     def leave(self) -> defer.Deferred:
         """Remove this node's lease and entries and tell the others (a clean stop)."""
         self.stop()
+        self.lease_until = 0.0
         return self.client.pipeline([
             ("DEL", self.key("alive", self.node_id)), ("DEL", self.key("owns", self.node_id)),
             ("PUBLISH", self.owners_channel, f"down {self.node_id}")], transaction=True)
@@ -221,6 +236,21 @@ class Membership:
             return
         method = {"heartbeat": self.beat, "scan": self.changed, "liveness": self.check_alive}[what]
         self._timers.append(self.reactor.callLater(delay, self._tick, what, method))
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
+
+    @property
+    def lease_margin(self) -> float:
+        """How long before :attr:`lease_until` this node stops taking
+        relayed stanzas: time for an acknowledgement sent just before to
+        reach Redis while the liveness key still exists."""
+        return min(LEASE_MARGIN, self.lease / 4)
+
+    def lease_valid(self) -> bool:
+        """Whether this node's own lease holds, with :attr:`lease_margin` to spare."""
+        return self.reactor.seconds() < self.lease_until - self.lease_margin
 
     @property
     def liveness_interval(self) -> float:
@@ -237,6 +267,9 @@ class Membership:
     def beat(self):
         """Renew the lease, rewrite every entry, publish the info; then
         reload the others' entries."""
+        started = self.reactor.seconds()
+        if self.lease_until and not self.lease_valid():
+            self.on_lapse()
         entries = self.local_entries()
         lease_ms = int(self.lease * 1000)
         owns = self.key("owns", self.node_id)
@@ -257,6 +290,7 @@ class Membership:
             log.debug("Cluster heartbeat failed: {error}", error=str(e))
             raise
         self.heartbeats += 1
+        self.lease_until = max(self.lease_until, started + self.lease)
         self.announced = set(entries)
         yield self.reload()
 

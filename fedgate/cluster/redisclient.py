@@ -19,6 +19,10 @@ Three parts:
   pipeline, one pipeline in flight at a time (so messages keep their order),
   and each call's Deferred fires with the number of subscribers that got the
   message: 0 is how a cluster sees that nobody listens on a channel.
+  Owners that gather several items into one message (the relay: all the
+  stanzas for one node) hook :attr:`Publisher.before_flush` and call
+  :meth:`Publisher.wake`; what piles up while a pipeline is on the wire
+  leaves in the next one.
 - :class:`Subscriber`: one listener thread owns a pub/sub connection, reads
   with ``get_message(timeout)`` and hands messages to the reactor in batches
   through ``callFromThread``; channels can be added and removed at runtime.
@@ -279,6 +283,11 @@ class Publisher:
         self._queue: list[tuple[str | bytes, bytes | str, defer.Deferred]] = []
         self._scheduled = False
         self._in_flight = False
+        #: called (no arguments) just before each pipeline is put together:
+        #: owners that gather their own messages (several stanzas for one
+        #: node in one message) publish them there, so whatever piled up
+        #: while the previous pipeline was on the wire leaves in the next
+        self.before_flush: list[Callable[[], Any]] = []
 
     @property
     def queued(self) -> int:
@@ -291,14 +300,27 @@ class Publisher:
                                         f"(max_queued {self.max_queued})"))
         d: defer.Deferred = defer.Deferred()
         self._queue.append((channel, message, d))
+        self.wake()
+        return d
+
+    def wake(self) -> None:
+        """Have a pipeline put together soon (this reactor turn, or when the
+        one on the wire is back): an owner in :attr:`before_flush` has
+        something to publish."""
         if not self._scheduled and not self._in_flight:
             self._scheduled = True
             self.client.reactor.callLater(0, self._flush)
-        return d
 
     def _flush(self) -> None:
         self._scheduled = False
-        if self._in_flight or not self._queue:
+        if self._in_flight:
+            return
+        for gather in self.before_flush:
+            try:
+                gather()
+            except Exception:
+                log.failure("Redis publisher: gathering messages failed")
+        if not self._queue:
             return
         sending, self._queue = self._queue[:self.batch], self._queue[self.batch:]
         self._in_flight = True
@@ -314,8 +336,7 @@ class Publisher:
 
         def next_batch(_):
             self._in_flight = False
-            if self._queue:
-                self._flush()
+            self._flush()
         d.addCallbacks(sent, failed).addBoth(next_batch)
 
 

@@ -14,30 +14,55 @@ cannot deliver itself, so the single-node path is unchanged):
   authenticates the pair on it, as XEP-0220 allows); else this node opens
   one itself.
 
-On the wire each stanza is one PUBLISH to ``<p>:node:<target>``: ``S``, a
-JSON envelope (origin node, origin instance, sequence number, kind, the
-stanza's name and addresses) on one line, then the stanza's bytes (the
-original ones where :meth:`~fedgate.stream.stanza.Stanza.encode` allows).
-The receiving node delivers it locally and never forwards it again (loop
-free): to a local component session (else a bounce), or to its own S2S
-sender.  It acknowledges what it handled, one PUBLISH per origin per
-reactor turn (``A`` and a JSON list of sequence numbers) on the origin's
-channel.
+On the wire, the stanzas for one node gathered while the previous Redis
+pipeline was out (at least those of one reactor turn) travel as one PUBLISH
+to ``<p>:node:<target>``: ``B``, the origin node and its run (instance) on
+one line, then one record per stanza: an ASCII header line of decimal
+numbers (sequence number, kind, and the byte length of each field: the
+stanza's name and to/from/type/id, the from and to domains, ``-`` for an
+absent one, and of the stanza's bytes), then those fields and the stanza's
+bytes (the original ones where :meth:`~fedgate.stream.stanza.Stanza.encode`
+allows) back to back.  Everything is length-delimited, so no byte of a
+stanza can pass for a header (at most MAX_BATCH_STANZAS stanzas and
+MAX_BATCH_BYTES per message).  The receiving node delivers each locally
+and never forwards it again (loop free): to a local component session
+(else a bounce), or to its own S2S sender.  It acknowledges what it
+handled, per stanza, as ranges of sequence numbers: ``R``, its node id, the
+origin's instance and ``1-500,502``, one message per origin per pipeline,
+on the origin's channel.
 
 The origin keeps every forwarded stanza in a bounded
 :class:`~fedgate.cluster.inflight.InFlightTable` until acknowledged.  A
 PUBLISH that reached no subscriber means the target is dead: its entries
 are dropped and the stanza re-routed at once (another holder, the local
-path) or bounced.  No acknowledgement within ``ack_timeout``: bounced with
-``remote-server-timeout`` (it may have been delivered all the same).  With
-Redis unreachable, cross-node stanzas bounce with ``remote-server-timeout``
-at once; local delivery goes on, and after the reconnection the ownership
-cache is reloaded in full.
+path) or bounced.  A node found dead or gone (its lease ran out) has its
+unacknowledged stanzas bounced after a fence: a message the origin
+publishes to its own channel, which comes back after every
+acknowledgement Redis received before it; so exactly what was not
+acknowledged bounces.  No acknowledgement within ``ack_timeout``: bounced
+with ``remote-server-timeout`` (it may have been delivered all the same).
+With Redis unreachable, cross-node stanzas bounce with
+``remote-server-timeout`` at once; local delivery goes on, and after the
+reconnection the ownership cache is reloaded in full.
+
+A node whose own lease has run out by its own clock (a heartbeat found it
+expired, or a relayed stanza arrives after it: the node was hung, stopped
+with SIGSTOP, or cut off from Redis) may have been taken for dead, and its
+senders may have bounced what they sent it.  So from then until it has
+rejoined (renewed its lease, then seen a fence come back on its own
+channel, after everything Redis held for it) it neither delivers nor
+acknowledges relayed stanzas: it discards them (counted ``discarded``) and
+refuses them to their senders (``N`` and ranges), who bounce them.  It
+stops taking them a little before the lease ends (``lease_margin``), so an
+acknowledgement sent just before reaches Redis while its liveness key
+still exists.  What remains is the stanzas it delivered in the last
+moments before it was stopped, whose acknowledgement left only after it
+was continued: delivering and acknowledging are two writes to two
+systems (README, Cluster).
 """
 
 from __future__ import annotations
 
-import json
 import uuid
 from dataclasses import dataclass
 
@@ -56,6 +81,97 @@ KIND_S2S = "s"
 _CONTEXT = SourceContext({None: ns.SERVER})
 #: most streams and destinations listed per node in a heartbeat
 MAX_LISTED = 1000
+#: most stanzas, and most bytes (unless one stanza is larger), in one
+#: PUBLISH to one node
+MAX_BATCH_STANZAS = 500
+MAX_BATCH_BYTES = 1024 * 1024
+#: fields of a record header: seq, kind, then the lengths of name, to,
+#: from, type, id, the from and to domains, and the stanza's bytes
+_HEAD_FIELDS = 10
+
+
+class BadMessage(ValueError):
+    """A relay message that does not parse (never from a fedgate node)."""
+
+
+def _len(value: bytes | None) -> bytes:
+    return b"-" if value is None else b"%d" % len(value)
+
+
+def encode_record(seq: int, kind: str, name: str, attrs: tuple, from_domain, to_domain: str,
+                  data: bytes) -> bytes:
+    """One stanza in a batch: an ASCII header line of decimal numbers (the
+    sequence number, the kind, then the byte length of each text field,
+    ``-`` for an absent one, and of the stanza's bytes), then those fields
+    and bytes back to back.  Every part is length-delimited, so nothing in
+    a field or in the stanza (a newline, a space, anything) can be taken
+    for a header."""
+    fields = [name.encode()] + [None if v is None else v.encode() for v in attrs]
+    fields += [None if from_domain is None else from_domain.encode(), to_domain.encode()]
+    head = b" ".join([b"%d" % seq, kind.encode()] + [_len(f) for f in fields] + [b"%d" % len(data)])
+    return b"".join([head, b"\n"] + [f for f in fields if f] + [data])
+
+
+def decode_records(data: bytes, pos: int):
+    """The records of a batch from ``pos`` on: (seq, kind, name, (to, from,
+    type, id), from_domain, to_domain, raw) each.  :class:`BadMessage` at
+    the first one that does not parse (those before it are yielded)."""
+    end = len(data)
+    while pos < end:
+        line_end = data.find(b"\n", pos, pos + 256)
+        if line_end < 0:
+            raise BadMessage("no record header")
+        head = data[pos:line_end].split(b" ")
+        if len(head) != _HEAD_FIELDS or not head[0].isdigit():
+            raise BadMessage("bad record header")
+        pos = line_end + 1
+        values = []
+        for size in head[2:]:
+            if size == b"-":
+                values.append(None)
+                continue
+            if not size.isdigit():
+                raise BadMessage("bad length")
+            n = int(size)
+            if pos + n > end:
+                raise BadMessage("truncated record")
+            values.append(data[pos:pos + n])
+            pos += n
+        name, to, sender, type_, id_, from_domain, to_domain, raw = values
+        if name is None or to_domain is None or raw is None:
+            raise BadMessage("a required field is absent")
+        text = [None if v is None else v.decode() for v in (name, to, sender, type_, id_,
+                                                             from_domain, to_domain)]
+        yield (int(head[0]), head[1].decode(), text[0], tuple(text[1:5]), text[5], text[6], raw)
+
+
+def encode_ranges(seqs) -> bytes:
+    """``1-5,7,9-10`` for the sequence numbers ``seqs``."""
+    out = []
+    start = prev = None
+    for seq in sorted(seqs):
+        if prev is not None and seq == prev + 1:
+            prev = seq
+            continue
+        if start is not None:
+            out.append(b"%d" % start if start == prev else b"%d-%d" % (start, prev))
+        start = prev = seq
+    if start is not None:
+        out.append(b"%d" % start if start == prev else b"%d-%d" % (start, prev))
+    return b",".join(out)
+
+
+def decode_ranges(text: bytes) -> list[tuple[int, int]]:
+    out = []
+    for part in text.split(b","):
+        first, dash, last = part.partition(b"-")
+        if not first.isdigit() or (dash and not last.isdigit()):
+            raise BadMessage("bad range")
+        a, b = int(first), int(last or first)
+        if b < a:
+            raise BadMessage("bad range")
+        out.append((a, b))
+    return out
 
 
 @dataclass(frozen=True)
@@ -81,12 +197,17 @@ class RelayCounters:
         self.received = 0
         self.acked = 0
         self.rerouted = 0
-        #: reason -> stanzas bounced by the origin (timeout, redis, full)
-        self.bounced = {"timeout": 0, "redis": 0, "full": 0}
+        #: relayed stanzas this node received while its own lease had run
+        #: out, discarded unhandled and refused to their senders
+        self.discarded = 0
+        #: reason -> stanzas bounced by the origin (timeout, redis, full;
+        #: lapsed: refused by a node whose own lease had run out)
+        self.bounced = {"timeout": 0, "redis": 0, "full": 0, "lapsed": 0}
 
     def as_dict(self) -> dict:
         return {"forwarded": self.forwarded, "received": self.received, "acked": self.acked,
-                "rerouted": self.rerouted, "bounced": dict(self.bounced)}
+                "rerouted": self.rerouted, "discarded": self.discarded,
+                "bounced": dict(self.bounced)}
 
 
 class ClusterRelay:
@@ -115,10 +236,24 @@ class ClusterRelay:
                                      info=self.info)
         self.cache = self.membership.cache
         self.membership.on_gone = self._node_gone
+        self.membership.on_lapse = self._lapsed
         self.publisher = None
         self.subscriber = None
+        #: node -> [(seq, record)] waiting for the next pipeline
+        self._outgoing: dict[str, list[tuple[int, bytes]]] = {}
+        #: (origin, its instance) -> sequence numbers to acknowledge / refuse
         self._acks: dict[tuple[str, str], list[int]] = {}
-        self._ack_flush = None
+        self._nacks: dict[tuple[str, str], list[int]] = {}
+        #: fence token -> the node whose unacknowledged stanzas bounce when
+        #: the fence comes back (see _node_gone)
+        self._fences: dict[int, str] = {}
+        self._fence_seq = 0
+        #: set while this node rejoins after its own lease ran out: the
+        #: token of the fence that ends it
+        self._rejoin: int | None = None
+        self._rejoin_seq = 0
+        self._lapsed_at = 0.0
+        self._discarded_since = 0
         self._expiry = None
         #: after a resubscription (Redis restarted or cut off), the other
         #: nodes' subscribers come back one by one: until a lease has passed,
@@ -137,6 +272,7 @@ class ClusterRelay:
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> None:
         self.publisher = self.client.publisher()
+        self.publisher.before_flush += [self._gather, self._flush_acks]
         self.subscriber = self.client.subscriber(
             channels=[self.channel(self.node_id), self.membership.owners_channel],
             on_messages=self.messages, on_connected=self.connected_again,
@@ -153,9 +289,10 @@ class ClusterRelay:
         subscriber, self.subscriber = self.subscriber, None
         if subscriber is not None:
             subscriber.stop()
-        for timer in (self._ack_flush, self._expiry):
-            if timer is not None and timer.active():
-                timer.cancel()
+        if self._expiry is not None and self._expiry.active():
+            self._expiry.cancel()
+        self._outgoing.clear()
+        self._fences.clear()
         for entry in self.inflight.take_all():
             self._bounce(entry.stanza, "timeout", "the gateway node is stopping")
         d = self.membership.leave()
@@ -178,10 +315,17 @@ class ClusterRelay:
         if self._subscribed_before:
             self._settling_until = now + self.settings.lease
         self._subscribed_before = True
-        self.membership.rejoin()
+        if self._rejoin is not None:
+            self._rejoin_attempt(self._rejoin)  # the fence may have been lost
+        else:
+            self.membership.rejoin()
 
     def lost(self, reason: str) -> None:
         self.membership.connected_since = None
+        # Acknowledgements (and the fences) may be lost with the connection:
+        # waiting for a fence is pointless now.
+        for token in list(self._fences):
+            self._fenced(token)
         log.warn("Cluster: lost Redis ({reason}); stanzas for other nodes bounce until it is back",
                  reason=reason)
 
@@ -248,55 +392,102 @@ class ClusterRelay:
             self._bounce(stanza, "redis", "the cluster's Redis is unreachable")
             return
         data = stanza.encode(ns.SERVER)
-        envelope = {"o": self.node_id, "i": self.instance, "k": kind, "n": stanza.name,
-                    "a": {k: v for k, v in (("to", stanza.to), ("from", stanza.sender),
-                                            ("type", stanza.type), ("id", stanza.id)) if v is not None},
-                    "f": from_domain, "d": to_domain}
         seq = self.inflight.add(node, stanza, len(data))
         if seq is None:
             self._bounce(stanza, "full", "too many stanzas waiting for other gateway nodes")
             return
-        envelope["q"] = seq
-        message = b"S" + json.dumps(envelope, separators=(",", ":")).encode() + b"\n" + data
+        record = encode_record(seq, kind, stanza.name,
+                               (stanza.to, stanza.sender, stanza.type, stanza.id),
+                               from_domain, to_domain, data)
         self.counters.forwarded += 1
-        d = self.publisher.publish(self.channel(node), message)
-        d.addCallbacks(self._published, self._not_published, callbackArgs=(seq, node),
-                       errbackArgs=(seq,))
+        waiting = self._outgoing.get(node)
+        if waiting is None:
+            waiting = self._outgoing[node] = []
+        waiting.append((seq, record))
+        self.publisher.wake()
         self._arm_expiry()
 
-    def _published(self, receivers: int, seq: int, node: str) -> None:
-        if receivers:
-            self.inflight.confirm(seq)
+    def _gather(self) -> None:
+        """The publisher is about to send a pipeline: one message per node
+        with every stanza waiting for it (split past MAX_BATCH_STANZAS or
+        MAX_BATCH_BYTES)."""
+        if not self._outgoing:
             return
-        entry = self.inflight.take_back(seq)
+        outgoing, self._outgoing = self._outgoing, {}
+        head = b"B%s %s\n" % (self.node_id.encode(), self.instance.encode())
+        for node, records in outgoing.items():
+            channel = self.channel(node)
+            i = 0
+            while i < len(records):
+                seqs, parts, size = [], [head], 0
+                while i < len(records) and len(seqs) < MAX_BATCH_STANZAS and (
+                        not seqs or size + len(records[i][1]) <= MAX_BATCH_BYTES):
+                    seq, record = records[i]
+                    seqs.append(seq)
+                    parts.append(record)
+                    size += len(record)
+                    i += 1
+                d = self.publisher.publish(channel, b"".join(parts))
+                d.addCallbacks(self._published, self._not_published, callbackArgs=(seqs, node),
+                               errbackArgs=(seqs,))
+
+    def _published(self, receivers: int, seqs: list[int], node: str) -> None:
+        if receivers:
+            for seq in seqs:
+                self.inflight.confirm(seq)
+            return
+        entries = [e for e in (self.inflight.take_back(seq) for seq in seqs) if e is not None]
         if self.reactor.seconds() < self._settling_until:
             # Its subscriber may not be back yet: bounce as while Redis is
             # down, and leave its entries alone.
-            if entry is not None:
+            for entry in entries:
                 self._bounce(entry.stanza, "redis", f"gateway node {node} is not listening yet")
             return
         self.membership.node_gone(node)  # what else waits for it bounces
-        if entry is not None:
+        for entry in entries:
             self.counters.rerouted += 1
             self.router.route(entry.stanza)  # another holder, the local path, or a bounce
 
     def _node_gone(self, node: str) -> None:
         """``node`` is dead or its lease ran out: what it was sent and has
-        not acknowledged bounces now rather than at ``ack_timeout`` (it may
-        have been delivered just before: the documented window).  Stanzas
-        whose PUBLISH reply is still to come wait for it: one that reached
-        nobody is routed again."""
+        not acknowledged bounces now rather than at ``ack_timeout``.  Not
+        at once, though: acknowledgements it published before its lease
+        ran out may still be on their way to this node's subscriber (the
+        liveness check came back on another connection).  A fence message
+        published to this node's own channel now comes back after all of
+        them; what is still unacknowledged then bounces.  Stanzas whose
+        PUBLISH reply is still to come wait for it: one that reached nobody
+        is routed again."""
+        if not self.inflight.waits_for(node):
+            return  # (a node long dead is found so at every heartbeat)
+        if self.subscriber is None or not self.connected:
+            self._bounce_node(node)
+            return
+        self._fence_seq += 1
+        token = self._fence_seq
+        self._fences[token] = node
+        d = self.publisher.publish(self.channel(self.node_id),
+                                   b"F%s %d" % (self.instance.encode(), token))
+        d.addErrback(lambda f: self._fenced(token))
+
+    def _fenced(self, token: int) -> None:
+        node = self._fences.pop(token, None)
+        if node is not None:
+            self._bounce_node(node)
+
+    def _bounce_node(self, node: str) -> None:
         for entry in self.inflight.take_node(node, confirmed_only=True):
             self._bounce(entry.stanza, "timeout", f"gateway node {node} is gone")
 
-    def _not_published(self, failure, seq: int) -> None:
-        entry = self.inflight.take_back(seq)
-        if entry is None:
-            return
-        if failure.check(RedisBusy):
-            self._bounce(entry.stanza, "full", "too many messages waiting for Redis")
-        else:
-            self._bounce(entry.stanza, "redis", "the cluster's Redis is unreachable")
+    def _not_published(self, failure, seqs: list[int]) -> None:
+        for seq in seqs:
+            entry = self.inflight.take_back(seq)
+            if entry is None:
+                continue
+            if failure.check(RedisBusy):
+                self._bounce(entry.stanza, "full", "too many messages waiting for Redis")
+            else:
+                self._bounce(entry.stanza, "redis", "the cluster's Redis is unreachable")
 
     def _bounce(self, stanza: Stanza, reason: str, text: str) -> None:
         self.counters.bounced[reason] += 1
@@ -318,6 +509,59 @@ class ClusterRelay:
                          f"gateway node {entry.node} did not acknowledge in time")
         self._arm_expiry()
 
+    # -- this node's own lease ------------------------------------------------------------
+    def _lapsed(self) -> None:
+        """This node's own lease ran out by its own clock (it was hung,
+        stopped, or cut off from Redis for longer than the lease allows):
+        the others may have taken it for dead and bounced what they sent
+        it.  Until it has rejoined (renewed the lease, then seen a fence
+        message come back on its own channel, after everything Redis held
+        for it), every relayed stanza it receives is discarded unhandled
+        and refused to its sender, who bounces it."""
+        if self._rejoin is not None or self.subscriber is None:
+            return
+        self._rejoin_seq += 1
+        self._rejoin = self._rejoin_seq
+        self._lapsed_at = self.reactor.seconds()
+        self._discarded_since = self.counters.discarded
+        log.warn("Cluster: this node's own lease ran out (last renewed for until {until:.3f}, "
+                 "now {now:.3f}); relayed stanzas are discarded until it has rejoined",
+                 until=self.membership.lease_until, now=self._lapsed_at)
+        self.reactor.callLater(0, self._rejoin_attempt, self._rejoin)
+
+    def _rejoin_attempt(self, token: int) -> None:
+        if token != self._rejoin or self.subscriber is None or self.membership.stopped:
+            return
+        d = self.membership.beat()
+
+        def fence(_):
+            return self.client.pipeline([
+                ("PUBLISH", self.membership.owners_channel, f"sync {self.node_id}"),
+                ("PUBLISH", self.channel(self.node_id),
+                 b"J%s %d" % (self.instance.encode(), token))])
+
+        def failed(failure):
+            if token == self._rejoin and self.subscriber is not None:
+                self.reactor.callLater(self.settings.heartbeat, self._rejoin_attempt, token)
+        d.addCallback(fence).addErrback(failed)
+
+    def _rejoined(self, token: int) -> None:
+        if token != self._rejoin:
+            return
+        self._rejoin = None
+        log.info("Cluster: rejoined after this node's lease ran out; {count} relayed stanzas "
+                 "received meanwhile were discarded (their senders bounce them)",
+                 count=self.counters.discarded - self._discarded_since)
+
+    def _lease_ok(self) -> bool:
+        if self._rejoin is not None:
+            return False
+        if self.membership.lease_valid():
+            return True
+        if self.membership.lease_until:
+            self._lapsed()
+        return False
+
     # -- receiving --------------------------------------------------------------------------
     def messages(self, batch) -> None:
         mine, owners = self.channel(self.node_id), self.membership.owners_channel
@@ -326,42 +570,84 @@ class ClusterRelay:
                 if channel == owners:
                     self.membership.announcement(data)
                 elif channel == mine:
-                    if data[:1] == b"S":
-                        self._receive(data)
-                    elif data[:1] == b"A":
+                    first = data[:1]
+                    if first == b"B":
+                        self._receive_batch(data)
+                    elif first == b"R":
                         self._acked(data)
+                    elif first == b"N":
+                        self._refused(data)
+                    elif first in (b"F", b"J"):
+                        instance, _, token = data[1:].partition(b" ")
+                        if instance.decode() == self.instance and token.isdigit():
+                            (self._fenced if first == b"F" else self._rejoined)(int(token))
             except Exception:
                 log.failure("Cluster: cannot handle a message on {channel}", channel=channel)
 
-    def _receive(self, data: bytes) -> None:
-        line_end = data.index(b"\n")
-        envelope = json.loads(data[1:line_end])
-        raw = data[line_end + 1:]
-        stanza = Stanza(envelope["n"], ns.SERVER, dict(envelope["a"]), raw=raw, context=_CONTEXT,
-                        forwardable=True)
-        self.counters.received += 1
-        # Acknowledged as handled here; never forwarded again.
-        self._ack(envelope["o"], envelope["i"], envelope["q"])
-        if envelope["k"] == KIND_COMPONENT:
-            self.router.deliver_here(stanza, envelope["d"])
-        else:
-            self.sender.send(envelope["f"], envelope["d"], stanza)
-
-    def _ack(self, origin: str, instance: str, seq: int) -> None:
-        self._acks.setdefault((origin, instance), []).append(seq)
-        if self._ack_flush is None:
-            self._ack_flush = self.reactor.callLater(0, self._flush_acks)
+    def _receive_batch(self, data: bytes) -> None:
+        line_end = data.find(b"\n", 0, 256)
+        if line_end < 0:
+            raise BadMessage("no batch header")
+        origin, _, instance = data[1:line_end].decode().partition(" ")
+        key = (origin, instance)
+        records = decode_records(data, line_end + 1)
+        if not self._lease_ok():
+            refused = [record[0] for record in records]
+            self.counters.discarded += len(refused)
+            self._nacks.setdefault(key, []).extend(refused)
+            self.publisher.wake()
+            return
+        acks = self._acks.get(key)
+        if acks is None:
+            acks = self._acks[key] = []
+        self.publisher.wake()
+        for seq, kind, name, attrs, from_domain, to_domain, raw in records:
+            to, sender, type_, id_ = attrs
+            attributes = {k: v for k, v in (("to", to), ("from", sender), ("type", type_),
+                                            ("id", id_)) if v is not None}
+            stanza = Stanza(name, ns.SERVER, attributes, raw=raw, context=_CONTEXT,
+                            forwardable=True)
+            self.counters.received += 1
+            # Acknowledged as handled here; never forwarded again.
+            acks.append(seq)
+            try:
+                if kind == KIND_COMPONENT:
+                    self.router.deliver_here(stanza, to_domain)
+                else:
+                    self.sender.send(from_domain, to_domain, stanza)
+            except Exception:
+                log.failure("Cluster: cannot deliver a stanza relayed by {origin}", origin=origin)
 
     def _flush_acks(self) -> None:
-        self._ack_flush = None
-        acks, self._acks = self._acks, {}
-        for (origin, instance), seqs in acks.items():
-            message = b"A" + json.dumps({"n": self.node_id, "i": instance, "q": seqs},
-                                        separators=(",", ":")).encode()
-            self.publisher.publish(self.channel(origin), message).addErrback(lambda f: None)
+        """Acknowledgements (``R``) and refusals (``N``), one message per
+        origin each, as ranges of sequence numbers; run by the publisher
+        just before each pipeline."""
+        for letter, pending in ((b"R", self._acks), (b"N", self._nacks)):
+            if not pending:
+                continue
+            for (origin, instance), seqs in pending.items():
+                if not seqs:
+                    continue
+                message = b"%s%s %s %s" % (letter, self.node_id.encode(), instance.encode(),
+                                           encode_ranges(seqs))
+                self.publisher.publish(self.channel(origin), message).addErrback(lambda f: None)
+        self._acks, self._nacks = {}, {}
+
+    def _parse_ack(self, data: bytes):
+        node, instance, ranges = data[1:].decode().split(" ")
+        if instance != self.instance:
+            return None, ()  # for an earlier run of this node
+        return node, decode_ranges(ranges.encode())
 
     def _acked(self, data: bytes) -> None:
-        ack = json.loads(data[1:])
-        if ack["i"] != self.instance:
-            return  # for an earlier run of this node
-        self.counters.acked += self.inflight.ack(ack["q"], node=ack["n"])
+        node, ranges = self._parse_ack(data)
+        for first, last in ranges:
+            self.counters.acked += self.inflight.ack_range(first, last, node=node)
+
+    def _refused(self, data: bytes) -> None:
+        """``node`` discarded these unhandled (its own lease had run out)."""
+        node, ranges = self._parse_ack(data)
+        for first, last in ranges:
+            for entry in self.inflight.take_range(first, last, node=node):
+                self._bounce(entry.stanza, "lapsed",
+                             f"gateway node {node} had lost its place in the cluster")
