@@ -183,12 +183,18 @@ class LimitsConfig:
 
 @dataclass(frozen=True)
 class LoggingConfig:
+    #: the lowest level written; events below it are dropped before any
+    #: observer formats them (see fedgate.tap.filter_log_level)
+    level: str = "info"
     xml_traffic: bool = False
     xml_bodies: bool = False
     #: lines of one kind one connection may log at once, then per second
     peer_lines_burst: int = 20
     peer_lines_per_second: float = 1.0
 
+
+#: ``logging.level``'s choices, lowest first (twisted.logger's level names)
+LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
 
 MAX_ADMIN_BODY = 16 * 1024 * 1024  # admin.max_body_bytes' ceiling: bodies stay in memory
 
@@ -732,6 +738,7 @@ def _limits(lr: _Reader) -> LimitsConfig:
 def _logging(gr: _Reader) -> LoggingConfig:
     """``[logging]``: what of the XML traffic goes to the log."""
     logging = LoggingConfig(
+        level=_choice(gr, "level", LOG_LEVELS, LoggingConfig.level),
         xml_traffic=gr.get("xml_traffic", bool, False),
         xml_bodies=gr.get("xml_bodies", bool, False),
         peer_lines_burst=gr.positive("peer_lines_burst", int, LoggingConfig.peer_lines_burst),
