@@ -56,6 +56,8 @@ class S2SConfig:
     reverse_dialback: bool = False
     dialback_secret: str | None = field(default=None, repr=False)
     dns_servers: tuple[tuple[str, int], ...] = ()
+    #: names whose DNS answers are kept (while their TTL lasts); 0: no cache
+    dns_cache_entries: int = 1024
     connect_timeout: float = 20.0
     auth_timeout: float = 90.0
     queue_max_stanzas: int = 1000
@@ -548,6 +550,7 @@ def _s2s(s: _Reader) -> S2SConfig:
         reverse_dialback=s.get("reverse_dialback", bool, False),
         dialback_secret=s.get("dialback_secret", str, None) or None,
         dns_servers=tuple(_hostport(s, "dns_servers", a, 53) for a in s.get("dns_servers", list, [])),
+        dns_cache_entries=s.not_negative("dns_cache_entries", int, S2SConfig.dns_cache_entries),
         connect_timeout=s.positive("connect_timeout", float, S2SConfig.connect_timeout),
         auth_timeout=s.positive("auth_timeout", float, S2SConfig.auth_timeout),
         queue_max_stanzas=s.positive("queue_max_stanzas", int, S2SConfig.queue_max_stanzas),

@@ -75,6 +75,9 @@ def makeService(options):
         resolver = client.Resolver(servers=list(config.s2s.dns_servers), reactor=reactor)
     else:
         resolver = client.createResolver()
+    if config.s2s.dns_cache_entries:
+        from fedgate.dnscache import CachingResolver
+        resolver = CachingResolver(resolver, reactor, config.s2s.dns_cache_entries)
     try:
         gateway = Gateway(config, reactor, resolver, storage, fd_limit=fd_limit,
                           dialback_secret=shared_secret)
