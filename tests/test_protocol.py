@@ -510,3 +510,51 @@ class CoalescedWriteTests(StreamCase):
         self.transport.writes.clear()
         stream.dataReceived(b"<x/>")
         self.assertEqual(self.transport.writes, [])
+
+
+class SendingTransport(CountingTransport):
+    """A TCP-like transport: doWrite sends what write buffered (as the
+    reactor would on its next turn), and counts the calls."""
+
+    _writeDisconnected = False
+
+    def __init__(self):
+        super().__init__()
+        self.sent = b""
+        self.do_writes = 0
+
+    def doWrite(self):
+        self.do_writes += 1
+        self.sent = self.value()
+
+
+class SendNowTests(StreamCase):
+    def setUp(self):
+        super().setUp()
+        self.transport = SendingTransport()
+
+    def test_the_answer_to_a_read_is_sent_at_once(self):
+        stream = self.connect()
+        stream.dataReceived(HEADER)
+        self.assertEqual(self.transport.do_writes, 1)
+        self.assertEqual(self.transport.sent, self.transport.value())
+
+    def test_writes_outside_a_read_are_left_to_the_reactor(self):
+        stream = self.connect()
+        stream.dataReceived(HEADER)
+        stream.send("<a/>")
+        self.assertEqual(self.transport.do_writes, 1)
+
+    def test_nothing_sent_by_hand_once_the_transport_is_disconnecting(self):
+        self.handler.on_element = lambda element: (self.handler.io.send("<r/>"),
+                                                   setattr(self.transport, "disconnecting", True))
+        stream = self.connect()
+        stream.dataReceived(HEADER)
+        stream.dataReceived(b"<x/>")
+        self.assertEqual(self.transport.do_writes, 1)  # the header's only
+        self.assertTrue(self.transport.value().endswith(b"<r/>"))
+
+    def test_a_read_that_writes_nothing_sends_nothing(self):
+        self.handler.on_header = lambda header: None
+        self.connect().dataReceived(HEADER)
+        self.assertEqual(self.transport.do_writes, 0)

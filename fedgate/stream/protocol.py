@@ -169,8 +169,7 @@ class XmppStream(protocol.Protocol):
             self.fail("internal-server-error")
         finally:
             self._parsing = False
-            self._flush()
-            self._out = None
+            self._flush(ending=True)
 
     def connectionLost(self, reason) -> None:
         self.closed = True
@@ -245,14 +244,33 @@ class XmppStream(protocol.Protocol):
         else:
             out.append(data)
 
-    def _flush(self) -> None:
+    def _flush(self, ending: bool = False) -> None:
         """Write what :meth:`_put` kept (before TLS starts, the connection
-        is closed, and at the end of each read)."""
+        is closed, and at the end of each read: ``ending``), and send it.
+
+        Twisted's TCP transport only buffers a write and sends it on the
+        reactor's next turn; a handshake step answers a read, so it is sent
+        here at once (:meth:`IWriteDescriptor.doWrite`), saving that turn.
+        What the send makes happen (a producer resumed, more writes) goes
+        through :meth:`_put` afresh."""
         out = self._out
-        if out:
-            self._out = []
-            if not self.closed:
-                self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+        if out is not None:
+            self._out = None if ending else []
+        if out and not self.closed:
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            self._send_now()
+
+    def _send_now(self) -> None:
+        transport = self.transport
+        do_write = getattr(transport, "doWrite", None)  # a TCP transport only
+        if (do_write is None or not getattr(transport, "connected", False)
+                or getattr(transport, "disconnecting", True)
+                or getattr(transport, "_writeDisconnected", True)):
+            return
+        # A failure (the peer reset the connection) is left for the reactor:
+        # the descriptor is still registered for writing, so its next turn
+        # calls doWrite again and handles the loss.
+        do_write()
 
     def send_stanza(self, stanza) -> bool:
         """The one write path for stanzas: True when the open transport took
