@@ -48,7 +48,6 @@ class Options(usage.Options):
 
 def makeService(options):
     from twisted.internet import reactor
-    from twisted.names import client
 
     from fedgate.service import Gateway
     from fedgate.tls.certs import CertificateError
@@ -70,14 +69,7 @@ def makeService(options):
                          f"{exc}\n")
         sys.exit(1)
     _, fd_limit = raise_fd_limit()
-    if config.s2s.dns_servers:
-        # Only the configured servers: createResolver would add resolv.conf's.
-        resolver = client.Resolver(servers=list(config.s2s.dns_servers), reactor=reactor)
-    else:
-        resolver = client.createResolver()
-    if config.s2s.dns_cache_entries:
-        from fedgate.dnscache import CachingResolver
-        resolver = CachingResolver(resolver, reactor, config.s2s.dns_cache_entries)
+    resolver = make_resolver(config, reactor)
     try:
         gateway = Gateway(config, reactor, resolver, storage, fd_limit=fd_limit,
                           dialback_secret=shared_secret)
@@ -134,6 +126,23 @@ def filter_log_level(level: str, publisher=None) -> int:
         publisher.addObserver(LevelFilter(observer, dropped))
         wrapped += 1
     return wrapped
+
+
+def make_resolver(config, reactor):
+    """The S2S DNS resolver: ``s2s.dns_servers`` only (createResolver would
+    add resolv.conf's) or the system's configuration, behind the bounded
+    answer cache (:mod:`fedgate.dnscache`) unless ``s2s.dns_cache_entries``
+    is 0."""
+    from twisted.names import client
+
+    if config.s2s.dns_servers:
+        resolver = client.Resolver(servers=list(config.s2s.dns_servers), reactor=reactor)
+    else:
+        resolver = client.createResolver()
+    if config.s2s.dns_cache_entries:
+        from fedgate.dnscache import CachingResolver
+        resolver = CachingResolver(resolver, reactor, config.s2s.dns_cache_entries)
+    return resolver
 
 
 def raise_fd_limit(limits=resource) -> tuple[int, int]:

@@ -107,3 +107,34 @@ class ConfigTests(unittest.SynchronousTestCase):
     def test_negative_is_refused_naming_the_key(self):
         with self.assertRaisesRegex(ConfigError, "s2s.dns_cache_entries"):
             parse_config({**self.BASE, "s2s": {"listen": [], "dns_cache_entries": -1}}, "<t>")
+
+
+class TapResolverTests(unittest.TestCase):
+    """What twistd builds (fedgate.tap.make_resolver): the configured
+    servers behind the cache, or no cache with dns_cache_entries = 0."""
+
+    def config(self, port: int, entries: int):
+        return parse_config({"state_dir": "/tmp/x", "domains": ["a.example"],
+                             "s2s": {"listen": [], "dns_servers": [f"127.0.0.1:{port}"],
+                                     "dns_cache_entries": entries}}, "<t>")
+
+    @defer.inlineCallbacks
+    def test_the_configured_servers_behind_the_cache(self):
+        from fedgate.tap import make_resolver
+        dns = TestDNSServer(reactor)
+        port = dns.start()
+        self.addCleanup(dns.stop)
+        dns.add_a("h.example", "192.0.2.9")
+        cached = make_resolver(self.config(port, 2), reactor)
+        self.assertIsInstance(cached, CachingResolver)
+        self.assertEqual(cached.max_entries, 2)
+        for _ in range(3):
+            answers, _, _ = yield cached.lookupAddress("h.example")
+        self.assertEqual(answers[0].payload.dottedQuad(), "192.0.2.9")
+        self.assertEqual(len(dns.queries), 1)
+        plain = make_resolver(self.config(port, 0), reactor)
+        self.assertNotIsInstance(plain, CachingResolver)
+        for _ in range(2):
+            yield plain.lookupAddress("h.example")
+        self.assertEqual(len(dns.queries), 3)
+
