@@ -56,6 +56,8 @@ class S2SConfig:
     reverse_dialback: bool = False
     dialback_secret: str | None = field(default=None, repr=False)
     dns_servers: tuple[tuple[str, int], ...] = ()
+    #: names whose DNS answers are kept (while their TTL lasts); 0: no cache
+    dns_cache_entries: int = 1024
     connect_timeout: float = 20.0
     auth_timeout: float = 90.0
     queue_max_stanzas: int = 1000
@@ -185,12 +187,18 @@ class LimitsConfig:
 
 @dataclass(frozen=True)
 class LoggingConfig:
+    #: the lowest level written; events below it are dropped before any
+    #: observer formats them (see fedgate.tap.filter_log_level)
+    level: str = "info"
     xml_traffic: bool = False
     xml_bodies: bool = False
     #: lines of one kind one connection may log at once, then per second
     peer_lines_burst: int = 20
     peer_lines_per_second: float = 1.0
 
+
+#: ``logging.level``'s choices, lowest first (twisted.logger's level names)
+LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
 
 MAX_ADMIN_BODY = 16 * 1024 * 1024  # admin.max_body_bytes' ceiling: bodies stay in memory
 
@@ -550,6 +558,7 @@ def _s2s(s: _Reader) -> S2SConfig:
         reverse_dialback=s.get("reverse_dialback", bool, False),
         dialback_secret=s.get("dialback_secret", str, None) or None,
         dns_servers=tuple(_hostport(s, "dns_servers", a, 53) for a in s.get("dns_servers", list, [])),
+        dns_cache_entries=s.not_negative("dns_cache_entries", int, S2SConfig.dns_cache_entries),
         connect_timeout=s.positive("connect_timeout", float, S2SConfig.connect_timeout),
         auth_timeout=s.positive("auth_timeout", float, S2SConfig.auth_timeout),
         queue_max_stanzas=s.positive("queue_max_stanzas", int, S2SConfig.queue_max_stanzas),
@@ -741,6 +750,7 @@ def _limits(lr: _Reader) -> LimitsConfig:
 def _logging(gr: _Reader) -> LoggingConfig:
     """``[logging]``: what of the XML traffic goes to the log."""
     logging = LoggingConfig(
+        level=_choice(gr, "level", LOG_LEVELS, LoggingConfig.level),
         xml_traffic=gr.get("xml_traffic", bool, False),
         xml_bodies=gr.get("xml_bodies", bool, False),
         peer_lines_burst=gr.positive("peer_lines_burst", int, LoggingConfig.peer_lines_burst),

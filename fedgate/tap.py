@@ -23,8 +23,9 @@ import sys
 
 from twisted.application import service
 from twisted.internet import defer
-from twisted.logger import Logger, LogLevel
+from twisted.logger import ILogObserver, Logger, LogLevel, globalLogPublisher
 from twisted.python import usage
+from zope.interface import implementer
 
 from fedgate.cluster.redisclient import RedisClientMissing
 from fedgate.config import ConfigError, load_config
@@ -47,7 +48,6 @@ class Options(usage.Options):
 
 def makeService(options):
     from twisted.internet import reactor
-    from twisted.names import client
 
     from fedgate.service import Gateway
     from fedgate.tls.certs import CertificateError
@@ -69,11 +69,7 @@ def makeService(options):
                          f"{exc}\n")
         sys.exit(1)
     _, fd_limit = raise_fd_limit()
-    if config.s2s.dns_servers:
-        # Only the configured servers: createResolver would add resolv.conf's.
-        resolver = client.Resolver(servers=list(config.s2s.dns_servers), reactor=reactor)
-    else:
-        resolver = client.createResolver()
+    resolver = make_resolver(config, reactor)
     try:
         gateway = Gateway(config, reactor, resolver, storage, fd_limit=fd_limit,
                           dialback_secret=shared_secret)
@@ -81,7 +77,72 @@ def makeService(options):
         sys.stderr.write(f"fedgate: certificate error: {config.path}: {exc}\n")
         sys.exit(78)
     reload_on_sighup(reactor, gateway.reload)
-    return ExitOnStartFailure(gateway, reactor)
+    # logging.xml_traffic logs at debug level, so it implies that level.
+    level = "debug" if config.logging.xml_traffic else config.logging.level
+    return ExitOnStartFailure(gateway, reactor, log_level=level)
+
+
+@implementer(ILogObserver)
+class LevelFilter:
+    """Passes an event on to ``observer`` unless its level is in ``dropped``:
+    a set lookup, before anything formats the event."""
+
+    __slots__ = ("observer", "dropped")
+
+    def __init__(self, observer, dropped: frozenset):
+        self.observer = observer
+        self.dropped = dropped
+
+    def __call__(self, event) -> None:
+        if event.get("log_level") not in self.dropped:
+            self.observer(event)
+
+
+def filter_log_level(level: str, publisher=None) -> int:
+    """Put a :class:`LevelFilter` for ``level`` (a ``logging.level`` name) in
+    front of every observer ``publisher`` (the global one) has now; returns
+    how many it wrapped.
+
+    twistd's file observer takes every event and formats it at once, with
+    no level of its own: without this each debug line (one or two per
+    session) is formatted and written.  Called once twistd's logging has
+    begun (the service's start); an observer already wrapped is left alone.
+    twisted.logger has no public list of a publisher's observers, so this
+    reads ``_observers`` (the same on Twisted 22.4 to 26) and wraps nothing
+    when it is missing."""
+    publisher = globalLogPublisher if publisher is None else publisher
+    from fedgate.config import LOG_LEVELS
+
+    names = LOG_LEVELS[:LOG_LEVELS.index(level)]
+    dropped = frozenset(LogLevel.levelWithName(name) for name in names)
+    observers = getattr(publisher, "_observers", None)
+    if not dropped or observers is None:
+        return 0
+    wrapped = 0
+    for observer in list(observers):
+        if isinstance(observer, LevelFilter):
+            continue
+        publisher.removeObserver(observer)
+        publisher.addObserver(LevelFilter(observer, dropped))
+        wrapped += 1
+    return wrapped
+
+
+def make_resolver(config, reactor):
+    """The S2S DNS resolver: ``s2s.dns_servers`` only (createResolver would
+    add resolv.conf's) or the system's configuration, behind the bounded
+    answer cache (:mod:`fedgate.dnscache`) unless ``s2s.dns_cache_entries``
+    is 0."""
+    from twisted.names import client
+
+    if config.s2s.dns_servers:
+        resolver = client.Resolver(servers=list(config.s2s.dns_servers), reactor=reactor)
+    else:
+        resolver = client.createResolver()
+    if config.s2s.dns_cache_entries:
+        from fedgate.dnscache import CachingResolver
+        resolver = CachingResolver(resolver, reactor, config.s2s.dns_cache_entries)
+    return resolver
 
 
 def raise_fd_limit(limits=resource) -> tuple[int, int]:
@@ -111,14 +172,18 @@ class ExitOnStartFailure(service.Service):
     one log line, a clean stop, and the exit status set when the
     interpreter ends (after twistd has removed its PID file)."""
 
-    def __init__(self, gateway, reactor, set_exit_status=None):
+    def __init__(self, gateway, reactor, set_exit_status=None, log_level: str | None = None):
         self.gateway = gateway
         self.reactor = reactor
         self.set_exit_status = set_exit_status or _exit_status_at_exit
         self.exit_status: int | None = None
+        #: ``logging.level``, applied at start (twistd's observers exist by then)
+        self.log_level = log_level
 
     def startService(self):
         super().startService()
+        if self.log_level is not None:
+            filter_log_level(self.log_level)
         d = defer.maybeDeferred(self.gateway.startService)
         d.addErrback(self._failed)
         return d

@@ -428,3 +428,133 @@ class DeclaredInterfaceTests(StreamCase):
         stream.open_stream({"id": "x"})
         self.assertIn(b"xmlns='jabber:client'", self.transport.value())
         self.assertNotIn(b"xmlns:db=", self.transport.value())
+
+
+class CountingTransport(AbortRecordingTransport):
+    """Records each write separately, and what was written when TLS started."""
+
+    def __init__(self):
+        super().__init__()
+        self.writes: list[bytes] = []
+        self.before_tls: bytes | None = None
+
+    def write(self, data):
+        self.writes.append(data)
+        super().write(data)
+
+    def startTLS(self, creator):
+        self.before_tls = self.value()
+
+
+class CoalescedWriteTests(StreamCase):
+    """What the stream writes while it handles one read goes to the transport
+    as one write at the end of that read (a TLS record and Twisted's write
+    bookkeeping per handshake step instead of per piece)."""
+
+    def setUp(self):
+        super().setUp()
+        self.transport = CountingTransport()
+
+    def test_header_and_features_in_one_write(self):
+        def answer(header):
+            features = protocol_module.domish.Element((ns.STREAMS, "features"))
+            features.addElement((ns.DIALBACK_FEATURE, "dialback"))
+            self.handler.io.open_stream({"id": "sid-1", "from": "a.example"}, features)
+        self.handler.on_header = answer
+        self.connect().dataReceived(HEADER)
+        self.assertEqual(len(self.transport.writes), 1)
+        out = self.written()
+        self.assertEqual([e.name for e in out.elements], ["features"])
+
+    def test_several_answers_to_one_read_in_one_write_in_order(self):
+        self.handler.on_element = lambda element: self.handler.io.send(
+            f"<r n='{element.getAttribute('n')}'/>")
+        stream = self.connect()
+        stream.dataReceived(HEADER)
+        self.transport.writes.clear()
+        stream.dataReceived(b"<x n='1'/><x n='2'/><x n='3'/>")
+        self.assertEqual(self.transport.writes, [b"<r n='1'/><r n='2'/><r n='3'/>"])
+
+    def test_writes_outside_a_read_go_at_once(self):
+        stream = self.connect()
+        stream.dataReceived(HEADER)
+        self.transport.writes.clear()
+        stream.send("<a/>")
+        stream.send("<b/>")
+        self.assertEqual(self.transport.writes, [b"<a/>", b"<b/>"])
+
+    def test_proceed_goes_out_before_tls_starts(self):
+        def on_starttls(element):
+            self.handler.io.send("<proceed xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
+            self.handler.io.start_tls(object())
+        self.handler.on_element = on_starttls
+        stream = self.connect()
+        stream.dataReceived(HEADER)
+        stream.dataReceived(b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
+        self.assertTrue(self.transport.before_tls.endswith(b"<proceed xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>"))
+
+    def test_stream_error_in_a_read_is_written_before_the_close(self):
+        self.handler.on_element = fail_with("policy-violation")
+        stream = self.connect()
+        stream.dataReceived(HEADER + b"<x/>")
+        self.assertEqual(len(self.transport.writes), 1)
+        self.assert_closed_with("policy-violation")
+
+    def test_nothing_written_after_the_connection_is_lost_in_a_read(self):
+        def lose(element):
+            self.handler.io.send("<late/>")
+            stream.connectionLost(Failure(ConnectionError("gone")))
+        self.handler.on_element = lose
+        stream = self.connect()
+        stream.dataReceived(HEADER)
+        self.transport.writes.clear()
+        stream.dataReceived(b"<x/>")
+        self.assertEqual(self.transport.writes, [])
+
+
+class SendingTransport(CountingTransport):
+    """A TCP-like transport: doWrite sends what write buffered (as the
+    reactor would on its next turn), and counts the calls."""
+
+    _writeDisconnected = False
+
+    def __init__(self):
+        super().__init__()
+        self.sent = b""
+        self.do_writes = 0
+
+    def doWrite(self):
+        self.do_writes += 1
+        self.sent = self.value()
+
+
+class SendNowTests(StreamCase):
+    def setUp(self):
+        super().setUp()
+        self.transport = SendingTransport()
+
+    def test_the_answer_to_a_read_is_sent_at_once(self):
+        stream = self.connect()
+        stream.dataReceived(HEADER)
+        self.assertEqual(self.transport.do_writes, 1)
+        self.assertEqual(self.transport.sent, self.transport.value())
+
+    def test_writes_outside_a_read_are_left_to_the_reactor(self):
+        stream = self.connect()
+        stream.dataReceived(HEADER)
+        stream.send("<a/>")
+        self.assertEqual(self.transport.do_writes, 1)
+
+    def test_nothing_sent_by_hand_once_the_transport_is_disconnecting(self):
+        self.handler.on_element = lambda element: (self.handler.io.send("<r/>"),
+                                                   setattr(self.transport, "disconnecting", True))
+        stream = self.connect()
+        stream.dataReceived(HEADER)
+        stream.dataReceived(b"<x/>")
+        self.assertEqual(self.transport.do_writes, 1)  # the header's only
+        self.assertTrue(self.transport.value().endswith(b"<r/>"))
+
+    def test_a_read_that_writes_nothing_sends_nothing(self):
+        self.handler.on_header = lambda header: None
+        self.connect().dataReceived(HEADER)
+        self.assertEqual(self.transport.do_writes, 0)

@@ -134,6 +134,9 @@ class XmppStream(protocol.Protocol):
         self.last_received = clock.seconds()
         self._parser: StreamParser | None = None
         self._parsing = False
+        #: while a read is handled: the bytes written meanwhile, handed to
+        #: the transport as one write at its end (see :meth:`_put`)
+        self._out: list | None = None
         self._restart_pending = False
         self._close_timer = None
         self._close_waiters: list = []
@@ -177,6 +180,7 @@ class XmppStream(protocol.Protocol):
         if self.log_traffic:
             self._log_xml("in", data)
         self._parsing = True
+        self._out = []
         try:
             self._parser.feed(data)
         except _Restart:
@@ -188,9 +192,11 @@ class XmppStream(protocol.Protocol):
             self.fail("internal-server-error")
         finally:
             self._parsing = False
+            self._flush(ending=True)
 
     def connectionLost(self, reason) -> None:
         self.closed = True
+        self._out = None
         self._writable_observers = []
         if self.admission is not None:
             self.admission.release()
@@ -243,9 +249,51 @@ class XmppStream(protocol.Protocol):
         if self.log_traffic:
             self._log_xml("out", text)
         data = text.encode("utf-8")
-        self.transport.write(data)
+        self._put(data)
         self.flow.wrote(len(data))
         return True
+
+    def _put(self, data: bytes) -> None:
+        """Hand ``data`` to the transport, or, while a read is handled, keep
+        it for the one write at the end of that read (:meth:`_flush`).
+
+        A handshake step (a header and its features, an answer and what
+        follows it) is written in several pieces within one read; each
+        ``transport.write`` costs a TLS record and Twisted's write
+        bookkeeping, so the pieces go out as one."""
+        out = self._out
+        if out is None:
+            self.transport.write(data)
+        else:
+            out.append(data)
+
+    def _flush(self, ending: bool = False) -> None:
+        """Write what :meth:`_put` kept (before TLS starts, the connection
+        is closed, and at the end of each read: ``ending``), and send it.
+
+        Twisted's TCP transport only buffers a write and sends it on the
+        reactor's next turn; a handshake step answers a read, so it is sent
+        here at once (:meth:`IWriteDescriptor.doWrite`), saving that turn.
+        What the send makes happen (a producer resumed, more writes) goes
+        through :meth:`_put` afresh."""
+        out = self._out
+        if out is not None:
+            self._out = None if ending else []
+        if out and not self.closed:
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            self._send_now()
+
+    def _send_now(self) -> None:
+        transport = self.transport
+        do_write = getattr(transport, "doWrite", None)  # a TCP transport only
+        if (do_write is None or not getattr(transport, "connected", False)
+                or getattr(transport, "disconnecting", True)
+                or getattr(transport, "_writeDisconnected", True)):
+            return
+        # A failure (the peer reset the connection) is left for the reactor:
+        # the descriptor is still registered for writing, so its next turn
+        # calls doWrite again and handles the loss.
+        do_write()
 
     def send_stanza(self, stanza) -> bool:
         """The one write path for stanzas: True when the open transport took
@@ -258,7 +306,7 @@ class XmppStream(protocol.Protocol):
         data = stanza.encode(self.stream_ns)
         if self.log_traffic:
             self._log_xml("out", data)
-        self.transport.write(data)
+        self._put(data)
         self.flow.wrote(len(data))
         for observer in self._stanza_observers:
             observer(stanza, len(data))
@@ -299,6 +347,7 @@ class XmppStream(protocol.Protocol):
     def abort(self) -> None:
         """Drop the connection at once (no closing handshake)."""
         if not self.closed:
+            self._out = None if self._out is None else []  # dropped, like the transport's buffer
             self.transport.abortConnection()
 
     def pause_reading(self, reason: str) -> None:
@@ -345,6 +394,7 @@ class XmppStream(protocol.Protocol):
         for Direct TLS).  Writes from now on are encrypted; the handler hears
         ``tls_established`` once the handshake is done."""
         self.tls_started = True
+        self._flush()  # what was written before (<proceed/>) goes in the clear
         self.transport.startTLS(creator)
 
     def handshakeCompleted(self) -> None:
@@ -460,6 +510,7 @@ class XmppStream(protocol.Protocol):
         self.closing = True
         if self._parser is not None:
             self._parser.close()  # nothing more is parsed; free it now
+        self._flush()
         self._unregister_flow()  # (TLS would hold the close while a producer is registered)
         self.transport.loseConnection()
         self._close_timer = self.clock.callLater(CLOSE_GRACE, self._abort)
