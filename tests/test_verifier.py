@@ -430,3 +430,29 @@ class HostileValuesTests(unittest.TestCase):
                              ("a'<>&\"", "b'<>&\"", self.HOSTILE_KEY))
             self.assertEqual([c for c in element.children if not isinstance(c, str)], [])
 
+
+
+class PoolLeakTests(unittest.TestCase):
+    """Finding 2: a connect attempt that fails at once leaves no pool entry."""
+
+    def test_a_thousand_failing_verifications_leave_the_pool_empty(self):
+        from twisted.internet.testing import MemoryReactorClock
+        from fedgate.s2s.connect import DomainConnector
+        clock = Clock()
+        # The real connector: an IP-literal domain is refused before any
+        # DNS lookup, synchronously.
+        connector = DomainConnector(MemoryReactorClock(), resolver=None)
+        ctx = make_context(clock, local_domains={"gw.example"}, secret="s")
+        verifier = DialbackVerifier(connector, clock, lambda handler: XmppStream(handler, clock),
+                                    timeout=30, ctx=ctx, pipeline=3, max_idle=2)
+        results, finished = [], []
+        for n in range(1000):
+            d = verifier.verify("gw.example", f"10.0.{n // 256}.{n % 256}", f"SID{n}", "KEY",
+                                finished=lambda: finished.append(True))
+            d.addBoth(results.append)
+        self.assertEqual(len(results), 1000)
+        self.assertTrue(all(isinstance(r.value, DialbackError) for r in results))
+        self.assertEqual(len(finished), 1000)
+        self.assertEqual(verifier.connections_opened, 1000)
+        self.assertEqual(verifier.pool, {}, "no entry, empty or not, per failed attempt")
+        self.assertEqual(verifier.idle_count(), 0)

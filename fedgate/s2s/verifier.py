@@ -465,7 +465,7 @@ class DialbackVerifier:
 
     def _pooled(self, request: _Request) -> PooledConnection:
         pair = (request.receiving, request.originating)
-        connections = self.pool.setdefault(pair, [])
+        connections = self.pool.get(pair, ())
         # Ready ones first, then the one coming up; the least loaded.
         best = min((c for c in connections if c.has_room(request)),
                    key=lambda c: (not c.is_ready, c.load), default=None)
@@ -473,8 +473,11 @@ class DialbackVerifier:
             return best
         connection = PooledConnection(self, *pair)
         self.connections_opened += 1
-        if not connection.closed:  # a connect attempt that failed at once is gone already
-            connections.append(connection)
+        # A connect attempt that failed at once (an IP literal, a cached DNS
+        # answer) is gone already: it gets no pool entry, not even an empty
+        # list (one per such request would grow without bound).
+        if not connection.closed:
+            self.pool.setdefault(pair, []).append(connection)
         return connection
 
     # -- the pool ----------------------------------------------------------------
@@ -507,9 +510,10 @@ class DialbackVerifier:
             connection.idle_timer = None
         self._idle_order.pop(connection, None)
         connections = self.pool.get(connection.pair)
-        if connections is not None and connection in connections:
-            connections.remove(connection)
-            if not connections:
+        if connections is not None:
+            if connection in connections:
+                connections.remove(connection)
+            if not connections:  # never an empty entry left behind
                 del self.pool[connection.pair]
 
     def idle_count(self) -> int:
