@@ -447,6 +447,14 @@ class DialbackVerifier:
         :class:`DialbackError`.  ``finished()`` is called once, when the
         verification counts no more (see the module docstring)."""
         request = _Request(self, receiving, originating, stream_id, key, finished)
+        why = dialback.key_refusal(key)
+        if why is None and len(stream_id or "") > dialback.MAX_KEY_LENGTH:
+            why = "stream id too long"  # the peer's, on an outbound bidi stream
+        if why is not None:
+            # Never written anywhere: the <db:verify> on a channel (maybe
+            # our outbound stream to that domain) stays small.
+            request.answered(DialbackError("not-acceptable", "the dialback key is not acceptable", why))
+            return request.done
         channel = self._stream_channel(request) or self._pooled(request)
         channel.submit(request)
         return request.done
