@@ -458,3 +458,39 @@ class PoolLeakTests(unittest.TestCase):
         self.assertEqual(verifier.connections_opened, 1000)
         self.assertEqual(verifier.pool, {}, "no entry, empty or not, per failed attempt")
         self.assertEqual(verifier.idle_count(), 0)
+
+
+class CancelledCountTests(unittest.TestCase):
+    """Finding 7: a cancelled request counts until its connection is gone."""
+
+    IDLE = VerifierTests.IDLE
+    setUp, ask, connect, answer = (VerifierTests.setUp, VerifierTests.ask, VerifierTests.connect,
+                                   VerifierTests.answer)
+
+    def test_cancelled_request_counts_until_the_connection_is_gone(self):
+        d0, finished0 = self.ask(stream_id="S0")
+        d1, finished1 = self.ask(stream_id="S1")
+        peer = self.connect()
+        self.assertEqual([r["id"] for r in peer.read()], ["S0", "S1"])
+        d0.cancel()
+        self.assertEqual(finished0, [], "sent and on a connection still in use: still counted")
+        self.assertFalse(peer.disconnecting, "S1 still needs the connection")
+        self.answer(peer, "valid", stream_id="S1")
+        self.assertEqual(finished1, [True])
+        self.assertTrue(peer.disconnecting, "only a cancelled request left: closed")
+        self.assertEqual(finished0, [], "counted until the connection is gone")
+        peer.stream.connectionLost(None)
+        self.assertEqual(finished0, [True])
+        self.clock.advance(100)
+        self.assertEqual((finished0, finished1), ([True], [True]), "once only")
+
+    def test_cancelled_request_answered_late_counts_no_more(self):
+        d0, finished0 = self.ask(stream_id="S0")
+        self.ask(stream_id="S1")
+        peer = self.connect()
+        peer.read()
+        d0.cancel()
+        self.assertEqual(finished0, [])
+        self.answer(peer, "valid", stream_id="S0")  # its answer: its place is free
+        self.assertEqual(finished0, [True])
+        self.assertFalse(peer.disconnecting, "S1 still needs the connection")

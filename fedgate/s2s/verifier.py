@@ -28,7 +28,9 @@ counts until that connection is up or gone, so that cancelling and asking
 again makes no more connect attempts than the budget allows.  Cancelling
 the Deferred (the requesting stream went away) drops the request, never a
 channel other requests still need; a verification connection left with
-cancelled requests only is closed, and they count until it is gone.  A
+cancelled requests only is closed, and they count until it is gone (a
+cancelled request already sent counts until its answer, its deadline or the
+end of its connection, whichever comes first).  A
 request already sent keeps its place on its channel until its answer (taken
 silently) or its deadline, so that a late answer is never taken for a later
 request with the same (id, from, to).
@@ -324,8 +326,14 @@ class PooledConnection(_Channel):
             if self.is_ready:
                 return True
             self.held.append(request)  # counted until the attempt is up or gone
-        elif self.outstanding.get(request.match) is not request or self.live:
-            return True  # others need the connection: only the request goes
+        elif self.outstanding.get(request.match) is not request:
+            return True
+        elif self.live:
+            # Others need the connection: only the request goes, but it
+            # keeps its place (and counts) until its answer, its deadline or
+            # the connection's end; when the last live request is answered
+            # and the connection closes, it still counts until it is gone.
+            return False
         if not self.live:
             # Nobody needs it any more: close it; the cancelled requests
             # count until it is gone (no connection outlives its budget).
