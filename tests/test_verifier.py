@@ -494,3 +494,68 @@ class CancelledCountTests(unittest.TestCase):
         self.answer(peer, "valid", stream_id="S0")  # its answer: its place is free
         self.assertEqual(finished0, [True])
         self.assertFalse(peer.disconnecting, "S1 still needs the connection")
+
+
+class PooledPolicyTests(unittest.TestCase):
+    """Finding 5: pooled verification connections follow peer policy
+    changes and live at most MAX_LIFETIME seconds however busy."""
+
+    IDLE = VerifierTests.IDLE
+    setUp, ask, connect, answer = (VerifierTests.setUp, VerifierTests.ask, VerifierTests.connect,
+                                   VerifierTests.answer)
+
+    def first(self):
+        self.ask(stream_id="S0")
+        peer = self.connect()
+        peer.read()
+        self.answer(peer, "valid", stream_id="S0")
+        self.assertFalse(peer.disconnecting)
+        self.assertEqual(self.verifier.idle_count(), 1)
+        return peer
+
+    def test_a_policy_change_retires_the_idle_connection(self):
+        from fedgate.policy import PeerPolicy
+        peer = self.first()
+        self.verifier.ctx.policy.set_peer(PeerPolicy("remote.example", encryption="required"))
+        self.ask(stream_id="S1")
+        self.assertEqual(len(self.connector.attempts), 2, "a new connection on the new terms")
+        self.assertTrue(peer.disconnecting, "the old one is closed")
+        self.assertEqual(self.verifier.idle_count(), 0)
+
+    def test_another_domains_policy_change_keeps_it(self):
+        from fedgate.policy import PeerPolicy
+        peer = self.first()
+        self.verifier.ctx.policy.set_peer(PeerPolicy("other.example", encryption="required"))
+        self.ask(stream_id="S1")
+        self.assertEqual(len(self.connector.attempts), 1)
+        self.assertFalse(peer.disconnecting)
+
+    def test_a_busy_connection_finishes_and_closes_after_a_policy_change(self):
+        from fedgate.policy import PeerPolicy
+        self.ask(stream_id="S0")
+        peer = self.connect()
+        peer.read()
+        self.verifier.ctx.policy.set_peer(PeerPolicy("remote.example", encryption="required"))
+        self.ask(stream_id="S1")
+        self.assertEqual(len(self.connector.attempts), 2)
+        self.assertFalse(peer.disconnecting, "S0 is still answered there")
+        self.answer(peer, "valid", stream_id="S0")
+        self.assertEqual(self.results, [True])
+        self.assertTrue(peer.disconnecting, "then it closes instead of waiting idle")
+
+    def test_lifetime_is_capped_however_busy(self):
+        from fedgate.s2s.verifier import MAX_LIFETIME
+        self.assertEqual(MAX_LIFETIME, 600.0)
+        peer = self.first()
+        n = 1
+        while self.clock.seconds() + 10 < MAX_LIFETIME:
+            self.clock.advance(10)  # well inside the idle timeout: it never idles out
+            self.ask(stream_id=f"S{n}")
+            self.assertEqual(len(self.connector.attempts), 1, f"reused at {self.clock.seconds()}")
+            self.answer(peer, "valid", stream_id=f"S{n}")
+            n += 1
+        self.assertFalse(peer.disconnecting)
+        self.clock.advance(10)
+        self.ask(stream_id="LAST")
+        self.assertEqual(len(self.connector.attempts), 2, "past its lifetime: a new connection")
+        self.assertTrue(peer.disconnecting)

@@ -15,6 +15,9 @@ never over the connection the request came in on:
    once and stays open ``idle_timeout`` seconds after its last answer for
    the next one (0: it closes after its last answer).  At most ``max_idle``
    idle connections are kept in all; past it the longest idle one closes.
+   A pooled connection takes new requests only while the peer policy for
+   its domain is unchanged and for at most ``MAX_LIFETIME`` (600) seconds;
+   then it finishes its requests and closes.
 
 Answers are matched by (id, from, to) as XEP-0220 2.1.2 says, and only on
 the channel the request went out on: an answer on any other stream, or for
@@ -262,14 +265,29 @@ class VerifyStream(InitiatingStream):
             TIMEOUT, "the connection to the authoritative server ended without an answer", detail))
 
 
+#: The longest a verification connection serves new requests, in seconds
+#: (from its connect attempt); past it, it finishes what it carries and
+#: closes, however busy it has been, so that nothing negotiated under old
+#: terms (policy, certificates, DNS) lives on indefinitely.
+MAX_LIFETIME = 600.0
+
+
 class PooledConnection(_Channel):
     """A verification connection: requests wait in ``queued`` until it is
-    ready, then go out; idle, it waits in the pool for the next ones."""
+    ready, then go out; idle, it waits in the pool for the next ones.
+
+    It takes new requests only while the peer policy for its domain is the
+    one it was negotiated under (the operator may have started requiring
+    TLS or a certificate since, :mod:`fedgate.admin.enforce`) and for at
+    most :data:`MAX_LIFETIME` seconds; after that it finishes its requests
+    and closes."""
 
     def __init__(self, verifier: "DialbackVerifier", receiving: str, originating: str):
         super().__init__(verifier.pipeline)
         self.verifier = verifier
         self.pair = (receiving, originating)
+        self.born = verifier.clock.seconds()
+        self.policy = verifier.policy_for(originating)
         self.queued: list[_Request] = []
         #: cancelled before the connection was up: counted until it is
         self.held: list[_Request] = []
@@ -286,9 +304,20 @@ class PooledConnection(_Channel):
     def load(self) -> int:
         return len(self.outstanding) + len(self.queued)
 
+    @property
+    def stale(self) -> bool:
+        """Past its lifetime, or negotiated under a policy since changed."""
+        verifier = self.verifier
+        return (verifier.clock.seconds() - self.born >= verifier.max_lifetime
+                or verifier.policy_for(self.pair[1]) != self.policy)
+
     def has_room(self, request: _Request) -> bool:
         if self.closed or (self.is_ready and not _writable(self.handler.io)):
             return False  # gone, or going (the peer ended its stream)
+        if self.stale:
+            if self.is_ready and self.load == 0:
+                self.close()  # idle: nothing to finish
+            return False
         return super().has_room(request) and all(q.match != request.match for q in self.queued)
 
     def submit(self, request: _Request) -> None:
@@ -432,7 +461,7 @@ class DialbackVerifier:
 
     def __init__(self, connector, clock, make_stream, timeout: float = 30.0, ctx=None,
                  idle_timeout: float = 30.0, pipeline: int = 10, max_idle: int = 1000,
-                 outbound: Callable[[str], list] | None = None):
+                 outbound: Callable[[str], list] | None = None, max_lifetime: float = MAX_LIFETIME):
         self.connector = connector
         self.clock = clock
         self.ctx = ctx  # the S2S context for its verification streams (no verifier in it)
@@ -442,6 +471,7 @@ class DialbackVerifier:
         self.pipeline = pipeline
         self.max_idle = max_idle
         self.outbound = outbound
+        self.max_lifetime = max_lifetime
         #: (receiving, originating) -> its verification connections
         self.pool: dict[tuple, list[PooledConnection]] = {}
         #: idle connections, longest idle first
@@ -496,9 +526,14 @@ class DialbackVerifier:
             self.pool.setdefault(pair, []).append(connection)
         return connection
 
+    def policy_for(self, domain: str):
+        """The current peer policy for ``domain`` (None without a context)."""
+        policy = getattr(self.ctx, "policy", None)
+        return policy.for_peer(domain) if policy is not None else None
+
     # -- the pool ----------------------------------------------------------------
     def _idle(self, connection: PooledConnection) -> None:
-        if self.idle_timeout <= 0:
+        if self.idle_timeout <= 0 or connection.stale:
             connection.close()
             return
         if connection.idle_timer is not None:
