@@ -559,3 +559,19 @@ class PooledPolicyTests(unittest.TestCase):
         self.ask(stream_id="LAST")
         self.assertEqual(len(self.connector.attempts), 2, "past its lifetime: a new connection")
         self.assertTrue(peer.disconnecting)
+
+
+class PooledPolicyNoteTests(unittest.TestCase):
+    IDLE = VerifierTests.IDLE
+    setUp, ask, connect, answer = (VerifierTests.setUp, VerifierTests.ask, VerifierTests.connect,
+                                   VerifierTests.answer)
+    first = PooledPolicyTests.first
+
+    def test_a_note_or_rate_limit_change_keeps_it(self):
+        from dataclasses import replace
+        peer = self.first()
+        policy = self.verifier.ctx.policy
+        policy.set_peer(replace(policy.for_peer("remote.example"), note="watch them", rate_limit=5.0))
+        self.ask(stream_id="S1")
+        self.assertEqual(len(self.connector.attempts), 1)
+        self.assertFalse(peer.disconnecting)

@@ -113,3 +113,26 @@ class OutboundStreamVerificationTests(Case):
         self.assertEqual(answers, ["valid"] * 5)
         self.assertEqual(self.gateway.verifier.connections_opened, 0, "no verification connection")
         self.assertEqual(self.connections_into_b(), before, "b.example accepted no further connection")
+
+
+class PolicyChangeTests(Case):
+    """Review finding 5: a pooled verification connection follows a change
+    of the peer policy for its domain."""
+
+    @defer.inlineCallbacks
+    def test_a_policy_change_retires_the_pooled_connection(self):
+        from fedgate.policy import PeerPolicy
+        first = yield self.dialback()
+        self.assertEqual(first, "valid")
+        self.assertEqual(self.gateway.verifier.connections_opened, 1)
+        yield self.dialback()
+        self.assertEqual(self.gateway.verifier.connections_opened, 1, "reused while the policy holds")
+        self.assertEqual(self.gateway.verifier.idle_count(), 1)
+        # The operator tightens the terms for b.example (what the admin API does).
+        self.gateway.policy.set_peer(PeerPolicy(B, encryption="optional", max_stanza_bytes=128 * 1024))
+        answer = yield self.dialback()
+        self.assertEqual(answer, "valid")
+        self.assertEqual(self.gateway.verifier.connections_opened, 2, "a new connection on the new terms")
+        yield wait_until(lambda: self.connections_into_b() == 2 and len(self.removed) >= 1,
+                         "the old verification connection closed", timeout=10)
+        self.assertEqual(self.gateway.verifier.idle_count(), 1)

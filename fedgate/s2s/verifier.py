@@ -527,9 +527,14 @@ class DialbackVerifier:
         return connection
 
     def policy_for(self, domain: str):
-        """The current peer policy for ``domain`` (None without a context)."""
+        """The terms of the current peer policy for ``domain`` a connection
+        is negotiated under (None without a context); its note and stanza
+        rate limit do not matter to a verification connection."""
         policy = getattr(self.ctx, "policy", None)
-        return policy.for_peer(domain) if policy is not None else None
+        if policy is None:
+            return None
+        peer = policy.for_peer(domain)
+        return (peer.allowed, peer.encryption, peer.authentication, peer.addresses, peer.max_stanza_bytes)
 
     # -- the pool ----------------------------------------------------------------
     def _idle(self, connection: PooledConnection) -> None:
