@@ -575,3 +575,32 @@ class PooledPolicyNoteTests(unittest.TestCase):
         self.ask(stream_id="S1")
         self.assertEqual(len(self.connector.attempts), 1)
         self.assertFalse(peer.disconnecting)
+
+
+class PooledPolicyManyTests(unittest.TestCase):
+    IDLE = VerifierTests.IDLE
+    setUp, ask, connect, answer = (VerifierTests.setUp, VerifierTests.ask, VerifierTests.connect,
+                                   VerifierTests.answer)
+
+    def test_every_idle_connection_of_the_domain_is_retired(self):
+        from fedgate.policy import PeerPolicy
+        for n in range(4):  # pipeline 3: two connections
+            self.ask(stream_id=f"S{n}")
+        peers = [self.connect(0), self.connect(1)]
+        for peer in peers:
+            for request in peer.read():
+                self.answer(peer, "valid", stream_id=request["id"])
+        self.assertEqual(self.results, [True] * 4)
+        self.assertEqual(self.verifier.idle_count(), 2)
+        self.verifier.ctx.policy.set_peer(PeerPolicy("remote.example", encryption="required"))
+        self.ask(stream_id="NEW")
+        self.assertEqual(len(self.connector.attempts), 3)
+        self.assertEqual([p.disconnecting for p in peers], [True, True])
+        self.assertEqual(self.verifier.idle_count(), 0)
+
+    def test_switching_to_an_allowlist_retires_it(self):
+        peer = PooledPolicyTests.first(self)
+        policy = self.verifier.ctx.policy
+        policy.set_default(policy.default, mode="allowlist")
+        self.ask(stream_id="S1")
+        self.assertTrue(peer.disconnecting)

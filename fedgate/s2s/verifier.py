@@ -511,7 +511,9 @@ class DialbackVerifier:
 
     def _pooled(self, request: _Request) -> PooledConnection:
         pair = (request.receiving, request.originating)
-        connections = self.pool.get(pair, ())
+        # A copy: has_room closes an idle connection gone stale (which
+        # takes it out of the pool list).
+        connections = list(self.pool.get(pair, ()))
         # Ready ones first, then the one coming up; the least loaded.
         best = min((c for c in connections if c.has_room(request)),
                    key=lambda c: (not c.is_ready, c.load), default=None)
@@ -534,7 +536,8 @@ class DialbackVerifier:
         if policy is None:
             return None
         peer = policy.for_peer(domain)
-        return (peer.allowed, peer.encryption, peer.authentication, peer.addresses, peer.max_stanza_bytes)
+        return (policy.is_blocked(domain), peer.encryption, peer.authentication, peer.addresses,
+                peer.max_stanza_bytes)
 
     # -- the pool ----------------------------------------------------------------
     def _idle(self, connection: PooledConnection) -> None:
