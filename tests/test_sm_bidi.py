@@ -146,6 +146,48 @@ class ReceivingEntity(unittest.TestCase):
         self.assertEqual([item.stanza.id for item in destination.queue], ["m0", "m1", "m2"])
         self.assertEqual(self.gw.outcomes(), (0, 0, 0, 3))
 
+    def resume_after_drop(self, previd, h):
+        handler = InboundS2S(self.gw.ctx)
+        peer = MemoryStream(handler, self.gw.clock)
+        peer.feed(server_header(to="gw.example", **{"from": "remote.example"}, version="1.0"))
+        peer.feed("<db:result from='remote.example' to='gw.example'>k</db:result>")
+        self.gw.verifier.calls[-1][1].callback(True)
+        peer.feed(f"<resume xmlns='{sm.NS}' previd='{previd}' h='{h}'/>")
+        return peer
+
+    def assert_too_high(self, peer):
+        self.assertEqual(peer.stream_error(), "undefined-condition")
+        error = [e for e in peer.elements if e.name == "error"][-1]
+        self.assertIn((sm.NS, "handled-count-too-high"), [(c.uri, c.name) for c in error.elements()])
+        self.assertEqual([e.name for e in peer.elements if e.uri == sm.NS], [])
+
+    def test_a_resume_acknowledging_what_was_never_sent_is_too_high_with_nothing_held(self):
+        # XEP-0198 6 holds whether or not the session kept unacknowledged
+        # stanzas: here we never sent anything on the stream at all
+        handler, peer = self.inbound()
+        previd = self.answer["id"]
+        peer.stream.connectionLost(None)
+        self.assertEqual(self.gw.store.held(), 0)
+        self.assert_too_high(self.resume_after_drop(previd, h=7))
+        self.assertEqual(self.gw.outcomes(), (0, 0, 0, 0))
+
+    def test_after_everything_was_acknowledged_a_higher_h_is_too_high(self):
+        handler, peer, previd = self.flood(3)
+        peer.feed(f"<a xmlns='{sm.NS}' h='3'/>")
+        peer.stream.connectionLost(None)
+        self.assertEqual(self.gw.store.held(), 0)
+        self.assert_too_high(self.resume_after_drop(previd, h=4))
+        self.assertEqual(self.gw.outcomes(), (3, 0, 0, 0))
+
+    def test_a_clean_close_counts_what_went_back_to_the_queue_as_sent(self):
+        # requeued at the clean close, not held: an h covering them is not
+        # too high (they were sent), one beyond them is
+        handler, peer, previd = self.flood(3)
+        peer.feed("</stream:stream>")
+        peer.stream.connectionLost(None)
+        self.assertEqual(self.gw.store.held(), 0)
+        self.assert_too_high(self.resume_after_drop(previd, h=4))
+
     def test_shutdown_bounces_what_is_held(self):
         handler, peer, previd = self.flood(2)
         peer.stream.connectionLost(None)
