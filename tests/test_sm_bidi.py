@@ -288,6 +288,55 @@ class InitiatingEntity(unittest.TestCase):
         self.assertEqual(self.gw.outcomes()[:3], (2, 2, 0))
 
 
+class ResumeLoop(InitiatingEntity):
+    """A peer that authenticates, enables bidi and resumable stream
+    management, and then drops every connection (review finding 6): after
+    the first attempt each resumption waits a growing backoff."""
+
+    def attempt_times(self, answer: bool, cycles: int = 200, until: float = 2000.0) -> list[float]:
+        """Play the peer (each connection dropped right after a valid pair,
+        after ``<resumed/>`` if ``answer``) for ``until`` seconds or
+        ``cycles`` connections; when each was made."""
+        self.gw.send(0)
+        peer = self.open()
+        peer.stream.dataReceived(f"<enabled xmlns='{sm.NS}' id='sess' resume='true'/>".encode())
+        peer.stream.dataReceived(f"<a xmlns='{sm.NS}' h='1'/>".encode())  # m0 delivered
+        peer.stream.dataReceived(b"<message from='v@remote.example' to='u@gw.example' id='r0'/>")
+        peer.stream.connectionLost(None)
+        times, seen = [], 1
+        while len(times) < cycles and self.gw.clock.seconds() < until:
+            if len(self.gw.connector.attempts) > seen:
+                seen = len(self.gw.connector.attempts)
+                times.append(self.gw.clock.seconds())
+                again = self.open()
+                [resume] = self.sm_out(again)
+                self.assertEqual((resume.name, resume["previd"]), ("resume", "sess"))
+                if answer:
+                    again.stream.dataReceived(f"<resumed xmlns='{sm.NS}' previd='sess' h='1'/>".encode())
+                again.stream.connectionLost(None)
+            else:
+                self.gw.clock.advance(0.25)
+        return times
+
+    def assert_backs_off(self, times):
+        # backoff_initial 2 s doubling (jitter 0.5..1) until a gap outlives
+        # the session (resume_timeout 60 s): then there is nothing to resume
+        gaps = [b - a for a, b in zip(times, times[1:])]
+        self.assertEqual(times[0], 0.0, "the first drop: at once")
+        self.assertTrue(3 <= len(times) <= 9, times)
+        self.assertTrue(all(gap >= 1.0 for gap in gaps), gaps)
+        self.assertGreater(gaps[-1], 4 * gaps[0], f"growing: {gaps}")
+        destination = self.gw.sender.destinations.get("remote.example")
+        self.assertIn(destination and destination.state, (None, "idle"), "no more attempts")
+        self.assertEqual(self.gw.outcomes(), (1, 0, 0, 0))
+
+    def test_a_peer_dropping_every_resumed_stream_costs_a_growing_backoff(self):
+        self.assert_backs_off(self.attempt_times(answer=True))
+
+    def test_a_peer_dropping_before_answering_the_resume_costs_a_growing_backoff(self):
+        self.assert_backs_off(self.attempt_times(answer=False))
+
+
 class SaslOnBidi(unittest.TestCase):
     """A pair proved by SASL EXTERNAL on the peer's bidi stream carries our
     stanzas only after the peer restarted the stream: a stanza written
