@@ -394,14 +394,17 @@ class Gateway(service.Service):
 
     @defer.inlineCallbacks
     def _stop_cluster(self):
-        """Leave the cluster: what waits for another node bounces now, and
-        this node's entries are removed so the others route around it."""
+        """Leave the cluster: what waits for another node's acknowledgement
+        gets a bounded wait, then bounces; this node's entries are removed
+        so the others route around it.  The Redis client stops last (its
+        own shutdown trigger is in the "during" phase, after this)."""
         cluster = self.cluster
         if cluster is None:
             return
         self.router.cluster = None
-        d = cluster.stop()
-        d.addTimeout(self.config.cluster.heartbeat, self.reactor)
+        from fedgate.cluster.relay import STOP_ACK_WAIT
+        d = cluster.stop()  # waits up to STOP_ACK_WAIT for acks, then leaves
+        d.addTimeout(STOP_ACK_WAIT + self.config.cluster.heartbeat, self.reactor)
         try:
             yield d
         except defer.TimeoutError:
