@@ -108,6 +108,10 @@ class Gateway(service.Service):
                  dialback_secret: str | None = None):
         self.config = config
         self.reactor = reactor
+        if dialback_secret and hasattr(storage, "dialback_secret_in_use"):
+            # from Redis (fedgate.tap.cluster_dialback_secret): kept there
+            # after every reconnection, with a warning if it changed
+            storage.dialback_secret_in_use = dialback_secret
         self.rng = rng or random.Random()
         s2s = config.s2s
         self.limits = Limits.from_config(config.limits)
