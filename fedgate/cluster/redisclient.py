@@ -517,7 +517,9 @@ class Subscriber:
             try:
                 client = connect_redis(self.address, max_connections=1, socket_timeout=self.socket_timeout,
                                        health_check_interval=self.health_check)
-                pubsub = client.pubsub(ignore_subscribe_messages=True)
+                # subscribe confirmations are read (and skipped by _read):
+                # connected means the server confirmed the subscription
+                pubsub = client.pubsub(ignore_subscribe_messages=False)
                 with self._lock:
                     channels = sorted(self._channels)
                     self._changes.clear()
@@ -525,7 +527,7 @@ class Subscriber:
                 # server at all; a private channel keeps one when there is
                 # nothing else, so a lost connection is noticed even then.
                 pubsub.subscribe(f"__fedgate_keepalive__:{id(self)}", *channels)
-                pubsub.get_message(timeout=0)  # reads the first confirmation: the server is there
+                self._confirmed(pubsub)  # or the server's refusal (NOPERM ...) raised here
                 self.reactor.callFromThread(self._set_connected, True)
                 delay = self.backoff_initial
                 self._read(pubsub)
@@ -553,6 +555,19 @@ class Subscriber:
                             thing.close()
                         except Exception:
                             pass
+
+    def _confirmed(self, pubsub) -> None:
+        """Wait (``socket_timeout`` at most) for the server to confirm the
+        first subscription; an error reply (a NOPERM under ACLs, say) is
+        raised by redis-py here, before anyone is told we are connected."""
+        deadline = time.monotonic() + self.socket_timeout
+        while not self._stopping.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("Redis did not confirm the subscription")
+            message = pubsub.get_message(timeout=min(left, self.poll_interval))
+            if message is not None and message.get("type") == "subscribe":
+                return
 
     def _read(self, pubsub) -> None:
         while not self._stopping.is_set():
