@@ -554,3 +554,45 @@ class RedisRestartFloodTests(RoutingCase):
               "bounced, 0 lost")
         self.assertGreater(len(at_a), sent // 2)
         self.assertTrue(b.cluster.connected and a.cluster.connected)
+
+
+class CleanStopTests(RoutingCase):
+    """M2: a node that stops waits (bounded) for the acknowledgements of
+    what it forwarded, and sends its own, before it leaves."""
+
+    @defer.inlineCallbacks
+    def test_stopping_origin_waits_for_acks_instead_of_bouncing(self):
+        a, b = self.nodes["a"], self.nodes["b"]
+        ca = yield add_component(self, a, "chat.a.example", "secret-a")
+        cb = yield add_component(self, self.remote, "chat.b.example", "secret-b")
+        yield self.known_everywhere("chat.a.example", "a")
+        a.cluster.publisher.before_flush.remove(a.cluster._flush_acks)  # A holds its acks
+        for i in range(3):
+            cb.send(f"<message from='y@chat.b.example' to='x@chat.a.example' id='s{i}'/>")
+        yield drain(ca, 3)
+        self.assertEqual(len(b.cluster.inflight), 3)
+        stopping = b.cluster.stop()
+        yield sleep(0.2)  # B is waiting, subscriber up; now A's acks go out
+        a.cluster.publisher.before_flush.append(a.cluster._flush_acks)
+        a.cluster.publisher.wake()
+        yield stopping
+        self.assertEqual((b.cluster.counters.acked, b.cluster.counters.bounced["timeout"]), (3, 0))
+        yield sleep(0.3)
+        self.assertEqual(cb.received.pending, [])  # delivered, and no bounce
+
+    @defer.inlineCallbacks
+    def test_stopping_receiver_sends_its_acks_before_leaving(self):
+        a, b = self.nodes["a"], self.nodes["b"]
+        ca = yield add_component(self, a, "chat.a.example", "secret-a")
+        cb = yield add_component(self, self.remote, "chat.b.example", "secret-b")
+        yield self.known_everywhere("chat.a.example", "a")
+        a.cluster.publisher.before_flush.remove(a.cluster._flush_acks)  # A holds its acks
+        for i in range(3):
+            cb.send(f"<message from='y@chat.b.example' to='x@chat.a.example' id='r{i}'/>")
+        yield drain(ca, 3)
+        self.assertEqual(len(b.cluster.inflight), 3)
+        yield a.cluster.stop()
+        yield wait_until(lambda: not len(b.cluster.inflight), "B's table emptied")
+        self.assertEqual((b.cluster.counters.acked, b.cluster.counters.bounced["timeout"]), (3, 0))
+        yield sleep(0.3)
+        self.assertEqual(cb.received.pending, [])  # delivered, and no bounce

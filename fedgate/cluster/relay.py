@@ -66,6 +66,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
+from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from fedgate.cluster.inflight import InFlightTable
@@ -85,6 +86,11 @@ MAX_LISTED = 1000
 #: PUBLISH to one node
 MAX_BATCH_STANZAS = 500
 MAX_BATCH_BYTES = 1024 * 1024
+#: How long a clean stop (:meth:`ClusterRelay.stop`) waits, subscriber up,
+#: for the acknowledgements of what this node forwarded before it bounces
+#: the rest and leaves; and how often it looks.
+STOP_ACK_WAIT = 1.0
+STOP_POLL = 0.02
 #: fields of a record header: seq, kind, then the lengths of name, to,
 #: from, type, id, the from and to domains, and the stanza's bytes
 _HEAD_FIELDS = 10
@@ -281,11 +287,70 @@ class ClusterRelay:
         self.subscriber.start()
         self.membership.start(self.instance)
 
-    def stop(self):
-        """Stop listening, bounce what waits for an acknowledgement, and
-        leave the cluster (this node's entries removed at once).  Returns a
-        Deferred."""
+    def stop(self, ack_wait: float = STOP_ACK_WAIT) -> defer.Deferred:
+        """Leave the cluster cleanly; returns a Deferred.
+
+        In order: take no new forwards (the router routes locally again);
+        send what is already gathered and every pending acknowledgement;
+        wait, with the subscriber still up, until every stanza this node
+        forwarded is acknowledged, at most ``ack_wait`` seconds (relayed
+        stanzas arriving meanwhile are refused, and their senders bounce
+        them); then stop listening, bounce what is still unacknowledged (it
+        may or may not have been delivered), and leave (this node's entries
+        removed at once, ``down`` announced)."""
+        if getattr(self.router, "cluster", None) is self:
+            self.router.cluster = None
+        if self.subscriber is not None:
+            self.subscriber.on_messages = self._messages_while_stopping
+        d = self._wait_for_acks(ack_wait)
+        d.addErrback(lambda f: log.failure("Cluster: waiting for acknowledgements failed", f))
+        d.addCallback(lambda _: self._leave())
+        return d
+
+    def _stop_pending(self) -> bool:
+        """Whether anything of ours is still on its way: stanzas unacknowledged
+        or not yet published, acknowledgements not yet published."""
+        return bool(len(self.inflight) or self._outgoing or self._acks or self._nacks
+                    or (self.publisher is not None and self.publisher.queued))
+
+    @defer.inlineCallbacks
+    def _wait_for_acks(self, ack_wait: float):
+        deadline = self.reactor.seconds() + ack_wait
+        while (self.publisher is not None and self.connected and self._stop_pending()
+               and self.reactor.seconds() < deadline):
+            if self._outgoing or self._acks or self._nacks:
+                self.publisher.wake()
+            yield task.deferLater(self.reactor, min(STOP_POLL, max(0.0, deadline - self.reactor.seconds())),
+                                  lambda: None)
+
+    def _messages_while_stopping(self, batch) -> None:
+        """The subscriber's handler while stopping: acknowledgements, refusals
+        and fences as usual; relayed stanzas are refused (``N``) unhandled,
+        since this node is leaving (their senders bounce them)."""
+        mine = self.channel(self.node_id)
+        rest = []
+        for channel, data in batch:
+            if channel == mine and data[:1] == b"B":
+                try:
+                    line_end = data.find(b"\n", 0, 256)
+                    origin, _, instance = data[1:line_end].decode().partition(" ")
+                    refused = [record[0] for record in decode_records(data, line_end + 1)]
+                except Exception:
+                    log.failure("Cluster: cannot read a relayed batch while stopping")
+                    continue
+                self.counters.discarded += len(refused)
+                self._nacks.setdefault((origin, instance), []).extend(refused)
+                if self.publisher is not None:
+                    self.publisher.wake()
+            else:
+                rest.append((channel, data))
+        if rest:
+            self.messages(rest)
+
+    def _leave(self) -> defer.Deferred:
         self.membership.stop()
+        if self.publisher is not None:
+            self._flush_acks()  # refusals of the last moments (best effort)
         subscriber, self.subscriber = self.subscriber, None
         if subscriber is not None:
             subscriber.stop()
