@@ -174,6 +174,9 @@ class Membership:
         #: what the other nodes were last told this node holds
         self.announced: set = set()
         self.alive_nodes: set[str] = set()
+        #: nodes a PUBLISH found without a subscriber whose lease has not
+        #: been seen expired yet (see :meth:`suspect`)
+        self.suspects: set[str] = set()
         #: when the Redis subscription last came (back) up, None while it
         #: is down; a missing lease key is evidence of a dead node only a
         #: lease after that (a Redis restarted without persistence has lost
@@ -190,6 +193,9 @@ class Membership:
         #: of it): the node was hung or cut off long enough that the others
         #: may take it for dead
         self.on_lapse: Callable[[], None] = lambda: None
+        #: called (no arguments) when another node announced this one
+        #: ``down``; by default it rejoins
+        self.on_declared_dead: Callable[[], None] = self.rejoin
         self._timers: list = []
         self._announcing = False
         self._again = False
@@ -356,6 +362,7 @@ class Membership:
                     self._drop(node)
                 continue
             alive.add(node)
+            self.suspects.discard(node)
             entries = []
             for raw in replies[2 * i + 1]:
                 parsed = parse_field(raw.decode() if isinstance(raw, bytes) else raw)
@@ -379,12 +386,12 @@ class Membership:
     def check_alive(self):
         """Drop the nodes whose lease ran out (hung, or cut off from Redis)
         between two heartbeats: one EXISTS per known node, in one pipeline."""
-        nodes = sorted(self.cache.nodes)
+        nodes = sorted(set(self.cache.nodes) | self.suspects)
         if not nodes or not self._absence_is_evidence():
             return
         replies = yield self.client.pipeline([("EXISTS", self.key("alive", n)) for n in nodes])
         for node, alive in zip(nodes, replies):
-            if not alive and node in self.cache.nodes:
+            if not alive and (node in self.cache.nodes or node in self.suspects):
                 log.warn("Cluster: node {node}'s lease ran out", node=node)
                 self._drop(node)
 
@@ -392,6 +399,7 @@ class Membership:
         """Forget ``node``'s entries and tell the listener; whether it was known."""
         known = self.cache.drop_node(node)
         self.alive_nodes.discard(node)
+        self.suspects.discard(node)
         self.on_gone(node)
         return known
 
@@ -408,8 +416,11 @@ class Membership:
                     self._drop(parts[1])
                 elif not self._stopped:
                     # Another node took us for dead (our subscriber was
-                    # away): rewrite our entries now and have them re-read.
-                    self.reactor.callLater(0, self.rejoin)
+                    # away, or an older fedgate): its senders may bounce
+                    # what they sent us, so take nothing more until we
+                    # have rejoined (the lapse path: rewrite our entries,
+                    # have them re-read, refuse what comes before).
+                    self.reactor.callLater(0, self.on_declared_dead)
             elif len(parts) == 2 and parts[0] == "sync" and parts[1] != self.node_id:
                 self.reload().addErrback(lambda f: None)
             elif len(parts) == 3 and parts[0] in "+-" and parts[1] != self.node_id:
@@ -422,21 +433,24 @@ class Membership:
                 else:
                     self.cache.remove(parts[1], *parsed)
 
-    def node_gone(self, node: str) -> None:
-        """``node`` is dead (a PUBLISH to it reached nobody): forget its
-        entries here, remove them from Redis and tell the others.  If it was
-        only away (its subscriber reconnecting), its next heartbeat puts
-        them back."""
+    def suspect(self, node: str) -> None:
+        """A PUBLISH to ``node`` reached nobody: it is dead (kill -9) or
+        only reconnecting its subscriber (Redis cut it off as a lagging
+        subscriber, or a network blip).  Its entries leave this node's
+        cache at once, so nothing more is routed to it; but its liveness
+        key stays, it is not announced ``down``, and what it was sent and
+        got is not bounced here: a live node still acknowledges that.  The
+        lease decides: :meth:`check_alive` looks at its liveness key every
+        :attr:`liveness_interval` and drops it (:attr:`on_gone`) once the
+        key has expired; while the key lives, the next reload puts its
+        entries back."""
         if node == self.node_id:
             return
-        known = self._drop(node)
-        if known:
-            log.warn("Cluster: node {node} is gone (a message to it reached no subscriber)",
-                     node=node)
-            self.client.pipeline([
-                ("DEL", self.key("alive", node)), ("DEL", self.key("owns", node)),
-                ("PUBLISH", self.owners_channel, f"down {node}")],
-                transaction=True).addErrback(lambda f: None)
+        self.suspects.add(node)
+        if self.cache.drop_node(node):
+            self.alive_nodes.discard(node)
+            log.warn("Cluster: a message to node {node} reached no subscriber; routing around "
+                     "it until its lease shows whether it is alive", node=node)
 
     # -- the cluster view ------------------------------------------------------------------
     @defer.inlineCallbacks

@@ -237,6 +237,7 @@ class ClusterRelay:
         self.cache = self.membership.cache
         self.membership.on_gone = self._node_gone
         self.membership.on_lapse = self._lapsed
+        self.membership.on_declared_dead = lambda: self._lapsed("another node announced it down")
         self.publisher = None
         self.subscriber = None
         #: node -> [(seq, record)] waiting for the next pipeline
@@ -245,8 +246,13 @@ class ClusterRelay:
         self._acks: dict[tuple[str, str], list[int]] = {}
         self._nacks: dict[tuple[str, str], list[int]] = {}
         #: fence token -> the node whose unacknowledged stanzas bounce when
-        #: the fence comes back (see _node_gone)
-        self._fences: dict[int, str] = {}
+        #: the fence comes back (see _node_gone), or ("expire", t): the
+        #: stanzas sent by reactor time t still unacknowledged then bounce
+        #: (see _expire)
+        self._fences: dict[int, object] = {}
+        #: the token of the expiry fence out, and when it was published
+        self._expiry_fence: int | None = None
+        self._expiry_fence_at = 0.0
         self._fence_seq = 0
         #: set while this node rejoins after its own lease ran out: the
         #: token of the fence that ends it
@@ -441,12 +447,19 @@ class ClusterRelay:
             # Its subscriber may not be back yet: bounce as while Redis is
             # down, and leave its entries alone.
             for entry in entries:
-                self._bounce(entry.stanza, "redis", f"gateway node {node} is not listening yet")
+                self._guarded(self._bounce, entry.stanza, "redis",
+                              f"gateway node {node} is not listening yet")
             return
-        self.membership.node_gone(node)  # what else waits for it bounces
+        # These stanzas provably reached nobody: route them again at once
+        # (another holder, the local path, or a bounce).  The node may be
+        # dead (kill -9) or only reconnecting its subscriber (cut off by
+        # Redis, a blip): it leaves this node's cache only, and what it
+        # was sent and got stays to the lease path (check_alive), where
+        # its own lapse logic makes the fence exact.
+        self.membership.suspect(node)
         for entry in entries:
             self.counters.rerouted += 1
-            self.router.route(entry.stanza)  # another holder, the local path, or a bounce
+            self._guarded(self.router.route, entry.stanza)
 
     def _node_gone(self, node: str) -> None:
         """``node`` is dead or its lease ran out: what it was sent and has
@@ -471,13 +484,20 @@ class ClusterRelay:
         d.addErrback(lambda f: self._fenced(token))
 
     def _fenced(self, token: int) -> None:
-        node = self._fences.pop(token, None)
-        if node is not None:
-            self._bounce_node(node)
+        what = self._fences.pop(token, None)
+        if isinstance(what, tuple):
+            if token == self._expiry_fence:
+                self._expiry_fence = None
+                if self._expiry is not None and self._expiry.active():
+                    self._expiry.cancel()  # the fallback: re-armed for the next deadline
+                self._expiry = None
+            self._expire_sent_by(what[1])
+        elif what is not None:
+            self._bounce_node(what)
 
     def _bounce_node(self, node: str) -> None:
         for entry in self.inflight.take_node(node, confirmed_only=True):
-            self._bounce(entry.stanza, "timeout", f"gateway node {node} is gone")
+            self._guarded(self._bounce, entry.stanza, "timeout", f"gateway node {node} is gone")
 
     def _not_published(self, failure, seqs: list[int]) -> None:
         for seq in seqs:
@@ -485,9 +505,18 @@ class ClusterRelay:
             if entry is None:
                 continue
             if failure.check(RedisBusy):
-                self._bounce(entry.stanza, "full", "too many messages waiting for Redis")
+                self._guarded(self._bounce, entry.stanza, "full", "too many messages waiting for Redis")
             else:
-                self._bounce(entry.stanza, "redis", "the cluster's Redis is unreachable")
+                self._guarded(self._bounce, entry.stanza, "redis", "the cluster's Redis is unreachable")
+
+    def _guarded(self, handle, *args) -> None:
+        """``handle(*args)`` for one entry of a loop whose entries are
+        already out of the table: an exception is logged and the loop goes
+        on with the next one (none is lost to it)."""
+        try:
+            handle(*args)
+        except Exception:
+            log.failure("Cluster: cannot route or bounce a stanza taken back from another node")
 
     def _bounce(self, stanza: Stanza, reason: str, text: str) -> None:
         self.counters.bounced[reason] += 1
@@ -497,20 +526,58 @@ class ClusterRelay:
     def _arm_expiry(self) -> None:
         if self._expiry is not None and self._expiry.active():
             return
-        deadline = self.inflight.next_deadline()
+        if self._expiry_fence is not None:
+            # Its return expires (and re-arms); this is the fallback should
+            # it never come back.
+            deadline = self._expiry_fence_at + self.settings.ack_timeout
+        else:
+            deadline = self.inflight.next_deadline()
         if deadline is not None:
             self._expiry = self.reactor.callLater(max(0.0, deadline - self.reactor.seconds()),
                                                   self._expire)
 
     def _expire(self) -> None:
+        """Stanzas unacknowledged for ``ack_timeout`` bounce; but not before
+        the acknowledgements already waiting for this node are counted (it
+        may have been stalled, SIGSTOPped, or slow to read its subscriber:
+        the timer fires before the subscriber hands them over).  So a fence
+        goes to this node's own channel first; it comes back after every
+        acknowledgement Redis received before it, and only what was sent by
+        now and is still unacknowledged then bounces."""
         self._expiry = None
-        for entry in self.inflight.expire():
-            self._bounce(entry.stanza, "timeout",
-                         f"gateway node {entry.node} did not acknowledge in time")
+        try:
+            now = self.reactor.seconds()
+            if self._expiry_fence is not None:
+                if now < self._expiry_fence_at + self.settings.ack_timeout:
+                    return
+                self._fenced(self._expiry_fence)  # it never came back
+                return
+            due = self.inflight.next_deadline()
+            if due is None or due > now:
+                return
+            sent_by = now - self.settings.ack_timeout
+            if not self.connected or self.publisher is None:
+                self._expire_sent_by(sent_by)
+                return
+            self._fence_seq += 1
+            token = self._expiry_fence = self._fence_seq
+            self._expiry_fence_at = now
+            self._fences[token] = ("expire", sent_by)
+            d = self.publisher.publish(self.channel(self.node_id),
+                                       b"F%s %d" % (self.instance.encode(), token))
+            d.addCallbacks(lambda receivers: None if receivers else self._fenced(token),
+                           lambda f: self._fenced(token))
+        finally:
+            self._arm_expiry()
+
+    def _expire_sent_by(self, sent_by: float) -> None:
+        for entry in self.inflight.expire(sent_by):
+            self._guarded(self._bounce, entry.stanza, "timeout",
+                          f"gateway node {entry.node} did not acknowledge in time")
         self._arm_expiry()
 
     # -- this node's own lease ------------------------------------------------------------
-    def _lapsed(self) -> None:
+    def _lapsed(self, why: str = "its own lease ran out") -> None:
         """This node's own lease ran out by its own clock (it was hung,
         stopped, or cut off from Redis for longer than the lease allows):
         the others may have taken it for dead and bounced what they sent
@@ -524,9 +591,9 @@ class ClusterRelay:
         self._rejoin = self._rejoin_seq
         self._lapsed_at = self.reactor.seconds()
         self._discarded_since = self.counters.discarded
-        log.warn("Cluster: this node's own lease ran out (last renewed for until {until:.3f}, "
-                 "now {now:.3f}); relayed stanzas are discarded until it has rejoined",
-                 until=self.membership.lease_until, now=self._lapsed_at)
+        log.warn("Cluster: this node lost its place ({why}; lease last renewed for until "
+                 "{until:.3f}, now {now:.3f}); relayed stanzas are discarded until it has "
+                 "rejoined", why=why, until=self.membership.lease_until, now=self._lapsed_at)
         self.reactor.callLater(0, self._rejoin_attempt, self._rejoin)
 
     def _rejoin_attempt(self, token: int) -> None:
@@ -649,5 +716,5 @@ class ClusterRelay:
         node, ranges = self._parse_ack(data)
         for first, last in ranges:
             for entry in self.inflight.take_range(first, last, node=node):
-                self._bounce(entry.stanza, "lapsed",
-                             f"gateway node {node} had lost its place in the cluster")
+                self._guarded(self._bounce, entry.stanza, "lapsed",
+                              f"gateway node {node} had lost its place in the cluster")
