@@ -170,3 +170,51 @@ class BounceLoopTests(RoutingCase):
         self.assertEqual(sorted(e["id"] for e in got), ["e1", "e2"])
         self.assertEqual(len(b.cluster.inflight), 0)
         self.flushLoggedErrors(RuntimeError)
+
+
+class NodeIdCollisionTests(RoutingCase):
+    @defer.inlineCallbacks
+    def start_node(self, node_id: str):
+        from tests.support.federation import start_dns
+        from tests.support.gateway import gateway_config, start_gateway, temp_dir
+        from tests.test_cluster_routing_e2e import COMPONENTS
+        _, dns_port = start_dns(self)
+        config = gateway_config(temp_dir(self), ["a.example"], COMPONENTS,
+                                policy={"encryption": "optional"})
+        config["cluster"] = {"enabled": True, "redis": self.redis.socket_path,
+                             "node_id": node_id, "heartbeat": 0.5, "lease": 2.0}
+        node = yield start_gateway(reactor, config, dns_port, self)
+        return node
+
+    @defer.inlineCallbacks
+    def test_second_node_with_the_same_id_leaves_the_cluster(self):
+        """A second running node given node A's id finds the liveness key
+        held by another instance, past a lease, and leaves the cluster's
+        routing (one critical line); node A keeps its key and is the only
+        subscriber of its channel."""
+        a = self.nodes["a"]
+        dup = yield self.start_node("node-a")
+        started = reactor.seconds()
+        yield wait_until(lambda: dup.cluster.collided, "the duplicate found out", 10)
+        self.assertLess(reactor.seconds() - started, 2.0 + 0.5 + 1.5)
+        self.assertFalse(a.cluster.collided)
+        self.assertIsNone(dup.cluster.subscriber)
+        numsub = yield a.cluster.client.execute("PUBSUB", "NUMSUB", a.cluster.channel("node-a"))
+        self.assertEqual(int(numsub[1]), 1)
+        held = yield a.cluster.client.execute("GET", "fedgate:alive:node-a")
+        self.assertEqual(held.decode(), a.cluster.instance)
+        # Its clean stop leaves node A's entries alone.
+        yield dup.cluster.membership.leave()
+        self.assertEqual(int((yield a.cluster.client.execute("EXISTS", "fedgate:alive:node-a"))), 1)
+
+    @defer.inlineCallbacks
+    def test_restart_after_kill_takes_the_id_over_once_the_lease_ran_out(self):
+        """A new run of a killed node finds its predecessor's key: it waits
+        for the lease to run out, then holds the id."""
+        a = self.nodes["a"]
+        a.cluster.kill()
+        again = yield self.start_node("node-a")
+        yield wait_until(lambda: again.cluster.membership.heartbeats >= 1, "the id taken over", 10)
+        self.assertFalse(again.cluster.collided)
+        held = yield again.cluster.client.execute("GET", "fedgate:alive:node-a")
+        self.assertEqual(held.decode(), again.cluster.instance)

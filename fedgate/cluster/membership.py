@@ -52,6 +52,29 @@ LIVENESS_CHECK = 0.5
 LEASE_MARGIN = 0.5
 
 
+#: renew KEYS[1] (the liveness key) with ARGV[1] (this run's instance) for
+#: ARGV[2] ms unless another run holds it: nil, or the other instance
+CLAIM_SCRIPT = """
+local held = redis.call('GET', KEYS[1])
+if held and held ~= ARGV[1] then return held end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return false
+"""
+#: a clean leave: remove the liveness key and the hash and announce
+#: ``down``, only if the liveness key is this run's (ARGV[1]) or gone
+LEAVE_SCRIPT = """
+local held = redis.call('GET', KEYS[1])
+if held and held ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('PUBLISH', KEYS[3], ARGV[2])
+return 1
+"""
+
+
+class NodeIdCollision(Exception):
+    """Another running fedgate holds this node's id."""
+
+
 def entry_field(kind: str, key: tuple[str, ...]) -> str:
     return "|".join((kind,) + tuple(key))
 
@@ -193,6 +216,11 @@ class Membership:
         #: of it): the node was hung or cut off long enough that the others
         #: may take it for dead
         self.on_lapse: Callable[[], None] = lambda: None
+        #: called with the other instance when another running fedgate
+        #: holds this node's id (see :meth:`beat`)
+        self.on_collision: Callable[[str], None] = lambda other: None
+        self.collided = False
+        self._claim_failing_since: float | None = None
         #: called (no arguments) when another node announced this one
         #: ``down``; by default it rejoins
         self.on_declared_dead: Callable[[], None] = self.rejoin
@@ -232,9 +260,11 @@ class Membership:
         """Remove this node's lease and entries and tell the others (a clean stop)."""
         self.stop()
         self.lease_until = 0.0
-        return self.client.pipeline([
-            ("DEL", self.key("alive", self.node_id)), ("DEL", self.key("owns", self.node_id)),
-            ("PUBLISH", self.owners_channel, f"down {self.node_id}")], transaction=True)
+        if self.collided:
+            return defer.succeed(0)  # the id is another run's
+        return self.client.execute("EVAL", LEAVE_SCRIPT, 3, self.key("alive", self.node_id),
+                                   self.key("owns", self.node_id), self.owners_channel,
+                                   self.instance, f"down {self.node_id}")
 
     def _schedule(self, what: str, delay: float) -> None:
         self._timers = [t for t in self._timers if t.active()]
@@ -276,11 +306,24 @@ class Membership:
         started = self.reactor.seconds()
         if self.lease_until and not self.lease_valid():
             self.on_lapse()
-        entries = self.local_entries()
         lease_ms = int(self.lease * 1000)
+        # The liveness key holds this run's instance: renewed only if it is
+        # ours (or gone), so two nodes given one node_id are found out.
+        try:
+            holder = yield self.client.execute("EVAL", CLAIM_SCRIPT, 1,
+                                               self.key("alive", self.node_id), self.instance,
+                                               lease_ms)
+        except Exception as e:
+            self.failures += 1
+            log.debug("Cluster heartbeat failed: {error}", error=str(e))
+            raise
+        if holder:
+            self._claim_failed(holder.decode() if isinstance(holder, bytes) else str(holder))
+            return
+        self._claim_failing_since = None
+        entries = self.local_entries()
         owns = self.key("owns", self.node_id)
-        commands = [("SET", self.key("alive", self.node_id), self.instance, "PX", lease_ms),
-                    ("DEL", owns)]
+        commands = [("DEL", owns)]
         if entries:
             flat = []
             for kind, key in entries:
@@ -299,6 +342,23 @@ class Membership:
         self.lease_until = max(self.lease_until, started + self.lease)
         self.announced = set(entries)
         yield self.reload()
+
+    def _claim_failed(self, other: str) -> None:
+        """Another instance holds this node's liveness key.  Before this run
+        ever held it, that may be the previous run of this node (killed,
+        its lease not yet run out): wait a lease and a heartbeat for it to
+        expire.  Past that, or once this run had held it, another running
+        fedgate has this node_id."""
+        now = self.reactor.seconds()
+        if self._claim_failing_since is None:
+            self._claim_failing_since = now
+        if self.heartbeats == 0 and now - self._claim_failing_since < self.lease + self.heartbeat_interval:
+            log.info("Cluster: node id {node} is still held by instance {other} (an earlier run?); "
+                     "waiting for its lease to run out", node=self.node_id, other=other)
+            return
+        self.collided = True
+        self.stop()
+        self.on_collision(other)
 
     def changed(self) -> defer.Deferred | None:
         """Compare the local entries with what was announced; write and

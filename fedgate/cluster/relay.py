@@ -237,6 +237,7 @@ class ClusterRelay:
         self.cache = self.membership.cache
         self.membership.on_gone = self._node_gone
         self.membership.on_lapse = self._lapsed
+        self.membership.on_collision = self._collided
         self.membership.on_declared_dead = lambda: self._lapsed("another node announced it down")
         self.publisher = None
         self.subscriber = None
@@ -266,6 +267,8 @@ class ClusterRelay:
         #: a PUBLISH that reached nobody is no evidence that its node died
         self._subscribed_before = False
         self._settling_until = 0.0
+        #: another running fedgate has this node's id (see _collided)
+        self.collided = False
 
     # -- keys -------------------------------------------------------------------------
     def channel(self, node: str) -> str:
@@ -309,6 +312,21 @@ class ClusterRelay:
         """Stop at once without a word to the others, as a node killed with
         ``kill -9`` would (tests)."""
         self.membership.stop()
+        subscriber, self.subscriber = self.subscriber, None
+        if subscriber is not None:
+            subscriber.stop()
+
+    def _collided(self, other: str) -> None:
+        """Another running fedgate uses this node's id: both would deliver
+        every stanza relayed to it and overwrite each other's entries.  This
+        node leaves the cluster's routing (it stops listening on the node's
+        channel; cross-node stanzas bounce as with Redis unreachable) and
+        says so in one line; local delivery goes on."""
+        log.critical("Cluster: node_id {node} is used by another running fedgate (instance "
+                     "{other}, ours {ours}); this node leaves the cluster: give every node its "
+                     "own [cluster] node_id and restart it", node=self.node_id, other=other,
+                     ours=self.instance)
+        self.collided = True
         subscriber, self.subscriber = self.subscriber, None
         if subscriber is not None:
             subscriber.stop()
