@@ -218,3 +218,46 @@ class NodeIdCollisionTests(RoutingCase):
         self.assertFalse(again.cluster.collided)
         held = yield again.cluster.client.execute("GET", "fedgate:alive:node-a")
         self.assertEqual(held.decode(), again.cluster.instance)
+
+
+class HeartbeatBoundTests(RoutingCase):
+    @defer.inlineCallbacks
+    def test_pairs_remote_peers_grow_are_bounded_in_heartbeat_and_hash(self):
+        """80 outbound streams of 100 valid pairs each (8,000 pairs, as
+        remote peers may authenticate up to max_pairs_per_connection on each
+        stream): the heartbeat lists at most MAX_PAIRS_LISTED pairs per
+        stream with the count, and the ownership hash holds at most
+        MAX_ANNOUNCED_PER_STREAM per stream and MAX_ANNOUNCED_PAIRS in all."""
+        import json
+        from fedgate.cluster import relay as relay_module
+        from fedgate.s2s.pairs import LOCAL, OUTBOUND, VALID, ConnectionRecord
+        b = self.nodes["b"]
+        streams, per_stream = 80, 100
+        self.assertGreater(streams * relay_module.MAX_ANNOUNCED_PER_STREAM,
+                           relay_module.MAX_ANNOUNCED_PAIRS)
+        for n in range(streams):
+            record = ConnectionRecord(OUTBOUND, "192.0.2.1:5269", 0.0, remote_domain=f"r{n}.example")
+            for i in range(per_stream):
+                record.set_pair(f"l{i}.a.example", f"r{n}.example", VALID, "dialback", 0.0,
+                                origin=LOCAL)
+            b.table.add(record)
+            self.addCleanup(b.table.remove, record)
+        info = b.cluster.info()
+        listed = [s for s in info["streams"] if s["remote"].startswith("r")]
+        self.assertEqual(len(listed), streams)
+        self.assertEqual({(len(s["pairs"]), s["pair_count"]) for s in listed},
+                         {(relay_module.MAX_PAIRS_LISTED, per_stream)})
+        self.assertLess(len(json.dumps(info)), 40_000)
+        heartbeats = b.cluster.membership.heartbeats
+        yield wait_until(lambda: b.cluster.membership.heartbeats >= heartbeats + 2, "two heartbeats")
+        fields = yield b.cluster.client.execute("HKEYS", "fedgate:owns:node-b")
+        pairs = [f.decode() for f in fields if f.startswith(b"s|")]
+        self.assertEqual(len(pairs), relay_module.MAX_ANNOUNCED_PAIRS)
+        by_remote = {}
+        for field in pairs:
+            remote = field.split("|")[2]
+            by_remote[remote] = by_remote.get(remote, 0) + 1
+        self.assertLessEqual(max(by_remote.values()), relay_module.MAX_ANNOUNCED_PER_STREAM)
+        # Node A finds a stream to a remote domain whose pairs were cut.
+        yield wait_until(lambda: self.nodes["a"].cluster.cache.stream_owner("r0.example") == "node-b",
+                         "node B's stream known to node A")

@@ -81,6 +81,15 @@ KIND_S2S = "s"
 _CONTEXT = SourceContext({None: ns.SERVER})
 #: most streams and destinations listed per node in a heartbeat
 MAX_LISTED = 1000
+#: most (local, remote) pairs listed per stream in a heartbeat (with the
+#: stream's ``pair_count``): a remote peer may authenticate up to
+#: ``max_pairs_per_connection`` pairs on each stream
+MAX_PAIRS_LISTED = 4
+#: most S2S pairs this node announces in its ownership hash, and most per
+#: stream: pairs past them are not announced (the other nodes still find a
+#: stream to the same remote domain, or open their own)
+MAX_ANNOUNCED_PAIRS = 4096
+MAX_ANNOUNCED_PER_STREAM = 64
 #: most stanzas, and most bytes (unless one stanza is larger), in one
 #: PUBLISH to one node
 MAX_BATCH_STANZAS = 500
@@ -355,11 +364,25 @@ class ClusterRelay:
 
     # -- what this node holds ------------------------------------------------------------
     def local_entries(self) -> set:
+        """This node's component domains, and the S2S pairs its streams may
+        carry: at most MAX_ANNOUNCED_PER_STREAM per stream and
+        MAX_ANNOUNCED_PAIRS in all (what a remote peer can grow is bounded;
+        the walk stops there too)."""
         entries = {(COMPONENT, (domain,)) for domain in self.router.components}
+        pairs = 0
         for record in self.table:
+            if pairs >= MAX_ANNOUNCED_PAIRS:
+                break
+            taken = 0
             for pair in record.valid_pairs():
+                if taken >= MAX_ANNOUNCED_PER_STREAM or pairs >= MAX_ANNOUNCED_PAIRS:
+                    break
                 if record.can_send(pair.local, pair.remote):
-                    entries.add((STREAM, (pair.local, pair.remote)))
+                    key = (STREAM, (pair.local, pair.remote))
+                    if key not in entries:
+                        entries.add(key)
+                        pairs += 1
+                    taken += 1
         return entries
 
     def bound(self, domain: str) -> None:
@@ -368,9 +391,12 @@ class ClusterRelay:
     def info(self) -> dict:
         now = self.reactor.seconds()
         records = list(self.table)
-        streams = [{"id": r.id, "direction": r.direction, "remote": r.remote_domain,
-                    "bidi": r.bidi, "pairs": [[p.local, p.remote] for p in r.valid_pairs()]}
-                   for r in records[:MAX_LISTED]]
+        streams = []
+        for r in records[:MAX_LISTED]:
+            pairs = r.valid_pairs()
+            streams.append({"id": r.id, "direction": r.direction, "remote": r.remote_domain,
+                            "bidi": r.bidi, "pair_count": len(pairs),
+                            "pairs": [[p.local, p.remote] for p in pairs[:MAX_PAIRS_LISTED]]})
         statuses = self.sender.statuses()
         return {
             "instance": self.instance,
