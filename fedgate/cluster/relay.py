@@ -33,14 +33,17 @@ on the origin's channel.
 
 The origin keeps every forwarded stanza in a bounded
 :class:`~fedgate.cluster.inflight.InFlightTable` until acknowledged.  A
-PUBLISH that reached no subscriber means the target is dead: its entries
-are dropped and the stanza re-routed at once (another holder, the local
-path) or bounced.  A node found dead or gone (its lease ran out) has its
+PUBLISH that reached no subscriber means the target's subscriber is away
+(dead, or alive and reconnecting): that message's stanzas are re-routed at
+once (another holder, the local path) or bounced, and the target leaves
+this node's cache; what it got waits for its lease.  A node found dead or gone (its lease ran out) has its
 unacknowledged stanzas bounced after a fence: a message the origin
 publishes to its own channel, which comes back after every
 acknowledgement Redis received before it; so exactly what was not
 acknowledged bounces.  No acknowledgement within ``ack_timeout``: bounced
-with ``remote-server-timeout`` (it may have been delivered all the same).
+with ``remote-server-timeout`` (it may have been delivered all the same),
+after a fence on this node's own channel, so acknowledgements already
+waiting for it count first.
 With Redis unreachable, cross-node stanzas bounce with
 ``remote-server-timeout`` at once; local delivery goes on, and after the
 reconnection the ownership cache is reloaded in full.
