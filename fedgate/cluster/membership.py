@@ -71,10 +71,6 @@ return 1
 """
 
 
-class NodeIdCollision(Exception):
-    """Another running fedgate holds this node's id."""
-
-
 def entry_field(kind: str, key: tuple[str, ...]) -> str:
     return "|".join((kind,) + tuple(key))
 
