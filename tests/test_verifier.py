@@ -65,6 +65,30 @@ class VerifierTests(unittest.TestCase):
         self.assertEqual(self.finished, [True], "the verification counts no more once answered")
         self.assertFalse(peer.disconnecting, "the connection stays for the next verification")
 
+    def assert_junk_ends_the_pooled_connection(self, junk: bytes):
+        """A peer sending anything but db:verify on a verification
+        connection gets unsupported-stanza-type, and the connection leaves
+        the pool instead of idling there.  Before the fix the element was
+        ignored and the connection stayed open."""
+        peer = self.start()
+        self.answer(peer, "valid")
+        peer.stream.dataReceived(junk)
+        peer.read()
+        self.assertEqual(peer.stream_error(), "unsupported-stanza-type")
+        self.assertTrue(peer.disconnecting)
+        self.ask(stream_id="SID2")
+        self.assertEqual(len(self.connector.attempts), 2, "not kept for the next verification")
+
+    def test_a_stanza_ends_the_pooled_connection(self):
+        self.assert_junk_ends_the_pooled_connection(
+            b"<message from='remote.example' to='gw.example'><body>x</body></message>")
+
+    def test_a_nested_stream_header_ends_the_pooled_connection(self):
+        # A child element named like the stream header swallows the peer's
+        # own </stream:stream> (found by the fuzzer, seed 3612010363).
+        self.assert_junk_ends_the_pooled_connection(
+            b"<stream:stream to='gw.example' from='gw.example' version='1.0'></stream:stream>")
+
     def test_invalid(self):
         self.answer(self.start(), "invalid")
         self.assertEqual(self.results, [False])

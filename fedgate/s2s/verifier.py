@@ -64,7 +64,7 @@ from fedgate.s2s.connect import ConnectError
 from fedgate.s2s.dialback import DialbackError
 from fedgate.stream import namespaces as ns
 from fedgate.s2s.initiating import READY, InitiatingStream
-from fedgate.stream.errors import error_condition
+from fedgate.stream.errors import StreamFailure, error_condition
 
 log = Logger(namespace="fedgate.s2s.verifier")
 
@@ -254,9 +254,17 @@ class VerifyStream(InitiatingStream):
                 f"stream error {self.stream_error}"))
 
     def negotiated_element(self, element: domish.Element) -> None:
-        if element.uri == ns.DIALBACK and element.name == "verify" and self.state == READY:
-            self.owner.answer(element, self.io)
-        # Anything else on this connection is not ours to handle.
+        if element.uri == ns.DIALBACK and element.name == "verify":
+            if self.state == READY:
+                self.owner.answer(element, self.io)
+            return
+        # A verification connection is one-way (no bidi): the peer has
+        # nothing else to send on it.  Ending it with a stream error, as
+        # the outbound stream does, keeps a peer from holding a pooled
+        # connection open with elements (or a never-ending child element)
+        # that we would otherwise ignore.
+        raise StreamFailure("unsupported-stanza-type",
+                            f"unexpected element {element.name} on a verification connection")
 
     def disconnected(self, reason) -> None:
         super().disconnected(reason)
