@@ -28,6 +28,7 @@ from twisted.internet import defer, error, task
 from fedgate.cli_render import render
 
 EX_API, EX_USAGE, EX_DATAERR, EX_UNAVAILABLE, EX_NOPERM, EX_CONFIG = 1, 2, 65, 69, 77, 78
+EX_CANTCREAT = 73
 DEFAULT_CONFIG = "/etc/fedgate/fedgate.toml"
 
 
@@ -282,6 +283,30 @@ async def run(reactor, options) -> int:
     return 0
 
 
+def _write_private(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` readable by its owner only (the export holds
+    secrets): a new temp file (mode 0600, O_EXCL: never an existing file or
+    a symlink) in the same directory, synced, then renamed over ``path``.
+    The rename replaces a symlink at ``path`` itself, never its target, and
+    an existing file's looser mode does not survive."""
+    import tempfile
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, temp = tempfile.mkstemp(dir=directory, prefix=".fedgate-export-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            os.fchmod(out.fileno(), 0o600)
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        try:
+            os.unlink(temp)
+        except OSError:
+            pass
+        raise
+
+
 def _store(reactor, options):
     """The store ``policy export|import`` works on."""
     from dataclasses import replace as dc_replace
@@ -323,9 +348,11 @@ async def run_transfer(reactor, options) -> int:
         if options.action == "export":
             text = dumps(await export_store(storage))
             if options.output:
-                fd = os.open(options.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                with os.fdopen(fd, "w", encoding="utf-8") as out:
-                    out.write(text)
+                try:
+                    _write_private(options.output, text)
+                except OSError as exc:
+                    raise CliError(f"cannot write {options.output}: {exc.strerror}",
+                                   EX_CANTCREAT) from None
                 sys.stderr.write(f"fedgatectl: exported {where} to {options.output}\n")
             else:
                 sys.stdout.write(text)

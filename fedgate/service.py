@@ -108,6 +108,10 @@ class Gateway(service.Service):
                  dialback_secret: str | None = None):
         self.config = config
         self.reactor = reactor
+        if dialback_secret and hasattr(storage, "dialback_secret_in_use"):
+            # from Redis (fedgate.tap.cluster_dialback_secret): kept there
+            # after every reconnection, with a warning if it changed
+            storage.dialback_secret_in_use = dialback_secret
         self.rng = rng or random.Random()
         s2s = config.s2s
         self.limits = Limits.from_config(config.limits)
@@ -394,14 +398,17 @@ class Gateway(service.Service):
 
     @defer.inlineCallbacks
     def _stop_cluster(self):
-        """Leave the cluster: what waits for another node bounces now, and
-        this node's entries are removed so the others route around it."""
+        """Leave the cluster: what waits for another node's acknowledgement
+        gets a bounded wait, then bounces; this node's entries are removed
+        so the others route around it.  The Redis client stops last (its
+        own shutdown trigger is in the "during" phase, after this)."""
         cluster = self.cluster
         if cluster is None:
             return
         self.router.cluster = None
-        d = cluster.stop()
-        d.addTimeout(self.config.cluster.heartbeat, self.reactor)
+        from fedgate.cluster.relay import STOP_ACK_WAIT
+        d = cluster.stop()  # waits up to STOP_ACK_WAIT for acks, then leaves
+        d.addTimeout(STOP_ACK_WAIT + self.config.cluster.heartbeat, self.reactor)
         try:
             yield d
         except defer.TimeoutError:

@@ -193,6 +193,36 @@ class CrossNode(ClusterProcesses):
         yield self.cluster.wait_seen("b")
 
     @defer.inlineCallbacks
+    def test_sigterm_of_the_node_the_flood_passes(self):
+        """H1/M2: a clean stop (SIGTERM, the reactor's real shutdown
+        triggers) of node B mid-flood: B keeps its Redis clients until it
+        has waited for node A's acknowledgements and left, so no stanza is
+        both delivered and bounced, and node A hears B leave (a "down"
+        announcement, long before B's lease would run out)."""
+        b = self.cluster["b"]
+        self.assertGreaterEqual(self.remote_streams_to(b), 1, "the remote's stream is on node B")
+        flood = self.flood().start()
+        yield flood.until(TOTAL // 3)
+        stopped_at = flood.sent
+        gone = self.cluster.wait_gone("b", by="a", timeout=LEASE + 5)
+        status = yield b.terminate()
+        gone = yield gone
+        everything, later = yield self.settle_after(flood, [self.receiver], stopped_at)
+        report(everything.line(f"SIGTERM of node B after {stopped_at} written (down in node "
+                               f"A's cluster view after {gone:.2f} s, exit status {status})"))
+        report(later.line("  of them written after the SIGTERM"))
+        log = b.log_text(since_start=True)
+        # (twistd ends by re-raising the signal that stopped it)
+        self.assertIn(status, (0, -15), b.log_tail(80))
+        self.assertEqual(b.tracebacks(), 0, b.log_tail(80))
+        self.assertIn("Shutting down:", log)
+        self.assertNotIn("Redis client is stopped", log)
+        self.assertEqual(everything.both, 0, f"{everything}\n{self.cluster.diagnostics()}")
+        # B's lease (renewed every HEARTBEAT) would run out 1.5-2 s after the
+        # SIGTERM; a clean leave is heard at once.
+        self.assertLess(gone, LEASE / 2, "node A saw B's lease run out, not B leave")
+
+    @defer.inlineCallbacks
     def sigstop_of_the_component_node(self):
         """Node A (the component's) is stopped mid-flood, found gone by node
         B, the component moves to node C, and node A is continued after the

@@ -328,3 +328,159 @@ class BoundAndTransportTests(unittest.TestCase):
         wary.start()
         self.addCleanup(wary.stop)
         yield self.assertFailure(wary.execute("GET", "k"), RedisUnavailable)
+        # M6: the certificate names localhost; 127.0.0.1 is not that name.
+        misnamed = RedisClient(reactor, RedisAddress.parse(f"127.0.0.1:{port}", tls=True,
+                                                           tls_ca_file=str(root)))
+        misnamed.start()
+        self.addCleanup(misnamed.stop)
+        yield self.assertFailure(misnamed.execute("GET", "k"), RedisUnavailable)
+
+
+class _ShutdownPhases:
+    """The real reactor, except that its "shutdown" system event is Twisted's
+    own three-phase event (twisted.internet.base._ThreePhaseEvent, what the
+    reactor uses) that the test fires: triggers run in the reactor's order."""
+
+    def __init__(self, real):
+        from twisted.internet.base import _ThreePhaseEvent
+        self._real = real
+        self.shutdown = _ThreePhaseEvent()
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def addSystemEventTrigger(self, phase, event, f, *args, **kwargs):
+        assert event == "shutdown"
+        return self.shutdown.addTrigger(phase, f, *args, **kwargs)
+
+    def removeSystemEventTrigger(self, trigger):
+        self.shutdown.removeTrigger(trigger)
+
+
+class ShutdownOrderTests(unittest.TestCase):
+    """H1: the gateway's stopService is a "before shutdown" trigger registered
+    before the cluster's client starts (startService waits for the store
+    first); the client must still work while stopService's Deferred waits."""
+
+    @defer.inlineCallbacks
+    def test_client_outlives_an_earlier_before_trigger_that_waits(self):
+        server = start_redis(self)
+        phases = _ShutdownPhases(reactor)
+        replies = []
+
+        @defer.inlineCallbacks
+        def stop_service():  # waits (flush, acks, leave) and needs Redis meanwhile
+            yield task.deferLater(reactor, 0.2, lambda: None)
+            try:
+                replies.append((yield client.execute("PING")))
+            except RedisUnavailable as e:
+                replies.append(e)
+        phases.addSystemEventTrigger("before", "shutdown", stop_service)
+        client = RedisClient(phases, server.address, threads=2)
+        client.start()
+        self.addCleanup(client.stop)
+        sub = client.subscriber(channels=["c"], on_messages=lambda batch: None)
+        sub.start()
+        yield wait_for(lambda: sub.connected)
+        phases.shutdown.fireEvent()
+        yield wait_for(lambda: replies, timeout=5)
+        self.assertEqual(replies, [True])
+        # The client's own safety net ran after the "before" phase was over.
+        yield wait_for(lambda: not client.running, timeout=5)
+        self.assertEqual(phases.shutdown.state, "BASE")
+        self.assertFalse(sub.connected)
+
+
+class BlackHoleTests(unittest.TestCase):
+    """L6: with Redis not answering, stop() (on the reactor thread) is bounded."""
+
+    @defer.inlineCallbacks
+    def test_stop_is_bounded_with_redis_black_holed(self):
+        import socket
+        from fedgate.cluster.redisclient import STOP_JOIN_TIMEOUT
+        hole = socket.socket()
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(64)  # accepts in the kernel's backlog, never answers
+        self.addCleanup(hole.close)
+        port = hole.getsockname()[1]
+        client = RedisClient(reactor, RedisAddress.parse(f"127.0.0.1:{port}"), threads=2,
+                             socket_timeout=4.0)
+        client.start()
+        self.addCleanup(client.stop)
+        waiting = [client.execute("PING") for _ in range(6)]
+        for d in waiting:
+            d.addErrback(lambda f: None)
+        sub = client.subscriber(channels=["c"], on_messages=lambda batch: None)
+        sub.start()
+        yield task.deferLater(reactor, 0.2, lambda: None)  # both threads blocked on the hole
+        started = time.monotonic()
+        client.stop()
+        took = time.monotonic() - started
+        # Unbounded, the pool alone takes 3 jobs x 4 s per thread.
+        self.assertLess(took, STOP_JOIN_TIMEOUT + 0.5)
+        self.assertFalse(client.running)
+        self.assertFalse(sub.connected)
+
+
+class SubscriberRobustnessTests(unittest.TestCase):
+    def setUp(self):
+        self.server = start_redis(self)
+        self.client = RedisClient(reactor, self.server.address, threads=2)
+        self.client.start()
+        self.addCleanup(self.client.stop)
+
+    @defer.inlineCallbacks
+    def test_survives_a_response_error_and_reconnects(self):
+        """M3: NOPERM on SUBSCRIBE (an ACL without channel rights) does not
+        kill the listener; it backs off, and subscribes once allowed."""
+        yield self.client.execute("ACL", "SETUSER", "default", "resetchannels")
+        self.addCleanup(lambda: self.client.execute("ACL", "SETUSER", "default", "allchannels")
+                        if self.server.running else None)
+        events, received = [], []
+        sub = self.client.subscriber(channels=["c"], on_messages=received.extend,
+                                     on_connected=lambda: events.append("up"),
+                                     backoff_initial=0.02, backoff_max=0.1)
+        sub.start()
+        yield wait_for(lambda: sub.reconnects >= 2)
+        self.assertFalse(sub.connected)
+        self.assertEqual(events, [])
+        self.assertTrue(sub._thread.is_alive())
+        yield self.client.execute("ACL", "SETUSER", "default", "allchannels")
+        yield wait_for(lambda: sub.connected)
+        self.assertEqual(events, ["up"])
+        self.assertEqual((yield self.client.execute("PUBLISH", "c", b"x")), 1)
+        yield wait_for(lambda: received == [("c", b"x")])
+
+    @defer.inlineCallbacks
+    def test_batches_are_bounded_in_bytes(self):
+        """M7: messages of 100 KiB with a 256 KiB cap: at most 3 per batch."""
+        batches = []
+        sub = self.client.subscriber(channels=["c"], on_messages=batches.append,
+                                     max_batch_bytes=256 * 1024, max_batches_queued=1)
+        sub.start()
+        yield wait_for(lambda: sub.connected)
+        payload = b"x" * (100 * 1024)
+        yield self.client.pipeline([("PUBLISH", "c", payload)] * 30)
+        yield wait_for(lambda: sum(len(b) for b in batches) == 30)
+        self.assertLessEqual(max(len(b) for b in batches), 3)
+        self.assertGreater(len(batches), 9)
+
+    def test_default_byte_cap_is_documented(self):
+        from fedgate.cluster.redisclient import MAX_BATCH_BYTES, Subscriber
+        self.assertEqual(MAX_BATCH_BYTES, 4 * 1024 * 1024)
+        sub = Subscriber(reactor, self.server.address, on_messages=lambda b: None)
+        self.assertEqual(sub.max_batch_bytes, MAX_BATCH_BYTES)
+
+
+class AddressSecrecyTests(unittest.TestCase):
+    def test_repr_hides_the_password(self):
+        address = RedisAddress.parse("redis.example:6380", password="s3cret-pw")
+        self.assertNotIn("s3cret-pw", repr(address))
+        self.assertEqual(address.password, "s3cret-pw")
+
+    def test_tls_checks_the_hostname(self):
+        """M6: redis-py 4.3.4 does not check the name unless told."""
+        from fedgate.cluster.redisclient import connect_redis
+        r = connect_redis(RedisAddress.parse("redis.example:6380", tls=True), max_connections=1,
+                          socket_timeout=1)
+        self.assertIs(r.connection_pool.connection_kwargs.get("ssl_check_hostname"), True)

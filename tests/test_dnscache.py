@@ -138,3 +138,57 @@ class TapResolverTests(unittest.TestCase):
             yield plain.lookupAddress("h.example")
         self.assertEqual(len(dns.queries), 3)
 
+
+
+class RecordBoundTests(unittest.TestCase):
+    """Finding 4: what one entry holds is bounded, and so is the total,
+    against a zone that answers hundreds of records per name."""
+
+    def setUp(self):
+        self.dns = TestDNSServer(reactor)
+        port = self.dns.start()
+        self.addCleanup(self.dns.stop)
+        self.clock = Clock()
+        self.client = make_client_resolver(reactor, port)
+
+    def asked(self, name: str) -> int:
+        return sum(1 for qname, _ in self.dns.queries if qname.rstrip(".").lower() == name)
+
+    def test_the_documented_defaults(self):
+        from fedgate.dnscache import DEFAULT_MAX_RECORDS, MAX_RECORDS_PER_ENTRY
+        self.assertEqual((MAX_RECORDS_PER_ENTRY, DEFAULT_MAX_RECORDS), (32, 8192))
+        self.assertEqual(CachingResolver(self.client, self.clock).max_records, DEFAULT_MAX_RECORDS)
+
+    @defer.inlineCallbacks
+    def test_an_oversized_answer_is_used_but_not_kept(self):
+        from fedgate.dnscache import MAX_RECORDS_PER_ENTRY
+        for n in range(200):  # a few KB on the wire: over TCP after truncation
+            self.dns.add_a("big.evil.example", f"192.0.2.{n + 1}")
+        for n in range(MAX_RECORDS_PER_ENTRY):
+            self.dns.add_a("fits.evil.example", f"198.51.100.{n + 1}")
+        cache = CachingResolver(self.client, self.clock, 64)
+        answers, _, _ = yield cache.lookupAddress("big.evil.example")
+        self.assertEqual(len(answers), 200, "the caller still gets the whole answer")
+        yield cache.lookupAddress("big.evil.example")
+        self.assertGreaterEqual(self.asked("big.evil.example"), 2, "not kept: asked again")
+        self.assertEqual((len(cache), cache.records, cache.too_large), (0, 0, 2))
+        answers, _, _ = yield cache.lookupAddress("fits.evil.example")
+        yield cache.lookupAddress("fits.evil.example")
+        self.assertEqual(len(cache), 1, "an answer at the bound is kept")
+        self.assertEqual(cache.records, MAX_RECORDS_PER_ENTRY)
+        self.assertEqual(cache.hits, 1)
+
+    @defer.inlineCallbacks
+    def test_the_total_number_of_records_is_bounded(self):
+        for n in range(20):
+            for k in range(10):
+                self.dns.add_a(f"w{n}.evil.example", f"192.0.2.{k + 1}")
+        cache = CachingResolver(self.client, self.clock, max_entries=1000, max_records=50)
+        for n in range(20):
+            yield cache.lookupAddress(f"w{n}.evil.example")
+            self.assertLessEqual(cache.records, 50)
+        self.assertEqual((len(cache), cache.records), (5, 50), "the 5 most recent names")
+        yield cache.lookupAddress("w19.evil.example")
+        yield cache.lookupAddress("w0.evil.example")
+        self.assertEqual((self.asked("w19.evil.example"), self.asked("w0.evil.example")), (1, 2))
+        self.assertEqual(cache.records, sum(e[2] for e in cache._entries.values()))

@@ -126,6 +126,39 @@ class CommandLineTests(unittest.TestCase):
     timeout = 90
 
     @defer.inlineCallbacks
+    def test_export_over_a_world_readable_file_and_a_symlink(self):
+        """L1: an existing 0644 file ends 0600; a symlink at the output path
+        is replaced, its target (here another file) is left untouched."""
+        state = temp_dir(self)
+        config = gateway_config(state, ["gw.example"], {})
+        path = write_config(os.path.join(state, "fedgate.toml"), config)
+        sqlite = SQLiteStorage.in_state_dir(state, reactor)
+        yield sqlite.open()
+        yield fill(sqlite)
+        yield sqlite.close()
+        export = os.path.join(state, "policy.json")
+        with open(export, "w") as f:
+            f.write("old")
+        os.chmod(export, 0o644)
+        done = yield threads.deferToThread(fedgatectl, "--config", str(path), "policy", "export", "-o", export)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(stat.S_IMODE(os.stat(export).st_mode), 0o600)
+        self.assertIn("a-secret-of-16-chars", open(export, encoding="utf-8").read())
+        victim = os.path.join(state, "victim.txt")
+        with open(victim, "w") as f:
+            f.write("untouched")
+        os.chmod(victim, 0o644)
+        link = os.path.join(state, "link.json")
+        os.symlink(victim, link)
+        done = yield threads.deferToThread(fedgatectl, "--config", str(path), "policy", "export", "-o", link)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(open(victim).read(), "untouched")
+        self.assertFalse(os.path.islink(link))
+        self.assertEqual(stat.S_IMODE(os.lstat(link).st_mode), 0o600)
+        self.assertIn("a-secret-of-16-chars", open(link, encoding="utf-8").read())
+        self.assertEqual([n for n in os.listdir(state) if n.startswith(".fedgate-export-")], [])
+
+    @defer.inlineCallbacks
     def test_export_from_sqlite_import_into_a_running_cluster(self):
         redis = start_redis(self)
         _, dns_port = start_dns(self)

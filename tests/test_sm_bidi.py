@@ -146,6 +146,48 @@ class ReceivingEntity(unittest.TestCase):
         self.assertEqual([item.stanza.id for item in destination.queue], ["m0", "m1", "m2"])
         self.assertEqual(self.gw.outcomes(), (0, 0, 0, 3))
 
+    def resume_after_drop(self, previd, h):
+        handler = InboundS2S(self.gw.ctx)
+        peer = MemoryStream(handler, self.gw.clock)
+        peer.feed(server_header(to="gw.example", **{"from": "remote.example"}, version="1.0"))
+        peer.feed("<db:result from='remote.example' to='gw.example'>k</db:result>")
+        self.gw.verifier.calls[-1][1].callback(True)
+        peer.feed(f"<resume xmlns='{sm.NS}' previd='{previd}' h='{h}'/>")
+        return peer
+
+    def assert_too_high(self, peer):
+        self.assertEqual(peer.stream_error(), "undefined-condition")
+        error = [e for e in peer.elements if e.name == "error"][-1]
+        self.assertIn((sm.NS, "handled-count-too-high"), [(c.uri, c.name) for c in error.elements()])
+        self.assertEqual([e.name for e in peer.elements if e.uri == sm.NS], [])
+
+    def test_a_resume_acknowledging_what_was_never_sent_is_too_high_with_nothing_held(self):
+        # XEP-0198 6 holds whether or not the session kept unacknowledged
+        # stanzas: here we never sent anything on the stream at all
+        handler, peer = self.inbound()
+        previd = self.answer["id"]
+        peer.stream.connectionLost(None)
+        self.assertEqual(self.gw.store.held(), 0)
+        self.assert_too_high(self.resume_after_drop(previd, h=7))
+        self.assertEqual(self.gw.outcomes(), (0, 0, 0, 0))
+
+    def test_after_everything_was_acknowledged_a_higher_h_is_too_high(self):
+        handler, peer, previd = self.flood(3)
+        peer.feed(f"<a xmlns='{sm.NS}' h='3'/>")
+        peer.stream.connectionLost(None)
+        self.assertEqual(self.gw.store.held(), 0)
+        self.assert_too_high(self.resume_after_drop(previd, h=4))
+        self.assertEqual(self.gw.outcomes(), (3, 0, 0, 0))
+
+    def test_a_clean_close_counts_what_went_back_to_the_queue_as_sent(self):
+        # requeued at the clean close, not held: an h covering them is not
+        # too high (they were sent), one beyond them is
+        handler, peer, previd = self.flood(3)
+        peer.feed("</stream:stream>")
+        peer.stream.connectionLost(None)
+        self.assertEqual(self.gw.store.held(), 0)
+        self.assert_too_high(self.resume_after_drop(previd, h=4))
+
     def test_shutdown_bounces_what_is_held(self):
         handler, peer, previd = self.flood(2)
         peer.stream.connectionLost(None)
@@ -244,6 +286,55 @@ class InitiatingEntity(unittest.TestCase):
         again.stream.dataReceived(f"<enabled xmlns='{sm.NS}' id='sess2' resume='true'/>".encode())
         self.assertEqual([e["id"] for e in again.take() if e.name == "message"], ["m2", "m3"])
         self.assertEqual(self.gw.outcomes()[:3], (2, 2, 0))
+
+
+class ResumeLoop(InitiatingEntity):
+    """A peer that authenticates, enables bidi and resumable stream
+    management, and then drops every connection (review finding 6): after
+    the first attempt each resumption waits a growing backoff."""
+
+    def attempt_times(self, answer: bool, cycles: int = 200, until: float = 2000.0) -> list[float]:
+        """Play the peer (each connection dropped right after a valid pair,
+        after ``<resumed/>`` if ``answer``) for ``until`` seconds or
+        ``cycles`` connections; when each was made."""
+        self.gw.send(0)
+        peer = self.open()
+        peer.stream.dataReceived(f"<enabled xmlns='{sm.NS}' id='sess' resume='true'/>".encode())
+        peer.stream.dataReceived(f"<a xmlns='{sm.NS}' h='1'/>".encode())  # m0 delivered
+        peer.stream.dataReceived(b"<message from='v@remote.example' to='u@gw.example' id='r0'/>")
+        peer.stream.connectionLost(None)
+        times, seen = [], 1
+        while len(times) < cycles and self.gw.clock.seconds() < until:
+            if len(self.gw.connector.attempts) > seen:
+                seen = len(self.gw.connector.attempts)
+                times.append(self.gw.clock.seconds())
+                again = self.open()
+                [resume] = self.sm_out(again)
+                self.assertEqual((resume.name, resume["previd"]), ("resume", "sess"))
+                if answer:
+                    again.stream.dataReceived(f"<resumed xmlns='{sm.NS}' previd='sess' h='1'/>".encode())
+                again.stream.connectionLost(None)
+            else:
+                self.gw.clock.advance(0.25)
+        return times
+
+    def assert_backs_off(self, times):
+        # backoff_initial 2 s doubling (jitter 0.5..1) until a gap outlives
+        # the session (resume_timeout 60 s): then there is nothing to resume
+        gaps = [b - a for a, b in zip(times, times[1:])]
+        self.assertEqual(times[0], 0.0, "the first drop: at once")
+        self.assertTrue(3 <= len(times) <= 9, times)
+        self.assertTrue(all(gap >= 1.0 for gap in gaps), gaps)
+        self.assertGreater(gaps[-1], 4 * gaps[0], f"growing: {gaps}")
+        destination = self.gw.sender.destinations.get("remote.example")
+        self.assertIn(destination and destination.state, (None, "idle"), "no more attempts")
+        self.assertEqual(self.gw.outcomes(), (1, 0, 0, 0))
+
+    def test_a_peer_dropping_every_resumed_stream_costs_a_growing_backoff(self):
+        self.assert_backs_off(self.attempt_times(answer=True))
+
+    def test_a_peer_dropping_before_answering_the_resume_costs_a_growing_backoff(self):
+        self.assert_backs_off(self.attempt_times(answer=False))
 
 
 class SaslOnBidi(unittest.TestCase):

@@ -14,6 +14,7 @@ end-to-end proof is tests/test_chaos.py):
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 from twisted.internet.task import Clock
@@ -150,6 +151,68 @@ class Initiating(unittest.TestCase):
         self.assertGreaterEqual(self.clock.seconds(), self.settings.max_wait)
         self.assertEqual(len(self.destination.queue), 0)
 
+    def play(self, cycle, until: float) -> list[float]:
+        """Each new connection goes to ``cycle(peer)`` (the peer got as far
+        as a valid pair); the clock runs on in quarter seconds until
+        ``until``; when each connection was made."""
+        times, seen = [], 0
+        while self.clock.seconds() < until and len(times) < 500:
+            if len(self.connector.attempts) > seen:
+                seen = len(self.connector.attempts)
+                times.append(self.clock.seconds())
+                cycle(self.connect())
+            else:
+                self.clock.advance(0.25)
+        return times
+
+    def test_a_peer_that_authenticates_and_drops_before_enabled_costs_a_growing_backoff(self):
+        # review finding 6: a valid pair no longer resets the count of
+        # losses, so "reconnect at once" is for the first loss only
+        self.send(0)
+        times = self.play(lambda peer: peer.stream.connectionLost(None), until=50.0)
+        self.assertEqual(times[:2], [0.0, 0.0], "the first loss: a new connection at once")
+        gaps = [b - a for a, b in zip(times[1:], times[2:])]
+        self.assertTrue(all(gap >= 1.0 for gap in gaps), gaps)
+        self.assertLessEqual(len(times), 7, times)
+        self.assertGreater(gaps[-1], 4 * gaps[0], f"growing: {gaps}")
+        self.assertEqual((self.sender.bounced, [i.stanza.id for i in self.destination.queue]), (0, ["m0"]))
+
+    def test_a_delivery_resets_the_count_of_losses(self):
+        self.send(0)
+        first = self.connect()
+        first.stream.connectionLost(None)
+        second = self.connect()
+        second.stream.connectionLost(None)  # the second loss in a row: backoff
+        self.assertEqual(self.destination.state, BACKOFF)
+        self.clock.advance(self.settings.backoff_initial)
+        third = self.connect()
+        third.stream.dataReceived(f"<enabled xmlns='{sm.NS}' id='s3'/>".encode())
+        self.assertEqual(self.ids(third), ["m0"])
+        third.stream.dataReceived(f"<a xmlns='{sm.NS}' h='1'/>".encode())  # delivered
+        self.send(1)
+        third.stream.connectionLost(None)
+        self.assertEqual((self.destination.state, len(self.connector.attempts)), (CONNECTING, 4),
+                         "the first loss since a delivery: at once")
+
+    def test_requeued_stanzas_keep_their_age_and_bounce_past_max_wait(self):
+        # review finding 6: each stream takes m0 and dies before acking it;
+        # requeued, m0 keeps when it was first queued, so max_wait (60 s)
+        # still bounces it (backoff_max 5 s: a stream every few seconds)
+        self.sender.settings = dataclasses.replace(self.settings, backoff_max=5.0)
+        self.send(0)
+        self.clock.advance(10.0)
+
+        def cycle(peer):
+            peer.stream.dataReceived(f"<enabled xmlns='{sm.NS}' id='s'/>".encode())
+            peer.stream.connectionLost(None)
+
+        times = self.play(cycle, until=200.0)
+        self.assertGreater(len(times), 12, times)
+        self.assertEqual(self.sender.bounced, 1)
+        self.assertEqual([t for t in times if t > 75.0], [], "bounced by then: no more streams")
+        self.assertEqual(self.sender.outcomes()["in_flight"], 0)
+        self.assertEqual(len(self.destination.queue), 0)
+
     def test_without_stream_management_the_old_path_bounces(self):
         self.sender.ctx.sm.settings = sm.SMSettings(enabled=False)
         self.send(0)
@@ -166,6 +229,8 @@ class Initiating(unittest.TestCase):
         [resume] = self.sm_out(second)
         self.assertEqual((resume.name, resume["previd"]), ("resume", "sess"))
         second.stream.connectionLost(None)  # before <resumed/>
+        self.assertEqual(self.destination.state, BACKOFF, "lost again: not at once")
+        self.clock.advance(self.settings.backoff_initial)
         third = self.connect()
         [resume] = self.sm_out(third)
         self.assertEqual((resume.name, resume["previd"]), ("resume", "sess"), "asked again")

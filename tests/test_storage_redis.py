@@ -52,6 +52,48 @@ class RedisStorageTests(unittest.TestCase):
         other_cluster = yield threads.deferToThread(shared_dialback_secret, self.redis.address, "other")
         self.assertNotEqual(other_cluster, one)
 
+    def test_a_missing_dialback_secret_is_an_error_not_none(self):
+        from fedgate.storage.redis import _secret
+        for value in (None, b""):
+            with self.assertRaises(StorageError):
+                _secret(value)
+        self.assertEqual(_secret(b"ab12"), "ab12")
+
+    @defer.inlineCallbacks
+    def test_dialback_secret_kept_after_reconnect_and_a_different_one_warned(self):
+        """L2: after a Redis restart the node writes its secret back (SET
+        NX); if Redis holds another, it says so."""
+        from twisted.logger import globalLogPublisher
+        storage = yield self.store(node_id="one")
+        secret = yield storage.dialback_secret()
+        storage.dialback_secret_in_use = secret
+        warnings = []
+
+        def observe(event):
+            if "another dialback secret" in (event.get("log_format") or ""):
+                warnings.append(event)
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        resyncs = []
+        sub = storage.watch(lambda *a: None, lambda: resyncs.append(1))
+        self.addCleanup(sub.stop)
+        yield wait_for(lambda: resyncs)
+        key = storage.key("dialback-secret")
+        yield storage.client.execute("DEL", key)  # as a restart without persistence leaves it
+        yield storage.client.execute("CLIENT", "KILL", "TYPE", "pubsub")
+        yield wait_for(lambda: len(resyncs) >= 2)
+        from twisted.internet import task
+        for _ in range(100):  # the SET NX went out just before the resync
+            if (yield storage.client.execute("GET", key)) is not None:
+                break
+            yield task.deferLater(reactor, 0.02, lambda: None)
+        self.assertEqual((yield storage.client.execute("GET", key)), secret.encode())
+        self.assertEqual(warnings, [])
+        yield storage.client.execute("SET", key, "someone-elses")
+        yield storage.client.execute("CLIENT", "KILL", "TYPE", "pubsub")
+        yield wait_for(lambda: warnings)
+        self.assertEqual((yield storage.client.execute("GET", key)), b"someone-elses")
+
     @defer.inlineCallbacks
     def test_key_prefixes_keep_clusters_apart(self):
         first = yield self.store(key_prefix="first")

@@ -65,6 +65,30 @@ class VerifierTests(unittest.TestCase):
         self.assertEqual(self.finished, [True], "the verification counts no more once answered")
         self.assertFalse(peer.disconnecting, "the connection stays for the next verification")
 
+    def assert_junk_ends_the_pooled_connection(self, junk: bytes):
+        """A peer sending anything but db:verify on a verification
+        connection gets unsupported-stanza-type, and the connection leaves
+        the pool instead of idling there.  Before the fix the element was
+        ignored and the connection stayed open."""
+        peer = self.start()
+        self.answer(peer, "valid")
+        peer.stream.dataReceived(junk)
+        peer.read()
+        self.assertEqual(peer.stream_error(), "unsupported-stanza-type")
+        self.assertTrue(peer.disconnecting)
+        self.ask(stream_id="SID2")
+        self.assertEqual(len(self.connector.attempts), 2, "not kept for the next verification")
+
+    def test_a_stanza_ends_the_pooled_connection(self):
+        self.assert_junk_ends_the_pooled_connection(
+            b"<message from='remote.example' to='gw.example'><body>x</body></message>")
+
+    def test_a_nested_stream_header_ends_the_pooled_connection(self):
+        # A child element named like the stream header swallows the peer's
+        # own </stream:stream> (found by the fuzzer, seed 3612010363).
+        self.assert_junk_ends_the_pooled_connection(
+            b"<stream:stream to='gw.example' from='gw.example' version='1.0'></stream:stream>")
+
     def test_invalid(self):
         self.answer(self.start(), "invalid")
         self.assertEqual(self.results, [False])
@@ -397,7 +421,9 @@ class HostileValuesTests(unittest.TestCase):
         ctx = make_context(clock, local_domains={"gw.example"}, secret="s")
         verifier = DialbackVerifier(connector, clock, lambda handler: XmppStream(handler, clock),
                                     timeout=30, ctx=ctx)
-        verifier.verify("gw.example", "remote.example", self.HOSTILE_ID, self.HOSTILE_KEY)
+        # (A key with markup is refused before any <db:verify>: test_dialback_keys;
+        # the escaping of keys is checked on verify_request below.)
+        verifier.verify("gw.example", "remote.example", self.HOSTILE_ID, "KEY")
         _, factory, connecting = connector.attempts[-1]
         peer = MemoryStream(None, clock, stream=factory(None))
         connecting.callback(peer.stream)
@@ -407,7 +433,7 @@ class HostileValuesTests(unittest.TestCase):
         self.assertEqual(len(elements), 1, "one element, not an injected second one")
         [request] = elements
         self.assertEqual((request.name, request["id"], str(request)),
-                         ("verify", self.HOSTILE_ID, self.HOSTILE_KEY))
+                         ("verify", self.HOSTILE_ID, "KEY"))
         self.assertEqual(set(request.attributes), {"from", "to", "id"})
 
     def test_result_request_escapes(self):
@@ -430,3 +456,175 @@ class HostileValuesTests(unittest.TestCase):
                              ("a'<>&\"", "b'<>&\"", self.HOSTILE_KEY))
             self.assertEqual([c for c in element.children if not isinstance(c, str)], [])
 
+
+
+class PoolLeakTests(unittest.TestCase):
+    """Finding 2: a connect attempt that fails at once leaves no pool entry."""
+
+    def test_a_thousand_failing_verifications_leave_the_pool_empty(self):
+        from twisted.internet.testing import MemoryReactorClock
+        from fedgate.s2s.connect import DomainConnector
+        clock = Clock()
+        # The real connector: an IP-literal domain is refused before any
+        # DNS lookup, synchronously.
+        connector = DomainConnector(MemoryReactorClock(), resolver=None)
+        ctx = make_context(clock, local_domains={"gw.example"}, secret="s")
+        verifier = DialbackVerifier(connector, clock, lambda handler: XmppStream(handler, clock),
+                                    timeout=30, ctx=ctx, pipeline=3, max_idle=2)
+        results, finished = [], []
+        for n in range(1000):
+            d = verifier.verify("gw.example", f"10.0.{n // 256}.{n % 256}", f"SID{n}", "KEY",
+                                finished=lambda: finished.append(True))
+            d.addBoth(results.append)
+        self.assertEqual(len(results), 1000)
+        self.assertTrue(all(isinstance(r.value, DialbackError) for r in results))
+        self.assertEqual(len(finished), 1000)
+        self.assertEqual(verifier.connections_opened, 1000)
+        self.assertEqual(verifier.pool, {}, "no entry, empty or not, per failed attempt")
+        self.assertEqual(verifier.idle_count(), 0)
+
+
+class CancelledCountTests(unittest.TestCase):
+    """Finding 7: a cancelled request counts until its connection is gone."""
+
+    IDLE = VerifierTests.IDLE
+    setUp, ask, connect, answer = (VerifierTests.setUp, VerifierTests.ask, VerifierTests.connect,
+                                   VerifierTests.answer)
+
+    def test_cancelled_request_counts_until_the_connection_is_gone(self):
+        d0, finished0 = self.ask(stream_id="S0")
+        d1, finished1 = self.ask(stream_id="S1")
+        peer = self.connect()
+        self.assertEqual([r["id"] for r in peer.read()], ["S0", "S1"])
+        d0.cancel()
+        self.assertEqual(finished0, [], "sent and on a connection still in use: still counted")
+        self.assertFalse(peer.disconnecting, "S1 still needs the connection")
+        self.answer(peer, "valid", stream_id="S1")
+        self.assertEqual(finished1, [True])
+        self.assertTrue(peer.disconnecting, "only a cancelled request left: closed")
+        self.assertEqual(finished0, [], "counted until the connection is gone")
+        peer.stream.connectionLost(None)
+        self.assertEqual(finished0, [True])
+        self.clock.advance(100)
+        self.assertEqual((finished0, finished1), ([True], [True]), "once only")
+
+    def test_cancelled_request_answered_late_counts_no_more(self):
+        d0, finished0 = self.ask(stream_id="S0")
+        self.ask(stream_id="S1")
+        peer = self.connect()
+        peer.read()
+        d0.cancel()
+        self.assertEqual(finished0, [])
+        self.answer(peer, "valid", stream_id="S0")  # its answer: its place is free
+        self.assertEqual(finished0, [True])
+        self.assertFalse(peer.disconnecting, "S1 still needs the connection")
+
+
+class PooledPolicyTests(unittest.TestCase):
+    """Finding 5: pooled verification connections follow peer policy
+    changes and live at most MAX_LIFETIME seconds however busy."""
+
+    IDLE = VerifierTests.IDLE
+    setUp, ask, connect, answer = (VerifierTests.setUp, VerifierTests.ask, VerifierTests.connect,
+                                   VerifierTests.answer)
+
+    def first(self):
+        self.ask(stream_id="S0")
+        peer = self.connect()
+        peer.read()
+        self.answer(peer, "valid", stream_id="S0")
+        self.assertFalse(peer.disconnecting)
+        self.assertEqual(self.verifier.idle_count(), 1)
+        return peer
+
+    def test_a_policy_change_retires_the_idle_connection(self):
+        from fedgate.policy import PeerPolicy
+        peer = self.first()
+        self.verifier.ctx.policy.set_peer(PeerPolicy("remote.example", encryption="required"))
+        self.ask(stream_id="S1")
+        self.assertEqual(len(self.connector.attempts), 2, "a new connection on the new terms")
+        self.assertTrue(peer.disconnecting, "the old one is closed")
+        self.assertEqual(self.verifier.idle_count(), 0)
+
+    def test_another_domains_policy_change_keeps_it(self):
+        from fedgate.policy import PeerPolicy
+        peer = self.first()
+        self.verifier.ctx.policy.set_peer(PeerPolicy("other.example", encryption="required"))
+        self.ask(stream_id="S1")
+        self.assertEqual(len(self.connector.attempts), 1)
+        self.assertFalse(peer.disconnecting)
+
+    def test_a_busy_connection_finishes_and_closes_after_a_policy_change(self):
+        from fedgate.policy import PeerPolicy
+        self.ask(stream_id="S0")
+        peer = self.connect()
+        peer.read()
+        self.verifier.ctx.policy.set_peer(PeerPolicy("remote.example", encryption="required"))
+        self.ask(stream_id="S1")
+        self.assertEqual(len(self.connector.attempts), 2)
+        self.assertFalse(peer.disconnecting, "S0 is still answered there")
+        self.answer(peer, "valid", stream_id="S0")
+        self.assertEqual(self.results, [True])
+        self.assertTrue(peer.disconnecting, "then it closes instead of waiting idle")
+
+    def test_lifetime_is_capped_however_busy(self):
+        from fedgate.s2s.verifier import MAX_LIFETIME
+        self.assertEqual(MAX_LIFETIME, 600.0)
+        peer = self.first()
+        n = 1
+        while self.clock.seconds() + 10 < MAX_LIFETIME:
+            self.clock.advance(10)  # well inside the idle timeout: it never idles out
+            self.ask(stream_id=f"S{n}")
+            self.assertEqual(len(self.connector.attempts), 1, f"reused at {self.clock.seconds()}")
+            self.answer(peer, "valid", stream_id=f"S{n}")
+            n += 1
+        self.assertFalse(peer.disconnecting)
+        self.clock.advance(10)
+        self.ask(stream_id="LAST")
+        self.assertEqual(len(self.connector.attempts), 2, "past its lifetime: a new connection")
+        self.assertTrue(peer.disconnecting)
+
+
+class PooledPolicyNoteTests(unittest.TestCase):
+    IDLE = VerifierTests.IDLE
+    setUp, ask, connect, answer = (VerifierTests.setUp, VerifierTests.ask, VerifierTests.connect,
+                                   VerifierTests.answer)
+    first = PooledPolicyTests.first
+
+    def test_a_note_or_rate_limit_change_keeps_it(self):
+        from dataclasses import replace
+        peer = self.first()
+        policy = self.verifier.ctx.policy
+        policy.set_peer(replace(policy.for_peer("remote.example"), note="watch them", rate_limit=5.0))
+        self.ask(stream_id="S1")
+        self.assertEqual(len(self.connector.attempts), 1)
+        self.assertFalse(peer.disconnecting)
+
+
+class PooledPolicyManyTests(unittest.TestCase):
+    IDLE = VerifierTests.IDLE
+    setUp, ask, connect, answer = (VerifierTests.setUp, VerifierTests.ask, VerifierTests.connect,
+                                   VerifierTests.answer)
+
+    def test_every_idle_connection_of_the_domain_is_retired(self):
+        from fedgate.policy import PeerPolicy
+        for n in range(4):  # pipeline 3: two connections
+            self.ask(stream_id=f"S{n}")
+        peers = [self.connect(0), self.connect(1)]
+        for peer in peers:
+            for request in peer.read():
+                self.answer(peer, "valid", stream_id=request["id"])
+        self.assertEqual(self.results, [True] * 4)
+        self.assertEqual(self.verifier.idle_count(), 2)
+        self.verifier.ctx.policy.set_peer(PeerPolicy("remote.example", encryption="required"))
+        self.ask(stream_id="NEW")
+        self.assertEqual(len(self.connector.attempts), 3)
+        self.assertEqual([p.disconnecting for p in peers], [True, True])
+        self.assertEqual(self.verifier.idle_count(), 0)
+
+    def test_switching_to_an_allowlist_retires_it(self):
+        peer = PooledPolicyTests.first(self)
+        policy = self.verifier.ctx.policy
+        policy.set_default(policy.default, mode="allowlist")
+        self.ask(stream_id="S1")
+        self.assertTrue(peer.disconnecting)

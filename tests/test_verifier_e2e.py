@@ -113,3 +113,50 @@ class OutboundStreamVerificationTests(Case):
         self.assertEqual(answers, ["valid"] * 5)
         self.assertEqual(self.gateway.verifier.connections_opened, 0, "no verification connection")
         self.assertEqual(self.connections_into_b(), before, "b.example accepted no further connection")
+
+
+class PolicyChangeTests(Case):
+    """Review finding 5: a pooled verification connection follows a change
+    of the peer policy for its domain."""
+
+    @defer.inlineCallbacks
+    def test_a_policy_change_retires_the_pooled_connection(self):
+        from fedgate.policy import PeerPolicy
+        first = yield self.dialback()
+        self.assertEqual(first, "valid")
+        self.assertEqual(self.gateway.verifier.connections_opened, 1)
+        yield self.dialback()
+        self.assertEqual(self.gateway.verifier.connections_opened, 1, "reused while the policy holds")
+        self.assertEqual(self.gateway.verifier.idle_count(), 1)
+        # The operator tightens the terms for b.example (what the admin API does).
+        self.gateway.policy.set_peer(PeerPolicy(B, encryption="optional", max_stanza_bytes=128 * 1024))
+        answer = yield self.dialback()
+        self.assertEqual(answer, "valid")
+        self.assertEqual(self.gateway.verifier.connections_opened, 2, "a new connection on the new terms")
+        yield wait_until(lambda: self.connections_into_b() == 2 and len(self.removed) >= 1,
+                         "the old verification connection closed", timeout=10)
+        self.assertEqual(self.gateway.verifier.idle_count(), 1)
+
+
+class PoolLeakE2ETests(Case):
+    """Review finding 2 over loopback: dialback requests claiming IP-literal
+    domains (refused at once by the connector) leave no pool entries."""
+
+    @defer.inlineCallbacks
+    def test_ip_literal_claims_leave_the_pool_empty(self):
+        peer = RawPeer()
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.gateway.port_of("s2s")), peer)
+        self.addCleanup(lambda: peer.transport.abortConnection() if not peer.lost.called else None)
+        peer.transport.write(s2s_header("10.0.0.1", GW))
+        yield wait_until(lambda: b"</stream:features>" in peer.data, "features")
+        count = 300
+        peer.transport.write("".join(f"<db:result from='10.0.{n // 256}.{n % 256}' to='{GW}'>key</db:result>"
+                                     for n in range(count)).encode())
+        yield wait_until(lambda: len(results(bytes(peer.data))) == count, "every answer", timeout=30)
+        answers = results(bytes(peer.data))
+        self.assertEqual({a["type"] for a in answers}, {"error"})
+        self.assertFalse(peer.lost.called)
+        verifier = self.gateway.verifier
+        self.assertEqual(verifier.connections_opened, count)
+        self.assertEqual(verifier.pool, {}, "no entry per failed attempt")
+        self.assertEqual(self.gateway.ctx.budget.in_use, 0)

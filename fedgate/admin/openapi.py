@@ -128,7 +128,9 @@ SCHEMAS = {
                     "items": _obj(["id", "direction", "remote", "bidi", "pairs"], {
                         "id": {"type": "integer"}, "direction": {"enum": ["inbound", "outbound"]},
                         "remote": NULLABLE_STR, "bidi": {"type": "boolean"},
-                        "pairs": {"type": "array", "description": "valid (local, remote) pairs",
+                        "pair_count": {"type": "integer", "description": "valid pairs in all"},
+                        "pairs": {"type": "array",
+                                  "description": "valid (local, remote) pairs (at most 4)",
                                   "items": {"type": "array", "items": {"type": "string"}}}})},
         "streams_total": {"type": "integer"},
         "destinations": {"type": "array", "description": "the node's senders (at most 1000)",

@@ -151,9 +151,10 @@ class InFlightTable:
         self.bytes = 0
         return entries
 
-    def expire(self) -> list[InFlight]:
-        """The entries older than ``timeout``, oldest first, removed."""
-        deadline = self.clock() - self.timeout
+    def expire(self, sent_by: float | None = None) -> list[InFlight]:
+        """The entries older than ``timeout`` (sent at ``sent_by`` or
+        before, when given), oldest first, removed."""
+        deadline = self.clock() - self.timeout if sent_by is None else sent_by
         out = []
         while self._waiting:
             seq, entry = next(iter(self._waiting.items()))

@@ -52,6 +52,25 @@ LIVENESS_CHECK = 0.5
 LEASE_MARGIN = 0.5
 
 
+#: renew KEYS[1] (the liveness key) with ARGV[1] (this run's instance) for
+#: ARGV[2] ms unless another run holds it: nil, or the other instance
+CLAIM_SCRIPT = """
+local held = redis.call('GET', KEYS[1])
+if held and held ~= ARGV[1] then return held end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return false
+"""
+#: a clean leave: remove the liveness key and the hash and announce
+#: ``down``, only if the liveness key is this run's (ARGV[1]) or gone
+LEAVE_SCRIPT = """
+local held = redis.call('GET', KEYS[1])
+if held and held ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('PUBLISH', KEYS[3], ARGV[2])
+return 1
+"""
+
+
 def entry_field(kind: str, key: tuple[str, ...]) -> str:
     return "|".join((kind,) + tuple(key))
 
@@ -174,6 +193,9 @@ class Membership:
         #: what the other nodes were last told this node holds
         self.announced: set = set()
         self.alive_nodes: set[str] = set()
+        #: nodes a PUBLISH found without a subscriber whose lease has not
+        #: been seen expired yet (see :meth:`suspect`)
+        self.suspects: set[str] = set()
         #: when the Redis subscription last came (back) up, None while it
         #: is down; a missing lease key is evidence of a dead node only a
         #: lease after that (a Redis restarted without persistence has lost
@@ -190,6 +212,14 @@ class Membership:
         #: of it): the node was hung or cut off long enough that the others
         #: may take it for dead
         self.on_lapse: Callable[[], None] = lambda: None
+        #: called with the other instance when another running fedgate
+        #: holds this node's id (see :meth:`beat`)
+        self.on_collision: Callable[[str], None] = lambda other: None
+        self.collided = False
+        self._claim_failing_since: float | None = None
+        #: called (no arguments) when another node announced this one
+        #: ``down``; by default it rejoins
+        self.on_declared_dead: Callable[[], None] = self.rejoin
         self._timers: list = []
         self._announcing = False
         self._again = False
@@ -226,9 +256,11 @@ class Membership:
         """Remove this node's lease and entries and tell the others (a clean stop)."""
         self.stop()
         self.lease_until = 0.0
-        return self.client.pipeline([
-            ("DEL", self.key("alive", self.node_id)), ("DEL", self.key("owns", self.node_id)),
-            ("PUBLISH", self.owners_channel, f"down {self.node_id}")], transaction=True)
+        if self.collided:
+            return defer.succeed(0)  # the id is another run's
+        return self.client.execute("EVAL", LEAVE_SCRIPT, 3, self.key("alive", self.node_id),
+                                   self.key("owns", self.node_id), self.owners_channel,
+                                   self.instance, f"down {self.node_id}")
 
     def _schedule(self, what: str, delay: float) -> None:
         self._timers = [t for t in self._timers if t.active()]
@@ -270,11 +302,24 @@ class Membership:
         started = self.reactor.seconds()
         if self.lease_until and not self.lease_valid():
             self.on_lapse()
-        entries = self.local_entries()
         lease_ms = int(self.lease * 1000)
+        # The liveness key holds this run's instance: renewed only if it is
+        # ours (or gone), so two nodes given one node_id are found out.
+        try:
+            holder = yield self.client.execute("EVAL", CLAIM_SCRIPT, 1,
+                                               self.key("alive", self.node_id), self.instance,
+                                               lease_ms)
+        except Exception as e:
+            self.failures += 1
+            log.debug("Cluster heartbeat failed: {error}", error=str(e))
+            raise
+        if holder:
+            self._claim_failed(holder.decode() if isinstance(holder, bytes) else str(holder))
+            return
+        self._claim_failing_since = None
+        entries = self.local_entries()
         owns = self.key("owns", self.node_id)
-        commands = [("SET", self.key("alive", self.node_id), self.instance, "PX", lease_ms),
-                    ("DEL", owns)]
+        commands = [("DEL", owns)]
         if entries:
             flat = []
             for kind, key in entries:
@@ -293,6 +338,23 @@ class Membership:
         self.lease_until = max(self.lease_until, started + self.lease)
         self.announced = set(entries)
         yield self.reload()
+
+    def _claim_failed(self, other: str) -> None:
+        """Another instance holds this node's liveness key.  Before this run
+        ever held it, that may be the previous run of this node (killed,
+        its lease not yet run out): wait a lease and a heartbeat for it to
+        expire.  Past that, or once this run had held it, another running
+        fedgate has this node_id."""
+        now = self.reactor.seconds()
+        if self._claim_failing_since is None:
+            self._claim_failing_since = now
+        if self.heartbeats == 0 and now - self._claim_failing_since < self.lease + self.heartbeat_interval:
+            log.info("Cluster: node id {node} is still held by instance {other} (an earlier run?); "
+                     "waiting for its lease to run out", node=self.node_id, other=other)
+            return
+        self.collided = True
+        self.stop()
+        self.on_collision(other)
 
     def changed(self) -> defer.Deferred | None:
         """Compare the local entries with what was announced; write and
@@ -356,6 +418,7 @@ class Membership:
                     self._drop(node)
                 continue
             alive.add(node)
+            self.suspects.discard(node)
             entries = []
             for raw in replies[2 * i + 1]:
                 parsed = parse_field(raw.decode() if isinstance(raw, bytes) else raw)
@@ -379,12 +442,12 @@ class Membership:
     def check_alive(self):
         """Drop the nodes whose lease ran out (hung, or cut off from Redis)
         between two heartbeats: one EXISTS per known node, in one pipeline."""
-        nodes = sorted(self.cache.nodes)
+        nodes = sorted(set(self.cache.nodes) | self.suspects)
         if not nodes or not self._absence_is_evidence():
             return
         replies = yield self.client.pipeline([("EXISTS", self.key("alive", n)) for n in nodes])
         for node, alive in zip(nodes, replies):
-            if not alive and node in self.cache.nodes:
+            if not alive and (node in self.cache.nodes or node in self.suspects):
                 log.warn("Cluster: node {node}'s lease ran out", node=node)
                 self._drop(node)
 
@@ -392,6 +455,7 @@ class Membership:
         """Forget ``node``'s entries and tell the listener; whether it was known."""
         known = self.cache.drop_node(node)
         self.alive_nodes.discard(node)
+        self.suspects.discard(node)
         self.on_gone(node)
         return known
 
@@ -408,8 +472,11 @@ class Membership:
                     self._drop(parts[1])
                 elif not self._stopped:
                     # Another node took us for dead (our subscriber was
-                    # away): rewrite our entries now and have them re-read.
-                    self.reactor.callLater(0, self.rejoin)
+                    # away, or an older fedgate): its senders may bounce
+                    # what they sent us, so take nothing more until we
+                    # have rejoined (the lapse path: rewrite our entries,
+                    # have them re-read, refuse what comes before).
+                    self.reactor.callLater(0, self.on_declared_dead)
             elif len(parts) == 2 and parts[0] == "sync" and parts[1] != self.node_id:
                 self.reload().addErrback(lambda f: None)
             elif len(parts) == 3 and parts[0] in "+-" and parts[1] != self.node_id:
@@ -422,21 +489,24 @@ class Membership:
                 else:
                     self.cache.remove(parts[1], *parsed)
 
-    def node_gone(self, node: str) -> None:
-        """``node`` is dead (a PUBLISH to it reached nobody): forget its
-        entries here, remove them from Redis and tell the others.  If it was
-        only away (its subscriber reconnecting), its next heartbeat puts
-        them back."""
+    def suspect(self, node: str) -> None:
+        """A PUBLISH to ``node`` reached nobody: it is dead (kill -9) or
+        only reconnecting its subscriber (Redis cut it off as a lagging
+        subscriber, or a network blip).  Its entries leave this node's
+        cache at once, so nothing more is routed to it; but its liveness
+        key stays, it is not announced ``down``, and what it was sent and
+        got is not bounced here: a live node still acknowledges that.  The
+        lease decides: :meth:`check_alive` looks at its liveness key every
+        :attr:`liveness_interval` and drops it (:attr:`on_gone`) once the
+        key has expired; while the key lives, the next reload puts its
+        entries back."""
         if node == self.node_id:
             return
-        known = self._drop(node)
-        if known:
-            log.warn("Cluster: node {node} is gone (a message to it reached no subscriber)",
-                     node=node)
-            self.client.pipeline([
-                ("DEL", self.key("alive", node)), ("DEL", self.key("owns", node)),
-                ("PUBLISH", self.owners_channel, f"down {node}")],
-                transaction=True).addErrback(lambda f: None)
+        self.suspects.add(node)
+        if self.cache.drop_node(node):
+            self.alive_nodes.discard(node)
+            log.warn("Cluster: a message to node {node} reached no subscriber; routing around "
+                     "it until its lease shows whether it is alive", node=node)
 
     # -- the cluster view ------------------------------------------------------------------
     @defer.inlineCallbacks

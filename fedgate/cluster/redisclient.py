@@ -32,15 +32,22 @@ Three parts:
   owner reloads its state in full there, and nothing published after the
   resubscription can be missed.
 
-Everything is stopped, and every thread joined, before the reactor shuts
-down (a "before shutdown" trigger added by :meth:`RedisClient.start`).
+Whoever starts a client stops it (the gateway stops its clients last, after
+it has left the cluster).  As a safety net :meth:`RedisClient.start` also adds
+a "during shutdown" trigger: never "before", because Twisted fires all
+"before" triggers at once without waiting for one another's Deferreds, and the
+gateway's own stopService (itself a "before" trigger) still needs Redis while
+it flushes, waits for acks and leaves the cluster.  Stopping waits for the
+threads at most :data:`STOP_JOIN_TIMEOUT` seconds, so a black-holed Redis
+cannot freeze the reactor.
 """
 
 from __future__ import annotations
 
 import random
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 from twisted.internet import defer
@@ -53,6 +60,20 @@ log = Logger(namespace="fedgate.cluster.redis")
 #: What the operator is told when redis-py is not installed.
 MISSING_CLIENT = ("cluster mode needs the Redis client library redis-py: install the Debian "
                   "package python3-redis (or the pip package redis)")
+
+
+#: How long :meth:`RedisClient.stop` / :meth:`Subscriber.stop` wait for their
+#: threads (on the reactor thread) before leaving them behind: they are daemon
+#: threads, every socket they use has ``socket_timeout``, and with Redis
+#: black-holed each queued command would otherwise hold the reactor that long.
+STOP_JOIN_TIMEOUT = 1.0
+
+#: The most bytes of messages a :class:`Subscriber` hands to the reactor in
+#: one batch (a batch ends with the message that reaches it, so a batch
+#: holds at most this plus one message).  With ``max_batches_queued`` batches waiting
+#: at most, the listener holds about ``max_batches_queued`` x this (default
+#: 8 x 4 MiB) before it stops reading and Redis holds the rest.
+MAX_BATCH_BYTES = 4 * 1024 * 1024
 
 
 class RedisClientMissing(Exception):
@@ -89,7 +110,7 @@ class RedisAddress:
     host: str | None = None
     port: int = 6379
     path: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
     tls: bool = False
     tls_ca_file: str | None = None
 
@@ -152,7 +173,9 @@ def connect_redis(address: RedisAddress, *, max_connections: int, socket_timeout
         connection_class = redis.SSLConnection if address.tls else redis.Connection
         kwargs.update(host=address.host, port=address.port, socket_connect_timeout=socket_timeout)
         if address.tls:
-            kwargs.update(ssl_cert_reqs="required", ssl_ca_certs=address.tls_ca_file)
+            # redis-py 4.3.4 (bookworm) does not check the name by default
+            kwargs.update(ssl_cert_reqs="required", ssl_ca_certs=address.tls_ca_file,
+                          ssl_check_hostname=True)
     pool = redis.BlockingConnectionPool(max_connections=max_connections, timeout=socket_timeout,
                                         connection_class=connection_class, **kwargs)
     return redis.Redis(connection_pool=pool)
@@ -198,15 +221,27 @@ class RedisClient:
                                     socket_timeout=self.socket_timeout)
         self._pool = ThreadPool(0, self.threads, name=self.name)
         self._pool.start()
-        self._trigger = self.reactor.addSystemEventTrigger("before", "shutdown", self.stop)
+        # "during", not "before": see the module docstring
+        self._trigger = self.reactor.addSystemEventTrigger("during", "shutdown", self.stop)
 
-    def stop(self) -> None:
-        """Stop every subscriber and the pool, joining their threads."""
+    def stop(self, join_timeout: float = STOP_JOIN_TIMEOUT) -> None:
+        """Stop every subscriber and the pool, joining their threads for at
+        most ``join_timeout`` seconds in all (the rest are daemon threads
+        that end by themselves once their socket times out)."""
+        deadline = time.monotonic() + join_timeout
         for subscriber in list(self._subscribers):
-            subscriber.stop()
+            subscriber.stop(max(0.0, deadline - time.monotonic()))
         pool, self._pool = self._pool, None
         if pool is not None:
-            pool.stop()
+            # ThreadPool.stop() joins every worker without a bound: do it on
+            # a helper thread and wait for that one only until the deadline.
+            stopper = threading.Thread(target=pool.stop, name=f"{self.name}-stop", daemon=True)
+            stopper.start()
+            stopper.join(max(0.0, deadline - time.monotonic()))
+            if stopper.is_alive():
+                log.warn("Redis client {name}: threads still busy after {timeout} s (Redis at "
+                         "{address} not answering); leaving them to time out",
+                         name=self.name, timeout=join_timeout, address=self.address.describe())
         if self._trigger is not None:
             try:
                 self.reactor.removeSystemEventTrigger(self._trigger)
@@ -345,7 +380,7 @@ class Subscriber:
 
     ``on_messages(batch)`` runs in the reactor thread with a list of
     ``(channel, data)`` (channel as str, data as bytes), at most ``batch``
-    long; at most ``max_batches_queued`` batches wait for the reactor, after
+    long and ``max_batch_bytes`` of data (:data:`MAX_BATCH_BYTES`); at most ``max_batches_queued`` batches wait for the reactor, after
     which the thread stops reading and Redis holds the rest (up to its
     ``client-output-buffer-limit pubsub``).  ``on_connected()`` runs after
     every (re)subscription, ``on_disconnected(reason)`` after each loss.
@@ -358,7 +393,8 @@ class Subscriber:
                  on_messages: Callable[[list[tuple[str, bytes]]], Any],
                  on_connected: Callable[[], Any] | None = None,
                  on_disconnected: Callable[[str], Any] | None = None,
-                 batch: int = 500, max_batches_queued: int = 8, poll_interval: float = 0.05,
+                 batch: int = 500, max_batch_bytes: int = MAX_BATCH_BYTES,
+                 max_batches_queued: int = 8, poll_interval: float = 0.05,
                  backoff_initial: float = 0.05, backoff_max: float = 2.0,
                  health_check: float = 1.0, socket_timeout: float = 5.0,
                  name: str = "fedgate-redis-subscriber", rng: random.Random | None = None):
@@ -368,6 +404,7 @@ class Subscriber:
         self.on_connected = on_connected
         self.on_disconnected = on_disconnected
         self.batch = batch
+        self.max_batch_bytes = max_batch_bytes
         self.max_batches_queued = max_batches_queued
         self.poll_interval = poll_interval
         self.backoff_initial = backoff_initial
@@ -419,15 +456,20 @@ class Subscriber:
         self._thread = threading.Thread(target=self._listen, name=self.name, daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
-        """Stop the listener and join its thread (within ``poll_interval``,
-        or ``socket_timeout`` at worst while a connect hangs)."""
+    def stop(self, join_timeout: float = STOP_JOIN_TIMEOUT) -> None:
+        """Stop the listener and join its thread: within ``poll_interval``
+        normally; a connect or read hanging on a black-holed Redis is waited
+        for at most ``join_timeout`` seconds (then the daemon thread is left
+        to end at its ``socket_timeout``; it delivers nothing more)."""
         thread, self._thread = self._thread, None
         if thread is None:
             return
         self._stopping.set()
         self._room.release()  # in case it waits for the reactor
-        thread.join()
+        thread.join(join_timeout)
+        if thread.is_alive():
+            log.warn("Redis subscriber {name}: listener still blocked after {timeout} s; "
+                     "leaving it to time out", name=self.name, timeout=join_timeout)
         self.connected = False
 
     def _deliver(self, batch) -> None:
@@ -463,6 +505,10 @@ class Subscriber:
             except Exception:
                 log.failure("Redis subscriber {name}: connection callback failed", name=self.name)
 
+    def _unexpected(self, reason: str) -> None:
+        log.error("Redis subscriber {name}: unexpected error on {address}: {reason}; reconnecting",
+                  name=self.name, address=self.address.describe(), reason=reason)
+
     # -- the listener thread -------------------------------------------------
     def _listen(self) -> None:
         delay = self.backoff_initial
@@ -471,7 +517,9 @@ class Subscriber:
             try:
                 client = connect_redis(self.address, max_connections=1, socket_timeout=self.socket_timeout,
                                        health_check_interval=self.health_check)
-                pubsub = client.pubsub(ignore_subscribe_messages=True)
+                # subscribe confirmations are read (and skipped by _read):
+                # connected means the server confirmed the subscription
+                pubsub = client.pubsub(ignore_subscribe_messages=False)
                 with self._lock:
                     channels = sorted(self._channels)
                     self._changes.clear()
@@ -479,14 +527,20 @@ class Subscriber:
                 # server at all; a private channel keeps one when there is
                 # nothing else, so a lost connection is noticed even then.
                 pubsub.subscribe(f"__fedgate_keepalive__:{id(self)}", *channels)
-                pubsub.get_message(timeout=0)  # reads the first confirmation: the server is there
+                self._confirmed(pubsub)  # or the server's refusal (NOPERM ...) raised here
                 self.reactor.callFromThread(self._set_connected, True)
                 delay = self.backoff_initial
                 self._read(pubsub)
-            except self._errors as e:
+            except Exception as e:
+                # Any error, not only a broken connection (a NOPERM on
+                # SUBSCRIBE, MASTERDOWN, a bug): the thread must not die with
+                # ``connected`` still true.  Treated as a disconnection.
                 if self._stopping.is_set():
                     break
                 reason = str(e) or type(e).__name__
+                if not isinstance(e, self._errors):
+                    reason = f"{type(e).__name__}: {reason}"
+                    self.reactor.callFromThread(self._unexpected, reason)
                 if delay == self.backoff_initial:  # the first failure of a streak
                     self.reactor.callFromThread(self._failing, reason)
                 self.reactor.callFromThread(self._set_connected, False, reason)
@@ -502,6 +556,19 @@ class Subscriber:
                         except Exception:
                             pass
 
+    def _confirmed(self, pubsub) -> None:
+        """Wait (``socket_timeout`` at most) for the server to confirm the
+        first subscription; an error reply (a NOPERM under ACLs, say) is
+        raised by redis-py here, before anyone is told we are connected."""
+        deadline = time.monotonic() + self.socket_timeout
+        while not self._stopping.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("Redis did not confirm the subscription")
+            message = pubsub.get_message(timeout=min(left, self.poll_interval))
+            if message is not None and message.get("type") == "subscribe":
+                return
+
     def _read(self, pubsub) -> None:
         while not self._stopping.is_set():
             with self._lock:
@@ -511,14 +578,16 @@ class Subscriber:
             message = pubsub.get_message(timeout=self.poll_interval)
             if message is None:
                 continue
-            batch = []
+            batch, size = [], 0
             while message is not None:
                 if message.get("type") == "message":
                     channel = message["channel"]
                     if isinstance(channel, bytes):
                         channel = channel.decode("utf-8", "replace")
-                    batch.append((channel, message["data"]))
-                if len(batch) >= self.batch:
+                    data = message["data"]
+                    batch.append((channel, data))
+                    size += len(data) if isinstance(data, (bytes, str)) else 0
+                if len(batch) >= self.batch or size >= self.max_batch_bytes:
                     break
                 message = pubsub.get_message(timeout=0)
             if batch:

@@ -33,14 +33,17 @@ on the origin's channel.
 
 The origin keeps every forwarded stanza in a bounded
 :class:`~fedgate.cluster.inflight.InFlightTable` until acknowledged.  A
-PUBLISH that reached no subscriber means the target is dead: its entries
-are dropped and the stanza re-routed at once (another holder, the local
-path) or bounced.  A node found dead or gone (its lease ran out) has its
+PUBLISH that reached no subscriber means the target's subscriber is away
+(dead, or alive and reconnecting): that message's stanzas are re-routed at
+once (another holder, the local path) or bounced, and the target leaves
+this node's cache; what it got waits for its lease.  A node found dead or gone (its lease ran out) has its
 unacknowledged stanzas bounced after a fence: a message the origin
 publishes to its own channel, which comes back after every
 acknowledgement Redis received before it; so exactly what was not
 acknowledged bounces.  No acknowledgement within ``ack_timeout``: bounced
-with ``remote-server-timeout`` (it may have been delivered all the same).
+with ``remote-server-timeout`` (it may have been delivered all the same),
+after a fence on this node's own channel, so acknowledgements already
+waiting for it count first.
 With Redis unreachable, cross-node stanzas bounce with
 ``remote-server-timeout`` at once; local delivery goes on, and after the
 reconnection the ownership cache is reloaded in full.
@@ -66,6 +69,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
+from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from fedgate.cluster.inflight import InFlightTable
@@ -81,10 +85,24 @@ KIND_S2S = "s"
 _CONTEXT = SourceContext({None: ns.SERVER})
 #: most streams and destinations listed per node in a heartbeat
 MAX_LISTED = 1000
+#: most (local, remote) pairs listed per stream in a heartbeat (with the
+#: stream's ``pair_count``): a remote peer may authenticate up to
+#: ``max_pairs_per_connection`` pairs on each stream
+MAX_PAIRS_LISTED = 4
+#: most S2S pairs this node announces in its ownership hash, and most per
+#: stream: pairs past them are not announced (the other nodes still find a
+#: stream to the same remote domain, or open their own)
+MAX_ANNOUNCED_PAIRS = 4096
+MAX_ANNOUNCED_PER_STREAM = 64
 #: most stanzas, and most bytes (unless one stanza is larger), in one
 #: PUBLISH to one node
 MAX_BATCH_STANZAS = 500
 MAX_BATCH_BYTES = 1024 * 1024
+#: How long a clean stop (:meth:`ClusterRelay.stop`) waits, subscriber up,
+#: for the acknowledgements of what this node forwarded before it bounces
+#: the rest and leaves; and how often it looks.
+STOP_ACK_WAIT = 1.0
+STOP_POLL = 0.02
 #: fields of a record header: seq, kind, then the lengths of name, to,
 #: from, type, id, the from and to domains, and the stanza's bytes
 _HEAD_FIELDS = 10
@@ -237,6 +255,8 @@ class ClusterRelay:
         self.cache = self.membership.cache
         self.membership.on_gone = self._node_gone
         self.membership.on_lapse = self._lapsed
+        self.membership.on_collision = self._collided
+        self.membership.on_declared_dead = lambda: self._lapsed("another node announced it down")
         self.publisher = None
         self.subscriber = None
         #: node -> [(seq, record)] waiting for the next pipeline
@@ -245,8 +265,13 @@ class ClusterRelay:
         self._acks: dict[tuple[str, str], list[int]] = {}
         self._nacks: dict[tuple[str, str], list[int]] = {}
         #: fence token -> the node whose unacknowledged stanzas bounce when
-        #: the fence comes back (see _node_gone)
-        self._fences: dict[int, str] = {}
+        #: the fence comes back (see _node_gone), or ("expire", t): the
+        #: stanzas sent by reactor time t still unacknowledged then bounce
+        #: (see _expire)
+        self._fences: dict[int, object] = {}
+        #: the token of the expiry fence out, and when it was published
+        self._expiry_fence: int | None = None
+        self._expiry_fence_at = 0.0
         self._fence_seq = 0
         #: set while this node rejoins after its own lease ran out: the
         #: token of the fence that ends it
@@ -260,6 +285,8 @@ class ClusterRelay:
         #: a PUBLISH that reached nobody is no evidence that its node died
         self._subscribed_before = False
         self._settling_until = 0.0
+        #: another running fedgate has this node's id (see _collided)
+        self.collided = False
 
     # -- keys -------------------------------------------------------------------------
     def channel(self, node: str) -> str:
@@ -281,11 +308,70 @@ class ClusterRelay:
         self.subscriber.start()
         self.membership.start(self.instance)
 
-    def stop(self):
-        """Stop listening, bounce what waits for an acknowledgement, and
-        leave the cluster (this node's entries removed at once).  Returns a
-        Deferred."""
+    def stop(self, ack_wait: float = STOP_ACK_WAIT) -> defer.Deferred:
+        """Leave the cluster cleanly; returns a Deferred.
+
+        In order: take no new forwards (the router routes locally again);
+        send what is already gathered and every pending acknowledgement;
+        wait, with the subscriber still up, until every stanza this node
+        forwarded is acknowledged, at most ``ack_wait`` seconds (relayed
+        stanzas arriving meanwhile are refused, and their senders bounce
+        them); then stop listening, bounce what is still unacknowledged (it
+        may or may not have been delivered), and leave (this node's entries
+        removed at once, ``down`` announced)."""
+        if getattr(self.router, "cluster", None) is self:
+            self.router.cluster = None
+        if self.subscriber is not None:
+            self.subscriber.on_messages = self._messages_while_stopping
+        d = self._wait_for_acks(ack_wait)
+        d.addErrback(lambda f: log.failure("Cluster: waiting for acknowledgements failed", f))
+        d.addCallback(lambda _: self._leave())
+        return d
+
+    def _stop_pending(self) -> bool:
+        """Whether anything of ours is still on its way: stanzas unacknowledged
+        or not yet published, acknowledgements not yet published."""
+        return bool(len(self.inflight) or self._outgoing or self._acks or self._nacks
+                    or (self.publisher is not None and self.publisher.queued))
+
+    @defer.inlineCallbacks
+    def _wait_for_acks(self, ack_wait: float):
+        deadline = self.reactor.seconds() + ack_wait
+        while (self.publisher is not None and self.connected and self._stop_pending()
+               and self.reactor.seconds() < deadline):
+            if self._outgoing or self._acks or self._nacks:
+                self.publisher.wake()
+            yield task.deferLater(self.reactor, min(STOP_POLL, max(0.0, deadline - self.reactor.seconds())),
+                                  lambda: None)
+
+    def _messages_while_stopping(self, batch) -> None:
+        """The subscriber's handler while stopping: acknowledgements, refusals
+        and fences as usual; relayed stanzas are refused (``N``) unhandled,
+        since this node is leaving (their senders bounce them)."""
+        mine = self.channel(self.node_id)
+        rest = []
+        for channel, data in batch:
+            if channel == mine and data[:1] == b"B":
+                try:
+                    line_end = data.find(b"\n", 0, 256)
+                    origin, _, instance = data[1:line_end].decode().partition(" ")
+                    refused = [record[0] for record in decode_records(data, line_end + 1)]
+                except Exception:
+                    log.failure("Cluster: cannot read a relayed batch while stopping")
+                    continue
+                self.counters.discarded += len(refused)
+                self._nacks.setdefault((origin, instance), []).extend(refused)
+                if self.publisher is not None:
+                    self.publisher.wake()
+            else:
+                rest.append((channel, data))
+        if rest:
+            self.messages(rest)
+
+    def _leave(self) -> defer.Deferred:
         self.membership.stop()
+        if self.publisher is not None:
+            self._flush_acks()  # refusals of the last moments (best effort)
         subscriber, self.subscriber = self.subscriber, None
         if subscriber is not None:
             subscriber.stop()
@@ -303,6 +389,21 @@ class ClusterRelay:
         """Stop at once without a word to the others, as a node killed with
         ``kill -9`` would (tests)."""
         self.membership.stop()
+        subscriber, self.subscriber = self.subscriber, None
+        if subscriber is not None:
+            subscriber.stop()
+
+    def _collided(self, other: str) -> None:
+        """Another running fedgate uses this node's id: both would deliver
+        every stanza relayed to it and overwrite each other's entries.  This
+        node leaves the cluster's routing (it stops listening on the node's
+        channel; cross-node stanzas bounce as with Redis unreachable) and
+        says so in one line; local delivery goes on."""
+        log.critical("Cluster: node_id {node} is used by another running fedgate (instance "
+                     "{other}, ours {ours}); this node leaves the cluster: give every node its "
+                     "own [cluster] node_id and restart it", node=self.node_id, other=other,
+                     ours=self.instance)
+        self.collided = True
         subscriber, self.subscriber = self.subscriber, None
         if subscriber is not None:
             subscriber.stop()
@@ -331,11 +432,25 @@ class ClusterRelay:
 
     # -- what this node holds ------------------------------------------------------------
     def local_entries(self) -> set:
+        """This node's component domains, and the S2S pairs its streams may
+        carry: at most MAX_ANNOUNCED_PER_STREAM per stream and
+        MAX_ANNOUNCED_PAIRS in all (what a remote peer can grow is bounded;
+        the walk stops there too)."""
         entries = {(COMPONENT, (domain,)) for domain in self.router.components}
+        pairs = 0
         for record in self.table:
+            if pairs >= MAX_ANNOUNCED_PAIRS:
+                break
+            taken = 0
             for pair in record.valid_pairs():
+                if taken >= MAX_ANNOUNCED_PER_STREAM or pairs >= MAX_ANNOUNCED_PAIRS:
+                    break
                 if record.can_send(pair.local, pair.remote):
-                    entries.add((STREAM, (pair.local, pair.remote)))
+                    key = (STREAM, (pair.local, pair.remote))
+                    if key not in entries:
+                        entries.add(key)
+                        pairs += 1
+                    taken += 1
         return entries
 
     def bound(self, domain: str) -> None:
@@ -344,9 +459,12 @@ class ClusterRelay:
     def info(self) -> dict:
         now = self.reactor.seconds()
         records = list(self.table)
-        streams = [{"id": r.id, "direction": r.direction, "remote": r.remote_domain,
-                    "bidi": r.bidi, "pairs": [[p.local, p.remote] for p in r.valid_pairs()]}
-                   for r in records[:MAX_LISTED]]
+        streams = []
+        for r in records[:MAX_LISTED]:
+            pairs = r.valid_pairs()
+            streams.append({"id": r.id, "direction": r.direction, "remote": r.remote_domain,
+                            "bidi": r.bidi, "pair_count": len(pairs),
+                            "pairs": [[p.local, p.remote] for p in pairs[:MAX_PAIRS_LISTED]]})
         statuses = self.sender.statuses()
         return {
             "instance": self.instance,
@@ -441,12 +559,19 @@ class ClusterRelay:
             # Its subscriber may not be back yet: bounce as while Redis is
             # down, and leave its entries alone.
             for entry in entries:
-                self._bounce(entry.stanza, "redis", f"gateway node {node} is not listening yet")
+                self._guarded(self._bounce, entry.stanza, "redis",
+                              f"gateway node {node} is not listening yet")
             return
-        self.membership.node_gone(node)  # what else waits for it bounces
+        # These stanzas provably reached nobody: route them again at once
+        # (another holder, the local path, or a bounce).  The node may be
+        # dead (kill -9) or only reconnecting its subscriber (cut off by
+        # Redis, a blip): it leaves this node's cache only, and what it
+        # was sent and got stays to the lease path (check_alive), where
+        # its own lapse logic makes the fence exact.
+        self.membership.suspect(node)
         for entry in entries:
             self.counters.rerouted += 1
-            self.router.route(entry.stanza)  # another holder, the local path, or a bounce
+            self._guarded(self.router.route, entry.stanza)
 
     def _node_gone(self, node: str) -> None:
         """``node`` is dead or its lease ran out: what it was sent and has
@@ -471,13 +596,20 @@ class ClusterRelay:
         d.addErrback(lambda f: self._fenced(token))
 
     def _fenced(self, token: int) -> None:
-        node = self._fences.pop(token, None)
-        if node is not None:
-            self._bounce_node(node)
+        what = self._fences.pop(token, None)
+        if isinstance(what, tuple):
+            if token == self._expiry_fence:
+                self._expiry_fence = None
+                if self._expiry is not None and self._expiry.active():
+                    self._expiry.cancel()  # the fallback: re-armed for the next deadline
+                self._expiry = None
+            self._expire_sent_by(what[1])
+        elif what is not None:
+            self._bounce_node(what)
 
     def _bounce_node(self, node: str) -> None:
         for entry in self.inflight.take_node(node, confirmed_only=True):
-            self._bounce(entry.stanza, "timeout", f"gateway node {node} is gone")
+            self._guarded(self._bounce, entry.stanza, "timeout", f"gateway node {node} is gone")
 
     def _not_published(self, failure, seqs: list[int]) -> None:
         for seq in seqs:
@@ -485,9 +617,18 @@ class ClusterRelay:
             if entry is None:
                 continue
             if failure.check(RedisBusy):
-                self._bounce(entry.stanza, "full", "too many messages waiting for Redis")
+                self._guarded(self._bounce, entry.stanza, "full", "too many messages waiting for Redis")
             else:
-                self._bounce(entry.stanza, "redis", "the cluster's Redis is unreachable")
+                self._guarded(self._bounce, entry.stanza, "redis", "the cluster's Redis is unreachable")
+
+    def _guarded(self, handle, *args) -> None:
+        """``handle(*args)`` for one entry of a loop whose entries are
+        already out of the table: an exception is logged and the loop goes
+        on with the next one (none is lost to it)."""
+        try:
+            handle(*args)
+        except Exception:
+            log.failure("Cluster: cannot route or bounce a stanza taken back from another node")
 
     def _bounce(self, stanza: Stanza, reason: str, text: str) -> None:
         self.counters.bounced[reason] += 1
@@ -497,20 +638,58 @@ class ClusterRelay:
     def _arm_expiry(self) -> None:
         if self._expiry is not None and self._expiry.active():
             return
-        deadline = self.inflight.next_deadline()
+        if self._expiry_fence is not None:
+            # Its return expires (and re-arms); this is the fallback should
+            # it never come back.
+            deadline = self._expiry_fence_at + self.settings.ack_timeout
+        else:
+            deadline = self.inflight.next_deadline()
         if deadline is not None:
             self._expiry = self.reactor.callLater(max(0.0, deadline - self.reactor.seconds()),
                                                   self._expire)
 
     def _expire(self) -> None:
+        """Stanzas unacknowledged for ``ack_timeout`` bounce; but not before
+        the acknowledgements already waiting for this node are counted (it
+        may have been stalled, SIGSTOPped, or slow to read its subscriber:
+        the timer fires before the subscriber hands them over).  So a fence
+        goes to this node's own channel first; it comes back after every
+        acknowledgement Redis received before it, and only what was sent by
+        now and is still unacknowledged then bounces."""
         self._expiry = None
-        for entry in self.inflight.expire():
-            self._bounce(entry.stanza, "timeout",
-                         f"gateway node {entry.node} did not acknowledge in time")
+        try:
+            now = self.reactor.seconds()
+            if self._expiry_fence is not None:
+                if now < self._expiry_fence_at + self.settings.ack_timeout:
+                    return
+                self._fenced(self._expiry_fence)  # it never came back
+                return
+            due = self.inflight.next_deadline()
+            if due is None or due > now:
+                return
+            sent_by = now - self.settings.ack_timeout
+            if not self.connected or self.publisher is None:
+                self._expire_sent_by(sent_by)
+                return
+            self._fence_seq += 1
+            token = self._expiry_fence = self._fence_seq
+            self._expiry_fence_at = now
+            self._fences[token] = ("expire", sent_by)
+            d = self.publisher.publish(self.channel(self.node_id),
+                                       b"F%s %d" % (self.instance.encode(), token))
+            d.addCallbacks(lambda receivers: None if receivers else self._fenced(token),
+                           lambda f: self._fenced(token))
+        finally:
+            self._arm_expiry()
+
+    def _expire_sent_by(self, sent_by: float) -> None:
+        for entry in self.inflight.expire(sent_by):
+            self._guarded(self._bounce, entry.stanza, "timeout",
+                          f"gateway node {entry.node} did not acknowledge in time")
         self._arm_expiry()
 
     # -- this node's own lease ------------------------------------------------------------
-    def _lapsed(self) -> None:
+    def _lapsed(self, why: str = "its own lease ran out") -> None:
         """This node's own lease ran out by its own clock (it was hung,
         stopped, or cut off from Redis for longer than the lease allows):
         the others may have taken it for dead and bounced what they sent
@@ -524,9 +703,9 @@ class ClusterRelay:
         self._rejoin = self._rejoin_seq
         self._lapsed_at = self.reactor.seconds()
         self._discarded_since = self.counters.discarded
-        log.warn("Cluster: this node's own lease ran out (last renewed for until {until:.3f}, "
-                 "now {now:.3f}); relayed stanzas are discarded until it has rejoined",
-                 until=self.membership.lease_until, now=self._lapsed_at)
+        log.warn("Cluster: this node lost its place ({why}; lease last renewed for until "
+                 "{until:.3f}, now {now:.3f}); relayed stanzas are discarded until it has "
+                 "rejoined", why=why, until=self.membership.lease_until, now=self._lapsed_at)
         self.reactor.callLater(0, self._rejoin_attempt, self._rejoin)
 
     def _rejoin_attempt(self, token: int) -> None:
@@ -649,5 +828,5 @@ class ClusterRelay:
         node, ranges = self._parse_ack(data)
         for first, last in ranges:
             for entry in self.inflight.take_range(first, last, node=node):
-                self._bounce(entry.stanza, "lapsed",
-                             f"gateway node {node} had lost its place in the cluster")
+                self._guarded(self._bounce, entry.stanza, "lapsed",
+                              f"gateway node {node} had lost its place in the cluster")

@@ -322,7 +322,9 @@ class Destination:
         self._requeued_by: set = set()
         self._resume: ResumeToken | None = None
         #: transports lost in a row with XEP-0198 on (see _sm_lost_transport);
-        #: reset when a pair is valid
+        #: reset once something of ours is delivered (acknowledged, with
+        #: XEP-0198), not when a pair is valid: a peer that authenticates
+        #: and then drops the connection every time costs a backoff each
         self._sm_losses = 0
 
     def _move(self, event: str, new: str) -> None:
@@ -343,7 +345,7 @@ class Destination:
                 if not stream.is_writable():
                     congested = True
                 elif stream.send_stanza(local, stanza):
-                    self._taken(stream)
+                    self._taken(stream, stanza, sender.clock.seconds())
                     return
                 else:
                     self._refused_by.add(stream)
@@ -353,7 +355,7 @@ class Destination:
                 if not route.is_writable():
                     congested = True
                 elif route.write_stanza(local, self.remote, stanza):
-                    self._taken(route)
+                    self._taken(route, stanza, sender.clock.seconds())
                     return
         else:
             congested = True  # waits behind its pair's queue either way
@@ -534,7 +536,6 @@ class Destination:
         if state == VALID:
             self.failures = 0
             self._reconnected = False
-            self._sm_losses = 0
             self.last_error = None
             self._flush(local, stream)
             return
@@ -575,12 +576,16 @@ class Destination:
 
     def stream_closed(self, stream: OutboundS2S) -> None:
         retry = self._retry_refused(stream)
+        requeued = False
         if stream in self._requeued_by:  # XEP-0198: unacknowledged stanzas wait
             self._requeued_by.discard(stream)
-            retry = retry or (stream.failure is None and stream.stream_error is None
-                              and not self.sender.ctx.is_blocked(self.remote))
+            requeued = (stream.failure is None and stream.stream_error is None
+                        and not self.sender.ctx.is_blocked(self.remote))
         keep = self._sm_lost_transport(stream)
-        retry = retry or keep == "reconnect"
+        # at once after the first loss only (since something was delivered):
+        # a peer that takes our stanzas and drops every connection without
+        # acknowledging them waits out a backoff each time
+        retry = retry or keep == "reconnect" or (requeued and keep != "back-off")
         if stream is not self.stream:
             side = self._side_of(stream)
             if side is not None:
@@ -602,8 +607,15 @@ class Destination:
                 and not self._resume.stanzas and self._resume.local == stream.first_local):
             # nothing of ours waits, but the dropped bidi stream's peer holds
             # stanzas for us until we resume it (XEP-0198: only we may)
-            log.info("Bidi stream to {remote} dropped: connecting to resume it", remote=self.remote)
-            self._connect("closed", self._resume.local)
+            if keep == "back-off":
+                # dropped again before anything of ours was delivered: one
+                # attempt per (growing) backoff period, not a tight loop
+                log.info("Bidi stream to {remote} dropped again: resuming it after a backoff",
+                         remote=self.remote)
+                self._lost_again(stream)
+            else:
+                log.info("Bidi stream to {remote} dropped: connecting to resume it", remote=self.remote)
+                self._connect("closed", self._resume.local)
         elif self.queue and ((retry and self.state in (OPEN, CONNECTING)) or self._reconnect_once(stream)):
             log.info("Stream to {remote} closed while sending: {count} stanzas wait for a new one",
                      remote=self.remote, count=len(self.queue))
@@ -612,13 +624,21 @@ class Destination:
             condition, text = self._close_reason(stream)
             log.info("Stream to {remote} lost again: {count} stanzas wait (backing off)",
                      remote=self.remote, count=len(self.queue))
-            self._back_off("closed", condition, text)
+            self._lost_again(stream)
         elif self.queue:
             condition, text = self._close_reason(stream)
             self._failed("closed", condition, text)
         else:
             self._move("closed", IDLE)
             self.sender.note_idle(self)
+
+    def _lost_again(self, stream: OutboundS2S) -> None:
+        """Back off after a repeated transport loss (what waits stays
+        queued): the delay grows with the losses in a row, even though each
+        stream got as far as a valid pair (which resets ``failures``)."""
+        condition, text = self._close_reason(stream)
+        self.failures = max(self.failures, self._sm_losses - 2)
+        self._back_off("closed", condition, text)
 
     def _close_reason(self, stream: OutboundS2S) -> tuple[str, str]:
         if stream.failure is not None:  # a refusal (policy, or TLS refused), with its reason
@@ -727,14 +747,23 @@ class Destination:
                 if not stream.is_writable():
                     break
 
-    def _taken(self, route) -> None:
-        """A stream took a stanza: delivered, or in flight until the peer
-        acknowledges it (XEP-0198)."""
+    def _taken(self, route, stanza: Stanza, since: float) -> None:
+        """A stream took ``stanza`` (queued at ``since``): delivered, or in
+        flight until the peer acknowledges it (XEP-0198); requeued
+        unacknowledged, it keeps ``since`` for ``max_wait``."""
         sm = getattr(route, "sm", None)
         if sm is not None and sm.counting:
             self.sender.in_flight += 1
+            stanza.queued_since = since
         else:
             self.sender.delivered += 1
+            self.delivered_here()
+
+    def delivered_here(self) -> None:
+        """Something of ours was delivered to the remote domain (taken
+        without XEP-0198, or acknowledged): transport losses count afresh
+        (see :meth:`_sm_lost_transport`)."""
+        self._sm_losses = 0
 
     def sm_requeue(self, stream: OutboundS2S, lost: list, sm) -> None:
         """``stream`` is gone with ``lost`` unacknowledged (routed) stanzas:
@@ -763,7 +792,10 @@ class Destination:
         for stanza in lost:
             size = stanza.size()
             local = domain_part(stanza.sender or "") or stream.first_local
-            items.append(_Queued(local, stanza, size, now))
+            # when it was first queued (taken at once: when it was sent), so
+            # that max_wait bounces it even if every stream to the peer dies
+            since = getattr(stanza, "queued_since", None)
+            items.append(_Queued(local, stanza, size, now if since is None else min(since, now)))
             self.queued_bytes += size
         self.queue.extendleft(reversed(items))
         self._schedule_expiry()
@@ -794,10 +826,11 @@ class Destination:
         acknowledge goes out on the next stream, and bounces only once the
         destination stays unreachable past the queue's ``max_wait``.
 
-        "reconnect" (at once) for the first loss since a pair was last valid:
-        the remote domain was just reachable; "back-off" (keeping the queue,
-        so a peer that keeps dropping connections costs one attempt per
-        backoff period) after that; None where this does not apply (the
+        "reconnect" (at once) for the first loss since something of ours was
+        last delivered there: the remote domain was just reachable;
+        "back-off" (keeping the queue, so a peer that keeps dropping
+        connections, even after authenticating, costs one attempt per
+        growing backoff period) after that; None where this does not apply (the
         usual paths decide).  A peer that is down fails to connect
         (:meth:`_connect_failed`) and bounces as before."""
         store = getattr(self.sender.ctx, "sm", None)
@@ -813,6 +846,7 @@ class Destination:
         done = {id(stanza) for stanza in token.stanzas[:handled]}
         if not done:
             return
+        self.delivered_here()
         keep: deque[_Queued] = deque()
         for item in self.queue:
             if id(item.stanza) in done:
@@ -838,7 +872,7 @@ class Destination:
                     keep.append(item)
                     continue
                 if send(item.stanza):
-                    self._taken(route)
+                    self._taken(route, item.stanza, item.since)
                     self.queued_bytes -= item.size
                     continue
                 refused = True
@@ -886,6 +920,9 @@ class Destination:
             return
         if self.queue:
             self._connect("retry", self.queue[0].local)
+        elif (self._resume is not None and not self._resume.stanzas
+              and self._resume.usable(self.sender.clock.seconds())):
+            self._connect("retry", self._resume.local)  # the peer holds stanzas for us
         else:
             self._move("retry", IDLE)
             self.sender.note_idle(self)

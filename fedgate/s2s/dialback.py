@@ -79,6 +79,29 @@ class DialbackError(Exception):
         self.detail = detail
 
 
+#: The longest dialback key we take from a peer.  XEP-0185 keys are 64 hex
+#: characters; other schemes stay well within this.  A longer key (or one
+#: with other characters than printable ASCII without markup) is refused
+#: with a <not-acceptable/> dialback error and never forwarded: the
+#: <db:verify> we write to the Authoritative Server, often on our own
+#: outbound stream to that domain, stays small.
+MAX_KEY_LENGTH = 256
+
+#: printable ASCII, without the characters XML escaping would expand
+_KEY_CHARS = frozenset(chr(c) for c in range(0x21, 0x7f)) - set("<>&'\"")
+
+
+def key_refusal(key: str) -> str | None:
+    """Why a dialback key from a peer is not acceptable, or None."""
+    if not key:
+        return "empty dialback key"
+    if len(key) > MAX_KEY_LENGTH:
+        return f"dialback key longer than {MAX_KEY_LENGTH} characters"
+    if not _KEY_CHARS.issuperset(key):
+        return "dialback key with characters other than printable ASCII"
+    return None
+
+
 def addresses(element: domish.Element) -> tuple[str, str]:
     """(from, to) of a dialback element, normalised; improper-addressing if bad."""
     try:
@@ -223,6 +246,14 @@ class Receiving:
             return  # already being verified; the one answer will serve both
         if not key:
             return answer_error("not-authorized", "empty dialback key")
+        why = key_refusal(key)
+        if why is not None:
+            # XEP-0220 2.5: a dialback error, not a stream error (the stream
+            # may carry other pairs); the asserted identity cannot be
+            # established with such a key.
+            throttled(log, io).info("Dialback from {remote} refused: {why}", remote=short(originating),
+                                    why=why)
+            return answer_error("not-acceptable", why)
         if pair not in record.pairs and len(record.pairs) >= ctx.max_pairs_per_connection:
             throttled(log, io).info("Dialback for {local} <- {remote} refused: {count} domain pairs on "
                                     "the connection from {peer}", local=receiving, remote=short(originating),
@@ -383,7 +414,10 @@ class Authoritative:
         if originating not in self.ctx.local_domains:
             io.send(verify_error(originating, receiving, stream_id, "item-not-found"))
             return
-        valid = key_matches(self.ctx.secret, receiving, originating, stream_id, str(element))
+        key = str(element).strip()
+        # A key we could not have issued is invalid; no need to hash it.
+        valid = key_refusal(key) is None and key_matches(self.ctx.secret, receiving, originating,
+                                                         stream_id, key)
         log.info("Authoritative answer {valid} for {local} -> {remote}", valid=valid,
                  local=originating, remote=receiving)
         io.send(verify_answer(originating, receiving, stream_id, valid))

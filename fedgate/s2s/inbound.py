@@ -252,7 +252,8 @@ class InboundS2S(PairedStream):
             return None
         return xep0198.Session(sm.id, remote, pairs, sm.inc.handled,
                                self.ctx.clock.seconds() + sm.settings.resume_timeout,
-                               sm.out.acked, tuple(sm.out.unacked) if hold else ())
+                               sm.out.acked, tuple(sm.out.unacked) if hold else (),
+                               len(sm.out.unacked))
 
     def sm_hand_over(self) -> xep0198.Session:
         """The peer resumes this stream's session on a new one (it saw a
@@ -277,13 +278,15 @@ class InboundS2S(PairedStream):
             self.sm.refuse_resume(self.record.authenticated)
             return
         handled = xep0198.distance(h, session.acked)
-        if session.unacked and handled > len(session.unacked):
+        if handled > max(session.sent, len(session.unacked)):
             # the peer says it handled more of ours than we ever sent it
-            # (XEP-0198 6); what the session held goes back to the sender
-            self.ctx.sm.requeue(remote, [st for st, routed in session.unacked if routed])
+            # (XEP-0198 6), whether or not the session holds any of it;
+            # what it held goes back to the sender
+            if session.unacked:
+                self.ctx.sm.requeue(remote, [st for st, routed in session.unacked if routed])
             self.sm.failed = True
             self._sm_fail(xep0198.too_high_error(xep0198.HandledCountTooHigh(
-                h, xep0198.add(session.acked, len(session.unacked)))))
+                h, xep0198.add(session.acked, max(session.sent, len(session.unacked))))))
             return
         self.sm.accept_resume(session, h)
         self.ctx.sm.live[session.id] = self
@@ -332,7 +335,7 @@ class InboundS2S(PairedStream):
         if resumable:
             self.ctx.sm.keep(xep0198.Session(sm.id, remote, pairs, sm.inc.handled,
                                              self.ctx.clock.seconds() + sm.settings.resume_timeout,
-                                             acked, hold))
+                                             acked, hold, len(items)))
         if lost and not hold:
             self.ctx.sm.requeue(self.record.remote_domain, lost)
 

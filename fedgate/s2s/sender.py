@@ -73,6 +73,9 @@ class S2SSender:
         """The peer acknowledged ``count`` stanzas in flight: delivered."""
         self.in_flight -= count
         self.delivered += count
+        destination = self.destinations.get(remote)
+        if destination is not None and count:
+            destination.delivered_here()
 
     def _sm_requeue(self, remote, stanzas: list) -> None:
         """Unacknowledged stanzas of a stream we do not own (an inbound bidi

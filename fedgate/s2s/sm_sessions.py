@@ -33,6 +33,9 @@ class Session:
     #: acknowledged as (stanza, routed), held while the transport dropped
     acked: int = 0
     unacked: tuple = ()
+    #: how many we had sent beyond ``acked`` (held or not): a ``<resume h/>``
+    #: beyond ``acked + sent`` is handled-count-too-high (XEP-0198 6)
+    sent: int = 0
 
 
 class ResumeStore:

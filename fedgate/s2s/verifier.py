@@ -15,6 +15,9 @@ never over the connection the request came in on:
    once and stays open ``idle_timeout`` seconds after its last answer for
    the next one (0: it closes after its last answer).  At most ``max_idle``
    idle connections are kept in all; past it the longest idle one closes.
+   A pooled connection takes new requests only while the peer policy for
+   its domain is unchanged and for at most ``MAX_LIFETIME`` (600) seconds;
+   then it finishes its requests and closes.
 
 Answers are matched by (id, from, to) as XEP-0220 2.1.2 says, and only on
 the channel the request went out on: an answer on any other stream, or for
@@ -28,7 +31,9 @@ counts until that connection is up or gone, so that cancelling and asking
 again makes no more connect attempts than the budget allows.  Cancelling
 the Deferred (the requesting stream went away) drops the request, never a
 channel other requests still need; a verification connection left with
-cancelled requests only is closed, and they count until it is gone.  A
+cancelled requests only is closed, and they count until it is gone (a
+cancelled request already sent counts until its answer, its deadline or the
+end of its connection, whichever comes first).  A
 request already sent keeps its place on its channel until its answer (taken
 silently) or its deadline, so that a late answer is never taken for a later
 request with the same (id, from, to).
@@ -59,7 +64,7 @@ from fedgate.s2s.connect import ConnectError
 from fedgate.s2s.dialback import DialbackError
 from fedgate.stream import namespaces as ns
 from fedgate.s2s.initiating import READY, InitiatingStream
-from fedgate.stream.errors import error_condition
+from fedgate.stream.errors import StreamFailure, error_condition
 
 log = Logger(namespace="fedgate.s2s.verifier")
 
@@ -249,9 +254,17 @@ class VerifyStream(InitiatingStream):
                 f"stream error {self.stream_error}"))
 
     def negotiated_element(self, element: domish.Element) -> None:
-        if element.uri == ns.DIALBACK and element.name == "verify" and self.state == READY:
-            self.owner.answer(element, self.io)
-        # Anything else on this connection is not ours to handle.
+        if element.uri == ns.DIALBACK and element.name == "verify":
+            if self.state == READY:
+                self.owner.answer(element, self.io)
+            return
+        # A verification connection is one-way (no bidi): the peer has
+        # nothing else to send on it.  Ending it with a stream error, as
+        # the outbound stream does, keeps a peer from holding a pooled
+        # connection open with elements (or a never-ending child element)
+        # that we would otherwise ignore.
+        raise StreamFailure("unsupported-stanza-type",
+                            f"unexpected element {element.name} on a verification connection")
 
     def disconnected(self, reason) -> None:
         super().disconnected(reason)
@@ -260,14 +273,29 @@ class VerifyStream(InitiatingStream):
             TIMEOUT, "the connection to the authoritative server ended without an answer", detail))
 
 
+#: The longest a verification connection serves new requests, in seconds
+#: (from its connect attempt); past it, it finishes what it carries and
+#: closes, however busy it has been, so that nothing negotiated under old
+#: terms (policy, certificates, DNS) lives on indefinitely.
+MAX_LIFETIME = 600.0
+
+
 class PooledConnection(_Channel):
     """A verification connection: requests wait in ``queued`` until it is
-    ready, then go out; idle, it waits in the pool for the next ones."""
+    ready, then go out; idle, it waits in the pool for the next ones.
+
+    It takes new requests only while the peer policy for its domain is the
+    one it was negotiated under (the operator may have started requiring
+    TLS or a certificate since, :mod:`fedgate.admin.enforce`) and for at
+    most :data:`MAX_LIFETIME` seconds; after that it finishes its requests
+    and closes."""
 
     def __init__(self, verifier: "DialbackVerifier", receiving: str, originating: str):
         super().__init__(verifier.pipeline)
         self.verifier = verifier
         self.pair = (receiving, originating)
+        self.born = verifier.clock.seconds()
+        self.policy = verifier.policy_for(originating)
         self.queued: list[_Request] = []
         #: cancelled before the connection was up: counted until it is
         self.held: list[_Request] = []
@@ -284,9 +312,20 @@ class PooledConnection(_Channel):
     def load(self) -> int:
         return len(self.outstanding) + len(self.queued)
 
+    @property
+    def stale(self) -> bool:
+        """Past its lifetime, or negotiated under a policy since changed."""
+        verifier = self.verifier
+        return (verifier.clock.seconds() - self.born >= verifier.max_lifetime
+                or verifier.policy_for(self.pair[1]) != self.policy)
+
     def has_room(self, request: _Request) -> bool:
         if self.closed or (self.is_ready and not _writable(self.handler.io)):
             return False  # gone, or going (the peer ended its stream)
+        if self.stale:
+            if self.is_ready and self.load == 0:
+                self.close()  # idle: nothing to finish
+            return False
         return super().has_room(request) and all(q.match != request.match for q in self.queued)
 
     def submit(self, request: _Request) -> None:
@@ -324,8 +363,14 @@ class PooledConnection(_Channel):
             if self.is_ready:
                 return True
             self.held.append(request)  # counted until the attempt is up or gone
-        elif self.outstanding.get(request.match) is not request or self.live:
-            return True  # others need the connection: only the request goes
+        elif self.outstanding.get(request.match) is not request:
+            return True
+        elif self.live:
+            # Others need the connection: only the request goes, but it
+            # keeps its place (and counts) until its answer, its deadline or
+            # the connection's end; when the last live request is answered
+            # and the connection closes, it still counts until it is gone.
+            return False
         if not self.live:
             # Nobody needs it any more: close it; the cancelled requests
             # count until it is gone (no connection outlives its budget).
@@ -424,7 +469,7 @@ class DialbackVerifier:
 
     def __init__(self, connector, clock, make_stream, timeout: float = 30.0, ctx=None,
                  idle_timeout: float = 30.0, pipeline: int = 10, max_idle: int = 1000,
-                 outbound: Callable[[str], list] | None = None):
+                 outbound: Callable[[str], list] | None = None, max_lifetime: float = MAX_LIFETIME):
         self.connector = connector
         self.clock = clock
         self.ctx = ctx  # the S2S context for its verification streams (no verifier in it)
@@ -434,6 +479,7 @@ class DialbackVerifier:
         self.pipeline = pipeline
         self.max_idle = max_idle
         self.outbound = outbound
+        self.max_lifetime = max_lifetime
         #: (receiving, originating) -> its verification connections
         self.pool: dict[tuple, list[PooledConnection]] = {}
         #: idle connections, longest idle first
@@ -447,6 +493,14 @@ class DialbackVerifier:
         :class:`DialbackError`.  ``finished()`` is called once, when the
         verification counts no more (see the module docstring)."""
         request = _Request(self, receiving, originating, stream_id, key, finished)
+        why = dialback.key_refusal(key)
+        if why is None and len(stream_id or "") > dialback.MAX_KEY_LENGTH:
+            why = "stream id too long"  # the peer's, on an outbound bidi stream
+        if why is not None:
+            # Never written anywhere: the <db:verify> on a channel (maybe
+            # our outbound stream to that domain) stays small.
+            request.answered(DialbackError("not-acceptable", "the dialback key is not acceptable", why))
+            return request.done
         channel = self._stream_channel(request) or self._pooled(request)
         channel.submit(request)
         return request.done
@@ -465,7 +519,9 @@ class DialbackVerifier:
 
     def _pooled(self, request: _Request) -> PooledConnection:
         pair = (request.receiving, request.originating)
-        connections = self.pool.setdefault(pair, [])
+        # A copy: has_room closes an idle connection gone stale (which
+        # takes it out of the pool list).
+        connections = list(self.pool.get(pair, ()))
         # Ready ones first, then the one coming up; the least loaded.
         best = min((c for c in connections if c.has_room(request)),
                    key=lambda c: (not c.is_ready, c.load), default=None)
@@ -473,13 +529,27 @@ class DialbackVerifier:
             return best
         connection = PooledConnection(self, *pair)
         self.connections_opened += 1
-        if not connection.closed:  # a connect attempt that failed at once is gone already
-            connections.append(connection)
+        # A connect attempt that failed at once (an IP literal, a cached DNS
+        # answer) is gone already: it gets no pool entry, not even an empty
+        # list (one per such request would grow without bound).
+        if not connection.closed:
+            self.pool.setdefault(pair, []).append(connection)
         return connection
+
+    def policy_for(self, domain: str):
+        """The terms of the current peer policy for ``domain`` a connection
+        is negotiated under (None without a context); its note and stanza
+        rate limit do not matter to a verification connection."""
+        policy = getattr(self.ctx, "policy", None)
+        if policy is None:
+            return None
+        peer = policy.for_peer(domain)
+        return (policy.is_blocked(domain), peer.encryption, peer.authentication, peer.addresses,
+                peer.max_stanza_bytes)
 
     # -- the pool ----------------------------------------------------------------
     def _idle(self, connection: PooledConnection) -> None:
-        if self.idle_timeout <= 0:
+        if self.idle_timeout <= 0 or connection.stale:
             connection.close()
             return
         if connection.idle_timer is not None:
@@ -507,9 +577,10 @@ class DialbackVerifier:
             connection.idle_timer = None
         self._idle_order.pop(connection, None)
         connections = self.pool.get(connection.pair)
-        if connections is not None and connection in connections:
-            connections.remove(connection)
-            if not connections:
+        if connections is not None:
+            if connection in connections:
+                connections.remove(connection)
+            if not connections:  # never an empty entry left behind
                 del self.pool[connection.pair]
 
     def idle_count(self) -> int:

@@ -98,6 +98,10 @@ class RedisStorage:
         self._open = False
         self._writes = defer.DeferredLock()
         self.durability: str | None = None
+        #: the dialback secret this node signs with, when it came from Redis
+        #: (cluster mode): written back (SET NX) after every reconnection of
+        #: :meth:`watch`, with a warning if Redis holds another one
+        self.dialback_secret_in_use: str | None = None
 
     @classmethod
     def from_config(cls, config, reactor) -> "RedisStorage":
@@ -259,7 +263,33 @@ class RedisStorage:
         first (SET NX: one wins, every node reads the winner's)."""
         return self._call(lambda: self.client.pipeline([
             ("SET", self.key("dialback-secret"), secrets.token_hex(32), "NX"),
-            ("GET", self.key("dialback-secret"))])).addCallback(lambda replies: _text(replies[1]))
+            ("GET", self.key("dialback-secret"))])).addCallback(lambda replies: _secret(replies[1]))
+
+    def keep_dialback_secret(self, secret: str) -> defer.Deferred:
+        """After a reconnection: store ``secret`` (the one this node signs
+        with) unless Redis holds one (SET NX; a Redis restarted without
+        persistence lost it), and warn if Redis holds another: nodes started
+        since then sign with that one, and keys do not verify across the
+        two groups until they are restarted.  Fires with True when Redis
+        holds ``secret``, False otherwise, None when Redis failed."""
+        d = self.client.pipeline([("SET", self.key("dialback-secret"), secret, "NX"),
+                                  ("GET", self.key("dialback-secret"))])
+
+        def check(replies):
+            stored = replies[1]
+            if stored is not None and _text(stored) == secret:
+                return True
+            log.warn("Cluster: Redis holds another dialback secret than the one this node signs "
+                     "with (Redis restarted without persistence, and another node wrote a new "
+                     "one?): dialback keys from nodes started since do not verify here and vice "
+                     "versa; restart this node to pick up the shared one")
+            return False
+
+        def failed(failure):
+            log.warn("Cluster: cannot check the dialback secret in Redis: {error}",
+                     error=failure.getErrorMessage())
+            return None
+        return d.addCallbacks(check, failed)
 
     def watch(self, on_change: Callable[[str, str, str], Any], on_resync: Callable[[], Any],
               on_lost: Callable[[str], Any] | None = None, **subscriber_options):
@@ -279,8 +309,12 @@ class RedisStorage:
                     log.warn("Ignoring a malformed change notice on {channel}", channel=self.changes_channel)
                     continue
                 on_change(kind, key, op)
+        def connected():
+            if self.dialback_secret_in_use:
+                self.keep_dialback_secret(self.dialback_secret_in_use)
+            on_resync()
         subscriber = self.client.subscriber(channels=[self.changes_channel], on_messages=on_messages,
-                                            on_connected=on_resync, on_disconnected=on_lost,
+                                            on_connected=connected, on_disconnected=on_lost,
                                             name=f"fedgate-redis-changes-{self.prefix}",
                                             **subscriber_options)
         subscriber.start()
@@ -295,9 +329,18 @@ def shared_dialback_secret(address: RedisAddress, key_prefix: str, timeout: floa
     try:
         key = f"{key_prefix}:dialback-secret"
         client.set(key, secrets.token_hex(32), nx=True)
-        return _text(client.get(key))
+        return _secret(client.get(key))
     finally:
         client.connection_pool.disconnect()
+
+
+def _secret(value) -> str:
+    """The dialback secret read back from Redis: never None (``str(None)``
+    would make "None" everyone's secret) or empty."""
+    if value is None or not _text(value):
+        raise StorageError("the cluster's dialback secret vanished from Redis between writing and "
+                           "reading it (evicted, or Redis restarted meanwhile); try again")
+    return _text(value)
 
 
 def _text(value) -> str:

@@ -82,7 +82,10 @@ class Stanza:
     it, so code written for elements keeps working."""
 
     __slots__ = ("name", "uri", "to", "sender", "type", "id", "raw", "forwardable",
-                 "_attrs", "_context", "_element")
+                 "_attrs", "_context", "_element",
+                 # set only once an S2S destination queued it (unset: read
+                 # with getattr): when, kept if it is queued again
+                 "queued_since")
 
     def __init__(self, name: str, uri: str | None, attrs: dict, raw: bytes | None = None,
                  context: SourceContext | None = None, forwardable: bool = False,

@@ -26,9 +26,9 @@ class MemoryStream:
 
     def __init__(self, handler, clock: Clock | None = None, stream_ns: str = ns.SERVER,
                  limits: Limits = Limits(), stream: XmppStream | None = None,
-                 peer_address=None):
+                 peer_address=None, transport: StringTransport | None = None):
         self.clock = clock or Clock()
-        self.transport = StringTransport(peerAddress=peer_address)
+        self.transport = transport or StringTransport(peerAddress=peer_address)
         self.stream = stream or XmppStream(handler, self.clock, limits, stream_ns=stream_ns)
         self.header = None
         self.elements: list = []
