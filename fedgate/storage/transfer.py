@@ -55,6 +55,26 @@ def export_store(storage):
             "components": [_component_json(c) for c in components]}
 
 
+def _records(data: dict, key: str, record, normalise) -> list:
+    """The entries of ``data[key]`` as ``record`` instances (``normalise``
+    turns JSON lists into the tuples the record holds); :class:`TransferError`
+    naming the entry for anything wrong."""
+    known = {f.name for f in fields(record)}
+    records = []
+    for index, item in enumerate(data.get(key) or []):
+        where = f"{key}[{index}]"
+        if not isinstance(item, dict) or not isinstance(item.get("domain"), str):
+            raise TransferError(f"{where}: expected an object with a domain")
+        unknown = set(item) - known
+        if unknown:
+            raise TransferError(f"{where}: unknown field {sorted(unknown)[0]!r}")
+        try:
+            records.append(record(**normalise(item)))
+        except (TypeError, ValueError) as exc:
+            raise TransferError(f"{where} ({item.get('domain')}): {exc}") from None
+    return records
+
+
 def parse_document(data: Any) -> tuple[list[PeerPolicy], dict, list[ComponentCredential]]:
     """The records of an export document; :class:`TransferError` naming the
     entry for anything wrong, before anything is written."""
@@ -62,37 +82,14 @@ def parse_document(data: Any) -> tuple[list[PeerPolicy], dict, list[ComponentCre
         raise TransferError(f"not a fedgate policy export (expected \"format\": \"{FORMAT}\")")
     if data.get("version") != VERSION:
         raise TransferError(f"export version {data.get('version')!r}; this fedgate reads {VERSION}")
-    peers, components = [], []
-    peer_fields = {f.name for f in fields(PeerPolicy)}
-    for index, item in enumerate(data.get("peers") or []):
-        where = f"peers[{index}]"
-        if not isinstance(item, dict) or not isinstance(item.get("domain"), str):
-            raise TransferError(f"{where}: expected an object with a domain")
-        unknown = set(item) - peer_fields
-        if unknown:
-            raise TransferError(f"{where}: unknown field {sorted(unknown)[0]!r}")
-        try:
-            item = dict(item, addresses=tuple((str(h), int(p)) for h, p in item.get("addresses") or ()))
-            peers.append(PeerPolicy(**item))
-        except (TypeError, ValueError) as exc:
-            raise TransferError(f"{where} ({item.get('domain')}): {exc}") from None
+    peers = _records(data, "peers", PeerPolicy, lambda item: dict(
+        item, addresses=tuple((str(h), int(p)) for h, p in item.get("addresses") or ())))
     settings = data.get("settings") or {}
     if not isinstance(settings, dict):
         raise TransferError("settings: expected an object")
-    component_fields = {f.name for f in fields(ComponentCredential)}
-    for index, item in enumerate(data.get("components") or []):
-        where = f"components[{index}]"
-        if not isinstance(item, dict) or not isinstance(item.get("domain"), str):
-            raise TransferError(f"{where}: expected an object with a domain")
-        unknown = set(item) - component_fields
-        if unknown:
-            raise TransferError(f"{where}: unknown field {sorted(unknown)[0]!r}")
-        try:
-            components.append(ComponentCredential(**dict(
-                item, allowed=tuple(item.get("allowed") or ()),
-                certificate_sha256=tuple(item.get("certificate_sha256") or ()))))
-        except TypeError as exc:
-            raise TransferError(f"{where} ({item.get('domain')}): {exc}") from None
+    components = _records(data, "components", ComponentCredential, lambda item: dict(
+        item, allowed=tuple(item.get("allowed") or ()),
+        certificate_sha256=tuple(item.get("certificate_sha256") or ())))
     return peers, settings, components
 
 
