@@ -64,12 +64,17 @@ class MissingClientTests(unittest.TestCase):
         self.assertNotIn("\n", message)
 
 
-class ClientTests(unittest.TestCase):
+class WithRedis(unittest.TestCase):
+    """A real redis-server and a started client on it."""
+
     def setUp(self):
         self.server = start_redis(self)
         self.client = RedisClient(reactor, self.server.address, threads=2)
         self.client.start()
         self.addCleanup(self.client.stop)
+
+
+class ClientTests(WithRedis):
 
     @defer.inlineCallbacks
     def test_commands_and_pipeline(self):
@@ -422,12 +427,7 @@ class BlackHoleTests(unittest.TestCase):
         self.assertFalse(sub.connected)
 
 
-class SubscriberRobustnessTests(unittest.TestCase):
-    def setUp(self):
-        self.server = start_redis(self)
-        self.client = RedisClient(reactor, self.server.address, threads=2)
-        self.client.start()
-        self.addCleanup(self.client.stop)
+class SubscriberRobustnessTests(WithRedis):
 
     @defer.inlineCallbacks
     def test_survives_a_response_error_and_reconnects(self):

@@ -570,16 +570,24 @@ class CleanStopTests(RoutingCase):
     what it forwarded, and sends its own, before it leaves."""
 
     @defer.inlineCallbacks
-    def test_stopping_origin_waits_for_acks_instead_of_bouncing(self):
+    def three_in_flight_with_acks_held(self, prefix):
+        """Three stanzas from the remote's component via B to A's component,
+        whose acknowledgements A holds back; fires (a, b, the remote's
+        component)."""
         a, b = self.nodes["a"], self.nodes["b"]
         ca = yield add_component(self, a, "chat.a.example", "secret-a")
         cb = yield add_component(self, self.remote, "chat.b.example", "secret-b")
         yield self.known_everywhere("chat.a.example", "a")
         a.cluster.publisher.before_flush.remove(a.cluster._flush_acks)  # A holds its acks
         for i in range(3):
-            cb.send(f"<message from='y@chat.b.example' to='x@chat.a.example' id='s{i}'/>")
+            cb.send(f"<message from='y@chat.b.example' to='x@chat.a.example' id='{prefix}{i}'/>")
         yield drain(ca, 3)
         self.assertEqual(len(b.cluster.inflight), 3)
+        return a, b, cb
+
+    @defer.inlineCallbacks
+    def test_stopping_origin_waits_for_acks_instead_of_bouncing(self):
+        a, b, cb = yield self.three_in_flight_with_acks_held("s")
         stopping = b.cluster.stop()
         yield sleep(0.2)  # B is waiting, subscriber up; now A's acks go out
         a.cluster.publisher.before_flush.append(a.cluster._flush_acks)
@@ -591,15 +599,7 @@ class CleanStopTests(RoutingCase):
 
     @defer.inlineCallbacks
     def test_stopping_receiver_sends_its_acks_before_leaving(self):
-        a, b = self.nodes["a"], self.nodes["b"]
-        ca = yield add_component(self, a, "chat.a.example", "secret-a")
-        cb = yield add_component(self, self.remote, "chat.b.example", "secret-b")
-        yield self.known_everywhere("chat.a.example", "a")
-        a.cluster.publisher.before_flush.remove(a.cluster._flush_acks)  # A holds its acks
-        for i in range(3):
-            cb.send(f"<message from='y@chat.b.example' to='x@chat.a.example' id='r{i}'/>")
-        yield drain(ca, 3)
-        self.assertEqual(len(b.cluster.inflight), 3)
+        a, b, cb = yield self.three_in_flight_with_acks_held("r")
         yield a.cluster.stop()
         yield wait_until(lambda: not len(b.cluster.inflight), "B's table emptied")
         self.assertEqual((b.cluster.counters.acked, b.cluster.counters.bounced["timeout"]), (3, 0))
