@@ -27,7 +27,7 @@ from twisted.logger import ILogObserver, Logger, LogLevel, globalLogPublisher
 from twisted.python import usage
 from zope.interface import implementer
 
-from fedgate.cluster.redisclient import RedisClientMissing
+from fedgate.cluster.address import RedisClientMissing
 from fedgate.config import ConfigError, load_config
 from fedgate.listen import ListenFailed
 
