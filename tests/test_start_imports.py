@@ -3,16 +3,23 @@ uses.  Without an ``[admin] listen`` the HTTP stack (twisted.web's server,
 the admin routes), the metrics (prometheus_client) stay out of the process;
 wokkel loads at the first disco#info query, hypothesis never; with the
 cluster off, neither the Redis client nor redis-py.  Each case runs a fresh
-``twistd`` and reads its ``sys.modules`` once it serves."""
+``twistd`` and reads its ``sys.modules`` once it serves.  Once started, the
+gateway hands the C heap's free pages back (fedgate.tap.release_free_heap)."""
 
 from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 
 import pytest
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.testing import MemoryReactorClock
+
+from fedgate.tap import ExitOnStartFailure, release_free_heap
 from tests.support.twistd import REPO, free_ports, loopback_config
 
 #: Runs twistd in this process, then writes sys.modules once the gateway
@@ -121,3 +128,37 @@ print(router.routed[0].toXml())
     assert "<identity category='server' type='im'" in done.stdout, done.stdout
     assert "<feature var='urn:xmpp:ping'/>" in done.stdout, done.stdout
 
+
+class Started(service.Service):
+    """A gateway stand-in whose start fires (or fails) when told to."""
+
+    def __init__(self):
+        self.starting = defer.Deferred()
+
+    def startService(self):
+        super().startService()
+        return self.starting
+
+
+def test_the_free_heap_is_released_once_the_gateway_has_started():
+    gateway, released = Started(), []
+    starter = ExitOnStartFailure(gateway, MemoryReactorClock(), lambda status: None,
+                                 release_heap=lambda: released.append(True))
+    starter.startService()
+    assert released == []  # not while the listeners are still opening
+    gateway.starting.callback(None)
+    assert released == [True]
+
+
+def test_a_failed_start_releases_nothing():
+    gateway, released, statuses = Started(), [], []
+    starter = ExitOnStartFailure(gateway, MemoryReactorClock(), statuses.append,
+                                 release_heap=lambda: released.append(True))
+    starter.startService()
+    gateway.starting.errback(RuntimeError("storage is gone"))
+    assert (released, statuses) == ([], [1])
+
+
+def test_release_free_heap_trims_on_glibc():
+    # Both test stacks run on glibc, which has malloc_trim; elsewhere it is a no-op.
+    assert release_free_heap() is (platform.libc_ver()[0] == "glibc")
