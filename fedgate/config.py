@@ -798,7 +798,7 @@ def _node_name(reader: _Reader, name: str, value: str) -> str:
 
 def _cluster(cr: _Reader) -> ClusterConfig:
     """``[cluster]``: the Redis server, this node's id, leases."""
-    from fedgate.cluster.redisclient import RedisAddress  # no redis-py needed to parse
+    from fedgate.cluster.address import RedisAddress  # neither redis-py nor the client needed
     enabled = cr.get("enabled", bool, False)
     address = cr.get("redis", str, ClusterConfig.redis)
     tls = cr.get("tls", bool, False)
@@ -853,7 +853,7 @@ def _hostname() -> str:
 
 def redis_address(cluster: ClusterConfig):
     """The :class:`~fedgate.cluster.redisclient.RedisAddress` ``cluster`` names."""
-    from fedgate.cluster.redisclient import RedisAddress
+    from fedgate.cluster.address import RedisAddress
     return RedisAddress.parse(cluster.redis, password=cluster.password, tls=cluster.tls,
                               tls_ca_file=cluster.tls_ca_file)
 

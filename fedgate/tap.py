@@ -27,7 +27,7 @@ from twisted.logger import ILogObserver, Logger, LogLevel, globalLogPublisher
 from twisted.python import usage
 from zope.interface import implementer
 
-from fedgate.cluster.redisclient import RedisClientMissing
+from fedgate.cluster.address import RedisClientMissing
 from fedgate.config import ConfigError, load_config
 from fedgate.listen import ListenFailed
 
@@ -172,21 +172,28 @@ class ExitOnStartFailure(service.Service):
     one log line, a clean stop, and the exit status set when the
     interpreter ends (after twistd has removed its PID file)."""
 
-    def __init__(self, gateway, reactor, set_exit_status=None, log_level: str | None = None):
+    def __init__(self, gateway, reactor, set_exit_status=None, log_level: str | None = None,
+                 release_heap=None):
         self.gateway = gateway
         self.reactor = reactor
         self.set_exit_status = set_exit_status or _exit_status_at_exit
         self.exit_status: int | None = None
         #: ``logging.level``, applied at start (twistd's observers exist by then)
         self.log_level = log_level
+        #: called once the gateway has started (:func:`release_free_heap`)
+        self.release_heap = release_heap or release_free_heap
 
     def startService(self):
         super().startService()
         if self.log_level is not None:
             filter_log_level(self.log_level)
         d = defer.maybeDeferred(self.gateway.startService)
-        d.addErrback(self._failed)
+        d.addCallbacks(self._started, self._failed)
         return d
+
+    def _started(self, result):
+        self.release_heap()
+        return result
 
     def stopService(self):
         super().stopService()
@@ -204,6 +211,25 @@ class ExitOnStartFailure(service.Service):
         self.exit_status = status
         self.set_exit_status(status)
         self.reactor.callWhenRunning(self.reactor.stop)
+
+
+def release_free_heap() -> bool:
+    """Hand the C heap's free pages back to the system (glibc's
+    ``malloc_trim(0)``); True if it could.  Called once, when the gateway
+    has started: compiling modules without cached bytecode, parsing the
+    configuration and loading certificates leave freed memory that glibc
+    keeps otherwise (about 1.5 MB of the process's RSS at start when
+    fedgate runs from source without ``.pyc`` files; nothing measurable
+    with them).  A no-op on a C library without ``malloc_trim`` (musl)."""
+    import ctypes  # already loaded under twistd (twisted.python.win32 imports it)
+
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError):
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim(0)
+    return True
 
 
 def _exit_status_at_exit(status: int) -> None:

@@ -1,16 +1,25 @@
 """Memory at start: ``twistd fedgate`` imports only what its configuration
 uses.  Without an ``[admin] listen`` the HTTP stack (twisted.web's server,
 the admin routes), the metrics (prometheus_client) stay out of the process;
-wokkel loads at the first disco#info query, hypothesis never.  Each case
-runs a fresh ``twistd`` and reads its ``sys.modules`` once it serves."""
+wokkel loads at the first disco#info query, hypothesis never; with the
+cluster off, neither the Redis client nor redis-py.  Each case runs a fresh
+``twistd`` and reads its ``sys.modules`` once it serves.  Once started, the
+gateway hands the C heap's free pages back (fedgate.tap.release_free_heap)."""
 
 from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 
+import pytest
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.testing import MemoryReactorClock
+
+from fedgate.tap import ExitOnStartFailure, release_free_heap
 from tests.support.twistd import REPO, free_ports, loopback_config
 
 #: Runs twistd in this process, then writes sys.modules once the gateway
@@ -42,6 +51,8 @@ ADMIN_ONLY = ("twisted.web.server", "twisted.web.resource", "prometheus_client",
               "fedgate.admin.web", "fedgate.admin.channel", "fedgate.admin.resources",
               "fedgate.admin.diagnose")
 NEVER = ("hypothesis", "treq", "wokkel")
+CLUSTER_ONLY = ("fedgate.cluster.redisclient", "fedgate.cluster.relay", "fedgate.cluster.membership",
+                "fedgate.cluster.sync", "fedgate.storage.redis", "redis")
 
 
 def modules_after_start(tmp_path, admin: bool) -> set[str]:
@@ -60,10 +71,24 @@ def modules_after_start(tmp_path, admin: bool) -> set[str]:
     return set(found["modules"])
 
 
-def test_without_an_admin_listener_the_admin_and_metrics_stacks_stay_out(tmp_path):
-    modules = modules_after_start(tmp_path, admin=False)
+@pytest.fixture(scope="module")
+def modules_without_admin(tmp_path_factory):
+    """One gateway without an admin listener and with the cluster off."""
+    return modules_after_start(tmp_path_factory.mktemp("no-admin"), admin=False)
+
+
+def test_without_an_admin_listener_the_admin_and_metrics_stacks_stay_out(modules_without_admin):
+    modules = modules_without_admin
     assert "fedgate.service" in modules and "fedgate.admin.registry" in modules
     loaded = [m for m in ADMIN_ONLY + NEVER if m in modules]
+    assert not loaded, loaded
+
+
+def test_with_the_cluster_off_the_redis_client_stays_out(modules_without_admin):
+    # [cluster] is still parsed (its redis address checked), through
+    # fedgate.cluster.address alone
+    assert "fedgate.cluster.address" in modules_without_admin
+    loaded = [m for m in CLUSTER_ONLY if m in modules_without_admin]
     assert not loaded, loaded
 
 
@@ -102,3 +127,38 @@ print(router.routed[0].toXml())
     assert done.returncode == 0, done.stderr
     assert "<identity category='server' type='im'" in done.stdout, done.stdout
     assert "<feature var='urn:xmpp:ping'/>" in done.stdout, done.stdout
+
+
+class Started(service.Service):
+    """A gateway stand-in whose start fires (or fails) when told to."""
+
+    def __init__(self):
+        self.starting = defer.Deferred()
+
+    def startService(self):
+        super().startService()
+        return self.starting
+
+
+def test_the_free_heap_is_released_once_the_gateway_has_started():
+    gateway, released = Started(), []
+    starter = ExitOnStartFailure(gateway, MemoryReactorClock(), lambda status: None,
+                                 release_heap=lambda: released.append(True))
+    starter.startService()
+    assert released == []  # not while the listeners are still opening
+    gateway.starting.callback(None)
+    assert released == [True]
+
+
+def test_a_failed_start_releases_nothing():
+    gateway, released, statuses = Started(), [], []
+    starter = ExitOnStartFailure(gateway, MemoryReactorClock(), statuses.append,
+                                 release_heap=lambda: released.append(True))
+    starter.startService()
+    gateway.starting.errback(RuntimeError("storage is gone"))
+    assert (released, statuses) == ([], [1])
+
+
+def test_release_free_heap_trims_on_glibc():
+    # Both test stacks run on glibc, which has malloc_trim; elsewhere it is a no-op.
+    assert release_free_heap() is (platform.libc_ver()[0] == "glibc")
