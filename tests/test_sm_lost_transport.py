@@ -194,6 +194,38 @@ class Initiating(unittest.TestCase):
         self.assertEqual((self.destination.state, len(self.connector.attempts)), (CONNECTING, 4),
                          "the first loss since a delivery: at once")
 
+    def retry_timers(self) -> list:
+        return [call for call in self.clock.getDelayedCalls()
+                if call.active() and "_retry" in repr(call.func)]
+
+    def test_a_connect_failing_after_the_sender_stopped_leaves_no_retry_timer(self):
+        # Found by test_liveness_e2e in CI: a stream or connect attempt that
+        # fails during the gateway's shutdown (after the sender stopped and
+        # cancelled its timers) backed off as usual and left a
+        # Destination._retry timer behind, which would have acted after the
+        # stop.  Now nothing is scheduled: what is queued bounces at once.
+        self.send(0)
+        self.sender.drain()  # the attempt is under way: m0 stays for it
+        self.sender.stop()  # m0 bounces
+        self.send(1)  # comes in meanwhile and waits for the attempt
+        self.connector.fail()
+        self.assertEqual(self.retry_timers(), [])
+        self.assertEqual((self.destination.state, len(self.destination.queue)), ("idle", 0))
+        self.assertEqual(self.sender.bounced, 2)
+
+    def test_a_loss_after_the_sender_stopped_leaves_no_retry_timer(self):
+        self.send(0)
+        self.connect().stream.connectionLost(None)  # the first loss: at once
+        second = self.connect()
+        second.stream.dataReceived(f"<enabled xmlns='{sm.NS}' id='s2' resume='true'/>".encode())
+        self.assertEqual(self.ids(second), ["m0"])  # in flight, unacknowledged
+        self.sender.drain()
+        self.sender.stop()
+        second.stream.connectionLost(None)  # the second loss in a row
+        self.assertEqual(self.retry_timers(), [])
+        self.assertEqual((self.destination.state, len(self.destination.queue)), ("idle", 0))
+        self.assertEqual(self.sender.bounced, 1, "m0 bounced at once, not after a backoff")
+
     def test_requeued_stanzas_keep_their_age_and_bounce_past_max_wait(self):
         # review finding 6: each stream takes m0 and dies before acking it;
         # requeued, m0 keeps when it was first queued, so max_wait (60 s)

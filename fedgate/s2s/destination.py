@@ -910,6 +910,11 @@ class Destination:
         delay = min(settings.backoff_max, settings.backoff_initial * 2 ** (self.failures - 1))
         delay *= 0.5 + self.sender.rng.random() / 2
         self._move(event, BACKOFF)
+        if self.sender.draining:
+            # Shutting down (the sender's timers may already be cancelled):
+            # no retry will come, so what waits bounces now.
+            self._shutdown_bounce("retry")
+            return
         self.retry_at = self.sender.clock.seconds() + delay
         self._retry_timer = self.sender.clock.callLater(delay, self._retry)
 
