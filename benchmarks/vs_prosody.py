@@ -124,13 +124,15 @@ def fedgate_config(state_dir: Path, remote_port: int, ca_path: Path) -> str:
     ])
 
 
-async def start_fedgate(reactor, workdir: Path, remote_port: int, ca) -> Server:
+async def start_fedgate(reactor, workdir: Path, remote_port: int, ca,
+                        profile: Path | None = None) -> Server:
     state = workdir / "state"
     for host in (GATEWAY_DOMAIN, COMPONENT_DOMAIN):
         ca.issue(dns=(host,)).write(state / "certs", host)
     ca_path = ca.write_root(workdir / "ca.pem")
     gateway = await start_gateway(reactor, workdir, remote_port,
-                                  config_text=fedgate_config(state, remote_port, ca_path))
+                                  config_text=fedgate_config(state, remote_port, ca_path),
+                                  profile=profile)
     return Server("fedgate", gateway.child.process.pid, gateway.s2s_port, gateway.component_port,
                   gateway.child.stop)
 
@@ -372,12 +374,18 @@ def parse_args(argv):
                         help="Prosody's Nagle setting (default off, like fedgate; Prosody's own default is on)")
     parser.add_argument("--server", action="append", choices=SERVERS,
                         help="run only this server (repeatable; ratios need both)")
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="run fedgate under cProfile (twistd --profile); one pstats file per "
+                             "round in DIR (fedgate-<round>.prof).  Its figures then include the "
+                             "profiler's overhead: for finding where time goes, not for ratios")
     args = parser.parse_args(argv)
     for name in ("rounds", "messages", "latency_messages", "sessions", "idle"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     args.scenario = list(dict.fromkeys(args.scenario or SCENARIOS))
     args.server = list(dict.fromkeys(args.server or SERVERS))
+    if args.profile is not None:
+        args.profile.mkdir(parents=True, exist_ok=True)
     return args
 
 
@@ -429,7 +437,9 @@ async def main(reactor, args) -> None:
                 where.mkdir()
                 progress(f"round {number}/{args.rounds}: starting {name} ...")
                 if name == "fedgate":
-                    server = await start_fedgate(reactor, where, remote_port.getHost().port, ca)
+                    profile = args.profile / f"fedgate-{number}.prof" if args.profile else None
+                    server = await start_fedgate(reactor, where, remote_port.getHost().port, ca,
+                                                 profile=profile)
                 else:
                     server = await start_prosody(reactor, where, dns_port, ca,
                                                  nagle=args.prosody_nagle == "on")

@@ -28,9 +28,6 @@ import time
 from xml.parsers import expat
 
 from twisted.internet import defer, protocol
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-
-from fedgate.s2s.dialback import dialback_key
 
 STREAMS = "http://etherx.jabber.org/streams"
 SERVER = "jabber:server"
@@ -167,7 +164,10 @@ class XmppPeer(protocol.Protocol):
         self.header: dict | None = None
         self.stream_error: str | None = None
         self.lost: defer.Deferred = defer.Deferred()
+        #: fired with this peer once the connection is up (see :func:`connect`)
+        self.on_connect: defer.Deferred | None = None
         self._reader: StreamReader | None = None
+        self._wrote = False
 
     def connectionMade(self) -> None:
         # The generator never waits on Nagle's algorithm (whatever the server does).
@@ -176,6 +176,9 @@ class XmppPeer(protocol.Protocol):
             set_no_delay(True)
         self._reader = StreamReader(self._header, self.element_received, self.stream_ended)
         self.stream_started()
+        self._send_now()
+        if self.on_connect is not None and not self.on_connect.called:
+            self.on_connect.callback(self)
 
     def restart_stream(self) -> None:
         """After STARTTLS or SASL success: a fresh reader and our header again."""
@@ -188,6 +191,23 @@ class XmppPeer(protocol.Protocol):
         except expat.ExpatError as exc:
             self.stream_error = f"not-well-formed: {exc}"
             self.transport.abortConnection()
+            return
+        self._send_now()
+
+    def _send_now(self) -> None:
+        """What we wrote while handling a read (or the connection's start)
+        goes to the socket now, not on the reactor's next turn: a reactor
+        turn fewer per step, as a server answering at once would do.  Plain
+        TCP only (over TLS the reactor sends it)."""
+        if not self._wrote:
+            return
+        self._wrote = False
+        transport = self.transport
+        do_write = getattr(transport, "doWrite", None)
+        if (do_write is not None and not getattr(transport, "TLS", True)
+                and getattr(transport, "connected", False) and not getattr(transport, "disconnecting", True)
+                and not getattr(transport, "_writeDisconnected", True)):
+            do_write()
 
     def connectionLost(self, reason) -> None:
         self.lost.callback(None)
@@ -198,11 +218,13 @@ class XmppPeer(protocol.Protocol):
 
     def write(self, text: str) -> None:
         self.transport.write(text.encode("utf-8"))
+        self._wrote = True
 
     def close_stream(self) -> defer.Deferred:
         """Send our footer; fires once the connection is gone."""
         if not self.lost.called:
             self.transport.write(_FOOTER)
+            self._wrote = True
         return self.lost
 
     # -- role hooks ---------------------------------------------------------
@@ -251,7 +273,7 @@ class RemoteServerConnection(XmppPeer):
     def _verify(self, top: Top) -> None:
         attrs = top.attrs
         receiving, originating, stream_id = attrs["from"], attrs["to"], attrs["id"]
-        expected = dialback_key(self.server.secret, receiving, originating, stream_id)
+        expected = self.server.key_for(receiving, originating, stream_id)
         valid = originating == self.server.domain and hmac.compare_digest(
             expected.encode(), top.get_text().encode())
         self.server.verifications[valid] += 1
@@ -270,12 +292,21 @@ class RemoteServer(protocol.Factory):
         self.inbox = Inbox()
         self.verifications = {True: 0, False: 0}
         self.results_accepted = 0
+        self._mac = hmac.new(hashlib.sha256(secret.encode("utf-8")).hexdigest().encode("ascii"),
+                             digestmod=hashlib.sha256)
 
     def buildProtocol(self, addr):
         return RemoteServerConnection(self)
 
     def key(self, receiving: str, stream_id: str) -> str:
-        return dialback_key(self.secret, receiving, self.domain, stream_id)
+        return self.key_for(receiving, self.domain, stream_id)
+
+    def key_for(self, receiving: str, originating: str, stream_id: str) -> str:
+        """The XEP-0185 key (:func:`fedgate.s2s.dialback.dialback_key`), from
+        an HMAC keyed once with our secret instead of hashing it per key."""
+        mac = self._mac.copy()
+        mac.update(f"{receiving} {originating} {stream_id}".encode("utf-8"))
+        return mac.hexdigest()
 
 
 # -- streams the generator opens ----------------------------------------------
@@ -406,6 +437,34 @@ class EchoStream(XmppPeer):
         super().connectionLost(reason)
 
 
+class _PeerFactory(protocol.ClientFactory):
+    """One connection attempt for one peer, without the per-connection log
+    lines ("Starting factory ...") and protocol wrapper of an endpoint."""
+
+    noisy = False
+
+    def __init__(self, peer: XmppPeer):
+        self.peer = peer
+
+    def buildProtocol(self, addr):
+        return self.peer
+
+    def clientConnectionFailed(self, connector, reason) -> None:
+        if not self.peer.on_connect.called:
+            self.peer.on_connect.errback(reason)
+
+
 def connect(reactor, port: int, peer: XmppPeer, timeout: float = 10.0) -> defer.Deferred:
-    """Connect ``peer`` to 127.0.0.1:``port``; fires with the peer."""
-    return connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=timeout), peer)
+    """Connect ``peer`` to 127.0.0.1:``port``; fires with the peer once it
+    is connected (cancelling it stops the attempt)."""
+    connector = None
+
+    def cancel(d):
+        if connector is not None:
+            if peer.transport is not None:
+                peer.transport.abortConnection()
+            else:
+                connector.stopConnecting()
+    peer.on_connect = defer.Deferred(cancel)
+    connector = reactor.connectTCP("127.0.0.1", port, _PeerFactory(peer), timeout=timeout)
+    return peer.on_connect

@@ -64,11 +64,20 @@ class PolicyTable:
     _listeners: list = field(default_factory=list, repr=False)
 
     def for_peer(self, domain: str) -> PeerPolicy:
-        """The policy for ``domain``: its override, or the default."""
+        """The policy for ``domain``: its override, or the default (a copy
+        naming ``domain``, equal to ``replace(default, domain=domain)``)."""
         peer = self.peers.get(domain)
         if peer is not None:
             return peer
-        return replace(self.default, domain=domain)
+        default = self.default
+        if default.domain == domain:
+            return default
+        # Asked several times per handshake for most peers: a plain copy of
+        # terms already checked, not dataclasses.replace (which checks them
+        # again through __init__ each time).
+        stamped = object.__new__(PeerPolicy)
+        stamped.__dict__.update(default.__dict__, domain=domain)
+        return stamped
 
     def rate_limit(self, domain: str) -> float | None:
         """The peer's stanza rate limit, without building a policy object

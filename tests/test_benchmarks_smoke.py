@@ -114,6 +114,50 @@ class VsProsodyBenchmarkSmoke(unittest.TestCase):
             self.assertGreater(report["results"][metric]["ratio"], 0, metric)
 
 
+class VsProsodyProfileSmoke(unittest.TestCase):
+    """``--profile DIR`` runs fedgate under cProfile and leaves one pstats
+    file per round there (fedgate only: no Prosody needed)."""
+
+    def test_profile_per_round(self):
+        import pstats
+        import tempfile
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+        with tempfile.TemporaryDirectory() as where:
+            out = Path(where) / "profiles"
+            result = subprocess.run(
+                [sys.executable, "-m", "benchmarks.vs_prosody", "--rounds", "1", "--sessions", "3",
+                 "--server", "fedgate", "--scenario", "dialback_sequential", "--timeout", "15",
+                 "--profile", str(out)],
+                cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+            self.assertEqual(result.returncode, 0, result.stdout[-3000:] + result.stderr[-3000:])
+            report = json.loads(result.stdout)
+            self.assertEqual(report["problems"], [])
+            self.assertGreater(report["results"]["dialback_sequential"]["fedgate"], 0)
+            self.assertEqual(sorted(p.name for p in out.iterdir()), ["fedgate-1.prof"])
+            stats = pstats.Stats(str(out / "fedgate-1.prof"))
+            handled = [key for key in stats.stats if key[2] == "header_received"
+                       and key[0].endswith(os.path.join("s2s", "inbound.py"))]
+            self.assertEqual(len(handled), 1, "the inbound handshakes ran under the profiler")
+
+
+class HandshakeCpuBenchmarkSmoke(unittest.TestCase):
+    """benchmarks.handshake_cpu runs whole inbound dialback handshakes in
+    memory over one reused verification connection and reports a rate and
+    the writes of one handshake.  No speed is asserted."""
+
+    def test_runs_and_reports(self):
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+        result = subprocess.run([sys.executable, "-m", "benchmarks.handshake_cpu", "20"], cwd=REPO,
+                                env=env, capture_output=True, text=True, timeout=60)
+        self.assertEqual(result.returncode, 0, result.stdout[-3000:] + result.stderr[-3000:])
+        report = json.loads(result.stdout)
+        self.assertGreater(report["handshakes_per_cpu_second"], 0)
+        # header and features, the answer, our close; one db:verify
+        self.assertEqual(report["transport_writes_per_handshake"], {"inbound": 3, "verification": 1})
+
+
 class ClusterBenchmarkSmoke(unittest.TestCase):
     """benchmarks.cluster runs its three comparisons (relay, latency at
     2,000/s, two nodes against one) with tiny counts and reports a figure

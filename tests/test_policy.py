@@ -34,6 +34,24 @@ class PolicyTests(unittest.TestCase):
         self.assertTrue(table.for_peer("x.example").requires_certificate)
         self.assertRaises(ValueError, table.set_default, PeerPolicy(), "closed")
 
+    def test_default_for_a_peer_is_the_default_naming_it(self):
+        """for_peer copies the default's terms without dataclasses.replace:
+        the copy is the same value, frozen, hashable, and follows a new
+        default at once."""
+        from dataclasses import FrozenInstanceError, replace
+        default = PeerPolicy(encryption="optional", authentication="certificate", addresses=(("h", 1),),
+                             max_stanza_bytes=1000, rate_limit=3.0, note="n")
+        table = PolicyTable(default)
+        got = table.for_peer("any.example")
+        self.assertEqual(got, replace(default, domain="any.example"))
+        self.assertEqual(hash(got), hash(replace(default, domain="any.example")))
+        self.assertIs(type(got), PeerPolicy)
+        self.assertIsNone(table.default.domain, "the default itself is left alone")
+        self.assertRaises(FrozenInstanceError, setattr, got, "encryption", "required")
+        self.assertTrue(got.requires_certificate)
+        table.set_default(PeerPolicy(encryption="required"))
+        self.assertEqual(table.for_peer("any.example"), PeerPolicy("any.example", encryption="required"))
+
     def test_rate_limit_lookup(self):
         table = PolicyTable(PeerPolicy(rate_limit=50.0), {"p.example": PeerPolicy("p.example", rate_limit=5.0)})
         self.assertEqual(table.rate_limit("p.example"), 5.0)

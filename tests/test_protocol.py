@@ -558,3 +558,93 @@ class SendNowTests(StreamCase):
         self.handler.on_header = lambda header: None
         self.connect().dataReceived(HEADER)
         self.assertEqual(self.transport.do_writes, 0)
+
+
+class CrossStreamWriteTests(unittest.SynchronousTestCase):
+    """What one stream's read makes other streams write (the <db:verify> on
+    a verification connection, the <db:result> answer on an inbound stream,
+    stanzas routed to a component) is written once per stream at the end of
+    that read and sent at once, without waiting for the reactor's next
+    turn."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.streams = []
+        for _ in range(3):
+            handler = FakeHandler()
+            transport = SendingTransport()
+            stream = XmppStream(handler, self.clock)
+            stream.makeConnection(transport)
+            stream.dataReceived(HEADER)
+            transport.writes.clear()
+            transport.do_writes = 0
+            transport.clear()
+            self.streams.append((stream, handler, transport))
+
+    def test_writes_to_another_stream_go_out_within_the_read(self):
+        (reader, handler, _), (other, _, transport), _ = self.streams
+        seen_during_read = []
+
+        def route(element):
+            other.send(f"<m n='{element.getAttribute('n')}'/>")
+            seen_during_read.append(transport.value())
+        handler.on_element = route
+        reader.dataReceived(b"<x n='1'/><x n='2'/>")
+        self.assertEqual(seen_during_read, [b"", b""], "kept until the read ends")
+        self.assertEqual(transport.writes, [b"<m n='1'/><m n='2'/>"], "one write for the read")
+        self.assertEqual(transport.do_writes, 1, "sent at once, not on the reactor's next turn")
+        self.assertEqual(transport.sent, b"<m n='1'/><m n='2'/>")
+
+    def test_each_stream_written_to_gets_its_own_write_in_order(self):
+        (reader, handler, reader_transport), (b, _, tb), (c, _, tc) = self.streams
+        handler.on_element = lambda element: (c.send("<c1/>"), b.send("<b1/>"), c.send("<c2/>"),
+                                              reader.send("<r/>"))
+        reader.dataReceived(b"<x/>")
+        self.assertEqual(reader_transport.writes, [b"<r/>"])
+        self.assertEqual(tb.writes, [b"<b1/>"])
+        self.assertEqual(tc.writes, [b"<c1/><c2/>"])
+        self.assertEqual((reader_transport.do_writes, tb.do_writes, tc.do_writes), (1, 1, 1))
+
+    def test_a_stream_closed_during_the_read_writes_its_close_and_nothing_after(self):
+        (reader, handler, _), (other, _, transport), _ = self.streams
+
+        def close_other(element):
+            other.send("<bye/>")
+            other.close()
+            other.send("<late/>")
+        handler.on_element = close_other
+        reader.dataReceived(b"<x/>")
+        self.assertEqual(transport.value(), b"<bye/></stream:stream>")
+        self.assertTrue(transport.disconnecting)
+
+    def test_a_stream_lost_during_the_read_writes_nothing(self):
+        (reader, handler, _), (other, _, transport), _ = self.streams
+
+        def lose_other(element):
+            other.send("<m/>")
+            other.connectionLost(Failure(ConnectionError("gone")))
+        handler.on_element = lose_other
+        reader.dataReceived(b"<x/>")
+        self.assertEqual(transport.writes, [])
+
+    def test_a_failing_flush_of_one_stream_spares_the_others(self):
+        (reader, handler, _), (b, _, tb), (c, _, tc) = self.streams
+
+        def broken_write(data):
+            raise RuntimeError("transport bug")
+        tb.write = broken_write
+        handler.on_element = lambda element: (b.send("<b/>"), c.send("<c/>"))
+        reader.dataReceived(b"<x/>")
+        self.assertEqual(tc.writes, [b"<c/>"])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        # and the next read starts a fresh batch: b writes go at once again
+        tb.write = SendingTransport.write.__get__(tb)
+        b.send("<after/>")
+        self.assertEqual(tb.writes, [b"<after/>"])
+
+    def test_outside_any_read_writes_go_to_the_transport_at_once(self):
+        _, (other, _, transport), _ = self.streams
+        other.send("<a/>")
+        other.send("<b/>")
+        self.assertEqual(transport.writes, [b"<a/>", b"<b/>"])
+        self.assertEqual(transport.do_writes, 0, "left to the reactor, as before")

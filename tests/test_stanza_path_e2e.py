@@ -11,6 +11,7 @@ from twisted.trial import unittest
 
 from tests.support.federation import TwoGatewaysFixture
 from tests.support.gateway import gateway_config, temp_dir
+from tests.support.s2speer import wait_until
 
 TIMEOUT = 15
 
@@ -57,7 +58,11 @@ class StanzaPathE2E(TwoGatewaysFixture, unittest.TestCase):
         x = next(e for e in got[0].elements() if e.name == "x")
         self.assertEqual((x.uri, x[("urn:example:a", "k")], next(x.elements()).uri),
                          ("urn:example:x", '"v"', ""))
-        # Counted once, as delivered, on the sending side.
+        # Counted once, as delivered, on the sending side: with XEP-0198
+        # once gateway B's <a/> is back, which may come after component B
+        # has the stanzas (B sends both at the end of the same read).
+        yield wait_until(lambda: self.a.sender.outcomes()["delivered"] >= len(FORWARDABLE),
+                         "gateway B's acknowledgement", TIMEOUT)
         self.assertEqual(self.a.sender.outcomes()["delivered"], len(FORWARDABLE))
 
     @defer.inlineCallbacks
@@ -86,6 +91,10 @@ class RefusalE2E(TwoGatewaysFixture, unittest.TestCase):
         self.cb = yield self.add_component(self.b, "chat.b.example", "secret-b")
         self.ca.send("<message from='alice@chat.a.example' to='bob@chat.b.example' id='warm'/>")
         yield self.cb.next_element(timeout=TIMEOUT)
+        # delivered once gateway B's XEP-0198 <a/> is back (it may come
+        # after component B has the stanza)
+        yield wait_until(lambda: self.a.sender.outcomes()["delivered"] == 1,
+                         "the warm-up's acknowledgement", TIMEOUT)
 
     def stanza(self, n: int):
         from fedgate.stream.parser import StreamParser

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from twisted.internet import defer
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
 from fedgate.s2s.connect import ConnectError
+from fedgate.s2s.inbound import InboundS2S
 from fedgate.s2s.verifier import DialbackError, DialbackVerifier
 from fedgate.stream.parser import StreamParser
 from fedgate.stream.protocol import XmppStream
@@ -628,3 +632,80 @@ class PooledPolicyManyTests(unittest.TestCase):
         policy.set_default(policy.default, mode="allowlist")
         self.ask(stream_id="S1")
         self.assertTrue(peer.disconnecting)
+
+
+class SendingTransport(StringTransport):
+    """A TCP-like transport: counts writes and the sends made at once
+    (``doWrite``, which the reactor would otherwise call on its next turn)."""
+
+    _writeDisconnected = False
+
+    def __init__(self):
+        super().__init__()
+        self.writes = 0
+        self.sent = b""
+
+    def write(self, data):
+        self.writes += 1
+        super().write(data)
+
+    def doWrite(self):
+        self.sent = self.value()
+
+
+class HandshakeSendsTests(unittest.TestCase):
+    """A plaintext dialback handshake over the pooled verification
+    connection: each step's bytes leave within the read that caused them
+    (no reactor turn in between), one write per stream per read."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.connections = []
+        ctx = make_context(self.clock, local_domains={"gw.example"}, secret="s")
+
+        def connect(domain, factory):
+            stream = factory(None)
+            stream.makeConnection(SendingTransport())
+            self.connections.append(stream)
+            return defer.succeed(stream)
+        self.connector = FakeConnector(self.clock)
+        self.connector.connect = connect
+        verifier = DialbackVerifier(self.connector, self.clock,
+                                    lambda handler: XmppStream(handler, self.clock), timeout=30, ctx=ctx)
+        self.ctx = replace(ctx, verifier=verifier)
+
+    def test_verify_request_and_answer_are_sent_within_the_reads(self):
+        inbound = XmppStream(InboundS2S(self.ctx), self.clock)
+        transport = SendingTransport()
+        inbound.makeConnection(transport)
+        inbound.dataReceived(server_header(to="gw.example", **{"from": "remote.example"}, version="1.0"))
+        self.assertEqual((transport.writes, transport.sent), (1, transport.value()),
+                         "header and features: one write, sent at once")
+        # The verification connection is up (at once here) and negotiated.
+        inbound.dataReceived(b"<db:result from='remote.example' to='gw.example'>KEY</db:result>")
+        [verification] = self.connections
+        verification.dataReceived(server_header(id="AUTH", **{"from": "remote.example"}, version="1.0")
+                                  + FEATURES)
+        vt = verification.transport
+        self.assertIn(b"<db:verify ", vt.value())
+        self.assertEqual(vt.sent, vt.value(), "the db:verify is sent within the read")
+        stream_id = inbound.handler.stream_id
+        before = transport.writes
+        verification.dataReceived(f"<db:verify from='remote.example' to='gw.example' id='{stream_id}'"
+                                  f" type='valid'/>".encode())
+        self.assertEqual(transport.writes, before + 1)
+        self.assertTrue(transport.sent.endswith(b'<db:result from="gw.example" to="remote.example" type="valid"/>'),
+                        "the answer is sent within the verification connection's read")
+        # The next handshake reuses the connection: its db:verify goes out
+        # within the inbound stream's read.
+        second = XmppStream(InboundS2S(self.ctx), self.clock)
+        second.makeConnection(SendingTransport())
+        second.dataReceived(server_header(to="gw.example", **{"from": "remote.example"}, version="1.0"))
+        vt.clear()
+        vt.sent = b""
+        writes = vt.writes
+        second.dataReceived(b"<db:result from='remote.example' to='gw.example'>KEY2</db:result>")
+        self.assertEqual(len(self.connections), 1)
+        self.assertEqual(vt.writes, writes + 1)
+        self.assertTrue(vt.sent.startswith(b"<db:verify ") and vt.sent == vt.value(),
+                        "sent within the inbound stream's read")

@@ -100,6 +100,41 @@ COALESCE_MAX = 64 * 1024
 _BODY = re.compile(r"(<body\b[^>]*>).*?(</body>)", re.S)
 
 
+class _ReadBatch:
+    """The read being handled now, and the other streams written to during it.
+
+    One reactor thread handles one read at a time; what it makes other
+    streams write (a ``<db:verify>`` on a verification connection, the
+    ``<db:result>`` answer on the inbound stream when the verification's
+    answer arrives, stanzas routed to a component) is kept by each of them
+    and written and sent when the read ends, like the reading stream's own
+    answer (:meth:`XmppStream._flush`): one write per stream per read, and
+    no reactor turn between a read and the bytes it makes us send
+    elsewhere."""
+
+    __slots__ = ("reader", "joined")
+
+    def __init__(self):
+        #: the stream whose read is being handled (None between reads)
+        self.reader = None
+        #: other streams that wrote during it, in the order they first did
+        self.joined: list = []
+
+    def end(self) -> None:
+        """The outer read is over: flush the streams written to meanwhile."""
+        self.reader = None
+        while self.joined:
+            joined, self.joined = self.joined, []
+            for stream in joined:
+                try:
+                    stream._flush(ending=True)
+                except Exception:
+                    log.failure("Unexpected error writing to {peer}", peer=stream.peer)
+
+
+_batch = _ReadBatch()
+
+
 @implementer(IHandshakeListener, IXmppStream)
 class XmppStream(protocol.Protocol):
     """One TCP connection carrying one XMPP stream (restarted as needed)."""
@@ -186,8 +221,13 @@ class XmppStream(protocol.Protocol):
         self.last_received = self.clock.seconds()
         if self.log_traffic:
             self._log_xml("in", data)
+        batch = _batch
+        outer = batch.reader is None  # else a read inside a read (in-memory transports)
+        if outer:
+            batch.reader = self
         self._parsing = True
-        self._out, self._out_size = [], 0
+        if self._out is None:  # (not None: written to earlier in an outer read)
+            self._out, self._out_size = [], 0
         try:
             self._parser.feed(data)
         except _Restart:
@@ -199,7 +239,11 @@ class XmppStream(protocol.Protocol):
             self.fail("internal-server-error")
         finally:
             self._parsing = False
-            self._flush(ending=True)
+            try:
+                self._flush(ending=True)
+            finally:
+                if outer:
+                    batch.end()
 
     def connectionLost(self, reason) -> None:
         self.closed = True
@@ -267,7 +311,8 @@ class XmppStream(protocol.Protocol):
         A handshake step (a header and its features, an answer and what
         follows it) is written in several pieces within one read; each
         ``transport.write`` costs a TLS record and Twisted's write
-        bookkeeping, so the pieces go out as one.
+        bookkeeping, so the pieces go out as one.  The same holds for a
+        stream written to during another stream's read (:class:`_ReadBatch`).
 
         Past :data:`COALESCE_MAX` bytes what was kept goes to the transport
         at once: the transport pauses :attr:`flow` only once its buffer
@@ -279,6 +324,11 @@ class XmppStream(protocol.Protocol):
         XEP-0198)."""
         out = self._out
         if out is None:
+            if _batch.reader is not None and not self.closed:
+                # another stream's read is being handled: written at its end
+                self._out, self._out_size = [data], len(data)
+                _batch.joined.append(self)
+                return
             self.transport.write(data)
         else:
             out.append(data)
