@@ -145,6 +145,26 @@ class OutboundClose(unittest.TestCase):
         self.assertTrue(peer.disconnecting)
         self.assertEqual(self.outcomes()[:3], (3, 0, 0))
 
+    def test_no_stanza_is_written_while_an_idle_close_waits(self):
+        # The stream is "ending" (it waits for the peer's last <a/>): a
+        # stanza sent meanwhile must wait for the next stream, not go out
+        # after our <r/>, where the peer's answer would not cover it and it
+        # would be sent twice (seen in a helper's profiling run; before the
+        # fix XmppStream.send_stanza only refused once closing).
+        peer = self.flood()
+        close_idle(peer.stream, "idle")
+        self.assertEqual(self.sm_out(peer), [("r", None)])
+        self.send(3)
+        self.assertEqual([e["id"] for e in peer.take() if e.name == "message"], [])
+        self.assertEqual(self.outcomes(), (0, 3, 0, 1), "m3 waits in the queue, not in flight")
+        peer.stream.dataReceived(f"<a xmlns='{sm.NS}' h='3'/>".encode())
+        self.assertTrue(peer.disconnecting)
+        peer.stream.connectionLost(None)
+        self.assertEqual(self.outcomes()[:3], (3, 0, 0))
+        again = self.open_peer()
+        self.assertEqual([e["id"] for e in again.take() if e.name == "message"], ["m3"])
+        self.assertEqual(self.bounced, [])
+
     def test_shutdown_error_waits_then_goes_out(self):
         peer = self.flood()
         peer.stream.fail("system-shutdown", "the gateway is stopping")

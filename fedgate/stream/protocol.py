@@ -367,9 +367,10 @@ class XmppStream(protocol.Protocol):
 
     def send_stanza(self, stanza) -> bool:
         """The one write path for stanzas: True when the open transport took
-        ``stanza``, False (nothing written) once the stream is closing or
-        closed.  Only a True counts as delivered."""
-        if self.closing or self.closed:
+        ``stanza``, False (nothing written) once the stream is ending (a
+        lingering close of ours), closing or closed.  Only a True counts as
+        delivered."""
+        if self.closing or self.closed or self.ending:
             return False
         if not isinstance(stanza, Stanza):
             stanza = Stanza.of(stanza)
