@@ -124,12 +124,12 @@ def fedgate_config(state_dir: Path, remote_port: int, ca_path: Path) -> str:
     ])
 
 
-async def start_fedgate(reactor, workdir: Path, remote_port: int, ca) -> Server:
+async def start_fedgate(reactor, workdir: Path, remote_port: int, ca, profile: Path | None = None) -> Server:
     state = workdir / "state"
     for host in (GATEWAY_DOMAIN, COMPONENT_DOMAIN):
         ca.issue(dns=(host,)).write(state / "certs", host)
     ca_path = ca.write_root(workdir / "ca.pem")
-    gateway = await start_gateway(reactor, workdir, remote_port,
+    gateway = await start_gateway(reactor, workdir, remote_port, profile=profile,
                                   config_text=fedgate_config(state, remote_port, ca_path))
     return Server("fedgate", gateway.child.process.pid, gateway.s2s_port, gateway.component_port,
                   gateway.child.stop)
@@ -370,6 +370,9 @@ def parse_args(argv):
     parser.add_argument("--scenario", action="append", choices=sorted(SCENARIOS))
     parser.add_argument("--prosody-nagle", choices=("on", "off"), default="off",
                         help="Prosody's Nagle setting (default off, like fedgate; Prosody's own default is on)")
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="run fedgate under cProfile, one file per round (DIR/fedgate-<round>.prof; "
+                             "the profiler's own cost slows fedgate, so ratios from such a run mean little)")
     parser.add_argument("--server", action="append", choices=SERVERS,
                         help="run only this server (repeatable; ratios need both)")
     args = parser.parse_args(argv)
@@ -378,6 +381,8 @@ def parse_args(argv):
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     args.scenario = list(dict.fromkeys(args.scenario or SCENARIOS))
     args.server = list(dict.fromkeys(args.server or SERVERS))
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
     return args
 
 
@@ -429,7 +434,9 @@ async def main(reactor, args) -> None:
                 where.mkdir()
                 progress(f"round {number}/{args.rounds}: starting {name} ...")
                 if name == "fedgate":
-                    server = await start_fedgate(reactor, where, remote_port.getHost().port, ca)
+                    server = await start_fedgate(reactor, where, remote_port.getHost().port, ca,
+                                                 profile=args.profile / f"fedgate-{number}.prof"
+                                                 if args.profile else None)
                 else:
                     server = await start_prosody(reactor, where, dns_port, ca,
                                                  nagle=args.prosody_nagle == "on")
