@@ -190,6 +190,26 @@ def tls_info(connection: SSL.Connection) -> TLSInfo:
                    peer_chain=tuple(c for c in sent if c != leaf))
 
 
+def flush_tls_writes(transport) -> None:
+    """Put what a TLS transport holds back into its TLS connection now.
+
+    Twisted 22.8 and later wrap TLS in ``BufferingTLSTransport``, which keeps
+    every write until a ``callLater(0)`` on the reactor's next turn (and the
+    TCP transport sends the record on the turn after).  A stream that answers
+    a read with one coalesced write (a handshake step) wants it sent at once;
+    without this, its immediate send found the socket's buffer empty (a
+    zero-byte ``send``) and the answer left two reactor turns later.  Older
+    Twisted (Debian's 22.4) writes through at once and has nothing to flush.
+
+    After ``startTLS`` the stream's transport is still the TCP connection,
+    with the TLS protocol as its ``protocol`` (``transport.TLS`` set); the
+    aggregator is private API there: without it this does nothing."""
+    tls = transport.protocol if getattr(transport, "TLS", False) else transport
+    flush = getattr(getattr(tls, "_aggregator", None), "flush", None)
+    if flush is not None:
+        flush()
+
+
 def _refuse_resumption(ctx: SSL.Context) -> None:
     """No session cache and no tickets (see the module docstring)."""
     ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
