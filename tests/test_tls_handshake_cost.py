@@ -14,12 +14,14 @@ benchmark measures those).
 
 from __future__ import annotations
 
+import gc
 import tempfile
 from pathlib import Path
 
 from twisted.internet import defer, protocol, reactor, ssl
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.trial import unittest
+from zope.interface.declarations import Provides
 
 from fedgate.stream import namespaces as ns
 from fedgate.stream.protocol import XmppStream
@@ -172,3 +174,23 @@ class TLSWritePathE2E(unittest.TestCase):
         self.assertNotIn(0, [size for size, _ in server.sends], server.sends)
         within_read = [size for size, parsing in server.sends if parsing and size]
         self.assertGreaterEqual(len(within_read), 3, server.sends)
+
+    @defer.inlineCallbacks
+    def test_tls_connections_share_their_interface_declarations(self):
+        server = _Server(self.contexts)
+        yield self._session(server)
+        first = server.streams[0].handler.tls_protocol
+        cls = type(first)
+        provided, specs = contexts_module._DECLARATIONS[(cls, type(server.streams[0].transport))]
+        self.assertTrue(specs)
+        del first
+        server.streams.clear()
+        gc.collect()
+        # A later connection's declarations are the very ones kept, not new
+        # ones (zope.interface would otherwise have dropped them by now).
+        yield self._session(server)
+        second = server.streams[0].handler.tls_protocol
+        self.assertIn(second.__provides__, specs)
+        for interface, spec in zip(provided, specs):
+            self.assertIs(Provides(cls, interface), spec)
+        self.assertLessEqual(len(contexts_module._DECLARATIONS), contexts_module._DECLARATIONS_MAX)

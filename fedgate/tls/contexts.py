@@ -42,7 +42,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from OpenSSL import SSL
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IOpenSSLServerConnectionCreator
-from zope.interface import implementer
+from zope.interface import implementer, providedBy
+from zope.interface.declarations import Provides
 
 from fedgate.tls.certs import CertificateStore
 from fedgate.tls.identity import certificate_matches
@@ -305,12 +306,38 @@ class TLSContexts:
         return ClientTLS(self, local, remote, alpn)
 
 
+#: (TLS protocol class, transport class) -> the interface declarations
+#: Twisted makes on each TLS connection, held for the life of the process.
+#: ``TLSMemoryBIOProtocol.makeConnection`` declares, one at a time, every
+#: interface its transport provides on the new protocol object;
+#: zope.interface shares such declarations only through a weak cache, so
+#: once the previous TLS connection was gone each new one computed them all
+#: again (a C3 resolution order each, the largest Python cost of a TLS
+#: connection's set-up).  A handful of class pairs at most.
+_DECLARATIONS: dict = {}
+_DECLARATIONS_MAX = 8
+
+
+def keep_declarations(tls_protocol) -> None:
+    """Hold the declarations ``tls_protocol``'s set-up is about to make (see
+    :data:`_DECLARATIONS`); called with the protocol before it declares them."""
+    transport = getattr(getattr(tls_protocol, "wrappedProtocol", None), "transport", None)
+    if transport is None:
+        return
+    key = (type(tls_protocol), type(transport))
+    if key in _DECLARATIONS or len(_DECLARATIONS) >= _DECLARATIONS_MAX:
+        return
+    provided = providedBy(transport)
+    _DECLARATIONS[key] = (provided, tuple(Provides(type(tls_protocol), interface) for interface in provided))
+
+
 @implementer(IOpenSSLServerConnectionCreator)
 class ServerTLS:
     def __init__(self, contexts: TLSContexts, default_domain: str | None, alpn: bytes | None):
         self.contexts, self.default_domain, self.alpn = contexts, default_domain, alpn
 
     def serverConnectionForTLS(self, tls_protocol):
+        keep_declarations(tls_protocol)
         connection = SSL.Connection(self.contexts.server_context(self.default_domain, self.alpn), None)
         connection.fedgate_verify = VerifyResult()
         return connection
@@ -322,6 +349,7 @@ class ClientTLS:
         self.contexts, self.local, self.remote, self.alpn = contexts, local, remote, alpn
 
     def clientConnectionForTLS(self, tls_protocol):
+        keep_declarations(tls_protocol)
         connection = SSL.Connection(self.contexts.client_context(self.local, self.alpn), None)
         connection.set_tlsext_host_name(_ascii(self.remote).encode("ascii"))
         connection.fedgate_verify = VerifyResult()
