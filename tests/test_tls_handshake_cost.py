@@ -27,13 +27,67 @@ from fedgate.stream import namespaces as ns
 from fedgate.stream.protocol import XmppStream
 from fedgate.tls import contexts as contexts_module
 from fedgate.tls.certs import CertificateStore
-from fedgate.tls.contexts import TLSContexts, TLSSettings
+from fedgate.tls.contexts import IDENTITY_CACHE, TLSContexts, TLSInfo, TLSSettings, names_domain
 from tests.support.pki import TestCA
 from tests.support.s2speer import wait_until
 
 CA = TestCA("handshake cost")
 HEADER = (b"<?xml version='1.0'?><stream:stream xmlns='jabber:server'"
           b" xmlns:stream='http://etherx.jabber.org/streams' to='gw.example' from='r.example' version='1.0'>")
+
+
+def _info(issued, errors=()) -> TLSInfo:
+    return TLSInfo("TLSv1.3", "TLS_AES_128_GCM_SHA256", issued.cert, tuple(errors))
+
+
+class IdentityAnswersAcrossConnections(unittest.SynchronousTestCase):
+    def setUp(self):
+        contexts_module._identities.clear()
+        self.addCleanup(contexts_module._identities.clear)
+
+    def test_a_second_connection_with_the_same_certificate_reuses_the_answer(self):
+        issued = CA.issue(dns=("r.example",))
+        self.assertTrue(_info(issued).valid_for("r.example"))
+        self.assertEqual(len(contexts_module._identities), 1)
+        # A new connection: a new TLSInfo and a new certificate object with
+        # the same bytes finds the answer kept (nothing added).
+        again = _info(issued)
+        self.assertTrue(again.valid_for("r.example"))
+        self.assertEqual(len(contexts_module._identities), 1)
+
+    def test_answers_belong_to_one_certificate_and_one_domain(self):
+        good, other = CA.issue(dns=("r.example",)), CA.issue(dns=("o.example",))
+        self.assertTrue(_info(good).valid_for("r.example"))
+        self.assertFalse(_info(other).valid_for("r.example"))
+        self.assertFalse(_info(good).valid_for("o.example"))
+        self.assertTrue(_info(other).valid_for("o.example"))
+
+    def test_a_kept_answer_never_replaces_the_chain_check(self):
+        issued = CA.issue(dns=("r.example",))
+        self.assertTrue(_info(issued).valid_for("r.example"))
+        self.assertFalse(_info(issued, [(0, 20, "unable to get local issuer certificate")]).valid_for("r.example"))
+        self.assertFalse(TLSInfo("TLSv1.3", "TLS_AES_128_GCM_SHA256", None).valid_for("r.example"))
+
+    def test_bounded_and_right_past_the_bound(self):
+        wild = CA.issue(dns=("*.w.example",))
+        kept = CA.issue(dns=("k.example",))
+        self.assertTrue(names_domain(kept.cert, "k.example"))
+        for n in range(IDENTITY_CACHE + 50):
+            self.assertTrue(names_domain(wild.cert, f"d{n}.w.example"))
+            self.assertFalse(names_domain(wild.cert, f"d{n}.elsewhere.example"))
+            if n % 16 == 0:
+                names_domain(kept.cert, "k.example")  # recently used: stays
+            self.assertLessEqual(len(contexts_module._identities), IDENTITY_CACHE)
+        self.assertEqual(len(contexts_module._identities), IDENTITY_CACHE)
+        keys = [domain for _, domain in contexts_module._identities]
+        self.assertIn("k.example", keys)
+        self.assertNotIn("d0.w.example", keys)  # the oldest went first
+        self.assertTrue(names_domain(wild.cert, "d0.w.example"))  # and is answered again, rightly
+
+    def test_no_domain_past_1023_bytes_is_kept(self):
+        issued = CA.issue(dns=("r.example",))
+        self.assertFalse(names_domain(issued.cert, "a" * 2000))
+        self.assertEqual(len(contexts_module._identities), 0)
 
 
 class _Handler:

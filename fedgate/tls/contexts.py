@@ -35,6 +35,8 @@ every certificate-based decision refuses (dialback still works).
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from cryptography import x509
@@ -60,6 +62,35 @@ X509_V_NOT_VERIFIED_HERE = -1  # our own code for it (OpenSSL's are >= 0)
 ALPN_S2S = b"xmpp-server"
 #: domains whose valid_for answer one connection's TLSInfo keeps
 VALID_FOR_CACHE = 8
+#: (certificate, domain) identity answers kept across connections (see
+#: :func:`names_domain`)
+IDENTITY_CACHE = 256
+_identities: OrderedDict = OrderedDict()
+
+
+def names_domain(cert: x509.Certificate, domain: str) -> bool:
+    """Does ``cert`` carry an identity for ``domain`` (RFC 6120 13.7.2)?
+
+    The answer depends on the certificate's bytes and the domain only, and a
+    peer reconnects with the same certificate, so the last
+    :data:`IDENTITY_CACHE` answers are kept, keyed by the certificate's
+    SHA-256 and the domain: matching names (``service_identity``) costs more
+    than the digest.  Only this name matching is kept; whether the chain is
+    trusted is judged on every handshake, before this is asked.  Each entry
+    is a 32-byte digest and a domain (at most 1,023 bytes): about 300 KB at
+    the very worst."""
+    if len(domain) > 1023:  # not a domain (RFC 7622): never kept
+        return certificate_matches(cert, domain) is not None
+    key = (hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).digest(), domain)
+    answer = _identities.get(key)
+    if answer is None:
+        answer = certificate_matches(cert, domain) is not None
+        _identities[key] = answer
+        if len(_identities) > IDENTITY_CACHE:
+            _identities.popitem(last=False)
+    else:
+        _identities.move_to_end(key)
+    return answer
 
 
 @dataclass(frozen=True)
@@ -111,7 +142,7 @@ class TLSInfo:
             return False
         answer = self._valid.get(domain)
         if answer is None:
-            answer = certificate_matches(self.peer_certificate, domain) is not None
+            answer = names_domain(self.peer_certificate, domain)
             if len(self._valid) < VALID_FOR_CACHE:
                 self._valid[domain] = answer
         return answer
