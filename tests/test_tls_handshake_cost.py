@@ -18,6 +18,7 @@ import gc
 import tempfile
 from pathlib import Path
 
+from OpenSSL import SSL
 from twisted.internet import defer, protocol, reactor, ssl
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.trial import unittest
@@ -248,3 +249,56 @@ class TLSWritePathE2E(unittest.TestCase):
         for interface, spec in zip(provided, specs):
             self.assertIs(Provides(cls, interface), spec)
         self.assertLessEqual(len(contexts_module._DECLARATIONS), contexts_module._DECLARATIONS_MAX)
+
+
+def _handshake(server_connection, client_context) -> SSL.Connection:
+    """A TLS handshake over memory BIOs; the client's connection."""
+    client = SSL.Connection(client_context, None)
+    client.set_connect_state()
+    server_connection.set_accept_state()
+    for _ in range(10):
+        for side, other in ((client, server_connection), (server_connection, client)):
+            try:
+                side.do_handshake()
+            except SSL.WantReadError:
+                pass
+            try:
+                other.bio_write(side.bio_read(65536))
+            except SSL.WantReadError:
+                pass
+        if client.get_peer_certificate() is not None and server_connection.get_cipher_name():
+            try:
+                client.do_handshake()
+                server_connection.do_handshake()
+                return client
+            except SSL.WantReadError:
+                continue
+    raise AssertionError("no handshake")
+
+
+class ContextsBuiltOnce(unittest.SynchronousTestCase):
+    """Each hosted domain's context is built once and shared by every
+    connection; new certificates (a reload) take effect for the next one."""
+
+    def test_connections_share_the_context_and_a_reload_takes_effect(self):
+        directory = Path(tempfile.mkdtemp(prefix="fedgate-test-"))
+        first = CA.issue(dns=("gw.example",))
+        first.write(directory / "one", "gw.example")
+        contexts = TLSContexts(CertificateStore(str(directory / "one")), TLSSettings())
+        creator = contexts.server_creator("gw.example")
+        a, b = creator.serverConnectionForTLS(None), creator.serverConnectionForTLS(None)
+        self.assertIs(a.get_context(), b.get_context())
+        client_context = SSL.Context(SSL.TLS_METHOD)
+        seen = _handshake(b, client_context).get_peer_certificate().to_cryptography()
+        self.assertEqual(seen, first.cert)
+
+        second = CA.issue(dns=("gw.example",))
+        second.write(directory / "two", "gw.example")
+        contexts.replace_store(CertificateStore(str(directory / "two")))
+        c, d = creator.serverConnectionForTLS(None), creator.serverConnectionForTLS(None)
+        self.assertIsNot(c.get_context(), a.get_context())
+        self.assertIs(c.get_context(), d.get_context())
+        seen = _handshake(d, client_context).get_peer_certificate().to_cryptography()
+        self.assertEqual(seen, second.cert)
+        # Every connection still gets its own record of the verification.
+        self.assertIsNot(c.fedgate_verify, d.fedgate_verify)

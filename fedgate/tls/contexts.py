@@ -236,7 +236,7 @@ def flush_tls_writes(transport) -> None:
     After ``startTLS`` the stream's transport is still the TCP connection,
     with the TLS protocol as its ``protocol`` (``transport.TLS`` set); the
     aggregator is private API there: without it this does nothing."""
-    tls = transport.protocol if getattr(transport, "TLS", False) else transport
+    tls = getattr(transport, "protocol", None) if getattr(transport, "TLS", False) else transport
     flush = getattr(getattr(tls, "_aggregator", None), "flush", None)
     if flush is not None:
         flush()
