@@ -101,7 +101,6 @@ class _Handler:
         self.headers = 0
         self.tls = None
         self.tls_protocol = None
-        self.held = []  # what went through Twisted's write aggregation
 
     def connected(self, io):
         self.io = io
@@ -126,15 +125,6 @@ class _Handler:
     def tls_established(self, info):
         self.tls = info
         self.tls_protocol = self.io.transport.protocol  # the TLS protocol under the stream
-        aggregator = getattr(self.tls_protocol, "_aggregator", None)  # Twisted 22.8 and later
-        if aggregator is not None:
-            held = aggregator.write
-
-            def holding(data):
-                self.held.append(data)
-                return held(data)
-            aggregator.write = holding
-            self.tls_protocol.write = holding
 
     def disconnected(self, reason):
         pass
@@ -239,9 +229,6 @@ class TLSWritePathE2E(unittest.TestCase):
         self.assertNotIn(0, [size for size, _ in server.sends], server.sends)
         within_read = [size for size, parsing in server.sends if parsing and size]
         self.assertGreaterEqual(len(within_read), 3, server.sends)
-        # ... and past Twisted's aggregation of TLS writes, which would only
-        # have scheduled an empty reactor turn for each.
-        self.assertEqual(server.streams[0].handler.held, [])
 
     @defer.inlineCallbacks
     def test_tls_connections_share_their_interface_declarations(self):

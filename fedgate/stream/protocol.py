@@ -71,7 +71,7 @@ from fedgate.stream.liveness import tcp_keepalive, tcp_no_delay
 from fedgate.stream.parser import Limits, StreamHeader, StreamParser
 from fedgate.stream.serialize import escape_attr, serialize
 from fedgate.stream.stanza import Stanza
-from fedgate.tls.contexts import TLSInfo, flush_tls_writes, tls_info, write_through
+from fedgate.tls.contexts import TLSInfo, flush_tls_writes, tls_info
 
 log = Logger(namespace="fedgate.stream")
 
@@ -300,7 +300,7 @@ class XmppStream(protocol.Protocol):
         if out is not None:
             self._out, self._out_size = (None if ending else []), 0
         if out and not self.closed:
-            write_through(self.transport, out[0] if len(out) == 1 else b"".join(out))
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
             self._send_now()
 
     def _send_now(self) -> None:

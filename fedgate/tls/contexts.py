@@ -44,7 +44,6 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from OpenSSL import SSL
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IOpenSSLServerConnectionCreator
-from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import implementer, providedBy
 from zope.interface.declarations import Provides
 
@@ -241,23 +240,6 @@ def flush_tls_writes(transport) -> None:
     flush = getattr(getattr(tls, "_aggregator", None), "flush", None)
     if flush is not None:
         flush()
-
-
-def write_through(transport, data: bytes) -> None:
-    """``transport.write(data)``, but into the TLS connection at once where
-    Twisted would hold it for a reactor turn (see :func:`flush_tls_writes`):
-    a stream's one write at the end of a read is sent right after, so the
-    ``callLater(0)`` Twisted schedules for each held write would only run
-    empty, one more reactor turn each.  What Twisted holds already goes
-    first, so the order stays."""
-    tls = getattr(transport, "protocol", None) if getattr(transport, "TLS", False) else None
-    aggregator = getattr(tls, "_aggregator", None)
-    flush = getattr(aggregator, "flush", None)
-    if flush is None or not getattr(transport, "connected", False):
-        transport.write(data)
-        return
-    flush()
-    TLSMemoryBIOProtocol.write(tls, data)  # the class's own write, without the aggregation
 
 
 def _refuse_resumption(ctx: SSL.Context) -> None:
