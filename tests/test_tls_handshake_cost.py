@@ -302,3 +302,23 @@ class ContextsBuiltOnce(unittest.SynchronousTestCase):
         self.assertEqual(seen, second.cert)
         # Every connection still gets its own record of the verification.
         self.assertIsNot(c.fedgate_verify, d.fedgate_verify)
+
+
+class KeptDeclarationsBound(unittest.SynchronousTestCase):
+    def test_at_most_a_few_class_pairs_are_kept(self):
+        saved = dict(contexts_module._DECLARATIONS)
+        self.addCleanup(lambda: (contexts_module._DECLARATIONS.clear(),
+                                 contexts_module._DECLARATIONS.update(saved)))
+        contexts_module._DECLARATIONS.clear()
+        for n in range(contexts_module._DECLARATIONS_MAX + 5):
+            transport = type(f"Transport{n}", (protocol.Protocol,), {})()
+            wrapped = protocol.Protocol()
+            wrapped.transport = transport
+            tls = type(f"TLS{n}", (protocol.Protocol,), {})()
+            tls.wrappedProtocol = wrapped
+            contexts_module.keep_declarations(tls)
+        self.assertEqual(len(contexts_module._DECLARATIONS), contexts_module._DECLARATIONS_MAX)
+        # No transport yet (a protocol not connected): nothing kept, nothing broken.
+        contexts_module._DECLARATIONS.clear()
+        contexts_module.keep_declarations(protocol.Protocol())
+        self.assertEqual(contexts_module._DECLARATIONS, {})
