@@ -71,7 +71,7 @@ from fedgate.stream.liveness import tcp_keepalive, tcp_no_delay
 from fedgate.stream.parser import Limits, StreamHeader, StreamParser
 from fedgate.stream.serialize import escape_attr, serialize
 from fedgate.stream.stanza import Stanza
-from fedgate.tls.contexts import TLSInfo, tls_info
+from fedgate.tls.contexts import TLSInfo, flush_tls_writes, tls_info
 
 log = Logger(namespace="fedgate.stream")
 
@@ -355,6 +355,7 @@ class XmppStream(protocol.Protocol):
 
     def _send_now(self) -> None:
         transport = self.transport
+        flush_tls_writes(transport)  # (a TLS transport's own buffer first)
         do_write = getattr(transport, "doWrite", None)  # a TCP transport only
         if (do_write is None or not getattr(transport, "connected", False)
                 or getattr(transport, "disconnecting", True)

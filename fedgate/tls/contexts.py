@@ -35,6 +35,8 @@ every certificate-based decision refuses (dialback still works).
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from cryptography import x509
@@ -42,7 +44,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from OpenSSL import SSL
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IOpenSSLServerConnectionCreator
-from zope.interface import implementer
+from zope.interface import implementer, providedBy
+from zope.interface.declarations import Provides
 
 from fedgate.tls.certs import CertificateStore
 from fedgate.tls.identity import certificate_matches
@@ -59,6 +62,35 @@ X509_V_NOT_VERIFIED_HERE = -1  # our own code for it (OpenSSL's are >= 0)
 ALPN_S2S = b"xmpp-server"
 #: domains whose valid_for answer one connection's TLSInfo keeps
 VALID_FOR_CACHE = 8
+#: (certificate, domain) identity answers kept across connections (see
+#: :func:`names_domain`)
+IDENTITY_CACHE = 256
+_identities: OrderedDict = OrderedDict()
+
+
+def names_domain(cert: x509.Certificate, domain: str) -> bool:
+    """Does ``cert`` carry an identity for ``domain`` (RFC 6120 13.7.2)?
+
+    The answer depends on the certificate's bytes and the domain only, and a
+    peer reconnects with the same certificate, so the last
+    :data:`IDENTITY_CACHE` answers are kept, keyed by the certificate's
+    SHA-256 and the domain: matching names (``service_identity``) costs more
+    than the digest.  Only this name matching is kept; whether the chain is
+    trusted is judged on every handshake, before this is asked.  Each entry
+    is a 32-byte digest and a domain (at most 1,023 bytes): about 300 KB at
+    the very worst."""
+    if len(domain) > 1023:  # not a domain (RFC 7622): never kept
+        return certificate_matches(cert, domain) is not None
+    key = (hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).digest(), domain)
+    answer = _identities.get(key)
+    if answer is None:
+        answer = certificate_matches(cert, domain) is not None
+        _identities[key] = answer
+        if len(_identities) > IDENTITY_CACHE:
+            _identities.popitem(last=False)
+    else:
+        _identities.move_to_end(key)
+    return answer
 
 
 @dataclass(frozen=True)
@@ -110,7 +142,7 @@ class TLSInfo:
             return False
         answer = self._valid.get(domain)
         if answer is None:
-            answer = certificate_matches(self.peer_certificate, domain) is not None
+            answer = names_domain(self.peer_certificate, domain)
             if len(self._valid) < VALID_FOR_CACHE:
                 self._valid[domain] = answer
         return answer
@@ -188,6 +220,26 @@ def tls_info(connection: SSL.Connection) -> TLSInfo:
                    peer_certificate=leaf,
                    chain_errors=errors,
                    peer_chain=tuple(c for c in sent if c != leaf))
+
+
+def flush_tls_writes(transport) -> None:
+    """Put what a TLS transport holds back into its TLS connection now.
+
+    Twisted 22.8 and later wrap TLS in ``BufferingTLSTransport``, which keeps
+    every write until a ``callLater(0)`` on the reactor's next turn (and the
+    TCP transport sends the record on the turn after).  A stream that answers
+    a read with one coalesced write (a handshake step) wants it sent at once;
+    without this, its immediate send found the socket's buffer empty (a
+    zero-byte ``send``) and the answer left two reactor turns later.  Older
+    Twisted (Debian's 22.4) writes through at once and has nothing to flush.
+
+    After ``startTLS`` the stream's transport is still the TCP connection,
+    with the TLS protocol as its ``protocol`` (``transport.TLS`` set); the
+    aggregator is private API there: without it this does nothing."""
+    tls = getattr(transport, "protocol", None) if getattr(transport, "TLS", False) else transport
+    flush = getattr(getattr(tls, "_aggregator", None), "flush", None)
+    if flush is not None:
+        flush()
 
 
 def _refuse_resumption(ctx: SSL.Context) -> None:
@@ -285,12 +337,38 @@ class TLSContexts:
         return ClientTLS(self, local, remote, alpn)
 
 
+#: (TLS protocol class, transport class) -> the interface declarations
+#: Twisted makes on each TLS connection, held for the life of the process.
+#: ``TLSMemoryBIOProtocol.makeConnection`` declares, one at a time, every
+#: interface its transport provides on the new protocol object;
+#: zope.interface shares such declarations only through a weak cache, so
+#: once the previous TLS connection was gone each new one computed them all
+#: again (a C3 resolution order each, the largest Python cost of a TLS
+#: connection's set-up).  A handful of class pairs at most.
+_DECLARATIONS: dict = {}
+_DECLARATIONS_MAX = 8
+
+
+def keep_declarations(tls_protocol) -> None:
+    """Hold the declarations ``tls_protocol``'s set-up is about to make (see
+    :data:`_DECLARATIONS`); called with the protocol before it declares them."""
+    transport = getattr(getattr(tls_protocol, "wrappedProtocol", None), "transport", None)
+    if transport is None:
+        return
+    key = (type(tls_protocol), type(transport))
+    if key in _DECLARATIONS or len(_DECLARATIONS) >= _DECLARATIONS_MAX:
+        return
+    provided = providedBy(transport)
+    _DECLARATIONS[key] = (provided, tuple(Provides(type(tls_protocol), interface) for interface in provided))
+
+
 @implementer(IOpenSSLServerConnectionCreator)
 class ServerTLS:
     def __init__(self, contexts: TLSContexts, default_domain: str | None, alpn: bytes | None):
         self.contexts, self.default_domain, self.alpn = contexts, default_domain, alpn
 
     def serverConnectionForTLS(self, tls_protocol):
+        keep_declarations(tls_protocol)
         connection = SSL.Connection(self.contexts.server_context(self.default_domain, self.alpn), None)
         connection.fedgate_verify = VerifyResult()
         return connection
@@ -302,6 +380,7 @@ class ClientTLS:
         self.contexts, self.local, self.remote, self.alpn = contexts, local, remote, alpn
 
     def clientConnectionForTLS(self, tls_protocol):
+        keep_declarations(tls_protocol)
         connection = SSL.Connection(self.contexts.client_context(self.local, self.alpn), None)
         connection.set_tlsext_host_name(_ascii(self.remote).encode("ascii"))
         connection.fedgate_verify = VerifyResult()
