@@ -326,6 +326,9 @@ def _idle_rss(tls: bool):
     return scenario
 
 
+#: measured each on a freshly started server (see main)
+RSS_SCENARIOS = ("rss_idle_plain", "rss_idle_tls")
+
 #: name -> (function, unit, better): "higher" for rates, "lower" for costs
 SCENARIOS = {
     "relay_in": (relay_in, "stanzas/s", "higher"),
@@ -376,7 +379,8 @@ def parse_args(argv):
                         help="run only this server (repeatable; ratios need both)")
     parser.add_argument("--profile", type=Path, metavar="DIR",
                         help="run fedgate under cProfile (twistd --profile); one pstats file per "
-                             "round in DIR (fedgate-<round>.prof).  Its figures then include the "
+                             "server run in DIR (fedgate-<round>.prof, fedgate-<round>-<scenario>.prof "
+                             "for an RSS scenario).  Its figures then include the "
                              "profiler's overhead: for finding where time goes, not for ratios")
     args = parser.parse_args(argv)
     for name in ("rounds", "messages", "latency_messages", "sessions", "idle"):
@@ -429,43 +433,57 @@ async def main(reactor, args) -> None:
     server_cpu = {server: {name: [] for name in args.scenario} for server in args.server}
     problems: list[str] = []
     connections = {server: 0 for server in args.server}
+    async def run_server(name: str, number: int, scenarios: list[str], where: Path,
+                         measure_start: bool) -> None:
+        """Start ``name`` afresh in ``where``, run ``scenarios`` on it, stop it."""
+        where.mkdir()
+        progress(f"round {number}/{args.rounds}: starting {name} ...")
+        if name == "fedgate":
+            profile = args.profile / f"{where.name}.prof" if args.profile else None
+            server = await start_fedgate(reactor, where, remote_port.getHost().port, ca,
+                                         profile=profile)
+        else:
+            server = await start_prosody(reactor, where, dns_port, ca,
+                                         nagle=args.prosody_nagle == "on")
+        try:
+            await task.deferLater(reactor, 1.0, lambda: None)
+            if measure_start:
+                results[name]["rss_start"].append(rss_kb(server.pid) / 1024)
+            lab = Lab(reactor, remote, 0, server.s2s_port, server.component_port,
+                      timeout=args.timeout)
+            ctx = Context(server, args, plain_tls, external_tls)
+            before = accepted["count"]
+            for scenario in scenarios:
+                out = await run_one(scenario, lab, ctx)
+                if "problem" in out:
+                    problems.append(f"{name} {scenario} round {number}: {out['problem']}")
+                    progress(problems[-1])
+                    continue
+                results[name][scenario].append(out["value"])
+                generator_cpu[name][scenario].append(out["generator_cpu"])
+                server_cpu[name][scenario].append(out["server_cpu"])
+                progress(f"{name} {scenario}: {out['value']:.2f} {SCENARIOS[scenario][1]} "
+                         f"(generator CPU {out['generator_cpu']:.2f}, server {out['server_cpu']:.2f})")
+            for key, value in ctx.extra.items():
+                extras[name].setdefault(key, []).append(value)
+            connections[name] += accepted["count"] - before
+        finally:
+            server.stop()
+
+    # Each per-connection RSS scenario runs on a server started for it alone:
+    # after other scenarios (or each other) both servers would reuse heap
+    # those freed, and the figure would measure that reuse, not the cost of
+    # a connection.
+    shared = [s for s in args.scenario if s not in RSS_SCENARIOS]
+    alone = [s for s in args.scenario if s in RSS_SCENARIOS]
     try:
         for number in range(1, args.rounds + 1):
             order = args.server if number % 2 else list(reversed(args.server))
             for name in order:
-                where = workdir / f"{name}-{number}"
-                where.mkdir()
-                progress(f"round {number}/{args.rounds}: starting {name} ...")
-                if name == "fedgate":
-                    profile = args.profile / f"fedgate-{number}.prof" if args.profile else None
-                    server = await start_fedgate(reactor, where, remote_port.getHost().port, ca,
-                                                 profile=profile)
-                else:
-                    server = await start_prosody(reactor, where, dns_port, ca,
-                                                 nagle=args.prosody_nagle == "on")
-                try:
-                    await task.deferLater(reactor, 1.0, lambda: None)
-                    results[name]["rss_start"].append(rss_kb(server.pid) / 1024)
-                    lab = Lab(reactor, remote, 0, server.s2s_port, server.component_port,
-                              timeout=args.timeout)
-                    ctx = Context(server, args, plain_tls, external_tls)
-                    before = accepted["count"]
-                    for scenario in args.scenario:
-                        out = await run_one(scenario, lab, ctx)
-                        if "problem" in out:
-                            problems.append(f"{name} {scenario} round {number}: {out['problem']}")
-                            progress(problems[-1])
-                            continue
-                        results[name][scenario].append(out["value"])
-                        generator_cpu[name][scenario].append(out["generator_cpu"])
-                        server_cpu[name][scenario].append(out["server_cpu"])
-                        progress(f"{name} {scenario}: {out['value']:.2f} {SCENARIOS[scenario][1]} "
-                                 f"(generator CPU {out['generator_cpu']:.2f}, server {out['server_cpu']:.2f})")
-                    for key, value in ctx.extra.items():
-                        extras[name].setdefault(key, []).append(value)
-                    connections[name] += accepted["count"] - before
-                finally:
-                    server.stop()
+                await run_server(name, number, shared, workdir / f"{name}-{number}", True)
+                for scenario in alone:
+                    await run_server(name, number, [scenario],
+                                     workdir / f"{name}-{number}-{scenario}", False)
     finally:
         await dns.stop()
         await remote_port.stopListening()

@@ -116,7 +116,8 @@ class VsProsodyBenchmarkSmoke(unittest.TestCase):
 
 class VsProsodyProfileSmoke(unittest.TestCase):
     """``--profile DIR`` runs fedgate under cProfile and leaves one pstats
-    file per round there (fedgate only: no Prosody needed)."""
+    file per gateway run there (fedgate only: no Prosody needed); an RSS
+    scenario gets a gateway of its own."""
 
     def test_profile_per_round(self):
         import pstats
@@ -128,13 +129,15 @@ class VsProsodyProfileSmoke(unittest.TestCase):
             result = subprocess.run(
                 [sys.executable, "-m", "benchmarks.vs_prosody", "--rounds", "1", "--sessions", "3",
                  "--server", "fedgate", "--scenario", "dialback_sequential", "--timeout", "15",
-                 "--profile", str(out)],
+                 "--scenario", "rss_idle_plain", "--idle", "3", "--profile", str(out)],
                 cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
             self.assertEqual(result.returncode, 0, result.stdout[-3000:] + result.stderr[-3000:])
             report = json.loads(result.stdout)
             self.assertEqual(report["problems"], [])
             self.assertGreater(report["results"]["dialback_sequential"]["fedgate"], 0)
-            self.assertEqual(sorted(p.name for p in out.iterdir()), ["fedgate-1.prof"])
+            # the RSS scenario ran on a gateway started for it alone
+            self.assertEqual(sorted(p.name for p in out.iterdir()),
+                             ["fedgate-1-rss_idle_plain.prof", "fedgate-1.prof"])
             stats = pstats.Stats(str(out / "fedgate-1.prof"))
             handled = [key for key in stats.stats if key[2] == "header_received"
                        and key[0].endswith(os.path.join("s2s", "inbound.py"))]
