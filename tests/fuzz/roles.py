@@ -344,9 +344,14 @@ class VerifyRole(Role):
         ctx = make_context(self.clock, local_domains={"gw.example"}, secret="fuzz",
                            auth_timeout=AUTH_TIMEOUT, limits=self.limits,
                            tls=FakeTLS() if variant.get("tls") else None)
+        # A verification connection that got its answer idles in the pool
+        # for idle_timeout (30 s by default) whatever its peer sends short of
+        # a complete element (an unterminated processing instruction, say):
+        # the same bound as the authentication timeout here, so the oracle's
+        # "every connection ended" holds for pooled connections too.
         self.verifier = DialbackVerifier(self.connector, self.clock,
                                          lambda handler: XmppStream(handler, self.clock, self.limits),
-                                         timeout=AUTH_TIMEOUT, ctx=ctx)
+                                         timeout=AUTH_TIMEOUT, ctx=ctx, idle_timeout=AUTH_TIMEOUT)
         self.results: list = []
         self.finished: list = []
 
