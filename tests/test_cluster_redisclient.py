@@ -428,6 +428,41 @@ class BlackHoleTests(unittest.TestCase):
         self.assertFalse(sub.connected)
 
 
+class PublisherDrainedTests(WithRedis):
+    """What a node published before it announces "down" must reach Redis
+    first (fedgate.cluster.relay's clean stop waits on drained())."""
+
+    @defer.inlineCallbacks
+    def test_drained_fires_after_everything_published_reached_redis(self):
+        from fedgate.cluster.redisclient import Publisher
+        publisher = Publisher(self.client)
+        self.assertTrue((yield publisher.drained()) is None)  # nothing pending: at once
+        order = []
+        for n in range(3):
+            publisher.publish("c", b"m%d" % n).addCallback(lambda _, n=n: order.append(n))
+        waiting = publisher.drained()
+        waiting.addCallback(lambda _: order.append("drained"))
+        self.assertEqual(order, [], "nothing has reached Redis yet")
+        yield waiting
+        self.assertEqual(order, [0, 1, 2, "drained"])
+
+    @defer.inlineCallbacks
+    def test_drained_waits_for_what_before_flush_adds(self):
+        from fedgate.cluster.redisclient import Publisher
+        publisher = Publisher(self.client)
+        late = []
+        gathered = []
+
+        def gather():
+            if not gathered:
+                gathered.append(True)
+                publisher.publish("c", b"gathered").addCallback(late.append)
+        publisher.before_flush.append(gather)
+        publisher.wake()
+        yield publisher.drained()
+        self.assertEqual(late, [0], "the gathered message was published (to no subscriber)")
+
+
 class SubscriberRobustnessTests(WithRedis):
 
     @defer.inlineCallbacks

@@ -260,10 +260,27 @@ class Publisher:
         #: node in one message) publish them there, so whatever piled up
         #: while the previous pipeline was on the wire leaves in the next
         self.before_flush: list[Callable[[], Any]] = []
+        self._drain_waiters: list[defer.Deferred] = []
 
     @property
     def queued(self) -> int:
         return len(self._queue)
+
+    def drained(self) -> defer.Deferred:
+        """Fires once nothing is queued, scheduled or on the wire (what was
+        published before has reached Redis, or failed)."""
+        if not self._queue and not self._in_flight and not self._scheduled:
+            return defer.succeed(None)
+        d: defer.Deferred = defer.Deferred()
+        self._drain_waiters.append(d)
+        return d
+
+    def _fire_drained(self) -> None:
+        if self._queue or self._in_flight or self._scheduled or not self._drain_waiters:
+            return
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for waiting in waiters:
+            waiting.callback(None)
 
     def publish(self, channel: str | bytes, message: bytes | str) -> defer.Deferred:
         """Fires with the number of subscribers that received ``message``."""
@@ -293,6 +310,7 @@ class Publisher:
             except Exception:
                 log.failure("Redis publisher: gathering messages failed")
         if not self._queue:
+            self._fire_drained()
             return
         sending, self._queue = self._queue[:self.batch], self._queue[self.batch:]
         self._in_flight = True

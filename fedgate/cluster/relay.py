@@ -381,7 +381,18 @@ class ClusterRelay:
         self._fences.clear()
         for entry in self.inflight.take_all():
             self._bounce(entry.stanza, "timeout", "the gateway node is stopping")
-        d = self.membership.leave()
+        # Our last acknowledgements reach Redis before "down" is announced
+        # (a pool thread could otherwise run the leave first): a sender
+        # that hears "down" bounces whatever its fence finds unacknowledged,
+        # and would bounce stanzas this node delivered.  Bounded, like the
+        # wait for acknowledgements.
+        if self.publisher is not None:
+            published = self.publisher.drained()
+            published.addTimeout(STOP_ACK_WAIT, self.reactor)
+            published.addErrback(lambda f: None)
+        else:
+            published = defer.succeed(None)
+        d = published.addCallback(lambda _: self.membership.leave())
         d.addErrback(lambda f: None)
         return d
 
