@@ -32,10 +32,6 @@ one from its bytes when something asks.  Other top-level elements
 once.  The bytes since the start of the current stanza are kept (never more
 than the stanza size limit plus one read) so that a stanza split across any
 number of reads is sliced out whole.
-
-expat keeps an input buffer as large as the largest chunk it was handed, for
-the parser's whole life, so a read longer than :data:`EXPAT_SLICE` goes to
-it in slices: one 64 KiB read no longer leaves a stream holding 100 KiB.
 """
 
 from __future__ import annotations
@@ -157,11 +153,6 @@ def _local(name: str) -> str:
 #: handler in several calls, which it adds up; 1 KiB keeps one call for the
 #: text of almost any stanza built as a DOM (lazy stanzas ignore it).
 TEXT_BUFFER = 1024
-
-#: the most handed to expat at once (a longer read goes in slices): expat
-#: keeps a buffer as large as the largest chunk it was given, for the
-#: stream's whole life
-EXPAT_SLICE = 4096
 
 #: Namespace names and prefixes that every stream declares: one shared copy
 #: instead of expat's fresh strings, which a stream's header context keeps.
@@ -295,22 +286,10 @@ class StreamParser:
             self._utf8.decode(data)
         except UnicodeDecodeError:
             raise StreamFailure("unsupported-encoding", "stream is not valid UTF-8") from None
+        self._fed += len(data)
         self._buf += data
         try:
-            if len(data) <= EXPAT_SLICE:
-                self._fed += len(data)
-                self._parse(data)
-            else:
-                # expat copies each chunk into a buffer of its own that never
-                # shrinks: one 64 KiB read would leave every connection
-                # holding over 100 KiB for its whole life.  In slices its
-                # buffer stays near EXPAT_SLICE.
-                for start in range(0, len(data), EXPAT_SLICE):
-                    piece = data[start:start + EXPAT_SLICE]
-                    self._fed += len(piece)
-                    self._parse(piece)
-                    if self._parser is None:
-                        break  # closed by a callback: the rest is dropped
+            self._parse(data)
         except StreamFailure:
             self.close()  # a failed stream is over: free expat's memory now
             raise
