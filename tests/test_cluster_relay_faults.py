@@ -102,19 +102,10 @@ class AckFenceTests(RoutingCase):
             cb.send(f"<message from='y@chat.b.example' to='x@chat.a.example' id='k{i}'/>")
         for _ in range(3):
             yield ca.next_element(timeout=TIMEOUT)
-        mine = b.cluster.channel("node-b")
-        yield wait_until(lambda: any(c == mine and d[:1] == b"R" for c, d in held),
-                         "A's acknowledgement, held")
+        yield self.held_by(b, held, b"R", "A's acknowledgement, held")
         yield sleep(0.8)  # past ack_timeout: B's timer has fired
         self.assertEqual(b.cluster.counters.bounced["timeout"], 0)
-        yield wait_until(lambda: any(c == mine and d[:1] == b"F" for c, d in held),
-                         "B's fence, held after the acknowledgement")
-        b.cluster.subscriber.on_messages = b.cluster.messages
-        b.cluster.messages(held)
-        self.assertEqual(len(b.cluster.inflight), 0)
-        self.assertEqual((b.cluster.counters.acked, b.cluster.counters.bounced["timeout"]), (3, 0))
-        yield sleep(0.3)
-        self.assertEqual(cb.received.pending, [])
+        yield self.fence_then_release(b, held, cb)
 
     @defer.inlineCallbacks
     def test_still_unacknowledged_after_the_fence_bounces(self):

@@ -47,6 +47,25 @@ class RoutingCase(unittest.TestCase):
             yield wait_until(lambda n=node: n.cluster.connected and n.cluster.membership.heartbeats,
                              "the cluster link")
 
+    @staticmethod
+    def held_by(node, held, kind: bytes, what: str):
+        """Fires once ``held`` (what ``node``'s subscriber read and did not
+        handle) has a message of ``kind`` on the node's own channel."""
+        mine = node.cluster.channel(node.cluster.node_id)
+        return wait_until(lambda: any(c == mine and d[:1] == kind for c, d in held), what)
+
+    @defer.inlineCallbacks
+    def fence_then_release(self, b, held, cb):
+        """B's fence arrives behind A's held acknowledgement: B handles what
+        it held, so all three count as acknowledged and none bounces."""
+        yield self.held_by(b, held, b"F", "B's fence, held after the acknowledgement")
+        b.cluster.subscriber.on_messages = b.cluster.messages
+        b.cluster.messages(held)
+        self.assertEqual(len(b.cluster.inflight), 0)
+        self.assertEqual((b.cluster.counters.acked, b.cluster.counters.bounced["timeout"]), (3, 0))
+        yield sleep(0.3)
+        self.assertEqual(cb.received.pending, [])  # no bounce came back
+
     @defer.inlineCallbacks
     def known_everywhere(self, domain: str, holder: str):
         """Wait until every other node knows that ``holder`` holds ``domain``."""
@@ -290,20 +309,11 @@ class GoneNodeFenceTests(RoutingCase):
         for i in range(3):
             cb.send(f"<message from='y@chat.b.example' to='x@chat.a.example' id='g{i}'/>")
         yield drain(ca, 3)
-        mine = b.cluster.channel("node-b")
-        yield wait_until(lambda: any(c == mine and d[:1] == b"R" for c, d in held),
-                         "A's acknowledgement, held")
+        yield self.held_by(b, held, b"R", "A's acknowledgement, held")
         self.assertEqual(len(b.cluster.inflight), 3)
         b.cluster._node_gone("node-a")  # as when its lease key is found missing
         self.assertEqual(b.cluster.counters.bounced["timeout"], 0)  # not yet
-        yield wait_until(lambda: any(c == mine and d[:1] == b"F" for c, d in held),
-                         "B's fence, held after the acknowledgement")
-        b.cluster.subscriber.on_messages = b.cluster.messages
-        b.cluster.messages(held)
-        self.assertEqual(len(b.cluster.inflight), 0)
-        self.assertEqual((b.cluster.counters.acked, b.cluster.counters.bounced["timeout"]), (3, 0))
-        yield sleep(0.3)
-        self.assertEqual(cb.received.pending, [])  # no bounce came back
+        yield self.fence_then_release(b, held, cb)
 
 
 class RedisOutageTests(RoutingCase):

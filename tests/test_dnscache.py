@@ -15,13 +15,20 @@ from tests.support.dnsserver import TestDNSServer, make_client_resolver
 TTL = 60  # what tests.support.dnsserver gives every record
 
 
-class CachingResolverTests(unittest.TestCase):
+class WithDNS(unittest.TestCase):
+    """The real test DNS server, a client resolver on it and a fake clock."""
+
     def setUp(self):
         self.dns = TestDNSServer(reactor)
         port = self.dns.start()
         self.addCleanup(self.dns.stop)
         self.clock = Clock()
         self.client = make_client_resolver(reactor, port)
+
+
+class CachingResolverTests(WithDNS):
+    def setUp(self):
+        super().setUp()
         for n in range(5):
             self.dns.add_a(f"h{n}.example", f"192.0.2.{n + 1}")
         self.dns.add_srv("_xmpp-server._tcp.d.example", 0, 0, 5269, "h0.example")
@@ -140,16 +147,10 @@ class TapResolverTests(unittest.TestCase):
 
 
 
-class RecordBoundTests(unittest.TestCase):
+class RecordBoundTests(WithDNS):
     """Finding 4: what one entry holds is bounded, and so is the total,
     against a zone that answers hundreds of records per name."""
 
-    def setUp(self):
-        self.dns = TestDNSServer(reactor)
-        port = self.dns.start()
-        self.addCleanup(self.dns.stop)
-        self.clock = Clock()
-        self.client = make_client_resolver(reactor, port)
 
     def asked(self, name: str) -> int:
         return sum(1 for qname, _ in self.dns.queries if qname.rstrip(".").lower() == name)

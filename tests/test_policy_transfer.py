@@ -51,6 +51,15 @@ def contents(storage):
     return ((yield storage.peers()), (yield storage.settings()), (yield storage.components()))
 
 
+@defer.inlineCallbacks
+def filled_sqlite(state: str):
+    """The state directory's SQLite file, holding what :func:`fill` writes."""
+    sqlite = SQLiteStorage.in_state_dir(state, reactor)
+    yield sqlite.open()
+    yield fill(sqlite)
+    yield sqlite.close()
+
+
 class TransferTests(unittest.TestCase):
     timeout = 60
 
@@ -132,10 +141,7 @@ class CommandLineTests(unittest.TestCase):
         state = temp_dir(self)
         config = gateway_config(state, ["gw.example"], {})
         path = write_config(os.path.join(state, "fedgate.toml"), config)
-        sqlite = SQLiteStorage.in_state_dir(state, reactor)
-        yield sqlite.open()
-        yield fill(sqlite)
-        yield sqlite.close()
+        yield filled_sqlite(state)
         export = os.path.join(state, "policy.json")
         with open(export, "w") as f:
             f.write("old")
@@ -166,11 +172,7 @@ class CommandLineTests(unittest.TestCase):
         config = gateway_config(state, ["gw.example"], {})
         config["cluster"] = {"enabled": False, "redis": redis.socket_path, "node_id": "n1"}
         path = write_config(os.path.join(state, "fedgate.toml"), config)
-        # The single node's state, in SQLite.
-        sqlite = SQLiteStorage.in_state_dir(state, reactor)
-        yield sqlite.open()
-        yield fill(sqlite)
-        yield sqlite.close()
+        yield filled_sqlite(state)  # the single node's state
         export = os.path.join(state, "policy.json")
         done = yield threads.deferToThread(fedgatectl, "--config", str(path), "policy", "export", "-o", export)
         self.assertEqual(done.returncode, 0, done.stderr)
