@@ -428,6 +428,68 @@ class BlackHoleTests(unittest.TestCase):
         self.assertFalse(sub.connected)
 
 
+    def test_stop_leaves_a_socket_a_blocked_worker_reads_to_that_worker(self):
+        """Shutting down a socket a pool worker is blocked on wakes the
+        worker, which closes it at the same moment; redis-py 4.3.4's
+        Connection.disconnect() then failed with AttributeError in stop()
+        (CI, Debian's stack).  stop() must leave a busy socket alone: the
+        black hole sees no end of stream when stop() returns."""
+        import select
+        import socket
+        hole = socket.socket()
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(64)
+        self.addCleanup(hole.close)
+        client = RedisClient(reactor, RedisAddress.parse(f"127.0.0.1:{hole.getsockname()[1]}"),
+                             threads=2, socket_timeout=30.0)
+        client.start()
+        self.addCleanup(client.stop)
+        waiting = [client.execute("PING") for _ in range(2)]
+        for d in waiting:
+            d.addErrback(lambda f: None)
+        deadline = time.monotonic() + 5
+        accepted = []
+        while len(accepted) < 2 and time.monotonic() < deadline:
+            if select.select([hole], [], [], 0.1)[0]:
+                conn, _ = hole.accept()
+                self.addCleanup(conn.close)
+                accepted.append(conn)
+        self.assertEqual(len(accepted), 2, "both workers connected")
+        for conn in accepted:  # each worker sent its first command and now waits
+            conn.settimeout(5)
+            self.assertTrue(conn.recv(4096).startswith(b"*"))
+        client.stop(join_timeout=0.2)
+        for conn in accepted:
+            readable = select.select([conn], [], [], 0.3)[0]
+            self.assertEqual(readable, [], "stop() shut down a socket a worker was reading")
+
+
+class IdleSocketTests(WithRedis):
+
+    @defer.inlineCallbacks
+    def test_stop_closes_the_idle_sockets(self):
+        """The sockets are closed after the workers stopped, not left open."""
+        watcher = RedisClient(reactor, self.server.address, threads=1)
+        watcher.start()
+        self.addCleanup(watcher.stop)
+
+        @defer.inlineCallbacks
+        def clients():
+            info = yield watcher.run(lambda r: r.info("clients"))
+            return info["connected_clients"]
+        yield defer.gatherResults([self.client.run(lambda r: time.sleep(0.05)) for _ in range(2)])
+        yield self.client.execute("PING")
+        before = yield clients()  # the watcher's one, and the client's
+        self.assertGreaterEqual(before, 2)
+        self.client.stop()
+        for _ in range(50):
+            now = yield clients()
+            if now == 1:
+                break
+            yield task.deferLater(reactor, 0.02, lambda: None)
+        self.assertEqual(now, 1, "only the watcher's connection is left")
+
+
 class PublisherDrainedTests(WithRedis):
     """What a node published before it announces "down" must reach Redis
     first (fedgate.cluster.relay's clean stop waits on drained())."""

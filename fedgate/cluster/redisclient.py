@@ -169,10 +169,19 @@ class RedisClient:
         for subscriber in list(self._subscribers):
             subscriber.stop(max(0.0, deadline - time.monotonic()))
         pool, self._pool = self._pool, None
+        redis, self._redis = self._redis, None
         if pool is not None:
             # ThreadPool.stop() joins every worker without a bound: do it on
             # a helper thread and wait for that one only until the deadline.
-            stopper = threading.Thread(target=pool.stop, name=f"{self.name}-stop", daemon=True)
+            # The sockets are closed there, once no worker uses them: closing
+            # one a worker is reading wakes that worker, which closes it too,
+            # and redis-py's Connection.disconnect() is not safe against that
+            # (4.3.4: AttributeError on a socket the other thread cleared).
+            def stop_then_close():
+                pool.stop()
+                if redis is not None:
+                    redis.connection_pool.disconnect()
+            stopper = threading.Thread(target=stop_then_close, name=f"{self.name}-stop", daemon=True)
             stopper.start()
             stopper.join(max(0.0, deadline - time.monotonic()))
             if stopper.is_alive():
@@ -185,9 +194,6 @@ class RedisClient:
             except (ValueError, KeyError):
                 pass  # the trigger is what called us
             self._trigger = None
-        if self._redis is not None:
-            self._redis.connection_pool.disconnect()
-            self._redis = None
 
     # -- commands -------------------------------------------------------------
     def run(self, fn: Callable[..., Any], *args) -> defer.Deferred:
