@@ -31,6 +31,7 @@ REMOTE_SECRET = "bench-remote-dialback-secret"
 
 _LISTENING = re.compile(r"Listening for (s2s|components) on [^\s:]+:(\d+)")
 _ECHO = re.compile(r"echo relay listening on [^\s:]+:(\d+)")
+_FLOOR = re.compile(r"dialback floor listening on [^\s:]+:(\d+)")
 
 
 class ChildFailed(Exception):
@@ -192,6 +193,20 @@ async def start_echo(reactor, workdir: Path) -> tuple[Child, int]:
     child.start()
     try:
         match = await child.wait_for(reactor, _ECHO.search)
+    except BaseException:
+        child.stop()
+        raise
+    return child, int(match.group(1))
+
+
+async def start_dialback_floor(reactor, workdir: Path, remote_port: int) -> tuple[Child, int]:
+    """Run ``python -m benchmarks.dialback_floor``; fires with the child and its port."""
+    child = Child("dialback floor", [sys.executable, "-m", "benchmarks.dialback_floor",
+                                     "--remote-port", str(remote_port)],
+                  workdir / "floor.out", workdir)
+    child.start()
+    try:
+        match = await child.wait_for(reactor, _FLOOR.search)
     except BaseException:
         child.stop()
         raise

@@ -23,6 +23,12 @@ Prosody verifies over the one connection it keeps to ``remote.example``;
 fedgate over whatever its verifier uses (the report counts connections
 ``remote.example`` accepted).
 
+``--server floor`` adds a third server, opt-in: :mod:`benchmarks.dialback_floor`,
+the same bytes as a plaintext dialback session with no work done on them
+on Twisted and CPython.  It runs the dialback scenarios only, and the
+report gives its ratio to Prosody (``floor_ratio``): the most any server
+on this stack could reach on this machine, for reading the fedgate ratio.
+
 Per scenario the report gives the generator's CPU use (CPU seconds over
 wall seconds of this process, 1.0 = one core busy) and the server's; a
 generator near 1.0 means the generator, not the server, set the pace.
@@ -48,12 +54,15 @@ from twisted.internet import defer, ssl, task
 from twisted.internet.endpoints import serverFromString
 
 from benchmarks.processes import (COMPONENT_DOMAIN, COMPONENT_SECRET, GATEWAY_DOMAIN, REMOTE_DOMAIN,
-                                  REMOTE_SECRET, start_gateway, toml_string)
+                                  REMOTE_SECRET, start_dialback_floor, start_gateway, toml_string)
 from benchmarks.scenarios import (Lab, close_all, component_to_s2s, dialback_sessions, open_component,
                                   open_inbound, s2s_message, s2s_to_component, within, _sessions)
 from benchmarks.xmpp import RemoteServer
 
-SERVERS = ("fedgate", "prosody")
+SERVERS = ("fedgate", "prosody", "floor")
+DEFAULT_SERVERS = ("fedgate", "prosody")
+#: what benchmarks.dialback_floor can run
+FLOOR_SCENARIOS = ("dialback_sequential", "dialback_concurrent")
 REMOTE_HOST = "xmpp.remote.example"
 
 
@@ -376,7 +385,8 @@ def parse_args(argv):
     parser.add_argument("--prosody-nagle", choices=("on", "off"), default="off",
                         help="Prosody's Nagle setting (default off, like fedgate; Prosody's own default is on)")
     parser.add_argument("--server", action="append", choices=SERVERS,
-                        help="run only this server (repeatable; ratios need both)")
+                        help="run this server (repeatable; default fedgate and prosody, whose "
+                             "ratio needs both; floor is opt-in, see the module docstring)")
     parser.add_argument("--profile", type=Path, metavar="DIR",
                         help="run fedgate under cProfile (twistd --profile); one pstats file per "
                              "server run in DIR (fedgate-<round>.prof, fedgate-<round>-<scenario>.prof "
@@ -387,7 +397,7 @@ def parse_args(argv):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     args.scenario = list(dict.fromkeys(args.scenario or SCENARIOS))
-    args.server = list(dict.fromkeys(args.server or SERVERS))
+    args.server = list(dict.fromkeys(args.server or DEFAULT_SERVERS))
     if args.profile is not None:
         args.profile.mkdir(parents=True, exist_ok=True)
     return args
@@ -438,7 +448,12 @@ async def main(reactor, args) -> None:
         """Start ``name`` afresh in ``where``, run ``scenarios`` on it, stop it."""
         where.mkdir()
         progress(f"round {number}/{args.rounds}: starting {name} ...")
-        if name == "fedgate":
+        if name == "floor":
+            child, port = await start_dialback_floor(reactor, where, remote_port.getHost().port)
+            server = Server("floor", child.process.pid, port, 0, child.stop)
+            scenarios = [s for s in scenarios if s in FLOOR_SCENARIOS]
+            measure_start = False
+        elif name == "fedgate":
             profile = args.profile / f"{where.name}.prof" if args.profile else None
             server = await start_fedgate(reactor, where, remote_port.getHost().port, ca,
                                          profile=profile)
@@ -481,7 +496,7 @@ async def main(reactor, args) -> None:
             order = args.server if number % 2 else list(reversed(args.server))
             for name in order:
                 await run_server(name, number, shared, workdir / f"{name}-{number}", True)
-                for scenario in alone:
+                for scenario in alone if name != "floor" else ():
                     await run_server(name, number, [scenario],
                                      workdir / f"{name}-{number}-{scenario}", False)
     finally:
@@ -503,6 +518,8 @@ async def main(reactor, args) -> None:
                 row[f"{name}_server_cpu"] = statistics.median(server_cpu[name][metric])
         if row.get("fedgate") and row.get("prosody"):
             row["ratio"] = round(row["fedgate"] / row["prosody"], 3)
+        if row.get("floor") and row.get("prosody"):
+            row["floor_ratio"] = round(row["floor"] / row["prosody"], 3)
         table[metric] = row
     report = {
         "benchmark": "fedgate vs prosody",
@@ -531,8 +548,11 @@ def render_table(table, servers) -> str:
              "|---|---|" + "---|" * len(servers) + "---|---|"]
     for metric, row in table.items():
         cpu = "/".join(str(row.get(f"{s}_generator_cpu", "-")) for s in servers)
+        ratio = row.get("ratio", "-")
+        if "floor_ratio" in row:
+            ratio = f"{ratio} (floor {row['floor_ratio']})"
         lines.append(f"| {metric} | {row['unit']} | " + " | ".join(str(row.get(s)) for s in servers)
-                     + f" | {row.get('ratio', '-')} | {cpu} |")
+                     + f" | {ratio} | {cpu} |")
     return "\n".join(lines)
 
 

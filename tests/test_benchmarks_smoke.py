@@ -144,6 +144,29 @@ class VsProsodyProfileSmoke(unittest.TestCase):
             self.assertEqual(len(handled), 1, "the inbound handshakes ran under the profiler")
 
 
+class VsProsodyFloorSmoke(unittest.TestCase):
+    """``--server floor`` runs benchmarks.dialback_floor for the dialback
+    scenarios only (no Prosody needed here); every session was verified by
+    the authoritative server over the one connection the floor keeps."""
+
+    def test_floor_runs_the_dialback_scenarios(self):
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+        result = subprocess.run(
+            [sys.executable, "-m", "benchmarks.vs_prosody", "--rounds", "1", "--sessions", "3",
+             "--server", "floor", "--scenario", "dialback_sequential", "--scenario", "relay_in",
+             "--scenario", "rss_idle_plain", "--timeout", "15"],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        self.assertEqual(result.returncode, 0, result.stdout[-3000:] + result.stderr[-3000:])
+        report = json.loads(result.stdout)
+        self.assertEqual(report["problems"], [])
+        results = report["results"]
+        self.assertGreater(results["dialback_sequential"]["floor"], 0)
+        self.assertIsNone(results["relay_in"]["floor"])  # not a relay
+        self.assertIsNone(results["rss_idle_plain"]["floor"])
+        self.assertEqual(report["remote_connections_accepted"], {"floor": 1})
+
+
 class HandshakeCpuBenchmarkSmoke(unittest.TestCase):
     """benchmarks.handshake_cpu runs whole inbound dialback handshakes in
     memory over one reused verification connection and reports a rate and
