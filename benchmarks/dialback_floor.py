@@ -10,12 +10,19 @@ their first session), writes ``<db:result type='valid'/>`` when the answer is
 valid, and ends the stream when the generator does.  Every socket has Nagle
 off, like both servers in :mod:`benchmarks.vs_prosody`.
 
+With ``--cert``, ``--key`` and ``--ca`` it also offers STARTTLS (pyOpenSSL
+through Twisted's TLS, TLS 1.3, a client certificate requested and its
+chain checked by OpenSSL against ``--ca``, as both servers do) and, to a
+client that presented a certificate, SASL EXTERNAL, answered with success
+without looking at the certificate's names.
+
 Its session rate is what the reactor, CPython and the kernel cost for the
 same reads, writes, accept and close as a real server's session: an upper
 bound for any server on Twisted and CPython.  It is not a server: it
 checks nothing and must never face a real peer.
 
-Run as ``python -m benchmarks.dialback_floor --remote-port P``; prints its
+Run as ``python -m benchmarks.dialback_floor --remote-port P [--cert C --key K
+--ca A]``; prints its
 port and stops on SIGTERM.
 """
 
@@ -33,8 +40,14 @@ LOCAL = "gw.example"
 HEADER = ("<?xml version='1.0'?><stream:stream xmlns='jabber:server'"
           " xmlns:stream='http://etherx.jabber.org/streams' xmlns:db='jabber:server:dialback'"
           " from='{from_}' to='{to}' id='{id}' version='1.0'>")
-FEATURES = ("<stream:features><dialback xmlns='urn:xmpp:features:dialback'><errors/></dialback>"
-            "</stream:features>")
+DIALBACK = "<dialback xmlns='urn:xmpp:features:dialback'><errors/></dialback>"
+FEATURES = f"<stream:features>{DIALBACK}</stream:features>".encode()
+STARTTLS_FEATURES = ("<stream:features><starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>"
+                     f"{DIALBACK}</stream:features>").encode()
+EXTERNAL_FEATURES = ("<stream:features><mechanisms xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>"
+                     f"<mechanism>EXTERNAL</mechanism></mechanisms>{DIALBACK}</stream:features>").encode()
+PROCEED = b"<proceed xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>"
+SUCCESS = b"<success xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/>"
 RESULT = re.compile(rb"<db:result\s+from='([^']*)'\s+to='([^']*)'\s*>([^<]*)</db:result>")
 VERIFIED = re.compile(rb"<db:verify\s[^>]*?id='([^']*)'[^>]*?type='([a-z]*)'")
 FOOTER = b"</stream:stream>"
@@ -92,8 +105,11 @@ class Session(protocol.Protocol):
 
     ids = itertools.count(1)
 
-    def __init__(self, verifier):
+    def __init__(self, verifier, tls=None):
         self.verifier = verifier
+        self.tls = tls
+        self.secured = False
+        self.authenticated = False
         self.stream_id = b"floor-%d" % next(self.ids)
         self.buffer = b""
         self.stage = "header"
@@ -112,19 +128,38 @@ class Session(protocol.Protocol):
             self.buffer = self.buffer[end + 1:]
             self.stage = "result"
             self.transport.write(HEADER.format(from_=LOCAL, to="remote.example",
-                                               id=self.stream_id.decode()).encode() + FEATURES.encode())
-        if self.stage == "result":
-            match = RESULT.search(self.buffer)
-            if match is None:
+                                               id=self.stream_id.decode()).encode() + self._features())
+        if self.stage == "result" and self.tls is not None:
+            if not self.secured and b"<starttls" in self.buffer:
+                self.secured, self.stage, self.buffer = True, "header", b""
+                self.transport.write(PROCEED)
+                self.transport.startTLS(self.tls)
                 return
-            self.buffer = self.buffer[match.end():]
-            self.stage = "verifying"
-            originating, receiving, key = match.groups()
-            self.peer = originating
-            self.verifier().ask(self, originating, receiving, key)
+            if self.secured and not self.authenticated and b"</auth>" in self.buffer:
+                self.authenticated, self.stage = True, "header"
+                self.buffer = self.buffer.partition(b"</auth>")[2]
+                self.transport.write(SUCCESS)
+                return
+        if self.stage == "result" and not self.authenticated:
+            match = RESULT.search(self.buffer)
+            if match is not None:
+                self.buffer = self.buffer[match.end():]
+                self.stage = "verifying"
+                originating, receiving, key = match.groups()
+                self.peer = originating
+                self.verifier().ask(self, originating, receiving, key)
         if FOOTER in self.buffer:
             self.transport.write(FOOTER)
             self.transport.loseConnection()
+
+    def _features(self) -> bytes:
+        if self.tls is None or self.authenticated:
+            return FEATURES
+        if not self.secured:
+            return STARTTLS_FEATURES
+        if self.transport.getPeerCertificate() is not None:
+            return EXTERNAL_FEATURES
+        return FEATURES
 
     def verified(self, valid: bool) -> None:
         self.stage = "authenticated"
@@ -136,9 +171,10 @@ class Session(protocol.Protocol):
 class Floor(protocol.Factory):
     noisy = False
 
-    def __init__(self, reactor, remote_port: int):
+    def __init__(self, reactor, remote_port: int, tls=None):
         self.reactor = reactor
         self.remote_port = remote_port
+        self.tls = tls
         self.verification: Verification | None = None
 
     def verifier(self) -> Verification:
@@ -149,7 +185,28 @@ class Floor(protocol.Factory):
         return self.verification
 
     def buildProtocol(self, addr):
-        return Session(self.verifier)
+        return Session(self.verifier, self.tls)
+
+
+class ServerTLS:
+    """The server side's context (Twisted's ``getContext`` interface)."""
+
+    def __init__(self, cert: str, key: str, ca: str):
+        from OpenSSL import SSL
+        ctx = SSL.Context(SSL.TLS_METHOD)
+        ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+        ctx.use_certificate_chain_file(cert)
+        ctx.use_privatekey_file(key)
+        ctx.load_verify_locations(ca)
+        # ask for a client certificate and have OpenSSL check its chain, but
+        # accept a client without one (STARTTLS + dialback)
+        ctx.set_verify(SSL.VERIFY_PEER, lambda conn, cert, errno, depth, ok: bool(ok))
+        ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+        ctx.set_options(SSL.OP_NO_TICKET)
+        self.context = ctx
+
+    def getContext(self):
+        return self.context
 
 
 def main(argv=None) -> None:
@@ -159,7 +216,15 @@ def main(argv=None) -> None:
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--remote-port", type=int, required=True,
                         help="the authoritative server's port on 127.0.0.1")
+    parser.add_argument("--cert", help="PEM: certificate and chain (offers STARTTLS)")
+    parser.add_argument("--key", help="PEM: its private key")
+    parser.add_argument("--ca", help="PEM: the roots a client certificate is checked against")
     args = parser.parse_args(argv)
+    tls = None
+    if args.cert or args.key or args.ca:
+        if not (args.cert and args.key and args.ca):
+            parser.error("--cert, --key and --ca go together")
+        tls = ServerTLS(args.cert, args.key, args.ca)
 
     def listening(port) -> None:
         print(f"dialback floor listening on 127.0.0.1:{port.getHost().port}", flush=True)
@@ -168,7 +233,7 @@ def main(argv=None) -> None:
         print(f"dialback floor could not listen: {failure.getErrorMessage()}", flush=True)
         reactor.stop()
 
-    d = serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(Floor(reactor, args.remote_port))
+    d = serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(Floor(reactor, args.remote_port, tls))
     d.addCallbacks(listening, failed)
     reactor.run()
 

@@ -199,11 +199,14 @@ async def start_echo(reactor, workdir: Path) -> tuple[Child, int]:
     return child, int(match.group(1))
 
 
-async def start_dialback_floor(reactor, workdir: Path, remote_port: int) -> tuple[Child, int]:
-    """Run ``python -m benchmarks.dialback_floor``; fires with the child and its port."""
-    child = Child("dialback floor", [sys.executable, "-m", "benchmarks.dialback_floor",
-                                     "--remote-port", str(remote_port)],
-                  workdir / "floor.out", workdir)
+async def start_dialback_floor(reactor, workdir: Path, remote_port: int,
+                               tls: tuple[Path, Path, Path] | None = None) -> tuple[Child, int]:
+    """Run ``python -m benchmarks.dialback_floor``; fires with the child and
+    its port.  ``tls``: (certificate, key, CA roots) to offer STARTTLS."""
+    argv = [sys.executable, "-m", "benchmarks.dialback_floor", "--remote-port", str(remote_port)]
+    if tls is not None:
+        argv += ["--cert", str(tls[0]), "--key", str(tls[1]), "--ca", str(tls[2])]
+    child = Child("dialback floor", argv, workdir / "floor.out", workdir)
     child.start()
     try:
         match = await child.wait_for(reactor, _FLOOR.search)

@@ -24,8 +24,9 @@ fedgate over whatever its verifier uses (the report counts connections
 ``remote.example`` accepted).
 
 ``--server floor`` adds a third server, opt-in: :mod:`benchmarks.dialback_floor`,
-the same bytes as a plaintext dialback session with no work done on them
-on Twisted and CPython.  It runs the dialback scenarios only, and the
+the same bytes as a dialback session (plaintext, after STARTTLS, or SASL
+EXTERNAL instead) with no work done on them on Twisted and CPython.  It
+runs the handshake scenarios only, and the
 report gives its ratio to Prosody (``floor_ratio``): the most any server
 on this stack could reach on this machine, for reading the fedgate ratio.
 
@@ -62,7 +63,7 @@ from benchmarks.xmpp import RemoteServer
 SERVERS = ("fedgate", "prosody", "floor")
 DEFAULT_SERVERS = ("fedgate", "prosody")
 #: what benchmarks.dialback_floor can run
-FLOOR_SCENARIOS = ("dialback_sequential", "dialback_concurrent")
+FLOOR_SCENARIOS = ("dialback_sequential", "dialback_concurrent", "starttls_dialback", "sasl_external")
 REMOTE_HOST = "xmpp.remote.example"
 
 
@@ -449,7 +450,9 @@ async def main(reactor, args) -> None:
         where.mkdir()
         progress(f"round {number}/{args.rounds}: starting {name} ...")
         if name == "floor":
-            child, port = await start_dialback_floor(reactor, where, remote_port.getHost().port)
+            cert, key = ca.issue(dns=(GATEWAY_DOMAIN,)).write(where / "certs", GATEWAY_DOMAIN)
+            child, port = await start_dialback_floor(reactor, where, remote_port.getHost().port,
+                                                     tls=(cert, key, ca.write_root(where / "ca.pem")))
             server = Server("floor", child.process.pid, port, 0, child.stop)
             scenarios = [s for s in scenarios if s in FLOOR_SCENARIOS]
             measure_start = False

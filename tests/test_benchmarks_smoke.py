@@ -145,7 +145,7 @@ class VsProsodyProfileSmoke(unittest.TestCase):
 
 
 class VsProsodyFloorSmoke(unittest.TestCase):
-    """``--server floor`` runs benchmarks.dialback_floor for the dialback
+    """``--server floor`` runs benchmarks.dialback_floor for the handshake
     scenarios only (no Prosody needed here); every session was verified by
     the authoritative server over the one connection the floor keeps."""
 
@@ -154,7 +154,8 @@ class VsProsodyFloorSmoke(unittest.TestCase):
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
         result = subprocess.run(
             [sys.executable, "-m", "benchmarks.vs_prosody", "--rounds", "1", "--sessions", "3",
-             "--server", "floor", "--scenario", "dialback_sequential", "--scenario", "relay_in",
+             "--server", "floor", "--scenario", "dialback_sequential", "--scenario", "sasl_external",
+             "--scenario", "relay_in",
              "--scenario", "rss_idle_plain", "--timeout", "15"],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
         self.assertEqual(result.returncode, 0, result.stdout[-3000:] + result.stderr[-3000:])
@@ -162,6 +163,7 @@ class VsProsodyFloorSmoke(unittest.TestCase):
         self.assertEqual(report["problems"], [])
         results = report["results"]
         self.assertGreater(results["dialback_sequential"]["floor"], 0)
+        self.assertGreater(results["sasl_external"]["floor"], 0)
         self.assertIsNone(results["relay_in"]["floor"])  # not a relay
         self.assertIsNone(results["rss_idle_plain"]["floor"])
         self.assertEqual(report["remote_connections_accepted"], {"floor": 1})

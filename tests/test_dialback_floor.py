@@ -58,3 +58,48 @@ class FloorTests(unittest.TestCase):
         impostor = RemoteServer(REMOTE, "not the remote's secret")
         self.assertEqual((yield self.session(impostor)), "invalid")
         self.assertEqual(self.remote.verifications, {True: 0, False: 1})
+
+
+class FloorTLSTests(FloorTests):
+    """The same over STARTTLS, and with SASL EXTERNAL instead of dialback."""
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        import tempfile
+        from pathlib import Path
+
+        from OpenSSL import crypto
+        from twisted.internet import ssl
+
+        from benchmarks.dialback_floor import ServerTLS
+        from tests.support.pki import TestCA
+        yield super().setUp()
+        where = Path(tempfile.mkdtemp(prefix="fedgate-floor-"))
+        ca = TestCA("floor test")
+        cert, key = ca.issue(dns=("gw.example",)).write(where, "gw.example")
+        self.floor.tls = ServerTLS(str(cert), str(key), str(ca.write_root(where / "ca.pem")))
+        client = ca.issue(dns=(REMOTE,))
+        self.plain_tls = ssl.optionsForClientTLS("gw.example", trustRoot=ssl.Certificate.loadPEM(ca.root_pem()))
+        self.external_tls = ssl.CertificateOptions(
+            privateKey=crypto.PKey.from_cryptography_key(client.key),
+            certificate=crypto.X509.from_cryptography(client.cert),
+            extraCertChain=[crypto.X509.from_cryptography(c) for c in client.chain])
+        self.tls, self.external = self.plain_tls, False
+
+    @defer.inlineCallbacks
+    def session(self, keys_from: RemoteServer):
+        peer = InboundStream(keys_from, "gw.example", tls=self.tls, external=self.external)
+        yield connect(reactor, self.port, peer)
+        answer = yield peer.authenticated
+        self.assertIsNotNone(peer.transport.getPeerCertificate(), "the stream was secured")
+        yield peer.close_stream()
+        return answer
+
+    @defer.inlineCallbacks
+    def test_sasl_external(self):
+        self.tls, self.external = self.external_tls, True
+        answers = []
+        for _ in range(3):
+            answers.append((yield self.session(self.remote)))
+        self.assertEqual(answers, ["valid"] * 3)
+        self.assertEqual(self.remote.verifications, {True: 0, False: 0}, "no dialback")
