@@ -350,8 +350,32 @@ class XmppStream(protocol.Protocol):
         if out is not None:
             self._out, self._out_size = (None if ending else []), 0
         if out and not self.closed:
-            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
-            self._send_now()
+            data = out[0] if len(out) == 1 else b"".join(out)
+            if not self._send_directly(data):
+                self.transport.write(data)
+                self._send_now()
+
+    def _send_directly(self, data: bytes) -> bool:
+        """On a plain TCP transport with nothing buffered, send ``data`` on
+        the socket and hand Twisted only what the kernel did not take.
+
+        ``transport.write`` followed by :meth:`_send_now` registers the
+        socket for writing (an ``epoll_ctl``), sends, and unregisters it
+        (another), around the same ``send``.  False (nothing sent): a TLS
+        or in-memory transport, bytes already waiting in the transport
+        (order), a closing connection, or a send that failed, which is left
+        for Twisted's write path to report."""
+        transport = self.transport
+        if (getattr(transport, "TLS", True) or transport.dataBuffer or transport._tempDataBuffer
+                or not transport.connected or transport.disconnecting
+                or transport._writeDisconnected):
+            return False
+        sent = transport.writeSomeData(data)
+        if not isinstance(sent, int) or sent <= 0:
+            return False
+        if sent < len(data):
+            transport.write(data[sent:])  # the rest when the socket can take it
+        return True
 
     def _send_now(self) -> None:
         transport = self.transport
