@@ -188,11 +188,15 @@ async def start_gateway(reactor, workdir: Path, remote_port: int,
 
 async def start_echo(reactor, workdir: Path) -> tuple[Child, int]:
     """Run ``python -m benchmarks.echo``; fires with the child and its port."""
-    child = Child("echo relay", [sys.executable, "-m", "benchmarks.echo"],
-                  workdir / "echo.out", workdir)
+    return await _start_listening_child(reactor, Child(
+        "echo relay", [sys.executable, "-m", "benchmarks.echo"], workdir / "echo.out", workdir), _ECHO)
+
+
+async def _start_listening_child(reactor, child: Child, listening) -> tuple[Child, int]:
+    """Start ``child``; fires with it and the port its ``listening`` line names."""
     child.start()
     try:
-        match = await child.wait_for(reactor, _ECHO.search)
+        match = await child.wait_for(reactor, listening.search)
     except BaseException:
         child.stop()
         raise
@@ -206,11 +210,5 @@ async def start_dialback_floor(reactor, workdir: Path, remote_port: int,
     argv = [sys.executable, "-m", "benchmarks.dialback_floor", "--remote-port", str(remote_port)]
     if tls is not None:
         argv += ["--cert", str(tls[0]), "--key", str(tls[1]), "--ca", str(tls[2])]
-    child = Child("dialback floor", argv, workdir / "floor.out", workdir)
-    child.start()
-    try:
-        match = await child.wait_for(reactor, _FLOOR.search)
-    except BaseException:
-        child.stop()
-        raise
-    return child, int(match.group(1))
+    return await _start_listening_child(
+        reactor, Child("dialback floor", argv, workdir / "floor.out", workdir), _FLOOR)
