@@ -56,7 +56,7 @@ import re
 import secrets
 from dataclasses import replace
 
-from twisted.internet import defer, protocol
+from twisted.internet import defer, protocol, tcp
 from twisted.internet.interfaces import IHandshakeListener
 from zope.interface import implementer
 from twisted.logger import Logger
@@ -361,14 +361,18 @@ class XmppStream(protocol.Protocol):
 
         ``transport.write`` followed by :meth:`_send_now` registers the
         socket for writing (an ``epoll_ctl``), sends, and unregisters it
-        (another), around the same ``send``.  False (nothing sent): a TLS
-        or in-memory transport, bytes already waiting in the transport
-        (order), a closing connection, or a send that failed, which is left
-        for Twisted's write path to report."""
+        (another), around the same ``send``.  False (nothing sent): not
+        Twisted's TCP connection itself (a TLS wrapper passes attribute
+        lookups through to the TCP connection under it, so only the class
+        tells), TLS started on it, bytes already waiting in the transport
+        (order), a connection closing or aborted (``abortConnection`` drops
+        what follows), or a send that failed, which is left for Twisted's
+        write path to report."""
         transport = self.transport
-        if (getattr(transport, "TLS", True) or transport.dataBuffer or transport._tempDataBuffer
+        if (not isinstance(transport, tcp.Connection) or transport.TLS
+                or transport.dataBuffer or transport._tempDataBuffer
                 or not transport.connected or transport.disconnecting
-                or transport._writeDisconnected):
+                or transport._writeDisconnected or getattr(transport, "_aborting", False)):
             return False
         sent = transport.writeSomeData(data)
         if not isinstance(sent, int) or sent <= 0:
