@@ -468,7 +468,8 @@ class IdleSocketTests(WithRedis):
 
     @defer.inlineCallbacks
     def test_stop_closes_the_idle_sockets(self):
-        """The sockets are closed after the workers stopped, not left open."""
+        """The sockets are closed after the workers stopped, not left open
+        (moving the close to the stopper thread must not lose it)."""
         watcher = RedisClient(reactor, self.server.address, threads=1)
         watcher.start()
         self.addCleanup(watcher.stop)
@@ -477,12 +478,12 @@ class IdleSocketTests(WithRedis):
         def clients():
             info = yield watcher.run(lambda r: r.info("clients"))
             return info["connected_clients"]
-        yield defer.gatherResults([self.client.run(lambda r: time.sleep(0.05)) for _ in range(2)])
-        yield self.client.execute("PING")
-        before = yield clients()  # the watcher's one, and the client's
+        yield defer.gatherResults([self.client.run(lambda r: (r.ping(), time.sleep(0.1)))
+                                   for _ in range(2)])
+        before = yield clients()  # the watcher's one, and the client's one or two
         self.assertGreaterEqual(before, 2)
         self.client.stop()
-        for _ in range(50):
+        for _ in range(250):
             now = yield clients()
             if now == 1:
                 break

@@ -178,9 +178,11 @@ class RedisClient:
             # and redis-py's Connection.disconnect() is not safe against that
             # (4.3.4: AttributeError on a socket the other thread cleared).
             def stop_then_close():
-                pool.stop()
-                if redis is not None:
-                    redis.connection_pool.disconnect()
+                try:
+                    pool.stop()
+                finally:
+                    if redis is not None:
+                        redis.connection_pool.disconnect()
             stopper = threading.Thread(target=stop_then_close, name=f"{self.name}-stop", daemon=True)
             stopper.start()
             stopper.join(max(0.0, deadline - time.monotonic()))
