@@ -33,8 +33,10 @@ import itertools
 import re
 import socket
 
-from twisted.internet import protocol
+from twisted.internet import protocol, tcp
 from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
+
+from fedgate.tls.contexts import flush_tls_writes
 
 LOCAL = "gw.example"
 HEADER = ("<?xml version='1.0'?><stream:stream xmlns='jabber:server'"
@@ -49,8 +51,29 @@ EXTERNAL_FEATURES = ("<stream:features><mechanisms xmlns='urn:ietf:params:xml:ns
 PROCEED = b"<proceed xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>"
 SUCCESS = b"<success xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/>"
 RESULT = re.compile(rb"<db:result\s+from='([^']*)'\s+to='([^']*)'\s*>([^<]*)</db:result>")
-VERIFIED = re.compile(rb"<db:verify\s[^>]*?id='([^']*)'[^>]*?type='([a-z]*)'")
+VERIFY_TAG = re.compile(rb"<db:verify\s[^>]*>")
+ID = re.compile(rb"\sid='([^']*)'")
+TYPE = re.compile(rb"\stype='([a-z]*)'")
 FOOTER = b"</stream:stream>"
+AUTH = re.compile(rb"<auth\s[^>]*/>|<auth\s[^>]*>[^<]*</auth>")
+
+
+def send(transport, data: bytes) -> None:
+    """Write ``data`` and send it at once, as fedgate does (so the floor
+    bounds fedgate's write path too): straight to a plain TCP socket with
+    nothing buffered, else through Twisted, with a TLS layer's held writes
+    flushed and the socket written now rather than on the next turn."""
+    if (isinstance(transport, tcp.Connection) and not transport.TLS and transport.connected
+            and not (transport.dataBuffer or transport._tempDataBuffer or transport.disconnecting)):
+        sent = transport.writeSomeData(data)
+        if isinstance(sent, int) and sent > 0:
+            if sent < len(data):
+                transport.write(data[sent:])
+            return
+    transport.write(data)
+    flush_tls_writes(transport)
+    if isinstance(transport, tcp.Connection) and transport.connected and not transport.disconnecting:
+        transport.doWrite()
 
 
 def no_delay(transport) -> None:
@@ -68,7 +91,7 @@ class Verification(protocol.Protocol):
 
     def connectionMade(self) -> None:
         no_delay(self.transport)
-        self.transport.write(HEADER.format(from_=LOCAL, to="remote.example", id="floor").encode())
+        send(self.transport, HEADER.format(from_=LOCAL, to="remote.example", id="floor").encode())
 
     def ask(self, session: "Session", originating: bytes, receiving: bytes, key: bytes) -> None:
         stream_id = session.stream_id
@@ -76,7 +99,7 @@ class Verification(protocol.Protocol):
         request = (b"<db:verify from='%s' to='%s' id='%s'>%s</db:verify>"
                    % (receiving, originating, stream_id, key))
         if self.ready:
-            self.transport.write(request)
+            send(self.transport, request)
         else:
             self.queued.append(request)
 
@@ -88,16 +111,17 @@ class Verification(protocol.Protocol):
             self.ready = True
             self.buffer = self.buffer.partition(b"</stream:features>")[2]
             if self.queued:
-                self.transport.write(b"".join(self.queued))
+                send(self.transport, b"".join(self.queued))
                 self.queued = []
         end = self.buffer.rfind(b">")
         if end < 0:
             return
         complete, self.buffer = self.buffer[:end + 1], self.buffer[end + 1:]
-        for stream_id, answer in VERIFIED.findall(complete):
-            session = self.waiting.pop(stream_id, None)
+        for tag in VERIFY_TAG.findall(complete):
+            stream_id, answer = ID.search(tag), TYPE.search(tag)
+            session = self.waiting.pop(stream_id.group(1), None) if stream_id else None
             if session is not None:
-                session.verified(answer == b"valid")
+                session.verified(answer is not None and answer.group(1) == b"valid")
 
 
 class Session(protocol.Protocol):
@@ -127,18 +151,19 @@ class Session(protocol.Protocol):
                 return
             self.buffer = self.buffer[end + 1:]
             self.stage = "result"
-            self.transport.write(HEADER.format(from_=LOCAL, to="remote.example",
+            send(self.transport, HEADER.format(from_=LOCAL, to="remote.example",
                                                id=self.stream_id.decode()).encode() + self._features())
         if self.stage == "result" and self.tls is not None:
             if not self.secured and b"<starttls" in self.buffer:
                 self.secured, self.stage, self.buffer = True, "header", b""
-                self.transport.write(PROCEED)
+                send(self.transport, PROCEED)
                 self.transport.startTLS(self.tls)
                 return
-            if self.secured and not self.authenticated and b"</auth>" in self.buffer:
+            auth = AUTH.search(self.buffer) if self.secured and not self.authenticated else None
+            if auth is not None:
                 self.authenticated, self.stage = True, "header"
-                self.buffer = self.buffer.partition(b"</auth>")[2]
-                self.transport.write(SUCCESS)
+                self.buffer = self.buffer[auth.end():]
+                send(self.transport, SUCCESS)
                 return
         if self.stage == "result" and not self.authenticated:
             match = RESULT.search(self.buffer)
@@ -149,7 +174,7 @@ class Session(protocol.Protocol):
                 self.peer = originating
                 self.verifier().ask(self, originating, receiving, key)
         if FOOTER in self.buffer:
-            self.transport.write(FOOTER)
+            send(self.transport, FOOTER)
             self.transport.loseConnection()
 
     def _features(self) -> bytes:
@@ -164,7 +189,7 @@ class Session(protocol.Protocol):
     def verified(self, valid: bool) -> None:
         self.stage = "authenticated"
         if self.transport.connected:
-            self.transport.write(b"<db:result from='%s' to='%s' type='%s'/>"
+            send(self.transport, b"<db:result from='%s' to='%s' type='%s'/>"
                                  % (LOCAL.encode(), self.peer, b"valid" if valid else b"invalid"))
 
 
